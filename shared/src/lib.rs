@@ -1,0 +1,19 @@
+//! The data model and wire formats that Tributary's agent and aggregator both speak.
+//!
+//! - [`reading`]: one sensor reading and the rules a valid one follows.
+//! - [`block`]: a run of consecutive readings of one agent, encoded compactly (sensor ids interned,
+//!   timestamps as deltas, optionally zstd-compressed). The spool, the wire and the log all store blocks.
+//! - [`batch`]: what an agent POSTs to the aggregator (postcard by default, JSON accepted) and the ack.
+//!
+//! Without the default `std` feature the crate is `no_std` + `alloc`, so firmware can share the model.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+pub mod batch;
+pub mod block;
+pub mod reading;
+
+pub use batch::{Batch, IngestAck, JsonBatch, JsonBlock, WireBlock};
+pub use block::{Block, BlockBuilder, BlockError, Entry};
+pub use reading::{MAX_SENSOR_ID_LEN, MIN_TS_MS, Reading, ReadingError};

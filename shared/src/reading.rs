@@ -1,0 +1,109 @@
+//! One sensor reading and the rules a valid one follows.
+
+use alloc::string::String;
+use serde::{Deserialize, Serialize};
+
+/// 2000-01-01T00:00:00Z in Unix ms: anything earlier is a device whose clock was never set.
+pub const MIN_TS_MS: i64 = 946_684_800_000;
+
+/// Sensor ids are bounded so that a block's intern table and the serving store's keys stay small.
+pub const MAX_SENSOR_ID_LEN: usize = 128;
+
+/// A reading: sensor id, event time (Unix ms), value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reading {
+    pub sensor: String,
+    pub ts: i64,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReadingError {
+    #[error("sensor id is empty")]
+    EmptySensorId,
+    #[error("sensor id is {len} bytes long, the limit is {MAX_SENSOR_ID_LEN}")]
+    SensorIdTooLong { len: usize },
+    #[error("sensor id contains {0:?}, which is not allowed (no MQTT wildcards, no control characters)")]
+    SensorIdChar(char),
+    #[error("value {0} is not a finite number")]
+    NotFinite(f64),
+    #[error("timestamp {0} ms is before the year 2000; is the device clock set?")]
+    TooOld(i64),
+    #[error("timestamp {ts} ms is more than {max_skew_ms} ms ahead of the clock ({now} ms)")]
+    InFuture { ts: i64, now: i64, max_skew_ms: i64 },
+}
+
+/// A sensor id is non-empty, bounded, and usable as an MQTT topic suffix: no `+`, `#`, NUL or
+/// other control characters.
+pub fn validate_sensor_id(id: &str) -> Result<(), ReadingError> {
+    if id.is_empty() {
+        return Err(ReadingError::EmptySensorId);
+    }
+    if id.len() > MAX_SENSOR_ID_LEN {
+        return Err(ReadingError::SensorIdTooLong { len: id.len() });
+    }
+    match id.chars().find(|c| matches!(c, '+' | '#') || c.is_control()) {
+        Some(c) => Err(ReadingError::SensorIdChar(c)),
+        None => Ok(()),
+    }
+}
+
+/// Value and timestamp rules that hold everywhere (the agent adds the future-skew check,
+/// which needs its clock): finite value, timestamp after 2000.
+pub fn validate_value_and_ts(ts: i64, value: f64) -> Result<(), ReadingError> {
+    if !value.is_finite() {
+        return Err(ReadingError::NotFinite(value));
+    }
+    if ts < MIN_TS_MS {
+        return Err(ReadingError::TooOld(ts));
+    }
+    Ok(())
+}
+
+/// The agent's check: [`validate_value_and_ts`] plus "no further ahead of `now` than `max_skew_ms`".
+/// Old timestamps are fine: a device delivering its backlog is normal.
+pub fn validate_at(ts: i64, value: f64, now: i64, max_skew_ms: i64) -> Result<(), ReadingError> {
+    validate_value_and_ts(ts, value)?;
+    if ts > now.saturating_add(max_skew_ms) {
+        return Err(ReadingError::InFuture { ts, now, max_skew_ms });
+    }
+    Ok(())
+}
+
+impl Reading {
+    /// Checks the id, the value and the lower time bound.
+    pub fn validate(&self) -> Result<(), ReadingError> {
+        validate_sensor_id(&self.sensor)?;
+        validate_value_and_ts(self.ts, self.value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sensor_ids_reject_wildcards_controls_and_overlong() {
+        assert!(validate_sensor_id("room1/temp").is_ok());
+        assert!(validate_sensor_id("küche/temp").is_ok());
+        assert_eq!(validate_sensor_id(""), Err(ReadingError::EmptySensorId));
+        assert_eq!(validate_sensor_id("a/+/b"), Err(ReadingError::SensorIdChar('+')));
+        assert_eq!(validate_sensor_id("a#"), Err(ReadingError::SensorIdChar('#')));
+        assert_eq!(validate_sensor_id("a\0b"), Err(ReadingError::SensorIdChar('\0')));
+        let long = "x".repeat(MAX_SENSOR_ID_LEN + 1);
+        assert!(matches!(validate_sensor_id(&long), Err(ReadingError::SensorIdTooLong { .. })));
+    }
+
+    #[test]
+    fn timestamps_may_be_old_but_not_before_2000_nor_far_ahead() {
+        let now = 1_764_000_000_000;
+        let skew = 300_000;
+        assert!(validate_at(now - 86_400_000 * 30, 1.0, now, skew).is_ok());
+        assert!(validate_at(now + skew, 1.0, now, skew).is_ok());
+        assert!(matches!(validate_at(now + skew + 1, 1.0, now, skew), Err(ReadingError::InFuture { .. })));
+        assert_eq!(validate_at(MIN_TS_MS - 1, 1.0, now, skew), Err(ReadingError::TooOld(MIN_TS_MS - 1)));
+        assert!(matches!(validate_at(now, f64::NAN, now, skew), Err(ReadingError::NotFinite(_))));
+        assert!(matches!(validate_at(now, f64::INFINITY, now, skew), Err(ReadingError::NotFinite(_))));
+    }
+}
