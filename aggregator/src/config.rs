@@ -1,0 +1,286 @@
+//! The aggregator's TOML configuration: what it reads at start and how it says what is wrong.
+//!
+//! Every struct denies unknown keys, so a typo stops the process instead of silently falling back
+//! to a default. Errors name the file, the key and the reason.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The commented example configuration, printed by `generate-config`.
+pub const EXAMPLE_CONFIG: &str = include_str!("../aggregator.toml");
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory holding the log (`log.db`) and the serving store (`store.db`). Required; created if
+    /// missing.
+    pub data_dir: PathBuf,
+    /// The HTTP server. Default: see [`HttpConfig`].
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// The agents allowed to ingest. Required, at least one.
+    pub agents: Vec<AgentConfig>,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on for ingest, the dashboard API, `/healthz` and `/metrics`.
+    /// Default: `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// `[[agents]]`: one agent allowed to ingest.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent id, as the agent puts it in its batches. Required, unique.
+    pub id: String,
+    /// Bearer token the agent authenticates with. Required, non-empty.
+    pub token: String,
+}
+
+// Tokens are secrets: keep them out of debug logs.
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("id", &self.id)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not fit the schema (unknown key, missing key, bad value).
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// The TOML fits the schema but a value breaks a rule (duplicate id, empty token).
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: describe_toml_error(text, e.message(), e.span()),
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir".into(), "must not be empty".into()));
+        }
+        if self.agents.is_empty() {
+            return Err(invalid(
+                "agents".into(),
+                "at least one [[agents]] entry is needed, or nothing can ingest".into(),
+            ));
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            if agent.id.is_empty() {
+                return Err(invalid(
+                    format!("agents[{i}].id"),
+                    "must not be empty".into(),
+                ));
+            }
+            if agent.token.is_empty() {
+                return Err(invalid(
+                    format!("agents[{i}].token"),
+                    "must not be empty".into(),
+                ));
+            }
+            if let Some(first) = seen.insert(&agent.id, i) {
+                return Err(invalid(
+                    format!("agents[{i}].id"),
+                    format!(
+                        "duplicate agent id `{}` (already used by agents[{first}])",
+                        agent.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns a toml error into one line: the dotted key at the error's position, its line number and
+/// the reason. toml's own message names an unknown field but not, for a bad value, the key.
+fn describe_toml_error(text: &str, message: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let message = message.trim();
+    let Some(span) = span else {
+        return message.to_string();
+    };
+    let start = span.start.min(text.len());
+    // A span covering the whole document (e.g. a missing top-level key) has no useful position.
+    if start == 0 && span.end >= text.len() {
+        return message.to_string();
+    }
+    let line_no = text[..start].matches('\n').count() + 1;
+    match key_at(text, start) {
+        Some(key) => format!("{key}: {message} (line {line_no})"),
+        None => format!("{message} (line {line_no})"),
+    }
+}
+
+/// The dotted key (with `[i]` for arrays of tables) of the line holding byte `pos`.
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    let mut table = String::new();
+    let mut array_counts: HashMap<String, usize> = HashMap::new();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        let header = if let Some(name) = trimmed
+            .strip_prefix("[[")
+            .and_then(|r| r.split("]]").next())
+        {
+            let name = name.trim().to_string();
+            let count = array_counts.entry(name.clone()).or_insert(0);
+            *count += 1;
+            Some(format!("{name}[{}]", *count - 1))
+        } else {
+            trimmed
+                .strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .map(|n| n.trim().to_string())
+        };
+        let on_this_line = pos < offset + line.len();
+        if let Some(header) = header {
+            table = header;
+            if on_this_line {
+                return Some(table);
+            }
+        } else if on_this_line {
+            let key = trimmed
+                .split('=')
+                .next()
+                .map(|k| k.trim().trim_matches('"').trim_matches('\''))?;
+            if key.is_empty() || trimmed.starts_with('#') || !trimmed.contains('=') {
+                return if table.is_empty() { None } else { Some(table) };
+            }
+            return Some(if table.is_empty() {
+                key.to_string()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+        offset += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/tributary/aggregator.toml"))
+    }
+
+    #[test]
+    fn the_embedded_example_is_a_valid_config() {
+        let config = parse(EXAMPLE_CONFIG).unwrap();
+        assert_eq!(config.http.listen, default_listen());
+        assert_eq!(config.agents[0].id, "gw-1");
+    }
+
+    #[test]
+    fn listen_defaults_to_localhost_8080() {
+        let config = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n").unwrap();
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn unknown_key_names_file_table_and_key() {
+        let err = parse("data_dir = \"/d\"\n[http]\nlistn = \"127.0.0.1:1\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/tributary/aggregator.toml: "), "{err}");
+        assert!(err.contains("http.listn"), "{err}");
+        assert!(err.contains("unknown field `listn`"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let err = parse(
+            "data_dir = \"/d\"\n[http]\nlisten = \"nope\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("http.listen"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_ids_and_empty_tokens_are_rejected() {
+        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n[[agents]]\nid = \"a\"\ntoken = \"u\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agents[1].id") && err.contains("duplicate agent id `a`"),
+            "{err}"
+        );
+        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents[0].token: must not be empty"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let err = parse("[[agents]]\nid = \"a\"\ntoken = \"t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data_dir"), "{err}");
+        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token"), "{err}");
+    }
+}

@@ -1,0 +1,136 @@
+//! Prometheus metrics, served as text on `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The ingest statuses that get a series from the start, so dashboards see zeros rather than gaps.
+const INGEST_STATUSES: [u16; 7] = [200, 400, 401, 403, 413, 415, 503];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+/// The aggregator's metrics; cheap to update from any thread.
+pub struct Metrics {
+    registry: Registry,
+    ingest_requests: Family<StatusLabel, Counter>,
+    pub readings_appended: Counter,
+    pub readings_duplicate: Counter,
+    pub gap_readings: Counter,
+    pub log_end_offset: Gauge,
+    pub processor_offset: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let ingest_requests = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "tributary_ingest_requests",
+            "Ingest requests by HTTP status",
+            ingest_requests.clone(),
+        );
+        for status in INGEST_STATUSES {
+            let _ = ingest_requests.get_or_create(&StatusLabel {
+                status: status.to_string(),
+            });
+        }
+        let readings = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "tributary_ingest_readings",
+            "Readings in ingested batches: appended to the log, or dropped as already logged",
+            readings.clone(),
+        );
+        let readings_appended = readings
+            .get_or_create(&vec![("result".into(), "appended".into())])
+            .clone();
+        let readings_duplicate = readings
+            .get_or_create(&vec![("result".into(), "duplicate".into())])
+            .clone();
+        let gap_readings = Counter::default();
+        registry.register(
+            "tributary_ingest_gap_readings",
+            "Sequence numbers agents never sent (dropped by their spool policy), recorded as gaps",
+            gap_readings.clone(),
+        );
+        let log_end_offset = Gauge::default();
+        registry.register(
+            "tributary_log_end_offset",
+            "Readings in the log (the next offset)",
+            log_end_offset.clone(),
+        );
+        let processor_offset = Gauge::default();
+        registry.register(
+            "tributary_processor_offset",
+            "Log offset up to which the processor has committed its results",
+            processor_offset.clone(),
+        );
+        Metrics {
+            registry,
+            ingest_requests,
+            readings_appended,
+            readings_duplicate,
+            gap_readings,
+            log_end_offset,
+            processor_offset,
+        }
+    }
+
+    /// Counts one ingest request by its response status.
+    pub fn ingest_request(&self, status: u16) {
+        self.ingest_requests
+            .get_or_create(&StatusLabel {
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// The metrics in the Prometheus text format (0.0.4).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// `Content-Type` of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_metric_names_are_exported() {
+        let metrics = Metrics::new();
+        metrics.ingest_request(401);
+        metrics.readings_appended.inc_by(5);
+        metrics.log_end_offset.set(5);
+        let text = metrics.encode();
+        for line in [
+            "tributary_ingest_requests_total{status=\"401\"} 1",
+            "tributary_ingest_requests_total{status=\"503\"} 0",
+            "tributary_ingest_readings_total{result=\"appended\"} 5",
+            "tributary_ingest_readings_total{result=\"duplicate\"} 0",
+            "tributary_ingest_gap_readings_total 0",
+            "tributary_log_end_offset 5",
+            "tributary_processor_offset 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}
