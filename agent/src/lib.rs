@@ -1,1 +1,122 @@
-//! placeholder
+//! The Tributary gateway agent.
+//!
+//! Data flows one way: an input ([`input::broker`], the embedded MQTT broker, or [`input::mqtt`],
+//! a client of an existing broker) decodes and validates messages ([`decode`]) and queues the
+//! readings on the [`spool`], which commits them to SQLite in blocks; the [`forward`]er sends the
+//! blocks to the aggregator and has the spool delete what was acknowledged. [`http`] serves health
+//! and [`metrics`]. [`run`] wires the parts together and stops them in order.
+
+pub mod config;
+pub mod decode;
+pub mod forward;
+pub mod http;
+pub mod input;
+pub mod metrics;
+pub mod spool;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::config::{Config, MqttMode};
+use crate::decode::Decoder;
+use crate::forward::Forwarder;
+use crate::input::Intake;
+use crate::input::broker::{BrokerError, EmbeddedBroker};
+use crate::input::mqtt::{ClientError, MqttClient};
+use crate::metrics::Metrics;
+use crate::spool::{Spool, SpoolError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("http.listen {addr}: cannot listen: {source}")]
+    HttpBind { addr: SocketAddr, source: std::io::Error },
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+    #[error("a task of the agent failed: {0}")]
+    Task(String),
+}
+
+/// Runs the agent until `shutdown` resolves or a part fails; then stops the input, commits what
+/// it queued, stops the forwarder and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let metrics = Arc::new(Metrics::new());
+    let (spool, spool_thread) = Spool::open(&config.data_dir, &config.spool, metrics.clone())?;
+    let http = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| AgentError::HttpBind { addr: config.http.listen, source })?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let intake = Intake {
+        decoder: Decoder::new(
+            &config.mqtt.topics,
+            config.mqtt.max_payload_bytes,
+            config.validation.max_clock_skew.as_millis() as i64,
+        ),
+        spool: spool.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut input = match config.mqtt.mode {
+        MqttMode::Embedded => {
+            let broker = EmbeddedBroker::start(&config.mqtt).await?;
+            let stop = stop_rx.clone();
+            tokio::spawn(async move { broker.run(intake, stop).await.map_err(AgentError::from) })
+        }
+        MqttMode::Client => {
+            let client = MqttClient::new(&config)?;
+            let stop = stop_rx.clone();
+            tokio::spawn(async move { client.run(intake, stop).await.map_err(AgentError::from) })
+        }
+    };
+    let forwarder = Forwarder {
+        spool: spool.clone(),
+        agent_id: config.agent_id.clone(),
+        config: config.upstream.clone(),
+        metrics: metrics.clone(),
+    };
+    let forwarder = tokio::spawn(forwarder.run(stop_rx.clone()));
+    let mut http_stop = stop_rx.clone();
+    let http_server = tokio::spawn(async move {
+        axum::serve(http, http::router(metrics))
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    drop(spool);
+    tracing::info!(agent_id = %config.agent_id, mode = ?config.mqtt.mode, http = %config.http.listen, "agent running");
+
+    let input_ended = tokio::select! {
+        _ = shutdown => None,
+        r = &mut input => Some(flatten(r)),
+    };
+    let _ = stop_tx.send(true);
+    let mut result = match input_ended {
+        // Asked to stop: the input drains what its broker holds for us and ends.
+        None => flatten(input.await),
+        Some(Ok(())) => Err(AgentError::Task("the input stopped on its own".into())),
+        Some(Err(e)) => Err(e),
+    };
+    let _ = forwarder.await;
+    match http_server.await {
+        Ok(Err(e)) => result = result.and(Err(AgentError::Http(e))),
+        Err(e) => result = result.and(Err(AgentError::Task(e.to_string()))),
+        Ok(Ok(())) => {}
+    }
+    // Every Spool clone is gone now: the writer commits what is queued and ends.
+    let _ = tokio::task::spawn_blocking(move || spool_thread.join()).await;
+    tracing::info!("agent stopped");
+    result
+}
+
+fn flatten(r: Result<Result<(), AgentError>, tokio::task::JoinError>) -> Result<(), AgentError> {
+    r.map_err(|e| AgentError::Task(e.to_string()))?
+}

@@ -100,7 +100,11 @@ mod tests {
         let mut b = BlockBuilder::default();
         b.push("s", 1_764_000_000_000, 1.5);
         let data = b.finish().encode();
-        let batch = Batch { agent_id: "gw-1", epoch: 7, blocks: alloc::vec![WireBlock { first_seq: 10, count: 1, data: &data }] };
+        let batch = Batch {
+            agent_id: "gw-1",
+            epoch: 7,
+            blocks: alloc::vec![WireBlock { first_seq: 10, count: 1, data: &data }],
+        };
         let mut body = batch.to_postcard();
         let decoded = Batch::from_postcard(&body).unwrap();
         assert_eq!(decoded, batch);

@@ -1,0 +1,357 @@
+//! The agent's TOML configuration. Every default is documented here and in `deploy/agent.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The commented example configuration, printed by `tributary-agent generate-config`.
+pub const EXAMPLE: &str = include_str!("../../deploy/agent.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This gateway's id, as listed in the aggregator's `[[agents]]`. Required.
+    pub agent_id: String,
+    /// Directory of the SQLite spool (`spool.db`). Required; created if missing.
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Where batches go. Required.
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/healthz` and `/metrics`. Default `127.0.0.1:9101`.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the aggregator, e.g. `http://127.0.0.1:8080`. Required.
+    pub url: url::Url,
+    /// Bearer token the aggregator knows this agent by. Required.
+    pub token: String,
+    /// Most readings sent in one request. Default 50,000.
+    #[serde(default = "default_batch_max_readings")]
+    pub batch_max_readings: usize,
+    /// Time limit of one request. Default 30 s.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First retry delay after a failed request; doubles up to `retry_max`, with full jitter. Default 100 ms.
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest retry delay. Default 30 s.
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttMode {
+    /// Run a rumqttd broker inside the agent; sensors publish to it.
+    Embedded,
+    /// Join an existing broker (Mosquitto, EMQX) as a client with a persistent session.
+    Client,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `embedded` (default) or `client`.
+    #[serde(default = "default_mqtt_mode")]
+    pub mode: MqttMode,
+    /// Embedded mode: the broker's listen address. Default `127.0.0.1:1883`.
+    #[serde(default = "default_mqtt_listen")]
+    pub listen: SocketAddr,
+    /// Client mode: the broker, `mqtt://host:port` (port defaults to 1883). Required in client mode.
+    pub url: Option<url::Url>,
+    /// Client mode: the MQTT client id of the persistent session. Default `tributary-<agent_id>`.
+    pub client_id: Option<String>,
+    /// Topic filters to read. The sensor id is the topic after the filter's fixed prefix
+    /// (the levels before its first wildcard). Default `["sensors/#"]`.
+    #[serde(default = "default_topics")]
+    pub topics: Vec<String>,
+    /// Larger payloads are rejected and counted. Default 262,144 (256 KiB). The embedded broker
+    /// disconnects a client whose packet exceeds 8 times this.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// How far a reading's timestamp may be ahead of the gateway clock. Default 5 minutes.
+    /// (Old timestamps are accepted: a device delivering its backlog is normal.)
+    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync every commit: an acknowledged reading survives power loss.
+    Full,
+    /// fsync at checkpoints only: survives a process crash, not power loss. Less flash wear.
+    Normal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Group-commit interval: readings arriving within it share one block and one commit.
+    /// It bounds how long a reading the embedded broker acknowledged waits before it is durable.
+    /// Default 5 ms.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Most readings in one block. Default 10,000.
+    #[serde(default = "default_max_block_readings")]
+    pub max_block_readings: usize,
+    /// `full` (default) or `normal`; see [`SyncMode`].
+    #[serde(default = "default_sync")]
+    pub sync: SyncMode,
+    /// Spool size limit in bytes of stored blocks; beyond it the oldest blocks are dropped and
+    /// counted (the aggregator records the gap). Default 1 GiB.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9101))
+}
+fn default_batch_max_readings() -> usize {
+    50_000
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_mqtt_mode() -> MqttMode {
+    MqttMode::Embedded
+}
+fn default_mqtt_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1883))
+}
+fn default_topics() -> Vec<String> {
+    vec!["sensors/#".to_string()]
+}
+fn default_max_payload_bytes() -> usize {
+    256 * 1024
+}
+fn default_max_clock_skew() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_millis(5)
+}
+fn default_max_block_readings() -> usize {
+    10_000
+}
+fn default_sync() -> SyncMode {
+    SyncMode::Full
+}
+fn default_max_bytes() -> u64 {
+    1 << 30
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: default_http_listen() }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            mode: default_mqtt_mode(),
+            listen: default_mqtt_listen(),
+            url: None,
+            client_id: None,
+            topics: default_topics(),
+            max_payload_bytes: default_max_payload_bytes(),
+        }
+    }
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig { max_clock_skew: default_max_clock_skew() }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            commit_interval: default_commit_interval(),
+            max_block_readings: default_max_block_readings(),
+            sync: default_sync(),
+            max_bytes: default_max_bytes(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the file, the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{place}: {key}: {reason}")]
+    Invalid { place: String, key: String, reason: String },
+}
+
+impl Config {
+    /// Reads, parses and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let invalid = |key: &str, reason: String, span: Option<std::ops::Range<usize>>| {
+            // "file:line:column" where the parser knows the place, as compilers print it.
+            let place = match span {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("{}:{line}:{column}", file.display())
+                }
+                None => file.display().to_string(),
+            };
+            ConfigError::Invalid { place, key: key.to_string(), reason }
+        };
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|e| invalid("(syntax)", e.message().to_string(), e.span()))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = match e.path().to_string() {
+                top if top == "." => "(top level)".to_string(),
+                key => key,
+            };
+            let inner = e.into_inner();
+            invalid(&key, inner.message().to_string(), inner.span())
+        })?;
+        config.check().map_err(|(key, reason)| invalid(key, reason, None))?;
+        Ok(config)
+    }
+
+    /// Rules serde cannot express.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if let Err(e) = tributary_shared::reading::validate_sensor_id(&self.agent_id) {
+            return Err(("agent_id", format!("not a usable id: {e}")));
+        }
+        if self.upstream.token.is_empty() {
+            return Err(("upstream.token", "must not be empty".into()));
+        }
+        if !matches!(self.upstream.url.scheme(), "http" | "https") {
+            return Err(("upstream.url", format!("scheme must be http or https, not {}", self.upstream.url.scheme())));
+        }
+        if self.upstream.batch_max_readings == 0 {
+            return Err(("upstream.batch_max_readings", "must be at least 1".into()));
+        }
+        if self.upstream.retry_initial.is_zero() || self.upstream.retry_max < self.upstream.retry_initial {
+            return Err(("upstream.retry_max", "retry_initial must be > 0 and retry_max >= retry_initial".into()));
+        }
+        if self.mqtt.topics.is_empty() {
+            return Err(("mqtt.topics", "list at least one topic filter".into()));
+        }
+        for topic in &self.mqtt.topics {
+            if !rumqttc::valid_filter(topic) {
+                return Err(("mqtt.topics", format!("{topic:?} is not a valid MQTT topic filter")));
+            }
+        }
+        if self.mqtt.max_payload_bytes == 0 {
+            return Err(("mqtt.max_payload_bytes", "must be at least 1".into()));
+        }
+        if self.mqtt.mode == MqttMode::Client {
+            match &self.mqtt.url {
+                None => return Err(("mqtt.url", "required when mqtt.mode = \"client\"".into())),
+                Some(url) if !matches!(url.scheme(), "mqtt" | "tcp") || url.host_str().is_none() => {
+                    return Err(("mqtt.url", format!("expected mqtt://host:port, got {url}")));
+                }
+                Some(_) => {}
+            }
+            if self.mqtt.client_id.as_deref() == Some("") {
+                return Err(("mqtt.client_id", "must not be empty (a persistent session needs an id)".into()));
+            }
+        }
+        if self.spool.max_block_readings == 0 {
+            return Err(("spool.max_block_readings", "must be at least 1".into()));
+        }
+        if self.spool.commit_interval > Duration::from_secs(1) {
+            return Err((
+                "spool.commit_interval",
+                "at most 1s: the embedded broker has acknowledged readings that wait this long".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The MQTT client id used in client mode.
+    pub fn mqtt_client_id(&self) -> String {
+        self.mqtt.client_id.clone().unwrap_or_else(|| format!("tributary-{}", self.agent_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+agent_id = "gw-1"
+data_dir = "/tmp/x"
+[upstream]
+url = "http://127.0.0.1:8080"
+token = "t"
+"#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/agent.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_example_file_parses_to_the_documented_defaults() {
+        let example = parse(EXAMPLE).unwrap();
+        let minimal = parse(MINIMAL).unwrap();
+        assert_eq!(example.http.listen, minimal.http.listen);
+        assert_eq!(example.mqtt.mode, MqttMode::Embedded);
+        assert_eq!(example.mqtt.topics, minimal.mqtt.topics);
+        assert_eq!(example.mqtt.max_payload_bytes, minimal.mqtt.max_payload_bytes);
+        assert_eq!(example.spool.commit_interval, minimal.spool.commit_interval);
+        assert_eq!(example.validation.max_clock_skew, Duration::from_secs(300));
+        assert_eq!(example.upstream.batch_max_readings, minimal.upstream.batch_max_readings);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let e = parse(&MINIMAL.replace("token = \"t\"", "token = \"t\"\ntokn = 1")).unwrap_err();
+        assert!(e.starts_with("/etc/agent.toml:7:1: upstream.tokn: unknown field `tokn`, expected one of"), "{e}");
+        let e = parse(&MINIMAL.replace("agent_id = \"gw-1\"", "")).unwrap_err();
+        assert!(e.contains("/etc/agent.toml") && e.contains("missing field `agent_id`"), "{e}");
+        let e = parse(&format!("{MINIMAL}[mqtt]\nmode = \"bridge\"\n")).unwrap_err();
+        assert!(e.contains("mqtt.mode") && e.contains("unknown variant `bridge`"), "{e}");
+        let e = parse(&format!("{MINIMAL}[http]\nlisten = \"nope\"\n")).unwrap_err();
+        assert!(e.contains("http.listen") && e.contains("invalid socket address"), "{e}");
+        let e = parse(&format!("{MINIMAL}[mqtt]\nmode = \"client\"\n")).unwrap_err();
+        assert!(e.contains("mqtt.url: required when mqtt.mode = \"client\""), "{e}");
+        let e = parse(&format!("{MINIMAL}[spool]\ncommit_interval = \"5 parsecs\"\n")).unwrap_err();
+        assert!(e.contains("spool.commit_interval"), "{e}");
+    }
+}

@@ -1,0 +1,366 @@
+//! MQTT message → readings: topic to sensor id, payload parsing, validation.
+//!
+//! Payloads on `<prefix>/<sensor-id>`:
+//! - a bare number: `21.5`;
+//! - an object with `value` (and optional `ts`, Unix ms): one reading, other fields ignored;
+//! - an object without `value`: one reading per numeric field, id `<sensor-id>/<field>`; `ts` is the
+//!   timestamp, non-numeric fields are ignored.
+//!
+//! Without `ts` the reading gets the agent's receive time.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use tributary_shared::Reading;
+use tributary_shared::reading::{ReadingError, validate_at, validate_sensor_id};
+
+/// Why a message (or one field of it) was not turned into a reading. The label is the
+/// `reason` of `tributary_agent_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reject {
+    TooLarge,
+    NonUtf8Topic,
+    UnmatchedTopic,
+    Malformed,
+    NotANumber,
+    NoReadings,
+    NotFinite,
+    BadTimestamp,
+    BadSensorId,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 9] = [
+        Reject::TooLarge,
+        Reject::NonUtf8Topic,
+        Reject::UnmatchedTopic,
+        Reject::Malformed,
+        Reject::NotANumber,
+        Reject::NoReadings,
+        Reject::NotFinite,
+        Reject::BadTimestamp,
+        Reject::BadSensorId,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::TooLarge => "too_large",
+            Reject::NonUtf8Topic => "non_utf8_topic",
+            Reject::UnmatchedTopic => "unmatched_topic",
+            Reject::Malformed => "malformed",
+            Reject::NotANumber => "not_a_number",
+            Reject::NoReadings => "no_readings",
+            Reject::NotFinite => "not_finite",
+            Reject::BadTimestamp => "bad_timestamp",
+            Reject::BadSensorId => "bad_sensor_id",
+        }
+    }
+
+    fn from_reading_error(e: &ReadingError) -> Reject {
+        match e {
+            ReadingError::NotFinite(_) => Reject::NotFinite,
+            ReadingError::TooOld(_) | ReadingError::InFuture { .. } => Reject::BadTimestamp,
+            _ => Reject::BadSensorId,
+        }
+    }
+}
+
+/// A topic filter and the length of its fixed prefix (the levels before the first wildcard).
+#[derive(Debug, Clone)]
+struct TopicFilter {
+    filter: String,
+    prefix_len: usize,
+}
+
+impl TopicFilter {
+    fn new(filter: &str) -> TopicFilter {
+        let mut prefix_len = 0;
+        for level in filter.split_inclusive('/') {
+            if level.trim_end_matches('/') == "+" || level == "#" {
+                break;
+            }
+            prefix_len += level.len();
+        }
+        TopicFilter { filter: filter.to_string(), prefix_len }
+    }
+}
+
+/// Turns MQTT messages into validated readings.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    filters: Vec<TopicFilter>,
+    max_payload_bytes: usize,
+    max_skew_ms: i64,
+}
+
+impl Decoder {
+    pub fn new(topics: &[String], max_payload_bytes: usize, max_skew_ms: i64) -> Decoder {
+        Decoder { filters: topics.iter().map(|t| TopicFilter::new(t)).collect(), max_payload_bytes, max_skew_ms }
+    }
+
+    /// The sensor id a topic maps to: the topic after the first matching filter's fixed prefix
+    /// (the whole topic when that leaves nothing, as for a filter without wildcards).
+    pub fn sensor_id<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let f = self.filters.iter().find(|f| rumqttc::matches(topic, &f.filter))?;
+        let id = topic.get(f.prefix_len..).unwrap_or("");
+        Some(if id.is_empty() { topic } else { id })
+    }
+
+    /// Decodes one message, appending its readings to `out`. Returns the rejections: at most one
+    /// for the message as a whole, or one per unusable field of a multi-field object.
+    pub fn decode(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        now_ms: i64,
+        out: &mut Vec<Reading>,
+        mut reject: impl FnMut(Reject),
+    ) {
+        if let Err(r) = self.decode_message(topic, payload, now_ms, out, &mut reject) {
+            reject(r);
+        }
+    }
+
+    fn decode_message(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        now_ms: i64,
+        out: &mut Vec<Reading>,
+        reject: &mut impl FnMut(Reject),
+    ) -> Result<(), Reject> {
+        if payload.len() > self.max_payload_bytes {
+            return Err(Reject::TooLarge);
+        }
+        let topic = std::str::from_utf8(topic).map_err(|_| Reject::NonUtf8Topic)?;
+        let sensor = self.sensor_id(topic).ok_or(Reject::UnmatchedTopic)?;
+        validate_sensor_id(sensor).map_err(|_| Reject::BadSensorId)?;
+        let check = |ts: i64, value: f64| {
+            validate_at(ts, value, now_ms, self.max_skew_ms).map_err(|e| Reject::from_reading_error(&e))
+        };
+
+        let text = std::str::from_utf8(payload).map_err(|_| Reject::Malformed)?.trim();
+        if !text.starts_with('{') {
+            let value: f64 = text.parse().map_err(|_| {
+                if text.starts_with('"') || text.starts_with('[') || text.is_empty() {
+                    Reject::NotANumber
+                } else {
+                    Reject::Malformed
+                }
+            })?;
+            check(now_ms, value)?;
+            out.push(Reading { sensor: sensor.to_string(), ts: now_ms, value });
+            return Ok(());
+        }
+
+        let object: Object = serde_json::from_str(text).map_err(|_| Reject::Malformed)?;
+        let ts = match object.ts {
+            None => now_ms,
+            Some(Field::Number(ts)) if ts.fract() == 0.0 && ts.abs() < 9.0e15 => ts as i64,
+            Some(_) => return Err(Reject::BadTimestamp),
+        };
+        match object.value {
+            Some(Field::Number(value)) => {
+                check(ts, value)?;
+                out.push(Reading { sensor: sensor.to_string(), ts, value });
+                Ok(())
+            }
+            Some(Field::Other) => Err(Reject::NotANumber),
+            None => {
+                let before = out.len();
+                for (name, value) in object.fields {
+                    let id = format!("{sensor}/{name}");
+                    if validate_sensor_id(&id).is_err() {
+                        reject(Reject::BadSensorId);
+                        continue;
+                    }
+                    match check(ts, value) {
+                        Ok(()) => out.push(Reading { sensor: id, ts, value }),
+                        // A timestamp problem concerns the whole message: reject it once.
+                        Err(Reject::BadTimestamp) => {
+                            out.truncate(before);
+                            return Err(Reject::BadTimestamp);
+                        }
+                        Err(r) => reject(r),
+                    }
+                }
+                if out.len() == before { Err(Reject::NoReadings) } else { Ok(()) }
+            }
+        }
+    }
+}
+
+/// A JSON object payload: `value`, `ts`, and the numeric fields (keys borrowed where possible).
+struct Object<'a> {
+    value: Option<Field>,
+    ts: Option<Field>,
+    fields: Vec<(Cow<'a, str>, f64)>,
+}
+
+/// A field's value: a number, or anything else (kept only as "not a number").
+enum Field {
+    Number(f64),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Field, D::Error> {
+        struct FieldVisitor;
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = Field;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Field, E> {
+                Ok(Field::Number(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Field, E> {
+                Ok(Field::Number(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Field, E> {
+                Ok(Field::Number(v as f64))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+        }
+        d.deserialize_any(FieldVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Object<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Object<'de>, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = Object<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Object<'de>, A::Error> {
+                let mut object = Object { value: None, ts: None, fields: Vec::new() };
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let field: Field = map.next_value()?;
+                    match key.as_ref() {
+                        "value" => object.value = Some(field),
+                        "ts" => object.ts = Some(field),
+                        _ => {
+                            if let Field::Number(v) = field {
+                                object.fields.push((key, v));
+                            }
+                        }
+                    }
+                }
+                Ok(object)
+            }
+        }
+        d.deserialize_map(ObjectVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_764_000_000_000;
+
+    fn decode(topic: &str, payload: &str) -> (Vec<Reading>, Vec<Reject>) {
+        let decoder = Decoder::new(&["sensors/#".to_string(), "site/+/meters/#".to_string()], 1024, 300_000);
+        let mut out = Vec::new();
+        let mut rejects = Vec::new();
+        decoder.decode(topic.as_bytes(), payload.as_bytes(), NOW, &mut out, |r| rejects.push(r));
+        (out, rejects)
+    }
+
+    fn reading(sensor: &str, ts: i64, value: f64) -> Reading {
+        Reading { sensor: sensor.into(), ts, value }
+    }
+
+    #[test]
+    fn bare_numbers_get_the_receive_time() {
+        assert_eq!(decode("sensors/room1/temp", " 21.5\n").0, [reading("room1/temp", NOW, 21.5)]);
+    }
+
+    #[test]
+    fn an_object_with_value_is_one_reading_whatever_else_it_holds() {
+        let (out, rej) = decode("sensors/a", r#"{"value": 3, "ts": 1763999999000, "unit": "C", "battery": 80}"#);
+        assert_eq!(out, [reading("a", 1_763_999_999_000, 3.0)]);
+        assert!(rej.is_empty());
+    }
+
+    #[test]
+    fn an_object_without_value_is_one_reading_per_numeric_field() {
+        let (out, rej) = decode(
+            "sensors/dev-1",
+            r#"{"temperature": 21.5, "humidity": 40, "ts": 1764000000000, "fw": "1.2", "ok": true}"#,
+        );
+        assert_eq!(out, [reading("dev-1/temperature", NOW, 21.5), reading("dev-1/humidity", NOW, 40.0)]);
+        assert!(rej.is_empty());
+    }
+
+    #[test]
+    fn the_sensor_id_is_the_topic_after_the_fixed_prefix() {
+        assert_eq!(decode("site/berlin/meters/m1", "1").0[0].sensor, "berlin/meters/m1");
+        assert_eq!(decode("other/topic", "1").1, [Reject::UnmatchedTopic]);
+        let exact = Decoder::new(&["home/kitchen/temp".to_string()], 1024, 0);
+        assert_eq!(exact.sensor_id("home/kitchen/temp"), Some("home/kitchen/temp"));
+    }
+
+    #[test]
+    fn bad_payloads_are_rejected_with_a_reason() {
+        let cases = [
+            ("NaN", Reject::NotFinite),
+            ("inf", Reject::NotFinite),
+            ("hello", Reject::Malformed),
+            ("\"21.5\"", Reject::NotANumber),
+            ("", Reject::NotANumber),
+            ("{\"value\": \"abc\"}", Reject::NotANumber),
+            ("{\"value\": 1", Reject::Malformed),
+            ("{\"fw\": \"1.2\"}", Reject::NoReadings),
+            ("{}", Reject::NoReadings),
+            ("{\"value\": 1, \"ts\": 12}", Reject::BadTimestamp),
+            ("{\"value\": 1, \"ts\": \"yesterday\"}", Reject::BadTimestamp),
+            ("{\"a\": 1, \"b\": 2, \"ts\": 1764000400000}", Reject::BadTimestamp),
+            ("{\"value\": 1e999}", Reject::Malformed),
+        ];
+        for (payload, reason) in cases {
+            let (out, rej) = decode("sensors/x", payload);
+            assert!(out.is_empty(), "{payload}");
+            assert_eq!(rej, [reason], "{payload}");
+        }
+        let mut big = "1".repeat(1025);
+        assert_eq!(decode("sensors/x", &big).1, [Reject::TooLarge]);
+        big.truncate(1000);
+        assert_eq!(decode("sensors/x", &big).1, [Reject::NotFinite], "a 1000-digit number overflows to infinity");
+    }
+
+    #[test]
+    fn non_utf8_topics_are_rejected() {
+        let decoder = Decoder::new(&["sensors/#".to_string()], 1024, 0);
+        let mut rejects = Vec::new();
+        decoder.decode(b"sensors/\xff", b"1", NOW, &mut Vec::new(), |r| rejects.push(r));
+        assert_eq!(rejects, [Reject::NonUtf8Topic]);
+    }
+
+    #[test]
+    fn old_readings_are_accepted_future_ones_beyond_the_skew_are_not() {
+        assert_eq!(decode("sensors/a", r#"{"value": 1, "ts": 1000000000000}"#).0.len(), 1);
+        assert_eq!(decode("sensors/a", r#"{"value": 1, "ts": 1764000300000}"#).0.len(), 1);
+        assert_eq!(decode("sensors/a", r#"{"value": 1, "ts": 1764000300001}"#).1, [Reject::BadTimestamp]);
+    }
+}

@@ -1,0 +1,152 @@
+//! The agent's counters and gauges, served as Prometheus text on `/metrics`.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::decode::Reject;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub reason: Reject,
+}
+
+impl EncodeLabelValue for Reject {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.label())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// Every metric of the agent. Cloning a metric shares it.
+pub struct Metrics {
+    registry: Registry,
+    /// MQTT messages read from the broker.
+    pub messages: Counter,
+    /// Readings decoded, validated and handed to the spool.
+    pub readings_accepted: Counter,
+    /// Messages or fields not turned into readings, by reason.
+    pub rejected: Family<RejectLabels, Counter>,
+    /// Publishes the embedded broker refused (non-UTF-8 topics, protocol errors): it drops the client.
+    pub broker_rejected: Counter,
+    /// Messages the embedded broker acknowledged but evicted before the agent read them.
+    pub broker_dropped: Counter,
+    /// Readings committed to the spool.
+    pub readings_spooled: Counter,
+    pub spool_commits: Counter,
+    /// Readings and bytes in the spool, not yet acknowledged by the aggregator.
+    pub spool_readings: Gauge,
+    pub spool_bytes: Gauge,
+    /// Readings dropped because the spool hit `spool.max_bytes`.
+    pub spool_dropped_readings: Counter,
+    /// Readings the aggregator acknowledged.
+    pub readings_forwarded: Counter,
+    /// Forward requests by outcome (`ok`, `unreachable`, `rejected`, `unauthorized`, `server_error`).
+    pub forward_requests: Family<OutcomeLabels, Counter>,
+    /// Readings moved to the dead-letter table because the aggregator refused their block as malformed.
+    pub dead_letter_readings: Counter,
+    /// 1 while the MQTT client is connected to its broker (client mode).
+    pub mqtt_connected: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tributary_agent");
+        let m = Metrics {
+            messages: Counter::default(),
+            readings_accepted: Counter::default(),
+            rejected: Family::default(),
+            broker_rejected: Counter::default(),
+            broker_dropped: Counter::default(),
+            readings_spooled: Counter::default(),
+            spool_commits: Counter::default(),
+            spool_readings: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            spool_dropped_readings: Counter::default(),
+            readings_forwarded: Counter::default(),
+            forward_requests: Family::default(),
+            dead_letter_readings: Counter::default(),
+            mqtt_connected: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("mqtt_messages", "MQTT messages read from the broker", m.messages.clone());
+        registry.register(
+            "readings_accepted",
+            "Readings decoded, validated and handed to the spool",
+            m.readings_accepted.clone(),
+        );
+        registry.register("rejected", "Messages or fields not turned into readings, by reason", m.rejected.clone());
+        registry.register(
+            "broker_rejected",
+            "Publishes the embedded broker refused (e.g. non-UTF-8 topics); it disconnects the client",
+            m.broker_rejected.clone(),
+        );
+        registry.register(
+            "broker_dropped",
+            "Messages the embedded broker acknowledged but evicted before the agent read them",
+            m.broker_dropped.clone(),
+        );
+        registry.register("readings_spooled", "Readings committed to the spool", m.readings_spooled.clone());
+        registry.register("spool_commits", "Spool transactions committed", m.spool_commits.clone());
+        registry.register(
+            "spool_readings",
+            "Readings in the spool not yet acknowledged upstream",
+            m.spool_readings.clone(),
+        );
+        registry.register("spool_bytes", "Bytes of blocks in the spool", m.spool_bytes.clone());
+        registry.register(
+            "spool_dropped_readings",
+            "Readings dropped because the spool reached spool.max_bytes",
+            m.spool_dropped_readings.clone(),
+        );
+        registry.register(
+            "readings_forwarded",
+            "Readings acknowledged by the aggregator",
+            m.readings_forwarded.clone(),
+        );
+        registry.register("forward_requests", "Requests to the aggregator by outcome", m.forward_requests.clone());
+        registry.register(
+            "dead_letter_readings",
+            "Readings set aside because the aggregator refused their block as malformed",
+            m.dead_letter_readings.clone(),
+        );
+        registry.register(
+            "mqtt_connected",
+            "1 while connected to the MQTT broker (client mode)",
+            m.mqtt_connected.clone(),
+        );
+        // Make every reason visible from the start, so a dashboard sees 0 rather than nothing.
+        for reason in Reject::ALL {
+            let _ = m.rejected.get_or_create(&RejectLabels { reason });
+        }
+        Metrics { registry, ..m }
+    }
+
+    pub fn reject(&self, reason: Reject) {
+        self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    pub fn forward_outcome(&self, outcome: &'static str) {
+        self.forward_requests.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// The Prometheus / OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
