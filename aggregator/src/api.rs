@@ -68,30 +68,20 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
-        (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
     }
 }
 
 async fn healthz(State(app): State<AppState>) -> Response {
     match (app.writer_alive.is_alive(), app.processor_alive.is_alive()) {
         (true, true) => (StatusCode::OK, "ok").into_response(),
-        (false, _) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "log writer is not running").into_response()
-        }
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "log writer is not running").into_response(),
         (_, false) => (StatusCode::SERVICE_UNAVAILABLE, "processor is not running").into_response(),
     }
 }
 
 async fn metrics_text(State(app): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        app.metrics.encode(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], app.metrics.encode()).into_response()
 }
 
 async fn list_sensors(State(app): State<AppState>) -> Result<Json<Vec<SensorRow>>, ApiError> {
@@ -99,8 +89,7 @@ async fn list_sensors(State(app): State<AppState>) -> Result<Json<Vec<SensorRow>
 }
 
 fn sensor_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    path.map(|Path(id)| id)
-        .map_err(|e| ApiError::BadRequest(format!("bad sensor id in the path: {e}")))
+    path.map(|Path(id)| id).map_err(|e| ApiError::BadRequest(format!("bad sensor id in the path: {e}")))
 }
 
 async fn find_sensor(app: &AppState, id: String) -> Result<SensorRow, ApiError> {
@@ -108,11 +97,7 @@ async fn find_sensor(app: &AppState, id: String) -> Result<SensorRow, ApiError> 
     app.store
         .read(move |conn| store::sensor(conn, &lookup))
         .await?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no sensor `{id}` (yet): nothing from it has been processed"
-            ))
-        })
+        .ok_or_else(|| ApiError::NotFound(format!("no sensor `{id}` (yet): nothing from it has been processed")))
 }
 
 async fn one_sensor(
@@ -146,11 +131,8 @@ fn window_size(size: Option<&str>) -> Result<i64, ApiError> {
     let Some(text) = size else {
         return Ok(WINDOW_MS);
     };
-    let size = humantime::parse_duration(text).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "size {text:?} is not a duration like 1m, 5m, 1h, 1d: {e}"
-        ))
-    })?;
+    let size = humantime::parse_duration(text)
+        .map_err(|e| ApiError::BadRequest(format!("size {text:?} is not a duration like 1m, 5m, 1h, 1d: {e}")))?;
     if size.is_zero() || size > MAX_WINDOW || size.as_millis() % WINDOW_MS as u128 != 0 {
         return Err(ApiError::BadRequest(format!(
             "size {text:?} must be a whole number of minutes between 1m and 1d (windows are stored per minute)"
@@ -162,11 +144,7 @@ fn window_size(size: Option<&str>) -> Result<i64, ApiError> {
 /// The first multiple of `size` at or after `x`.
 fn align_up(x: i64, size: i64) -> i64 {
     let down = x.div_euclid(size).saturating_mul(size);
-    if down == x {
-        down
-    } else {
-        down.saturating_add(size)
-    }
+    if down == x { down } else { down.saturating_add(size) }
 }
 
 async fn sensor_windows(
@@ -181,18 +159,8 @@ async fn sensor_windows(
     let to = query.to.unwrap_or(i64::MAX);
     find_sensor(&app, id.clone()).await?;
     // Only whole windows with from <= start < to: their minutes lie in [align_up(from), align_up(to)).
-    let (lo, hi) = (
-        align_up(from, size),
-        if to == i64::MAX {
-            i64::MAX
-        } else {
-            align_up(to, size)
-        },
-    );
-    let minutes = app
-        .store
-        .read(move |conn| store::minute_windows(conn, &id, lo, hi))
-        .await?;
+    let (lo, hi) = (align_up(from, size), if to == i64::MAX { i64::MAX } else { align_up(to, size) });
+    let minutes = app.store.read(move |conn| store::minute_windows(conn, &id, lo, hi)).await?;
     let rows = store::merge_windows(&minutes, size)
         .into_iter()
         .filter(|(start, _)| from <= *start && *start < to)
@@ -244,10 +212,7 @@ mod tests {
         assert_eq!(window_size(Some("1h")).unwrap(), 3_600_000);
         assert_eq!(window_size(Some("1d")).unwrap(), 86_400_000);
         for bad in ["90s", "0m", "2d", "soon", "1m30s"] {
-            assert!(
-                matches!(window_size(Some(bad)), Err(ApiError::BadRequest(_))),
-                "{bad}"
-            );
+            assert!(matches!(window_size(Some(bad)), Err(ApiError::BadRequest(_))), "{bad}");
         }
     }
 

@@ -38,9 +38,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig {
-            listen: default_listen(),
-        }
+        HttpConfig { listen: default_listen() }
     }
 }
 
@@ -61,39 +59,27 @@ pub struct AgentConfig {
 // Tokens are secrets: keep them out of debug logs.
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentConfig")
-            .field("id", &self.id)
-            .field("token", &"<redacted>")
-            .finish()
+        f.debug_struct("AgentConfig").field("id", &self.id).field("token", &"<redacted>").finish()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// The TOML does not parse or does not fit the schema (unknown key, missing key, bad value).
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     /// The TOML fits the schema but a value breaks a rule (duplicate id, empty token).
     #[error("{path}: {key}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    Invalid { path: PathBuf, key: String, reason: String },
 }
 
 impl Config {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::parse(&text, path)
     }
 
@@ -108,11 +94,7 @@ impl Config {
     }
 
     fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: String, reason: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            reason,
-        };
+        let invalid = |key: String, reason: String| ConfigError::Invalid { path: path.to_path_buf(), key, reason };
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir".into(), "must not be empty".into()));
         }
@@ -125,24 +107,15 @@ impl Config {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for (i, agent) in self.agents.iter().enumerate() {
             if agent.id.is_empty() {
-                return Err(invalid(
-                    format!("agents[{i}].id"),
-                    "must not be empty".into(),
-                ));
+                return Err(invalid(format!("agents[{i}].id"), "must not be empty".into()));
             }
             if agent.token.is_empty() {
-                return Err(invalid(
-                    format!("agents[{i}].token"),
-                    "must not be empty".into(),
-                ));
+                return Err(invalid(format!("agents[{i}].token"), "must not be empty".into()));
             }
             if let Some(first) = seen.insert(&agent.id, i) {
                 return Err(invalid(
                     format!("agents[{i}].id"),
-                    format!(
-                        "duplicate agent id `{}` (already used by agents[{first}])",
-                        agent.id
-                    ),
+                    format!("duplicate agent id `{}` (already used by agents[{first}])", agent.id),
                 ));
             }
         }
@@ -176,19 +149,13 @@ fn key_at(text: &str, pos: usize) -> Option<String> {
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
         let trimmed = line.trim();
-        let header = if let Some(name) = trimmed
-            .strip_prefix("[[")
-            .and_then(|r| r.split("]]").next())
-        {
+        let header = if let Some(name) = trimmed.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
             let name = name.trim().to_string();
             let count = array_counts.entry(name.clone()).or_insert(0);
             *count += 1;
             Some(format!("{name}[{}]", *count - 1))
         } else {
-            trimmed
-                .strip_prefix('[')
-                .and_then(|r| r.split(']').next())
-                .map(|n| n.trim().to_string())
+            trimmed.strip_prefix('[').and_then(|r| r.split(']').next()).map(|n| n.trim().to_string())
         };
         let on_this_line = pos < offset + line.len();
         if let Some(header) = header {
@@ -197,18 +164,11 @@ fn key_at(text: &str, pos: usize) -> Option<String> {
                 return Some(table);
             }
         } else if on_this_line {
-            let key = trimmed
-                .split('=')
-                .next()
-                .map(|k| k.trim().trim_matches('"').trim_matches('\''))?;
+            let key = trimmed.split('=').next().map(|k| k.trim().trim_matches('"').trim_matches('\''))?;
             if key.is_empty() || trimmed.starts_with('#') || !trimmed.contains('=') {
                 return if table.is_empty() { None } else { Some(table) };
             }
-            return Some(if table.is_empty() {
-                key.to_string()
-            } else {
-                format!("{table}.{key}")
-            });
+            return Some(if table.is_empty() { key.to_string() } else { format!("{table}.{key}") });
         }
         offset += line.len();
     }
@@ -248,39 +208,29 @@ mod tests {
 
     #[test]
     fn bad_value_names_the_key() {
-        let err = parse(
-            "data_dir = \"/d\"\n[http]\nlisten = \"nope\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let err = parse("data_dir = \"/d\"\n[http]\nlisten = \"nope\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("http.listen"), "{err}");
         assert!(err.contains("line 3"), "{err}");
     }
 
     #[test]
     fn duplicate_ids_and_empty_tokens_are_rejected() {
-        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n[[agents]]\nid = \"a\"\ntoken = \"u\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("agents[1].id") && err.contains("duplicate agent id `a`"),
-            "{err}"
-        );
-        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"\"\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n[[agents]]\nid = \"a\"\ntoken = \"u\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("agents[1].id") && err.contains("duplicate agent id `a`"), "{err}");
+        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"\"\n").unwrap_err().to_string();
         assert!(err.contains("agents[0].token: must not be empty"), "{err}");
     }
 
     #[test]
     fn missing_required_key_is_named() {
-        let err = parse("[[agents]]\nid = \"a\"\ntoken = \"t\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse("[[agents]]\nid = \"a\"\ntoken = \"t\"\n").unwrap_err().to_string();
         assert!(err.contains("data_dir"), "{err}");
-        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\n").unwrap_err().to_string();
         assert!(err.contains("token"), "{err}");
     }
 }

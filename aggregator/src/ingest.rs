@@ -34,10 +34,7 @@ pub enum IngestError {
     #[error("{0}")]
     BadRequest(String),
     #[error("this token belongs to agent `{token_agent}`, the batch is for agent `{batch_agent}`")]
-    Forbidden {
-        token_agent: String,
-        batch_agent: String,
-    },
+    Forbidden { token_agent: String, batch_agent: String },
     #[error("{0}")]
     Unavailable(#[from] AppendError),
 }
@@ -57,16 +54,9 @@ impl IngestError {
 
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
-        let mut response = (
-            self.status(),
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response();
+        let mut response = (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response();
         if matches!(self, IngestError::Unauthorized) {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -103,17 +93,11 @@ pub async fn ingest(State(app): State<AppState>, headers: HeaderMap, body: Body)
     response
 }
 
-async fn handle(
-    app: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<tributary_shared::IngestAck, IngestError> {
+async fn handle(app: &AppState, headers: &HeaderMap, body: Body) -> Result<tributary_shared::IngestAck, IngestError> {
     let agent = authenticate(&app.agents, headers).ok_or(IngestError::Unauthorized)?;
     let format = content_format(headers)?;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > BODY_LIMIT as u64) {
         return Err(IngestError::TooLarge);
     }
@@ -127,15 +111,9 @@ async fn handle(
     .map_err(|e| IngestError::Unavailable(AppendError::Storage(e.to_string())))?
     .map_err(IngestError::BadRequest)?;
     if batch.agent_id != agent.id {
-        return Err(IngestError::Forbidden {
-            token_agent: agent.id.clone(),
-            batch_agent: batch.agent_id,
-        });
+        return Err(IngestError::Forbidden { token_agent: agent.id.clone(), batch_agent: batch.agent_id });
     }
-    Ok(app
-        .log
-        .append(&batch.agent_id, batch.epoch, batch.blocks)
-        .await?)
+    Ok(app.log.append(&batch.agent_id, batch.epoch, batch.blocks).await?)
 }
 
 /// The agent whose token the `Authorization: Bearer` header carries. Every configured token is
@@ -158,17 +136,8 @@ fn authenticate<'a>(agents: &'a [AgentConfig], headers: &HeaderMap) -> Option<&'
 }
 
 fn content_format(headers: &HeaderMap) -> Result<Format, IngestError> {
-    let value = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let media = value
-        .as_deref()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let value = headers.get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let media = value.as_deref().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match media.as_str() {
         POSTCARD_CONTENT_TYPE => Ok(Format::Postcard),
         JSON_CONTENT_TYPE => Ok(Format::Json),
@@ -179,12 +148,8 @@ fn content_format(headers: &HeaderMap) -> Result<Format, IngestError> {
 async fn read_body(body: Body) -> Result<Bytes, IngestError> {
     match Limited::new(body, BODY_LIMIT).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(IngestError::TooLarge)
-        }
-        Err(error) => Err(IngestError::BadRequest(format!(
-            "cannot read the body: {error}"
-        ))),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(IngestError::TooLarge),
+        Err(error) => Err(IngestError::BadRequest(format!("cannot read the body: {error}"))),
     }
 }
 
@@ -193,56 +158,32 @@ const MAX_STORED: u64 = i64::MAX as u64;
 
 /// Decodes a postcard [`Batch`]; the blocks keep pointing into `body` (no copy).
 pub fn decode_postcard(body: &Bytes) -> Result<ValidBatch, String> {
-    let batch =
-        Batch::from_postcard(body).map_err(|e| format!("body is not a postcard batch: {e}"))?;
+    let batch = Batch::from_postcard(body).map_err(|e| format!("body is not a postcard batch: {e}"))?;
     let epoch = check_epoch(batch.epoch)?;
     let mut blocks = Vec::with_capacity(batch.blocks.len());
     for (i, wire) in batch.blocks.iter().enumerate() {
-        let block = wire
-            .decode()
-            .map_err(|e| format!("block #{i} (first_seq {}): {e}", wire.first_seq))?;
-        block
-            .validate()
-            .map_err(|e| format!("block #{i} (first_seq {}): {e}", wire.first_seq))?;
+        let block = wire.decode().map_err(|e| format!("block #{i} (first_seq {}): {e}", wire.first_seq))?;
+        block.validate().map_err(|e| format!("block #{i} (first_seq {}): {e}", wire.first_seq))?;
         check_seq(i, wire.first_seq, wire.count)?;
-        blocks.push(LogBlock {
-            first_seq: wire.first_seq,
-            count: wire.count,
-            data: body.slice_ref(wire.data),
-        });
+        blocks.push(LogBlock { first_seq: wire.first_seq, count: wire.count, data: body.slice_ref(wire.data) });
     }
-    Ok(ValidBatch {
-        agent_id: batch.agent_id.to_string(),
-        epoch,
-        blocks,
-    })
+    Ok(ValidBatch { agent_id: batch.agent_id.to_string(), epoch, blocks })
 }
 
 /// Decodes a [`JsonBatch`] and encodes each block the way agents do, so the log holds one format.
 pub fn decode_json(body: &[u8]) -> Result<ValidBatch, String> {
-    let batch: JsonBatch =
-        serde_json::from_slice(body).map_err(|e| format!("body is not a JSON batch: {e}"))?;
+    let batch: JsonBatch = serde_json::from_slice(body).map_err(|e| format!("body is not a JSON batch: {e}"))?;
     let epoch = check_epoch(batch.epoch)?;
     let mut blocks = Vec::with_capacity(batch.blocks.len());
     for (i, json) in batch.blocks.iter().enumerate() {
         let block = json.to_block();
-        block
-            .validate()
-            .map_err(|e| format!("block #{i} (first_seq {}): {e}", json.first_seq))?;
-        let count = u32::try_from(block.len())
-            .map_err(|_| format!("block #{i} holds more than {} readings", u32::MAX))?;
+        block.validate().map_err(|e| format!("block #{i} (first_seq {}): {e}", json.first_seq))?;
+        let count =
+            u32::try_from(block.len()).map_err(|_| format!("block #{i} holds more than {} readings", u32::MAX))?;
         check_seq(i, json.first_seq, count)?;
-        blocks.push(LogBlock {
-            first_seq: json.first_seq,
-            count,
-            data: Bytes::from(block.encode()),
-        });
+        blocks.push(LogBlock { first_seq: json.first_seq, count, data: Bytes::from(block.encode()) });
     }
-    Ok(ValidBatch {
-        agent_id: batch.agent_id,
-        epoch,
-        blocks,
-    })
+    Ok(ValidBatch { agent_id: batch.agent_id, epoch, blocks })
 }
 
 fn check_epoch(epoch: u64) -> Result<i64, String> {
@@ -252,9 +193,7 @@ fn check_epoch(epoch: u64) -> Result<i64, String> {
 fn check_seq(i: usize, first_seq: u64, count: u32) -> Result<(), String> {
     match first_seq.checked_add(u64::from(count)) {
         Some(end) if end <= MAX_STORED => Ok(()),
-        _ => Err(format!(
-            "block #{i}: sequence numbers {first_seq} + {count} go beyond {MAX_STORED}"
-        )),
+        _ => Err(format!("block #{i}: sequence numbers {first_seq} + {count} go beyond {MAX_STORED}")),
     }
 }
 
@@ -275,16 +214,8 @@ mod tests {
     fn postcard_blocks_point_into_the_body() {
         let data = encoded(&[1.0, 2.0]);
         let body = Bytes::from(
-            Batch {
-                agent_id: "gw",
-                epoch: 1,
-                blocks: vec![WireBlock {
-                    first_seq: 4,
-                    count: 2,
-                    data: &data,
-                }],
-            }
-            .to_postcard(),
+            Batch { agent_id: "gw", epoch: 1, blocks: vec![WireBlock { first_seq: 4, count: 2, data: &data }] }
+                .to_postcard(),
         );
         let batch = decode_postcard(&body).unwrap();
         assert_eq!((batch.agent_id.as_str(), batch.epoch), ("gw", 1));
@@ -294,73 +225,28 @@ mod tests {
     #[test]
     fn bad_batches_are_refused_with_a_reason() {
         let data = encoded(&[1.0]);
-        let lying = Batch {
-            agent_id: "gw",
-            epoch: 1,
-            blocks: vec![WireBlock {
-                first_seq: 0,
-                count: 3,
-                data: &data,
-            }],
-        };
+        let lying = Batch { agent_id: "gw", epoch: 1, blocks: vec![WireBlock { first_seq: 0, count: 3, data: &data }] };
         let err = decode_postcard(&Bytes::from(lying.to_postcard())).unwrap_err();
         assert!(err.contains("block #0") && err.contains("says 3"), "{err}");
         let nan = encoded(&[f64::NAN]);
-        let bad = Batch {
-            agent_id: "gw",
-            epoch: 1,
-            blocks: vec![WireBlock {
-                first_seq: 0,
-                count: 1,
-                data: &nan,
-            }],
-        };
-        assert!(
-            decode_postcard(&Bytes::from(bad.to_postcard()))
-                .unwrap_err()
-                .contains("not a finite number")
-        );
-        let huge = Batch {
-            agent_id: "gw",
-            epoch: u64::MAX,
-            blocks: vec![],
-        };
-        assert!(
-            decode_postcard(&Bytes::from(huge.to_postcard()))
-                .unwrap_err()
-                .contains("epoch")
-        );
-        assert!(
-            decode_postcard(&Bytes::from_static(b"\xff\xff"))
-                .unwrap_err()
-                .contains("not a postcard batch")
-        );
-        assert!(
-            decode_json(b"{\"agent_id\":1}")
-                .unwrap_err()
-                .contains("not a JSON batch")
-        );
+        let bad = Batch { agent_id: "gw", epoch: 1, blocks: vec![WireBlock { first_seq: 0, count: 1, data: &nan }] };
+        assert!(decode_postcard(&Bytes::from(bad.to_postcard())).unwrap_err().contains("not a finite number"));
+        let huge = Batch { agent_id: "gw", epoch: u64::MAX, blocks: vec![] };
+        assert!(decode_postcard(&Bytes::from(huge.to_postcard())).unwrap_err().contains("epoch"));
+        assert!(decode_postcard(&Bytes::from_static(b"\xff\xff")).unwrap_err().contains("not a postcard batch"));
+        assert!(decode_json(b"{\"agent_id\":1}").unwrap_err().contains("not a JSON batch"));
     }
 
     #[test]
     fn tokens_identify_their_agent() {
         let agents = vec![
-            AgentConfig {
-                id: "a".into(),
-                token: "ta".into(),
-            },
-            AgentConfig {
-                id: "b".into(),
-                token: "tb".into(),
-            },
+            AgentConfig { id: "a".into(), token: "ta".into() },
+            AgentConfig { id: "b".into(), token: "tb".into() },
         ];
         let mut headers = HeaderMap::new();
         assert!(authenticate(&agents, &headers).is_none());
         headers.insert(header::AUTHORIZATION, "Bearer tb".parse().unwrap());
-        assert_eq!(
-            authenticate(&agents, &headers).map(|a| a.id.as_str()),
-            Some("b")
-        );
+        assert_eq!(authenticate(&agents, &headers).map(|a| a.id.as_str()), Some("b"));
         headers.insert(header::AUTHORIZATION, "Bearer t".parse().unwrap());
         assert!(authenticate(&agents, &headers).is_none());
         headers.insert(header::AUTHORIZATION, "Basic tb".parse().unwrap());

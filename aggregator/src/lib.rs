@@ -30,15 +30,9 @@ pub use config::{AgentConfig, Config, ConfigError, HttpConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot create data_dir {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: PathBuf, source: std::io::Error },
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Log(#[from] log::LogError),
     #[error(transparent)]
@@ -49,14 +43,9 @@ pub enum Error {
 
 /// Runs the aggregator until `shutdown` completes, then stops accepting requests, answers the
 /// ones in flight (their batches committed), lets the processor finish its step, and returns.
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
     let addr = config.http.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
     serve(config, listener, shutdown).await
 }
 
@@ -67,10 +56,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| Error::DataDir {
-        path: data_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&data_dir).map_err(|source| Error::DataDir { path: data_dir.clone(), source })?;
     let log_path = data_dir.join("log.db");
     let store_path = data_dir.join("store.db");
 
@@ -103,9 +89,7 @@ pub async fn serve(
     };
     let local = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(data_dir = %data_dir.display(), agents = config.agents.len(), "listening on http://{local}");
-    let served = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown).await;
     tracing::info!("HTTP server stopped; flushing the log and the processor");
 
     // Order matters: no handler can queue a batch any more, so the writer commits what is queued
@@ -152,8 +136,5 @@ impl Drop for AliveGuard {
 
 /// Wall-clock Unix time in ms (when a block was received).
 pub(crate) fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

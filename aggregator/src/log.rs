@@ -75,23 +75,10 @@ pub struct LogHandle {
 
 impl LogHandle {
     /// Queues a validated batch and waits until it is committed (or failed as a whole).
-    pub async fn append(
-        &self,
-        agent_id: &str,
-        epoch: i64,
-        blocks: Vec<LogBlock>,
-    ) -> Result<IngestAck, AppendError> {
+    pub async fn append(&self, agent_id: &str, epoch: i64, blocks: Vec<LogBlock>) -> Result<IngestAck, AppendError> {
         let (reply, answer) = oneshot::channel();
-        let request = AppendRequest {
-            agent_id: agent_id.to_string(),
-            epoch,
-            blocks,
-            reply,
-        };
-        self.tx
-            .send(Command::Append(request))
-            .await
-            .map_err(|_| AppendError::Unavailable)?;
+        let request = AppendRequest { agent_id: agent_id.to_string(), epoch, blocks, reply };
+        self.tx.send(Command::Append(request)).await.map_err(|_| AppendError::Unavailable)?;
         answer.await.map_err(|_| AppendError::Unavailable)?
     }
 
@@ -119,15 +106,9 @@ pub fn dispose(next: u64, first_seq: u64, count: u32) -> Disposition {
         Disposition::Duplicate
     } else if first_seq < next {
         // `next - first_seq < count` here, so it fits in u32.
-        Disposition::Append {
-            skip: (next - first_seq) as u32,
-            gap: None,
-        }
+        Disposition::Append { skip: (next - first_seq) as u32, gap: None }
     } else if first_seq > next {
-        Disposition::Append {
-            skip: 0,
-            gap: Some((next, first_seq)),
-        }
+        Disposition::Append { skip: 0, gap: Some((next, first_seq)) }
     } else {
         Disposition::Append { skip: 0, gap: None }
     }
@@ -137,8 +118,7 @@ pub fn dispose(next: u64, first_seq: u64, count: u32) -> Disposition {
 pub fn open_write(path: &Path) -> Result<Connection, LogError> {
     let conn = Connection::open(path)?;
     // WAL must be set outside a transaction; check it took (it cannot on some filesystems).
-    let mode: String =
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(LogError::NotWal(mode));
     }
@@ -173,20 +153,13 @@ pub fn open_write(path: &Path) -> Result<Connection, LogError> {
 
 /// A read-only connection for the processor (and tests); the writer must have created the file.
 pub fn open_read(path: &Path) -> Result<Connection, LogError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     Ok(conn)
 }
 
 /// The offset the next appended reading will get.
 pub fn end_offset(conn: &Connection) -> Result<u64, LogError> {
-    let end: i64 = conn.query_row(
-        "SELECT COALESCE(MAX(first_offset + count), 0) FROM blocks",
-        [],
-        |r| r.get(0),
-    )?;
+    let end: i64 = conn.query_row("SELECT COALESCE(MAX(first_offset + count), 0) FROM blocks", [], |r| r.get(0))?;
     Ok(end.max(0) as u64)
 }
 
@@ -203,13 +176,7 @@ pub fn start(path: &Path, metrics: Arc<Metrics>, alive: Liveness) -> Result<LogW
     let mut next_seq = HashMap::new();
     {
         let mut stmt = conn.prepare("SELECT agent_id, epoch, next_seq FROM agent_sequences")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
         for row in rows {
             let (agent, epoch, next) = row?;
             next_seq.insert((agent, epoch), next.max(0) as u64);
@@ -219,13 +186,7 @@ pub fn start(path: &Path, metrics: Arc<Metrics>, alive: Liveness) -> Result<LogW
     metrics.log_end_offset.set(end_offset as i64);
     let (end_tx, end_rx) = watch::channel(end_offset);
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    let state = WriterState {
-        conn,
-        next_seq,
-        end_offset,
-        end_tx,
-        metrics,
-    };
+    let state = WriterState { conn, next_seq, end_offset, end_tx, metrics };
     let guard = alive.guard();
     let thread = std::thread::Builder::new()
         .name("log-writer".into())
@@ -235,11 +196,7 @@ pub fn start(path: &Path, metrics: Arc<Metrics>, alive: Liveness) -> Result<LogW
         })
         .map_err(LogError::Spawn)?;
     tracing::info!(path = %path.display(), end_offset, "log opened");
-    Ok(LogWriter {
-        handle: LogHandle { tx },
-        end: end_rx,
-        thread,
-    })
+    Ok(LogWriter { handle: LogHandle { tx }, end: end_rx, thread })
 }
 
 struct WriterState {
@@ -320,9 +277,7 @@ impl WriterState {
                 tracing::error!(%error, requests = group.len(), "group commit failed; nothing of it was logged");
                 let message = error.to_string();
                 for request in group {
-                    let _ = request
-                        .reply
-                        .send(Err(AppendError::Storage(message.clone())));
+                    let _ = request.reply.send(Err(AppendError::Storage(message.clone())));
                 }
             }
         }
@@ -330,9 +285,7 @@ impl WriterState {
 
     fn write_group(&mut self, group: &[AppendRequest]) -> Result<GroupOutcome, LogError> {
         let received_at = unix_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut outcome = GroupOutcome {
             acks: Vec::with_capacity(group.len()),
             next_seq: HashMap::new(),
@@ -355,18 +308,9 @@ impl WriterState {
             )?;
             for request in group {
                 let key = (request.agent_id.clone(), request.epoch);
-                let before = outcome
-                    .next_seq
-                    .get(&key)
-                    .or_else(|| self.next_seq.get(&key))
-                    .copied()
-                    .unwrap_or(0);
+                let before = outcome.next_seq.get(&key).or_else(|| self.next_seq.get(&key)).copied().unwrap_or(0);
                 let mut next = before;
-                let mut ack = IngestAck {
-                    accepted: 0,
-                    duplicates: 0,
-                    next_seq: next,
-                };
+                let mut ack = IngestAck { accepted: 0, duplicates: 0, next_seq: next };
                 for block in &request.blocks {
                     let (skip, gap) = match dispose(next, block.first_seq, block.count) {
                         Disposition::Duplicate => {
@@ -391,11 +335,7 @@ impl WriterState {
                     } else {
                         // A resent block that is partly known: keep only its new tail.
                         let tail = Block::decode(&block.data)?.tail(skip as usize);
-                        (
-                            block.first_seq + u64::from(skip),
-                            block.count - skip,
-                            Cow::Owned(tail.encode()),
-                        )
+                        (block.first_seq + u64::from(skip), block.count - skip, Cow::Owned(tail.encode()))
                     };
                     insert_block.execute(params![
                         outcome.end_offset as i64,
@@ -439,29 +379,14 @@ mod tests {
 
     #[test]
     fn a_straddling_block_keeps_only_its_tail() {
-        assert_eq!(
-            dispose(10, 5, 10),
-            Disposition::Append { skip: 5, gap: None }
-        );
-        assert_eq!(
-            dispose(10, 9, 2),
-            Disposition::Append { skip: 1, gap: None }
-        );
+        assert_eq!(dispose(10, 5, 10), Disposition::Append { skip: 5, gap: None });
+        assert_eq!(dispose(10, 9, 2), Disposition::Append { skip: 1, gap: None });
     }
 
     #[test]
     fn a_block_above_the_mark_records_a_gap() {
-        assert_eq!(
-            dispose(10, 10, 5),
-            Disposition::Append { skip: 0, gap: None }
-        );
-        assert_eq!(
-            dispose(10, 15, 5),
-            Disposition::Append {
-                skip: 0,
-                gap: Some((10, 15))
-            }
-        );
+        assert_eq!(dispose(10, 10, 5), Disposition::Append { skip: 0, gap: None });
+        assert_eq!(dispose(10, 15, 5), Disposition::Append { skip: 0, gap: Some((10, 15)) });
         assert_eq!(dispose(0, 0, 1), Disposition::Append { skip: 0, gap: None });
     }
 
@@ -470,29 +395,12 @@ mod tests {
         for i in 0..n {
             b.push("s", 1_764_000_000_000 + i as i64, i as f64);
         }
-        LogBlock {
-            first_seq,
-            count: n as u32,
-            data: Bytes::from(b.finish().encode()),
-        }
+        LogBlock { first_seq, count: n as u32, data: Bytes::from(b.finish().encode()) }
     }
 
-    fn request(
-        blocks: Vec<LogBlock>,
-    ) -> (
-        AppendRequest,
-        oneshot::Receiver<Result<IngestAck, AppendError>>,
-    ) {
+    fn request(blocks: Vec<LogBlock>) -> (AppendRequest, oneshot::Receiver<Result<IngestAck, AppendError>>) {
         let (reply, rx) = oneshot::channel();
-        (
-            AppendRequest {
-                agent_id: "gw".into(),
-                epoch: 1,
-                blocks,
-                reply,
-            },
-            rx,
-        )
+        (AppendRequest { agent_id: "gw".into(), epoch: 1, blocks, reply }, rx)
     }
 
     #[test]
@@ -500,41 +408,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conn = open_write(&dir.path().join("log.db")).unwrap();
         let (end_tx, _end_rx) = watch::channel(0);
-        let mut state = WriterState {
-            conn,
-            next_seq: HashMap::new(),
-            end_offset: 0,
-            end_tx,
-            metrics: Arc::new(Metrics::new()),
-        };
+        let mut state =
+            WriterState { conn, next_seq: HashMap::new(), end_offset: 0, end_tx, metrics: Arc::new(Metrics::new()) };
         let (a, mut a_rx) = request(vec![block(0, 10), block(10, 5)]);
         let (b, mut b_rx) = request(vec![block(12, 8), block(25, 5)]);
         let (c, mut c_rx) = request(vec![block(0, 10)]);
         state.commit_group(vec![a, b, c]);
-        assert_eq!(
-            a_rx.try_recv().unwrap().unwrap(),
-            IngestAck {
-                accepted: 15,
-                duplicates: 0,
-                next_seq: 15
-            }
-        );
-        assert_eq!(
-            b_rx.try_recv().unwrap().unwrap(),
-            IngestAck {
-                accepted: 10,
-                duplicates: 3,
-                next_seq: 30
-            }
-        );
-        assert_eq!(
-            c_rx.try_recv().unwrap().unwrap(),
-            IngestAck {
-                accepted: 0,
-                duplicates: 10,
-                next_seq: 30
-            }
-        );
+        assert_eq!(a_rx.try_recv().unwrap().unwrap(), IngestAck { accepted: 15, duplicates: 0, next_seq: 15 });
+        assert_eq!(b_rx.try_recv().unwrap().unwrap(), IngestAck { accepted: 10, duplicates: 3, next_seq: 30 });
+        assert_eq!(c_rx.try_recv().unwrap().unwrap(), IngestAck { accepted: 0, duplicates: 10, next_seq: 30 });
         assert_eq!(state.end_offset, 25);
         let rows: Vec<(i64, i64, i64)> = state
             .conn
@@ -545,19 +427,11 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(rows, [(0, 10, 0), (10, 5, 10), (15, 5, 15), (20, 5, 25)]);
-        let gaps: (i64, i64) = state
-            .conn
-            .query_row("SELECT from_seq, to_seq FROM gaps", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .unwrap();
+        let gaps: (i64, i64) =
+            state.conn.query_row("SELECT from_seq, to_seq FROM gaps", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
         assert_eq!(gaps, (20, 25));
-        let tail: Vec<u8> = state
-            .conn
-            .query_row("SELECT data FROM blocks WHERE first_offset = 15", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
+        let tail: Vec<u8> =
+            state.conn.query_row("SELECT data FROM blocks WHERE first_offset = 15", [], |r| r.get(0)).unwrap();
         let tail = Block::decode(&tail).unwrap();
         assert_eq!(tail.entries.first().map(|e| e.value), Some(3.0));
     }

@@ -10,10 +10,7 @@ use clap::{Parser, Subcommand};
 use tributary_aggregator::Config;
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Tributary's central service: ingest, immutable log, stream processing, dashboard API"
-)]
+#[command(version, about = "Tributary's central service: ingest, immutable log, stream processing, dashboard API")]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     /// The configuration file (TOML); see `generate-config`.
@@ -36,9 +33,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let Some(path) = cli.config else {
-        eprintln!(
-            "error: --config FILE is required (or run `generate-config` to print an example)"
-        );
+        eprintln!("error: --config FILE is required (or run `generate-config` to print an example)");
         return ExitCode::from(2);
     };
     let config = match Config::load(&path) {

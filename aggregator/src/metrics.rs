@@ -29,15 +29,9 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let ingest_requests = Family::<StatusLabel, Counter>::default();
-        registry.register(
-            "tributary_ingest_requests",
-            "Ingest requests by HTTP status",
-            ingest_requests.clone(),
-        );
+        registry.register("tributary_ingest_requests", "Ingest requests by HTTP status", ingest_requests.clone());
         for status in INGEST_STATUSES {
-            let _ = ingest_requests.get_or_create(&StatusLabel {
-                status: status.to_string(),
-            });
+            let _ = ingest_requests.get_or_create(&StatusLabel { status: status.to_string() });
         }
         let readings = Family::<Vec<(String, String)>, Counter>::default();
         registry.register(
@@ -45,12 +39,8 @@ impl Metrics {
             "Readings in ingested batches: appended to the log, or dropped as already logged",
             readings.clone(),
         );
-        let readings_appended = readings
-            .get_or_create(&vec![("result".into(), "appended".into())])
-            .clone();
-        let readings_duplicate = readings
-            .get_or_create(&vec![("result".into(), "duplicate".into())])
-            .clone();
+        let readings_appended = readings.get_or_create(&vec![("result".into(), "appended".into())]).clone();
+        let readings_duplicate = readings.get_or_create(&vec![("result".into(), "duplicate".into())]).clone();
         let gap_readings = Counter::default();
         registry.register(
             "tributary_ingest_gap_readings",
@@ -58,11 +48,7 @@ impl Metrics {
             gap_readings.clone(),
         );
         let log_end_offset = Gauge::default();
-        registry.register(
-            "tributary_log_end_offset",
-            "Readings in the log (the next offset)",
-            log_end_offset.clone(),
-        );
+        registry.register("tributary_log_end_offset", "Readings in the log (the next offset)", log_end_offset.clone());
         let processor_offset = Gauge::default();
         registry.register(
             "tributary_processor_offset",
@@ -82,11 +68,7 @@ impl Metrics {
 
     /// Counts one ingest request by its response status.
     pub fn ingest_request(&self, status: u16) {
-        self.ingest_requests
-            .get_or_create(&StatusLabel {
-                status: status.to_string(),
-            })
-            .inc();
+        self.ingest_requests.get_or_create(&StatusLabel { status: status.to_string() }).inc();
     }
 
     /// The metrics in the Prometheus text format (0.0.4).
@@ -127,10 +109,7 @@ mod tests {
             "tributary_log_end_offset 5",
             "tributary_processor_offset 0",
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
     }
 }

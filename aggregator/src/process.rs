@@ -92,13 +92,7 @@ impl Aggregate {
                 .and_modify(|w| w.add(entry.value))
                 .or_insert_with(|| Window::of(entry.value));
         }
-        let agent = self
-            .agents
-            .entry(agent_id.to_string())
-            .or_insert(AgentState {
-                readings: 0,
-                last_seen: i64::MIN,
-            });
+        let agent = self.agents.entry(agent_id.to_string()).or_insert(AgentState { readings: 0, last_seen: i64::MIN });
         agent.readings += block.entries.len() as u64;
         agent.last_seen = agent.last_seen.max(received_at);
         self.readings += block.entries.len() as u64;
@@ -111,12 +105,7 @@ impl Aggregate {
         let i = self.ids.len() as u32;
         self.ids.push(id.to_string());
         self.index.insert(id.to_string(), i);
-        self.sensors.push(SensorState {
-            count: 0,
-            last_ts: i64::MIN,
-            last_value: 0.0,
-            last_seen: i64::MIN,
-        });
+        self.sensors.push(SensorState { count: 0, last_ts: i64::MIN, last_value: 0.0, last_seen: i64::MIN });
         i
     }
 
@@ -126,17 +115,11 @@ impl Aggregate {
     }
 
     pub fn sensors(&self) -> impl Iterator<Item = (&str, &SensorState)> {
-        self.ids
-            .iter()
-            .map(String::as_str)
-            .zip(&self.sensors)
-            .filter(|(_, s)| s.count > 0)
+        self.ids.iter().map(String::as_str).zip(&self.sensors).filter(|(_, s)| s.count > 0)
     }
 
     pub fn windows(&self) -> impl Iterator<Item = (&str, i64, &Window)> {
-        self.windows
-            .iter()
-            .map(|((g, start), w)| (self.ids[*g as usize].as_str(), *start, w))
+        self.windows.iter().map(|((g, start), w)| (self.ids[*g as usize].as_str(), *start, w))
     }
 
     pub fn agents(&self) -> impl Iterator<Item = (&str, &AgentState)> {
@@ -183,12 +166,7 @@ pub fn start(
     metrics.processor_offset.set(next_offset as i64);
     tracing::info!(next_offset, "processor resumes");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let processor = Processor {
-        log,
-        store,
-        next_offset,
-        metrics,
-    };
+    let processor = Processor { log, store, next_offset, metrics };
     let guard = alive.guard();
     let thread = std::thread::Builder::new()
         .name("processor".into())
@@ -197,19 +175,11 @@ pub fn start(
             processor.run(end, stop_rx, runtime);
         })
         .map_err(ProcessError::Spawn)?;
-    Ok(ProcessorThread {
-        stop: StopSignal(Arc::new(stop_tx)),
-        thread,
-    })
+    Ok(ProcessorThread { stop: StopSignal(Arc::new(stop_tx)), thread })
 }
 
 impl Processor {
-    fn run(
-        mut self,
-        mut end: watch::Receiver<u64>,
-        mut stop: watch::Receiver<bool>,
-        runtime: tokio::runtime::Handle,
-    ) {
+    fn run(mut self, mut end: watch::Receiver<u64>, mut stop: watch::Receiver<bool>, runtime: tokio::runtime::Handle) {
         let mut backoff = Duration::from_millis(100);
         loop {
             if *stop.borrow() {
@@ -270,22 +240,13 @@ impl Processor {
                 let received_at: i64 = row.get(3)?;
                 let data = row.get_ref(4)?.as_blob().map_err(rusqlite::Error::from)?;
                 if first_offset != next {
-                    tracing::error!(
-                        expected = next,
-                        found = first_offset,
-                        "hole in log offsets; continuing"
-                    );
+                    tracing::error!(expected = next, found = first_offset, "hole in log offsets; continuing");
                 }
                 match Block::decode(data) {
-                    Ok(block) if block.len() as u64 == count => {
-                        aggregate.add_block(&agent_id, received_at, &block)
+                    Ok(block) if block.len() as u64 == count => aggregate.add_block(&agent_id, received_at, &block),
+                    Ok(block) => {
+                        tracing::error!(first_offset, count, decoded = block.len(), "log block count mismatch; skipped")
                     }
-                    Ok(block) => tracing::error!(
-                        first_offset,
-                        count,
-                        decoded = block.len(),
-                        "log block count mismatch; skipped"
-                    ),
                     // Cannot happen for blocks the writer validated; never stop the pipeline on it.
                     Err(error) => {
                         tracing::error!(first_offset, %error, "log block does not decode; skipped")
@@ -303,11 +264,7 @@ impl Processor {
         self.store.apply(store::PROCESSOR_NAME, &aggregate, next)?;
         self.next_offset = next;
         self.metrics.processor_offset.set(next as i64);
-        tracing::debug!(
-            readings = aggregate.readings(),
-            next_offset = next,
-            "processed"
-        );
+        tracing::debug!(readings = aggregate.readings(), next_offset = next, "processed");
         Ok(aggregate.readings())
     }
 }
@@ -328,10 +285,7 @@ mod tests {
         let mut agg = Aggregate::default();
         agg.add_block("gw", 42, &b.finish());
         let (_, s) = agg.sensors().next().unwrap();
-        assert_eq!(
-            (s.count, s.last_ts, s.last_value, s.last_seen),
-            (3, T + 5_000, 3.0, 42)
-        );
+        assert_eq!((s.count, s.last_ts, s.last_value, s.last_seen), (3, T + 5_000, 3.0, 42));
     }
 
     #[test]
@@ -342,24 +296,9 @@ mod tests {
         b.push("a", T, 3.0);
         let mut agg = Aggregate::default();
         agg.add_block("gw", 1, &b.finish());
-        let mut windows: Vec<_> = agg
-            .windows()
-            .map(|(id, start, w)| (id.to_string(), start, *w))
-            .collect();
+        let mut windows: Vec<_> = agg.windows().map(|(id, start, w)| (id.to_string(), start, *w)).collect();
         windows.sort_by_key(|w| w.1);
-        assert_eq!(
-            windows[0],
-            (
-                "a".into(),
-                T,
-                Window {
-                    count: 2,
-                    min: 1.0,
-                    max: 3.0,
-                    sum: 4.0
-                }
-            )
-        );
+        assert_eq!(windows[0], ("a".into(), T, Window { count: 2, min: 1.0, max: 3.0, sum: 4.0 }));
         assert_eq!(windows[1], ("a".into(), T + 60_000, Window::of(4.0)));
         let (agent, state) = agg.agents().next().unwrap();
         assert_eq!((agent, state.readings), ("gw", 3));

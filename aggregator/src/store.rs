@@ -44,12 +44,7 @@ pub struct Window {
 
 impl Window {
     pub fn of(value: f64) -> Window {
-        Window {
-            count: 1,
-            min: value,
-            max: value,
-            sum: value,
-        }
+        Window { count: 1, min: value, max: value, sum: value }
     }
 
     pub fn add(&mut self, value: f64) {
@@ -105,8 +100,7 @@ pub struct AgentRow {
 }
 
 fn set_pragmas(conn: &Connection) -> Result<(), StoreError> {
-    let mode: String =
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::NotWal(mode));
     }
@@ -159,25 +153,14 @@ impl StoreWriter {
     pub fn offset(&self, name: &str) -> Result<u64, StoreError> {
         let offset: Option<i64> = self
             .conn
-            .query_row(
-                "SELECT next_offset FROM processor_offsets WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
+            .query_row("SELECT next_offset FROM processor_offsets WHERE name = ?1", [name], |r| r.get(0))
             .optional()?;
         Ok(offset.unwrap_or(0).max(0) as u64)
     }
 
     /// Merges an aggregate into the store and moves `name`'s offset to `next_offset`, atomically.
-    pub fn apply(
-        &mut self,
-        name: &str,
-        aggregate: &Aggregate,
-        next_offset: u64,
-    ) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+    pub fn apply(&mut self, name: &str, aggregate: &Aggregate, next_offset: u64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             // On a tie in event time the later reading in the log wins: this batch is later.
             let mut sensor = tx.prepare_cached(
@@ -189,13 +172,7 @@ impl StoreWriter {
                     last_seen = MAX(last_seen, excluded.last_seen)",
             )?;
             for (id, s) in aggregate.sensors() {
-                sensor.execute(params![
-                    id,
-                    s.count as i64,
-                    s.last_value,
-                    s.last_ts,
-                    s.last_seen
-                ])?;
+                sensor.execute(params![id, s.count as i64, s.last_value, s.last_ts, s.last_seen])?;
             }
             let mut window = tx.prepare_cached(
                 "INSERT INTO windows (sensor, start, count, min, max, sum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -238,10 +215,7 @@ pub struct StoreReader {
 impl StoreReader {
     /// `path` must already exist (the processor creates it at start).
     pub fn new(path: &Path) -> StoreReader {
-        StoreReader {
-            path: path.to_path_buf(),
-            pool: Arc::new(Mutex::new(Vec::new())),
-        }
+        StoreReader { path: path.to_path_buf(), pool: Arc::new(Mutex::new(Vec::new())) }
     }
 
     /// Runs `query` on a pooled read-only connection in a blocking thread.
@@ -284,28 +258,20 @@ fn sensor_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SensorRow> {
 
 /// All sensors, sorted by id (byte order).
 pub fn sensors(conn: &Connection) -> Result<Vec<SensorRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, count, last_value, last_ts, last_seen FROM sensors ORDER BY id",
-    )?;
+    let mut stmt = conn.prepare_cached("SELECT id, count, last_value, last_ts, last_seen FROM sensors ORDER BY id")?;
     let rows = stmt.query_map([], sensor_row)?.collect::<Result<_, _>>()?;
     Ok(rows)
 }
 
 /// One sensor, if the store knows it.
 pub fn sensor(conn: &Connection, id: &str) -> Result<Option<SensorRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, count, last_value, last_ts, last_seen FROM sensors WHERE id = ?1",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT id, count, last_value, last_ts, last_seen FROM sensors WHERE id = ?1")?;
     Ok(stmt.query_row([id], sensor_row).optional()?)
 }
 
 /// A sensor's 1-minute windows with `from <= start < to`, sorted by start.
-pub fn minute_windows(
-    conn: &Connection,
-    id: &str,
-    from: i64,
-    to: i64,
-) -> Result<Vec<(i64, Window)>, StoreError> {
+pub fn minute_windows(conn: &Connection, id: &str, from: i64, to: i64) -> Result<Vec<(i64, Window)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT start, count, min, max, sum FROM windows WHERE sensor = ?1 AND start >= ?2 AND start < ?3 ORDER BY start",
     )?;
@@ -313,12 +279,7 @@ pub fn minute_windows(
         .query_map(params![id, from, to], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
-                Window {
-                    count: r.get::<_, i64>(1)?.max(0) as u64,
-                    min: r.get(2)?,
-                    max: r.get(3)?,
-                    sum: r.get(4)?,
-                },
+                Window { count: r.get::<_, i64>(1)?.max(0) as u64, min: r.get(2)?, max: r.get(3)?, sum: r.get(4)? },
             ))
         })?
         .collect::<Result<_, _>>()?;
@@ -330,11 +291,7 @@ pub fn agents(conn: &Connection) -> Result<Vec<AgentRow>, StoreError> {
     let mut stmt = conn.prepare_cached("SELECT id, readings, last_seen FROM agents ORDER BY id")?;
     let rows = stmt
         .query_map([], |r| {
-            Ok(AgentRow {
-                id: r.get(0)?,
-                readings: r.get::<_, i64>(1)?.max(0) as u64,
-                last_seen: r.get(2)?,
-            })
+            Ok(AgentRow { id: r.get(0)?, readings: r.get::<_, i64>(1)?.max(0) as u64, last_seen: r.get(2)? })
         })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
@@ -362,13 +319,7 @@ mod tests {
             (base + 300_000, w(&[7.0, 9.0])),
         ];
         let merged = merge_windows(&minutes, 300_000);
-        assert_eq!(
-            merged,
-            [
-                (base, w(&[1.0, 2.0, 5.0, -1.0])),
-                (base + 300_000, w(&[7.0, 9.0]))
-            ]
-        );
+        assert_eq!(merged, [(base, w(&[1.0, 2.0, 5.0, -1.0])), (base + 300_000, w(&[7.0, 9.0]))]);
         assert_eq!(merge_windows(&minutes, 60_000), minutes);
     }
 
@@ -376,15 +327,7 @@ mod tests {
     fn late_readings_merge_into_their_minute() {
         let mut a = w(&[3.0]);
         a.merge(&w(&[1.0, 10.0]));
-        assert_eq!(
-            a,
-            Window {
-                count: 3,
-                min: 1.0,
-                max: 10.0,
-                sum: 14.0
-            }
-        );
+        assert_eq!(a, Window { count: 3, min: 1.0, max: 10.0, sum: 14.0 });
         assert_eq!(minute_of(119_999), 60_000);
         assert_eq!(minute_of(120_000), 120_000);
     }

@@ -1,0 +1,287 @@
+//! Test harness: spawns the real binary on a loopback port it picks itself (`listen =
+//! "127.0.0.1:0"`, address read back from its log), and talks plain HTTP/1.1 to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use tributary_shared::{Batch, BlockBuilder, WireBlock};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tributary-aggregator");
+
+/// Event times used by the tests: a minute boundary, five-minute aligned.
+pub const T0: i64 = 1_764_000_000_000 / 300_000 * 300_000;
+
+pub const AGENTS: &[(&str, &str)] = &[("gw-1", "secret-gw-1"), ("gw-2", "secret-gw-2")];
+
+pub fn config_text(data_dir: &Path) -> String {
+    let mut text = format!("data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n", data_dir.display().to_string());
+    for (id, token) in AGENTS {
+        text.push_str(&format!("[[agents]]\nid = \"{id}\"\ntoken = \"{token}\"\n"));
+    }
+    text
+}
+
+/// A running aggregator process. Killed (SIGKILL) on drop if still running.
+pub struct Aggregator {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Aggregator {
+    /// Starts the binary with a config in `dir` (data in `dir/data`), waits until it listens.
+    pub fn start(dir: &Path) -> Aggregator {
+        let data_dir = dir.join("data");
+        let config = dir.join("aggregator.toml");
+        std::fs::write(&config, config_text(&data_dir)).unwrap();
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("aggregator did not start:\n{}", stderr.lock().unwrap());
+            }
+        };
+        Aggregator { child, addr, data_dir, stderr }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM:\n{}", self.stderr.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        http(self.addr, "GET", path, &[], &[])
+    }
+
+    pub fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self.get(path);
+        (response.status, response.json())
+    }
+
+    /// POSTs a batch with a bearer token and a content type.
+    pub fn ingest(&self, token: Option<&str>, content_type: &str, body: &[u8]) -> Response {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", content_type.to_string())];
+        if let Some(auth) = auth {
+            headers.push(("Authorization", auth));
+        }
+        http(self.addr, "POST", "/api/v1/ingest", &headers, body)
+    }
+
+    /// POSTs a postcard batch as the agent `agent` (with its own token), expecting 200.
+    pub fn ingest_ok(&self, agent: usize, body: &[u8]) -> serde_json::Value {
+        let response = self.ingest(Some(AGENTS[agent].1), "application/x-postcard", body);
+        assert_eq!(response.status, 200, "{}", response.text());
+        response.json()
+    }
+
+    /// A metric's value from `/metrics` (the full series name, labels included).
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").text();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits until the processor has committed everything in the log.
+    pub fn wait_processed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let end = self.metric("tributary_log_end_offset");
+            if self.metric("tributary_processor_offset") == end {
+                return;
+            }
+            assert!(Instant::now() < deadline, "processor did not catch up:\n{}", self.stderr.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> Response {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) and close before reading the whole body.
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Response {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no HTTP header end");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest = &rest[line_end + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Response { status, headers, body }
+}
+
+/// One block's readings: (sensor, ts, value).
+pub type Readings<'a> = &'a [(&'a str, i64, f64)];
+
+/// A postcard batch of blocks given as (first_seq, readings).
+pub fn postcard_batch(agent_id: &str, epoch: u64, blocks: &[(u64, Readings<'_>)]) -> Vec<u8> {
+    let encoded: Vec<(u64, u32, Vec<u8>)> = blocks
+        .iter()
+        .map(|(first_seq, readings)| {
+            let mut b = BlockBuilder::default();
+            for (sensor, ts, value) in readings.iter() {
+                b.push(sensor, *ts, *value);
+            }
+            (*first_seq, readings.len() as u32, b.finish().encode())
+        })
+        .collect();
+    let batch = Batch {
+        agent_id,
+        epoch,
+        blocks: encoded
+            .iter()
+            .map(|(first_seq, count, data)| WireBlock { first_seq: *first_seq, count: *count, data })
+            .collect(),
+    };
+    batch.to_postcard()
+}
+
+/// `n` readings of `sensor`, one a second from `ts`, values 0, 1, 2, ...
+pub fn steady(sensor: &'static str, ts: i64, n: usize) -> Vec<(&'static str, i64, f64)> {
+    (0..n).map(|i| (sensor, ts + i as i64 * 1000, i as f64)).collect()
+}
+
+/// (blocks, readings) in the log, read from `log.db` directly.
+pub fn log_totals(data_dir: &Path) -> (i64, i64) {
+    let conn =
+        rusqlite::Connection::open_with_flags(data_dir.join("log.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.query_row("SELECT COUNT(*), COALESCE(SUM(count), 0) FROM blocks", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap()
+}
+
+/// Runs the binary with a config text and returns (exit status, stderr); the process must exit
+/// by itself within a few seconds.
+pub fn run_with_config(dir: &Path, text: &str) -> (ExitStatus, String, PathBuf) {
+    let config = dir.join("aggregator.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the aggregator kept running with a bad config");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    (status, stderr, config)
+}
