@@ -131,8 +131,10 @@ fn describe_toml_error(text: &str, message: &str, span: Option<std::ops::Range<u
         return message.to_string();
     };
     let start = span.start.min(text.len());
-    // A span covering the whole document (e.g. a missing top-level key) has no useful position.
-    if start == 0 && span.end >= text.len() {
+    // An empty span at 0, or one from the start past the first line, is the root table (e.g. a
+    // missing top-level key): the message names the key, and a line number would only mislead.
+    let first_line_end = text.find('\n').unwrap_or(text.len());
+    if start == 0 && (span.end == 0 || span.end > first_line_end) {
         return message.to_string();
     }
     let line_no = text[..start].matches('\n').count() + 1;
@@ -229,7 +231,7 @@ mod tests {
     #[test]
     fn missing_required_key_is_named() {
         let err = parse("[[agents]]\nid = \"a\"\ntoken = \"t\"\n").unwrap_err().to_string();
-        assert!(err.contains("data_dir"), "{err}");
+        assert_eq!(err, "/etc/tributary/aggregator.toml: missing field `data_dir`");
         let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\n").unwrap_err().to_string();
         assert!(err.contains("token"), "{err}");
     }
