@@ -56,13 +56,7 @@ impl Device {
             // Cannot fail: the Vec holds exactly the three quantities.
             let _ = signals.push(Signal::new(q, &mut noise));
         }
-        Device {
-            number,
-            id,
-            signals,
-            noise,
-            payload: heapless::String::new(),
-        }
+        Device { number, id, signals, noise, payload: heapless::String::new() }
     }
 
     pub fn number(&self) -> u32 {
@@ -80,12 +74,7 @@ impl Device {
         for (value, signal) in values.iter_mut().zip(self.signals.iter_mut()) {
             *value = signal.sample(ts_ms, &mut self.noise);
         }
-        Sample {
-            ts: ts_ms,
-            temperature: values[0],
-            humidity: values[1],
-            pressure: values[2],
-        }
+        Sample { ts: ts_ms, temperature: values[0], humidity: values[1], pressure: values[2] }
     }
 
     /// Reads at `ts_ms` and formats the MQTT payload into the device's buffer. The buffer is
@@ -123,10 +112,7 @@ mod tests {
             let ts = START + i * 1000;
             assert_eq!(a.sample(ts), b.sample(ts));
         }
-        assert_eq!(
-            a.payload(START + 1_000_000, Format::Multi),
-            b.payload(START + 1_000_000, Format::Multi)
-        );
+        assert_eq!(a.payload(START + 1_000_000, Format::Multi), b.payload(START + 1_000_000, Format::Multi));
     }
 
     #[test]
@@ -146,10 +132,7 @@ mod tests {
             let mut ts = START;
             while ts < START + 7 * 24 * 60 * MINUTE {
                 let s = device.sample(ts);
-                assert!(
-                    (-20.0..=50.0).contains(&s.temperature),
-                    "dev-{number} {s:?}"
-                );
+                assert!((-20.0..=50.0).contains(&s.temperature), "dev-{number} {s:?}");
                 assert!((0.0..=100.0).contains(&s.humidity), "dev-{number} {s:?}");
                 assert!((950.0..=1070.0).contains(&s.pressure), "dev-{number} {s:?}");
                 let hour = (ts - START) % (24 * 60 * MINUTE) / (60 * MINUTE);
@@ -163,15 +146,9 @@ mod tests {
                 ts += MINUTE;
             }
             let (afternoon, night) = (afternoon.0 / afternoon.1 as f64, night.0 / night.1 as f64);
-            assert!(
-                afternoon > night + 2.0,
-                "dev-{number}: afternoon {afternoon:.2} vs night {night:.2}"
-            );
+            assert!(afternoon > night + 2.0, "dev-{number}: afternoon {afternoon:.2} vs night {night:.2}");
             let humidity = humidity_sum / n as f64;
-            assert!(
-                (25.0..=75.0).contains(&humidity),
-                "dev-{number}: mean humidity {humidity:.1}"
-            );
+            assert!((25.0..=75.0).contains(&humidity), "dev-{number}: mean humidity {humidity:.1}");
         }
     }
 

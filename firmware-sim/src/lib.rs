@@ -10,13 +10,19 @@
 //! thin `main` over these:
 //! - [`cli`]: the command line.
 //! - [`mqtt`]: plays many devices over one (or a few) MQTT connections.
-//! - [`load`]: pre-encodes ingest batches and POSTs them to the aggregator as fast as it acks.
 //! - [`shutdown`]: Ctrl-C / SIGTERM handling.
 #![cfg_attr(not(feature = "host"), no_std)]
 
 pub mod device;
 pub mod payload;
 pub mod signal;
+
+#[cfg(feature = "host")]
+pub mod cli;
+#[cfg(feature = "host")]
+pub mod mqtt;
+#[cfg(feature = "host")]
+pub mod shutdown;
 
 pub use device::{Device, Sample};
 pub use payload::Format;

@@ -79,13 +79,7 @@ pub fn write_fixed<W: Write>(out: &mut W, value: f64, decimals: u32) -> fmt::Res
     if decimals == 0 {
         write!(out, "{magnitude}")
     } else {
-        write!(
-            out,
-            "{}.{:0width$}",
-            magnitude / scale,
-            magnitude % scale,
-            width = decimals as usize
-        )
+        write!(out, "{}.{:0width$}", magnitude / scale, magnitude % scale, width = decimals as usize)
     }
 }
 
@@ -116,12 +110,7 @@ mod tests {
 
     #[test]
     fn every_format_is_the_json_the_agent_expects() {
-        let sample = Sample {
-            ts: 1_764_000_000_000,
-            temperature: 21.53,
-            humidity: 40.2,
-            pressure: 1013.2,
-        };
+        let sample = Sample { ts: 1_764_000_000_000, temperature: 21.53, humidity: 40.2, pressure: 1013.2 };
         let render = |format| {
             let mut s = heapless::String::<128>::new();
             write_payload(&mut s, format, &sample).unwrap();
@@ -131,10 +120,7 @@ mod tests {
             render(Format::Multi),
             r#"{"temperature": 21.53, "humidity": 40.2, "pressure": 1013.2, "ts": 1764000000000}"#
         );
-        assert_eq!(
-            render(Format::Object),
-            r#"{"value": 21.53, "ts": 1764000000000}"#
-        );
+        assert_eq!(render(Format::Object), r#"{"value": 21.53, "ts": 1764000000000}"#);
         assert_eq!(render(Format::Number), "21.53");
         for format in [Format::Multi, Format::Object, Format::Number] {
             serde_json::from_str::<serde_json::Value>(&render(format)).unwrap();

@@ -28,11 +28,7 @@ pub enum Quantity {
 }
 
 impl Quantity {
-    pub const ALL: [Quantity; 3] = [
-        Quantity::Temperature,
-        Quantity::Humidity,
-        Quantity::Pressure,
-    ];
+    pub const ALL: [Quantity; 3] = [Quantity::Temperature, Quantity::Humidity, Quantity::Pressure];
 
     /// The field name in MQTT payloads and the suffix of the sensor id (`dev-3/temperature`).
     pub const fn name(self) -> &'static str {
@@ -155,10 +151,7 @@ pub struct Noise {
 
 impl Noise {
     pub fn new(seed: u64) -> Self {
-        Noise {
-            rng: Xoroshiro128PlusPlus::seed_from_u64(seed),
-            spare: None,
-        }
+        Noise { rng: Xoroshiro128PlusPlus::seed_from_u64(seed), spare: None }
     }
 
     /// Uniform in [0, 1), with 53 random bits.
@@ -234,8 +227,7 @@ impl Signal {
                 // Exact OU step: the variance stays drift_sd² however the readings are spaced,
                 // from microseconds (--interval 0) to hours.
                 let decay = libm::exp(-dt_hours / p.drift_hours);
-                let step_sd =
-                    p.drift_sd * libm::sqrt(-libm::expm1(-2.0 * dt_hours / p.drift_hours));
+                let step_sd = p.drift_sd * libm::sqrt(-libm::expm1(-2.0 * dt_hours / p.drift_hours));
                 self.drift = self.drift * decay + step_sd * noise.gaussian();
             }
         }
@@ -244,9 +236,7 @@ impl Signal {
         }
         let mut value = self.cycle(ts_ms) + self.drift + p.noise_sd * noise.gaussian();
         if p.spike_chance > 0.0 && noise.uniform() < p.spike_chance {
-            value += p.spike_size
-                * (0.5 + noise.uniform())
-                * if noise.uniform() < 0.5 { -1.0 } else { 1.0 };
+            value += p.spike_size * (0.5 + noise.uniform()) * if noise.uniform() < 0.5 { -1.0 } else { 1.0 };
         }
         value.clamp(p.min, p.max)
     }
