@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+use crate::load::{self, LoadArgs};
 use crate::mqtt::{self, MqttArgs};
 use crate::shutdown::Shutdown;
 
@@ -16,6 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Play simulated devices over MQTT; prints the totals when done or stopped.
     Mqtt(MqttArgs),
+    /// POST pre-encoded ingest batches to the aggregator and measure its rate.
+    Load(LoadArgs),
 }
 
 /// Runs a command and prints its one-line result to stdout (logs go to stderr).
@@ -28,6 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{} messages were published but not confirmed by the broker", report.undelivered);
             }
         }
+        Command::Load(args) => println!("{}", load::run(&args).await?),
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! thin `main` over these:
 //! - [`cli`]: the command line.
 //! - [`mqtt`]: plays many devices over one (or a few) MQTT connections.
+//! - [`load`]: pre-encodes ingest batches and POSTs them to the aggregator as fast as it acks.
 //! - [`shutdown`]: Ctrl-C / SIGTERM handling.
 #![cfg_attr(not(feature = "host"), no_std)]
 
@@ -19,6 +20,8 @@ pub mod signal;
 
 #[cfg(feature = "host")]
 pub mod cli;
+#[cfg(feature = "host")]
+pub mod load;
 #[cfg(feature = "host")]
 pub mod mqtt;
 #[cfg(feature = "host")]

@@ -10,6 +10,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
+    tributary_sim::load::install_crypto_provider();
     match cli::run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
