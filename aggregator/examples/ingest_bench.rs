@@ -2,7 +2,8 @@
 //! `tributary-sim load`). Runs the aggregator in-process on a temporary data dir and posts
 //! postcard batches from several agent threads over loopback.
 //!
-//! `cargo run --release -p tributary-aggregator --example ingest_bench -- [readings] [agents]`
+//! `cargo run --release -p tributary-aggregator --example ingest_bench -- [readings] [agents]
+//! [readings per block] [blocks per batch]`
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,14 +12,14 @@ use std::time::{Duration, Instant};
 use tributary_aggregator::{AgentConfig, Config, HttpConfig};
 use tributary_shared::{Batch, BlockBuilder, WireBlock};
 
-const BLOCK: usize = 2_000;
-const BLOCKS_PER_BATCH: usize = 10;
 const SENSORS: usize = 200;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let total: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(2_000_000);
     let agents: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(4);
+    let block: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(2_000);
+    let per_batch: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10);
     let dir = tempfile::tempdir()?;
     let config = Config {
         data_dir: dir.path().to_path_buf(),
@@ -35,7 +36,8 @@ fn main() -> anyhow::Result<()> {
 
     // Encode everything first so the clients measure the server, not themselves.
     let per_agent = total / agents;
-    let bodies: Vec<Vec<Vec<u8>>> = (0..agents).map(|a| batches(&format!("gw-{a}"), per_agent)).collect();
+    let bodies: Vec<Vec<Vec<u8>>> =
+        (0..agents).map(|a| batches(&format!("gw-{a}"), per_agent, block, per_batch)).collect();
     let start = Instant::now();
     std::thread::scope(|s| {
         for (a, bodies) in bodies.iter().enumerate() {
@@ -82,21 +84,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn batches(agent: &str, n: usize) -> Vec<Vec<u8>> {
+fn batches(agent: &str, n: usize, block: usize, per_batch: usize) -> Vec<Vec<u8>> {
     let t0 = 1_764_000_000_000i64;
     let mut out = Vec::new();
     let mut seq = 0usize;
     while seq < n {
         let mut blocks = Vec::new();
-        for _ in 0..BLOCKS_PER_BATCH {
+        for _ in 0..per_batch {
             if seq >= n {
                 break;
             }
-            let len = BLOCK.min(n - seq);
+            let len = block.min(n - seq);
             let mut b = BlockBuilder::default();
             for i in seq..seq + len {
                 let sensor = format!("site/room{}/temp", i % SENSORS);
-                b.push(&sensor, t0 + (i / SENSORS) as i64 * 1000, 20.0 + (i % 17) as f64 * 0.25);
+                // Noisy values, so blocks compress like real measurements, not like constants.
+                let noise = (i as f64 * 0.618_033_988_7).fract();
+                b.push(&sensor, t0 + (i / SENSORS) as i64 * 1000, 20.0 + noise * 3.0);
             }
             blocks.push((seq as u64, len as u32, b.finish().encode()));
             seq += len;
