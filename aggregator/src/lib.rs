@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use config::{AgentConfig, Config, ConfigError, HttpConfig};
 
+/// How long shutdown waits for open requests (an ingest is answered within one group commit).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why the aggregator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -89,7 +92,27 @@ pub async fn serve(
     };
     let local = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(data_dir = %data_dir.display(), agents = config.agents.len(), "listening on http://{local}");
-    let served = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown).await;
+    // Graceful shutdown waits for open requests; a client that never finishes its request must
+    // not keep the process alive, so the wait is bounded.
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signalled_tx.send(());
+    };
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown);
+    let grace_over = async {
+        match signalled_rx.await {
+            Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let served = tokio::select! {
+        served = std::future::IntoFuture::into_future(server) => served,
+        _ = grace_over => {
+            tracing::warn!("requests still open {} s after the shutdown signal; closing them", SHUTDOWN_GRACE.as_secs());
+            Ok(())
+        }
+    };
     tracing::info!("HTTP server stopped; flushing the log and the processor");
 
     // Order matters: no handler can queue a batch any more, so the writer commits what is queued

@@ -5,7 +5,6 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tributary_aggregator::Config;
 
@@ -53,9 +52,9 @@ fn main() -> ExitCode {
         .init();
     match serve(config) {
         Ok(()) => ExitCode::SUCCESS,
+        // The library's errors spell out their causes in their own message; `{:#}` would repeat them.
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("error: {error:#}");
+            eprintln!("error: {error}");
             ExitCode::FAILURE
         }
     }
@@ -66,7 +65,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("aggregator")
         .build()
-        .context("cannot start the async runtime")?;
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     runtime.block_on(tributary_aggregator::run(config, shutdown_signal()))?;
     Ok(())
 }
