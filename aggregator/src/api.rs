@@ -112,8 +112,19 @@ async fn one_sensor(
 #[serde(deny_unknown_fields)]
 struct WindowQuery {
     size: Option<String>,
-    from: Option<i64>,
-    to: Option<i64>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// An optional Unix-ms bound; `from=` (empty) means no bound, as in `?size=1m&from=&to=`.
+fn bound(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::BadRequest(format!("{name} {text:?} is not a Unix time in milliseconds"))),
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -154,9 +165,9 @@ async fn sensor_windows(
 ) -> Result<Json<Vec<WindowRow>>, ApiError> {
     let id = sensor_id(path)?;
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let size = window_size(query.size.as_deref())?;
-    let from = query.from.unwrap_or(i64::MIN);
-    let to = query.to.unwrap_or(i64::MAX);
+    let size = window_size(query.size.as_deref().filter(|s| !s.trim().is_empty()))?;
+    let from = bound("from", query.from.as_deref())?.unwrap_or(i64::MIN);
+    let to = bound("to", query.to.as_deref())?.unwrap_or(i64::MAX);
     find_sensor(&app, id.clone()).await?;
     // Only whole windows with from <= start < to: their minutes lie in [align_up(from), align_up(to)).
     let (lo, hi) = (align_up(from, size), if to == i64::MAX { i64::MAX } else { align_up(to, size) });

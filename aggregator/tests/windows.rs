@@ -80,6 +80,8 @@ fn window_sizes_must_be_whole_minutes_up_to_a_day() {
         assert!(response.json()["error"].as_str().unwrap().contains("size"), "{}", response.text());
     }
     assert_eq!(agg.get("/api/v1/sensors/a/windows?from=yesterday").status, 400);
+    let (status, all) = agg.get_json("/api/v1/sensors/a/windows?size=&from=&to=");
+    assert_eq!((status, all[0]["count"].as_u64()), (200, Some(1)), "empty parameters mean defaults");
     assert_eq!(agg.get("/api/v1/sensors/nope/windows").status, 404);
 }
 
