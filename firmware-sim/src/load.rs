@@ -207,7 +207,8 @@ impl BlockSink {
 pub fn prepare(args: &LoadArgs, end_ms: i64) -> anyhow::Result<Plan> {
     let mut epochs: Vec<u64> = Vec::with_capacity(args.connections as usize);
     while epochs.len() < args.connections as usize {
-        let epoch = getrandom::u64().map_err(|e| anyhow::anyhow!("no system randomness for the epochs: {e}"))?;
+        // 63 bits, like the agent's spool epochs: the aggregator stores them as SQLite integers.
+        let epoch = getrandom::u64().map_err(|e| anyhow::anyhow!("no system randomness for the epochs: {e}"))? >> 1;
         if !epochs.contains(&epoch) {
             epochs.push(epoch);
         }
@@ -381,6 +382,7 @@ mod tests {
             for prepared in &stream.batches {
                 let batch = Batch::from_postcard(&prepared.body).unwrap();
                 assert_eq!((batch.agent_id, batch.epoch), ("gw-1", stream.epoch));
+                assert!(i64::try_from(batch.epoch).is_ok(), "epochs are 63-bit");
                 assert_eq!(prepared.first_seq, next);
                 for wire in &batch.blocks {
                     assert_eq!(wire.first_seq, next);

@@ -29,8 +29,8 @@ use crate::shutdown::Shutdown;
 /// event loop always has work at full speed; small enough that a stop drains in milliseconds.
 const REQUEST_CHANNEL_CAPACITY: usize = 1024;
 
-/// Unacknowledged QoS 1 publishes per connection. rumqttc's default of 100 stalls the writer
-/// waiting for PubAcks even on loopback.
+/// Unacknowledged QoS 1 publishes per connection. With rumqttc's default of 100 the writer waits
+/// for PubAcks: on loopback against Mosquitto, 1000 published about 25% more messages per second.
 const MAX_INFLIGHT: u16 = 1000;
 
 /// Reconnect backoff: rumqttc retries at once after an error, so we sleep ourselves.
