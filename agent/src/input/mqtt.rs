@@ -56,7 +56,11 @@ impl MqttClient {
 
         // Acks go out in arrival order, each once its readings are durable. A message whose
         // readings were all rejected is acknowledged at once: redelivering it would not help.
-        let (ack_tx, mut ack_rx) = mpsc::channel::<(Option<oneshot::Receiver<()>>, Publish)>(8192);
+        // The queue is unbounded on purpose: acks reach the broker only while this loop polls the
+        // event loop, so this loop must never wait for the acker (a bounded queue deadlocks when a
+        // broker sends more unacknowledged messages than it holds; Mosquitto does after a
+        // reconnect). Its length is bounded by the spool queue, which is what holds this loop back.
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(Option<oneshot::Receiver<()>>, Publish)>();
         let ack_client = client.clone();
         let mut acker = tokio::spawn(async move {
             while let Some((committed, publish)) = ack_rx.recv().await {
@@ -97,7 +101,7 @@ impl MqttClient {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let (done, committed) = oneshot::channel();
                     let queued = intake.take(publish.topic.as_bytes(), &publish.payload, Some(done)).await?;
-                    if ack_tx.send((queued.then_some(committed), publish)).await.is_err() {
+                    if ack_tx.send((queued.then_some(committed), publish)).is_err() {
                         break;
                     }
                 }
@@ -128,15 +132,10 @@ impl MqttClient {
                 _ = &mut drain => break,
             }
         }
+        // Disconnect, then read until the broker closes the connection. Closing a socket with
+        // unread data in it sends a RST, and the broker would discard the acks it had not read yet.
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Ok(event) = eventloop.poll().await {
-                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while eventloop.poll().await.is_ok() {} }).await;
         metrics.mqtt_connected.set(0);
         Ok(())
     }
