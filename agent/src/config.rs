@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tributary_shared::config_file;
 
 /// The commented example configuration, printed by `tributary-agent generate-config`.
 pub const EXAMPLE: &str = include_str!("../../deploy/agent.toml");
@@ -206,49 +207,20 @@ impl Default for SpoolConfig {
     }
 }
 
-/// A configuration that cannot be used, with the file, the key and the reason.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
-    Read { file: PathBuf, source: std::io::Error },
-    #[error("{place}: {key}: {reason}")]
-    Invalid { place: String, key: String, reason: String },
-}
+pub use tributary_shared::config_file::ConfigError;
 
 impl Config {
     /// Reads, parses and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_path_buf(), source })?;
-        Self::parse(&text, path)
+        let config: Config = config_file::load(path)?;
+        config.check().map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
+        Ok(config)
     }
 
     /// Parses and checks configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let invalid = |key: &str, reason: String, span: Option<std::ops::Range<usize>>| {
-            // "file:line:column" where the parser knows the place, as compilers print it.
-            let place = match span {
-                Some(span) => {
-                    let before = &text[..span.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                    format!("{}:{line}:{column}", file.display())
-                }
-                None => file.display().to_string(),
-            };
-            ConfigError::Invalid { place, key: key.to_string(), reason }
-        };
-        let deserializer =
-            toml::Deserializer::parse(text).map_err(|e| invalid("(syntax)", e.message().to_string(), e.span()))?;
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let key = match e.path().to_string() {
-                top if top == "." => "(top level)".to_string(),
-                key => key,
-            };
-            let inner = e.into_inner();
-            invalid(&key, inner.message().to_string(), inner.span())
-        })?;
-        config.check().map_err(|(key, reason)| invalid(key, reason, None))?;
+        let config: Config = config_file::parse(text, file)?;
+        config.check().map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
         Ok(config)
     }
 
@@ -292,8 +264,8 @@ impl Config {
                 return Err(("mqtt.client_id", "must not be empty (a persistent session needs an id)".into()));
             }
         }
-        if self.spool.max_block_readings == 0 {
-            return Err(("spool.max_block_readings", "must be at least 1".into()));
+        if self.spool.max_block_readings == 0 || self.spool.max_block_readings > crate::spool::MAX_BLOCK_READINGS {
+            return Err(("spool.max_block_readings", format!("must be 1 to {}", crate::spool::MAX_BLOCK_READINGS)));
         }
         if self.spool.commit_interval > Duration::from_secs(1) {
             return Err((

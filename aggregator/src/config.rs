@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use tributary_shared::config_file;
 
 /// The commented example configuration, printed by `generate-config`.
 pub const EXAMPLE_CONFIG: &str = include_str!("../aggregator.toml");
@@ -63,38 +64,25 @@ impl std::fmt::Debug for AgentConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    /// The TOML does not parse or does not fit the schema (unknown key, missing key, bad value).
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    /// The TOML fits the schema but a value breaks a rule (duplicate id, empty token).
-    #[error("{path}: {key}: {reason}")]
-    Invalid { path: PathBuf, key: String, reason: String },
-}
+pub use tributary_shared::config_file::ConfigError;
 
 impl Config {
-    /// Reads and checks a configuration file.
+    /// Reads, parses and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Config::parse(&text, path)
+        let config: Config = config_file::load(path)?;
+        config.check(path)?;
+        Ok(config)
     }
 
-    /// Parses and checks configuration text; `path` only names the source in errors.
+    /// Parses and checks configuration text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: describe_toml_error(text, e.message(), e.span()),
-        })?;
+        let config: Config = config_file::parse(text, path)?;
         config.check(path)?;
         Ok(config)
     }
 
     fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: String, reason: String| ConfigError::Invalid { path: path.to_path_buf(), key, reason };
+        let invalid = |key: String, reason: String| ConfigError::invalid(path, key, reason);
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir".into(), "must not be empty".into()));
         }
@@ -125,58 +113,6 @@ impl Config {
 
 /// Turns a toml error into one line: the dotted key at the error's position, its line number and
 /// the reason. toml's own message names an unknown field but not, for a bad value, the key.
-fn describe_toml_error(text: &str, message: &str, span: Option<std::ops::Range<usize>>) -> String {
-    let message = message.trim();
-    let Some(span) = span else {
-        return message.to_string();
-    };
-    let start = span.start.min(text.len());
-    // An empty span at 0, or one from the start past the first line, is the root table (e.g. a
-    // missing top-level key): the message names the key, and a line number would only mislead.
-    let first_line_end = text.find('\n').unwrap_or(text.len());
-    if start == 0 && (span.end == 0 || span.end > first_line_end) {
-        return message.to_string();
-    }
-    let line_no = text[..start].matches('\n').count() + 1;
-    match key_at(text, start) {
-        Some(key) => format!("{key}: {message} (line {line_no})"),
-        None => format!("{message} (line {line_no})"),
-    }
-}
-
-/// The dotted key (with `[i]` for arrays of tables) of the line holding byte `pos`.
-fn key_at(text: &str, pos: usize) -> Option<String> {
-    let mut table = String::new();
-    let mut array_counts: HashMap<String, usize> = HashMap::new();
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let trimmed = line.trim();
-        let header = if let Some(name) = trimmed.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
-            let name = name.trim().to_string();
-            let count = array_counts.entry(name.clone()).or_insert(0);
-            *count += 1;
-            Some(format!("{name}[{}]", *count - 1))
-        } else {
-            trimmed.strip_prefix('[').and_then(|r| r.split(']').next()).map(|n| n.trim().to_string())
-        };
-        let on_this_line = pos < offset + line.len();
-        if let Some(header) = header {
-            table = header;
-            if on_this_line {
-                return Some(table);
-            }
-        } else if on_this_line {
-            let key = trimmed.split('=').next().map(|k| k.trim().trim_matches('"').trim_matches('\''))?;
-            if key.is_empty() || trimmed.starts_with('#') || !trimmed.contains('=') {
-                return if table.is_empty() { None } else { Some(table) };
-            }
-            return Some(if table.is_empty() { key.to_string() } else { format!("{table}.{key}") });
-        }
-        offset += line.len();
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,7 +139,7 @@ mod tests {
         let err = parse("data_dir = \"/d\"\n[http]\nlistn = \"127.0.0.1:1\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("/etc/tributary/aggregator.toml: "), "{err}");
+        assert!(err.starts_with("/etc/tributary/aggregator.toml:3:1: "), "{err}");
         assert!(err.contains("http.listn"), "{err}");
         assert!(err.contains("unknown field `listn`"), "{err}");
     }
@@ -214,7 +150,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("http.listen"), "{err}");
-        assert!(err.contains("line 3"), "{err}");
+        assert!(err.starts_with("/etc/tributary/aggregator.toml:3:10: http.listen: "), "{err}");
     }
 
     #[test]
@@ -231,7 +167,10 @@ mod tests {
     #[test]
     fn missing_required_key_is_named() {
         let err = parse("[[agents]]\nid = \"a\"\ntoken = \"t\"\n").unwrap_err().to_string();
-        assert_eq!(err, "/etc/tributary/aggregator.toml: missing field `data_dir`");
+        assert!(
+            err.starts_with("/etc/tributary/aggregator.toml") && err.ends_with(": data_dir: missing field `data_dir`"),
+            "{err}"
+        );
         let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\n").unwrap_err().to_string();
         assert!(err.contains("token"), "{err}");
     }

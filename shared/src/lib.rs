@@ -5,6 +5,9 @@
 //!   timestamps as deltas, optionally zstd-compressed). The spool, the wire and the log all store blocks.
 //! - [`batch`]: what an agent POSTs to the aggregator (postcard by default, JSON accepted) and the ack.
 //!
+//! - [`config_file`] (feature `config`): TOML configuration files whose errors name the file, the
+//!   key and the reason.
+//!
 //! Without the default `std` feature the crate is `no_std` + `alloc`, so firmware can share the model.
 #![cfg_attr(not(feature = "std"), no_std)]
 
@@ -12,6 +15,8 @@ extern crate alloc;
 
 pub mod batch;
 pub mod block;
+#[cfg(feature = "config")]
+pub mod config_file;
 pub mod reading;
 
 pub use batch::{Batch, IngestAck, JsonBatch, JsonBlock, WireBlock};
