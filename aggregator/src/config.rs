@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tributary_shared::config_file;
 
 /// The commented example configuration, printed by `generate-config`.
-pub const EXAMPLE_CONFIG: &str = include_str!("../aggregator.toml");
+pub const EXAMPLE_CONFIG: &str = include_str!("../../deploy/aggregator.toml");
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
