@@ -119,6 +119,11 @@ pub struct SpoolConfig {
     /// Most readings in one block. Default 10,000.
     #[serde(default = "default_max_block_readings")]
     pub max_block_readings: usize,
+    /// Readings held in memory (24 bytes each) while a commit is in progress, e.g. behind a slow
+    /// fsync. Beyond it the input waits: an external broker keeps the messages; the embedded broker
+    /// keeps a few thousand, then evicts and counts them. Default 1,000,000.
+    #[serde(default = "default_max_queued_readings")]
+    pub max_queued_readings: usize,
     /// `full` (default) or `normal`; see [`SyncMode`].
     #[serde(default = "default_sync")]
     pub sync: SyncMode,
@@ -164,6 +169,9 @@ fn default_commit_interval() -> Duration {
 fn default_max_block_readings() -> usize {
     10_000
 }
+fn default_max_queued_readings() -> usize {
+    1_000_000
+}
 fn default_sync() -> SyncMode {
     SyncMode::Full
 }
@@ -201,6 +209,7 @@ impl Default for SpoolConfig {
         SpoolConfig {
             commit_interval: default_commit_interval(),
             max_block_readings: default_max_block_readings(),
+            max_queued_readings: default_max_queued_readings(),
             sync: default_sync(),
             max_bytes: default_max_bytes(),
         }
@@ -267,6 +276,9 @@ impl Config {
         if self.spool.max_block_readings == 0 || self.spool.max_block_readings > crate::spool::MAX_BLOCK_READINGS {
             return Err(("spool.max_block_readings", format!("must be 1 to {}", crate::spool::MAX_BLOCK_READINGS)));
         }
+        if self.spool.max_queued_readings == 0 {
+            return Err(("spool.max_queued_readings", "must be at least 1".into()));
+        }
         if self.spool.commit_interval > Duration::from_secs(1) {
             return Err((
                 "spool.commit_interval",
@@ -307,6 +319,7 @@ token = "t"
         assert_eq!(example.mqtt.topics, minimal.mqtt.topics);
         assert_eq!(example.mqtt.max_payload_bytes, minimal.mqtt.max_payload_bytes);
         assert_eq!(example.spool.commit_interval, minimal.spool.commit_interval);
+        assert_eq!(example.spool.max_queued_readings, minimal.spool.max_queued_readings);
         assert_eq!(example.validation.max_clock_skew, Duration::from_secs(300));
         assert_eq!(example.upstream.batch_max_readings, minimal.upstream.batch_max_readings);
     }

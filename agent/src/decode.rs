@@ -13,8 +13,7 @@ use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
-use tributary_shared::Reading;
-use tributary_shared::reading::{ReadingError, validate_at, validate_sensor_id};
+use tributary_shared::reading::{ReadingError, validate_sensor_id, validate_ts_at, validate_value};
 
 /// Why a message (or one field of it) was not turned into a reading. The label is the
 /// `reason` of `tributary_agent_rejected_total`.
@@ -108,18 +107,23 @@ impl Decoder {
         Some(if id.is_empty() { topic } else { id })
     }
 
-    /// Decodes one message, appending its readings to `out`. Returns the rejections: at most one
-    /// for the message as a whole, or one per unusable field of a multi-field object.
+    /// Decodes one message, handing each reading to `emit` (sensor id, ts, value). Calls `reject`
+    /// at most once for the message as a whole, or once per unusable field of a multi-field object.
+    /// Returns how many readings were emitted.
     pub fn decode(
         &self,
         topic: &[u8],
         payload: &[u8],
         now_ms: i64,
-        out: &mut Vec<Reading>,
+        mut emit: impl FnMut(&str, i64, f64),
         mut reject: impl FnMut(Reject),
-    ) {
-        if let Err(r) = self.decode_message(topic, payload, now_ms, out, &mut reject) {
-            reject(r);
+    ) -> usize {
+        match self.decode_message(topic, payload, now_ms, &mut emit, &mut reject) {
+            Ok(n) => n,
+            Err(r) => {
+                reject(r);
+                0
+            }
         }
     }
 
@@ -128,18 +132,16 @@ impl Decoder {
         topic: &[u8],
         payload: &[u8],
         now_ms: i64,
-        out: &mut Vec<Reading>,
+        emit: &mut impl FnMut(&str, i64, f64),
         reject: &mut impl FnMut(Reject),
-    ) -> Result<(), Reject> {
+    ) -> Result<usize, Reject> {
         if payload.len() > self.max_payload_bytes {
             return Err(Reject::TooLarge);
         }
         let topic = std::str::from_utf8(topic).map_err(|_| Reject::NonUtf8Topic)?;
         let sensor = self.sensor_id(topic).ok_or(Reject::UnmatchedTopic)?;
         validate_sensor_id(sensor).map_err(|_| Reject::BadSensorId)?;
-        let check = |ts: i64, value: f64| {
-            validate_at(ts, value, now_ms, self.max_skew_ms).map_err(|e| Reject::from_reading_error(&e))
-        };
+        let check_value = |value: f64| validate_value(value).map_err(|e| Reject::from_reading_error(&e));
 
         let text = std::str::from_utf8(payload).map_err(|_| Reject::Malformed)?.trim();
         if !text.starts_with('{') {
@@ -150,9 +152,9 @@ impl Decoder {
                     Reject::Malformed
                 }
             })?;
-            check(now_ms, value)?;
-            out.push(Reading { sensor: sensor.to_string(), ts: now_ms, value });
-            return Ok(());
+            check_value(value)?;
+            emit(sensor, now_ms, value);
+            return Ok(1);
         }
 
         let object: Object = serde_json::from_str(text).map_err(|_| Reject::Malformed)?;
@@ -161,32 +163,36 @@ impl Decoder {
             Some(Field::Number(ts)) if ts.fract() == 0.0 && ts.abs() < 9.0e15 => ts as i64,
             Some(_) => return Err(Reject::BadTimestamp),
         };
+        // The timestamp concerns the whole message: check it once, before any reading goes out.
+        validate_ts_at(ts, now_ms, self.max_skew_ms).map_err(|e| Reject::from_reading_error(&e))?;
         match object.value {
             Some(Field::Number(value)) => {
-                check(ts, value)?;
-                out.push(Reading { sensor: sensor.to_string(), ts, value });
-                Ok(())
+                check_value(value)?;
+                emit(sensor, ts, value);
+                Ok(1)
             }
             Some(Field::Other) => Err(Reject::NotANumber),
             None => {
-                let before = out.len();
+                let mut emitted = 0;
+                let mut id = String::with_capacity(sensor.len() + 16);
                 for (name, value) in object.fields {
-                    let id = format!("{sensor}/{name}");
+                    id.clear();
+                    id.push_str(sensor);
+                    id.push('/');
+                    id.push_str(&name);
                     if validate_sensor_id(&id).is_err() {
                         reject(Reject::BadSensorId);
                         continue;
                     }
-                    match check(ts, value) {
-                        Ok(()) => out.push(Reading { sensor: id, ts, value }),
-                        // A timestamp problem concerns the whole message: reject it once.
-                        Err(Reject::BadTimestamp) => {
-                            out.truncate(before);
-                            return Err(Reject::BadTimestamp);
+                    match check_value(value) {
+                        Ok(()) => {
+                            emit(&id, ts, value);
+                            emitted += 1;
                         }
                         Err(r) => reject(r),
                     }
                 }
-                if out.len() == before { Err(Reject::NoReadings) } else { Ok(()) }
+                if emitted == 0 { Err(Reject::NoReadings) } else { Ok(emitted) }
             }
         }
     }
@@ -276,6 +282,7 @@ impl<'de> Deserialize<'de> for Object<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tributary_shared::Reading;
 
     const NOW: i64 = 1_764_000_000_000;
 
@@ -283,7 +290,14 @@ mod tests {
         let decoder = Decoder::new(&["sensors/#".to_string(), "site/+/meters/#".to_string()], 1024, 300_000);
         let mut out = Vec::new();
         let mut rejects = Vec::new();
-        decoder.decode(topic.as_bytes(), payload.as_bytes(), NOW, &mut out, |r| rejects.push(r));
+        let n = decoder.decode(
+            topic.as_bytes(),
+            payload.as_bytes(),
+            NOW,
+            |sensor, ts, value| out.push(reading(sensor, ts, value)),
+            |r| rejects.push(r),
+        );
+        assert_eq!(n, out.len());
         (out, rejects)
     }
 
@@ -353,7 +367,7 @@ mod tests {
     fn non_utf8_topics_are_rejected() {
         let decoder = Decoder::new(&["sensors/#".to_string()], 1024, 0);
         let mut rejects = Vec::new();
-        decoder.decode(b"sensors/\xff", b"1", NOW, &mut Vec::new(), |r| rejects.push(r));
+        decoder.decode(b"sensors/\xff", b"1", NOW, |_, _, _| {}, |r| rejects.push(r));
         assert_eq!(rejects, [Reject::NonUtf8Topic]);
     }
 

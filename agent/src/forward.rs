@@ -6,7 +6,7 @@
 //! A failed request is retried with exponential backoff and full jitter; the data stays spooled.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
@@ -20,6 +20,12 @@ use crate::spool::{Command, Spool, StoredBlock};
 
 /// Request bodies stay well under the aggregator's body limit.
 const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// Deleting acknowledged blocks costs a spool commit of its own when no readings arrive to share
+/// it. Doing it at most once a second, not after every request, halves the commits (and the bytes
+/// written to flash) of a gateway that forwards each reading as it comes. A crash before the
+/// delete only makes the agent resend what the aggregator then drops as duplicates.
+const DELETE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Forwarder {
     pub spool: Spool,
@@ -81,6 +87,9 @@ impl Forwarder {
         // After a 400 on a batch of several blocks, send one block at a time up to here, to find
         // the one the aggregator refuses without setting aside its good neighbours.
         let mut single_until = 0u64;
+        // The aggregator's latest `next_seq`, not yet passed to the spool for deletion.
+        let mut undeleted: Option<u64> = None;
+        let mut last_delete = Instant::now() - DELETE_INTERVAL;
 
         while !*shutdown.borrow() {
             let limit = if cursor < single_until { 1 } else { max_readings };
@@ -95,11 +104,19 @@ impl Forwarder {
                 }
             };
             let Some(last) = blocks.last() else {
-                // Nothing to send: wait for the next commit.
+                // Nothing to send: wait for the next commit, deleting what was acknowledged meanwhile.
                 end.borrow_and_update();
                 tokio::select! {
                     _ = end.changed() => {}
                     _ = shutdown.changed() => {}
+                    _ = tokio::time::sleep_until((last_delete + DELETE_INTERVAL).into()), if undeleted.is_some() => {
+                        if let Some(next_seq) = undeleted.take() {
+                            if self.spool.send(Command::Ack { next_seq }).await.is_err() {
+                                break;
+                            }
+                            last_delete = Instant::now();
+                        }
+                    }
                 }
                 continue;
             };
@@ -124,8 +141,13 @@ impl Forwarder {
                         );
                     }
                     cursor = cursor.max(ack.next_seq);
-                    if self.spool.send(Command::Ack { next_seq: ack.next_seq }).await.is_err() {
-                        break;
+                    undeleted = Some(ack.next_seq);
+                    if last_delete.elapsed() >= DELETE_INTERVAL {
+                        if self.spool.send(Command::Ack { next_seq: ack.next_seq }).await.is_err() {
+                            break;
+                        }
+                        undeleted = None;
+                        last_delete = Instant::now();
                     }
                 }
                 Outcome::Retry(reason) => {
@@ -155,6 +177,9 @@ impl Forwarder {
                     cursor = batch_end;
                 }
             }
+        }
+        if let Some(next_seq) = undeleted {
+            let _ = self.spool.send(Command::Ack { next_seq }).await;
         }
         tracing::debug!("forwarder stopped");
     }

@@ -55,15 +55,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|source| AgentError::HttpBind { addr: config.http.listen, source })?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let intake = Intake {
-        decoder: Decoder::new(
-            &config.mqtt.topics,
-            config.mqtt.max_payload_bytes,
-            config.validation.max_clock_skew.as_millis() as i64,
-        ),
-        spool: spool.clone(),
-        metrics: metrics.clone(),
-    };
+    let decoder = Decoder::new(
+        &config.mqtt.topics,
+        config.mqtt.max_payload_bytes,
+        config.validation.max_clock_skew.as_millis() as i64,
+    );
+    let intake = Intake::new(decoder, spool.clone(), metrics.clone(), config.spool.max_queued_readings);
     let mut input = match config.mqtt.mode {
         MqttMode::Embedded => {
             let broker = EmbeddedBroker::start(&config.mqtt).await?;

@@ -4,6 +4,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::decode::Reject;
@@ -40,6 +41,9 @@ pub struct Metrics {
     /// Readings committed to the spool.
     pub readings_spooled: Counter,
     pub spool_commits: Counter,
+    /// How long a spool transaction takes, fsync included: with `spool.commit_interval`, the time
+    /// a reading the embedded broker acknowledged waits before it is durable.
+    pub spool_commit_seconds: Histogram,
     /// Readings and bytes in the spool, not yet acknowledged by the aggregator.
     pub spool_readings: Gauge,
     pub spool_bytes: Gauge,
@@ -72,6 +76,7 @@ impl Metrics {
             broker_dropped: Counter::default(),
             readings_spooled: Counter::default(),
             spool_commits: Counter::default(),
+            spool_commit_seconds: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             spool_readings: Gauge::default(),
             spool_bytes: Gauge::default(),
             spool_dropped_readings: Counter::default(),

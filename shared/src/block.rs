@@ -173,7 +173,13 @@ pub struct BlockBuilder {
 
 impl BlockBuilder {
     pub fn push(&mut self, sensor: &str, ts: i64, value: f64) {
-        let idx = match self.index.get(sensor) {
+        let idx = self.intern(sensor);
+        self.push_interned(idx, ts, value);
+    }
+
+    /// The index of `sensor` in this block, adding it if new.
+    pub fn intern(&mut self, sensor: &str) -> u32 {
+        match self.index.get(sensor) {
             Some(&i) => i,
             None => {
                 let i = self.block.sensors.len() as u32;
@@ -181,8 +187,13 @@ impl BlockBuilder {
                 self.index.insert(sensor.to_string(), i);
                 i
             }
-        };
-        self.block.entries.push(Entry { sensor: idx, ts, value });
+        }
+    }
+
+    /// Pushes a reading of a sensor already interned with [`BlockBuilder::intern`].
+    pub fn push_interned(&mut self, sensor: u32, ts: i64, value: f64) {
+        debug_assert!((sensor as usize) < self.block.sensors.len());
+        self.block.entries.push(Entry { sensor, ts, value });
     }
 
     pub fn len(&self) -> usize {

@@ -49,26 +49,37 @@ pub fn validate_sensor_id(id: &str) -> Result<(), ReadingError> {
     }
 }
 
+/// A value must be a finite number.
+pub fn validate_value(value: f64) -> Result<(), ReadingError> {
+    if value.is_finite() { Ok(()) } else { Err(ReadingError::NotFinite(value)) }
+}
+
 /// Value and timestamp rules that hold everywhere (the agent adds the future-skew check,
 /// which needs its clock): finite value, timestamp after 2000.
 pub fn validate_value_and_ts(ts: i64, value: f64) -> Result<(), ReadingError> {
-    if !value.is_finite() {
-        return Err(ReadingError::NotFinite(value));
-    }
+    validate_value(value)?;
     if ts < MIN_TS_MS {
         return Err(ReadingError::TooOld(ts));
     }
     Ok(())
 }
 
-/// The agent's check: [`validate_value_and_ts`] plus "no further ahead of `now` than `max_skew_ms`".
+/// The agent's timestamp check: after 2000 and no further ahead of `now` than `max_skew_ms`.
 /// Old timestamps are fine: a device delivering its backlog is normal.
-pub fn validate_at(ts: i64, value: f64, now: i64, max_skew_ms: i64) -> Result<(), ReadingError> {
-    validate_value_and_ts(ts, value)?;
+pub fn validate_ts_at(ts: i64, now: i64, max_skew_ms: i64) -> Result<(), ReadingError> {
+    if ts < MIN_TS_MS {
+        return Err(ReadingError::TooOld(ts));
+    }
     if ts > now.saturating_add(max_skew_ms) {
         return Err(ReadingError::InFuture { ts, now, max_skew_ms });
     }
     Ok(())
+}
+
+/// [`validate_value`] and [`validate_ts_at`] together.
+pub fn validate_at(ts: i64, value: f64, now: i64, max_skew_ms: i64) -> Result<(), ReadingError> {
+    validate_value(value)?;
+    validate_ts_at(ts, now, max_skew_ms)
 }
 
 impl Reading {

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use super::Intake;
 use crate::config::Config;
@@ -50,24 +50,24 @@ impl MqttClient {
         Ok(MqttClient { options, topics: config.mqtt.topics.clone() })
     }
 
-    pub async fn run(self, intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
-        let metrics = intake.metrics.clone();
+    pub async fn run(self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
+        let metrics = intake.metrics().clone();
         let (client, mut eventloop) = AsyncClient::new(self.options, 1024);
 
-        // Acks go out in arrival order, each once its readings are durable. A message whose
-        // readings were all rejected is acknowledged at once: redelivering it would not help.
+        // Acks go out in arrival order, each once the spool has committed its message (its intake
+        // number). A message whose readings were all rejected waits only for the messages before it:
+        // redelivering it would not help.
         // The queue is unbounded on purpose: acks reach the broker only while this loop polls the
         // event loop, so this loop must never wait for the acker (a bounded queue deadlocks when a
         // broker sends more unacknowledged messages than it holds; Mosquitto does after a
-        // reconnect). Its length is bounded by the spool queue, which is what holds this loop back.
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(Option<oneshot::Receiver<()>>, Publish)>();
+        // reconnect). Its length is bounded by the intake, which is what holds this loop back.
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, Publish)>();
         let ack_client = client.clone();
+        let mut committed = intake.committed();
         let mut acker = tokio::spawn(async move {
-            while let Some((committed, publish)) = ack_rx.recv().await {
-                if let Some(committed) = committed {
-                    if committed.await.is_err() {
-                        continue; // the spool stopped before committing: leave it to redelivery
-                    }
+            while let Some((intake_no, publish)) = ack_rx.recv().await {
+                if committed.wait_for(|c| *c >= intake_no).await.is_err() {
+                    break; // the spool stopped before committing: leave the rest to redelivery
                 }
                 if ack_client.ack(&publish).await.is_err() {
                     break;
@@ -75,10 +75,19 @@ impl MqttClient {
             }
         });
 
+        let spool = intake.sender();
         let mut delay = Duration::from_millis(100);
         loop {
             let event = tokio::select! {
-                e = eventloop.poll() => e,
+                // The writer has room again: hand over what piled up meanwhile.
+                permit = spool.reserve(), if intake.has_pending() => {
+                    match permit {
+                        Ok(permit) => intake.send_with(permit),
+                        Err(_) => return Err(ClientError::Spool(crate::spool::SpoolError::Closed)),
+                    }
+                    continue;
+                }
+                e = eventloop.poll(), if !intake.is_full() => e,
                 _ = shutdown.changed() => break,
             };
             match event {
@@ -99,9 +108,9 @@ impl MqttClient {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let (done, committed) = oneshot::channel();
-                    let queued = intake.take(publish.topic.as_bytes(), &publish.payload, Some(done)).await?;
-                    if ack_tx.send((queued.then_some(committed), publish)).is_err() {
+                    let intake_no = intake.take(publish.topic.as_bytes(), &publish.payload);
+                    intake.try_flush()?;
+                    if ack_tx.send((intake_no, publish)).is_err() {
                         break;
                     }
                 }
@@ -120,8 +129,9 @@ impl MqttClient {
             }
         }
 
-        // Shutdown: let the acks of committed messages go out, then disconnect. Messages that
+        // Shutdown: commit what was taken, let its acks go out, then disconnect. Messages that
         // arrive meanwhile are not acknowledged; the broker keeps them for the next session.
+        intake.flush().await?;
         drop(ack_tx);
         let drain = tokio::time::sleep(Duration::from_secs(2));
         tokio::pin!(drain);
