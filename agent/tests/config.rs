@@ -92,3 +92,14 @@ fn generate_config_prints_a_config_that_loads() {
     assert!(text.contains("[upstream]") && text.contains("commit_interval"));
     tributary_agent::config::Config::parse(&text, Path::new("generated.toml")).unwrap();
 }
+
+#[test]
+fn a_missing_config_file_is_named_with_the_reason() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tributary-agent"))
+        .args(["--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/agent.toml: cannot read the configuration file: No such file"), "{stderr}");
+}

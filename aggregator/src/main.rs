@@ -38,7 +38,8 @@ fn main() -> ExitCode {
     let config = match Config::load(&path) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("error: {error}");
+            // `{:#}` adds the cause, e.g. why the file cannot be read.
+            eprintln!("error: {:#}", anyhow::Error::new(error));
             return ExitCode::FAILURE;
         }
     };

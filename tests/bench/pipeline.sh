@@ -108,9 +108,13 @@ got=$(api_count)
 T_LOST=$((20000 > got ? 20000 - got : 0)); T_DOUBLED=$((got > 20000 ? got - 20000 : 0))
 echo "outage + SIGKILL: 20000 acknowledged, $got arrived, $T_LOST lost, $T_DOUBLED doubled"
 
-echo "simulator, multi-field messages (3 readings each) to the agent's broker:"
+echo "simulator, multi-field messages (3 readings each, one rumqttc connection, 1,000 in flight) to the agent's broker:"
+base=$(api_count); t0=$(date +%s.%N)
 SIM_LINE=$("$BIN/tributary-sim" mqtt --broker "127.0.0.1:$MP" --devices 4 --interval 0 --count 50000 --format multi 2>/dev/null | tail -n 1)
 echo "  $SIM_LINE"
+wait_count $((base + 600000)) 120 || echo "  only $(($(api_count) - base)) of 600000 arrived"
+t1=$(date +%s.%N)
+echo "  end to end (to the API): $(python3 -c "print(f'{($(api_count) - $base) / ($t1 - $t0):,.0f}')") readings/s; broker evictions: $(curl -fs "http://127.0.0.1:$HP/metrics" | awk '/^tributary_agent_broker_dropped_total/ {print $2}')"
 kill -TERM "$AGENT" "$AGG"; wait "$AGENT" "$AGG" 2>/dev/null || true
 
 rm -rf "$TMP/aggregator"; AP=$(free_port); start_aggregator
