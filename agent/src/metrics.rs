@@ -106,6 +106,11 @@ impl Metrics {
         registry.register("readings_spooled", "Readings committed to the spool", m.readings_spooled.clone());
         registry.register("spool_commits", "Spool transactions committed", m.spool_commits.clone());
         registry.register(
+            "spool_commit_seconds",
+            "Duration of spool transactions, fsync included",
+            m.spool_commit_seconds.clone(),
+        );
+        registry.register(
             "spool_readings",
             "Readings in the spool not yet acknowledged upstream",
             m.spool_readings.clone(),
@@ -153,5 +158,37 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exposed() {
+        let m = Metrics::new();
+        m.spool_commit_seconds.observe(0.003);
+        m.forward_outcome("ok");
+        let text = m.render();
+        for name in [
+            "tributary_agent_mqtt_messages_total",
+            "tributary_agent_readings_accepted_total",
+            "tributary_agent_rejected_total{reason=\"not_finite\"} 0",
+            "tributary_agent_broker_rejected_total",
+            "tributary_agent_broker_dropped_total",
+            "tributary_agent_readings_spooled_total",
+            "tributary_agent_spool_commits_total",
+            "tributary_agent_spool_commit_seconds_bucket{le=\"0.005\"} 1",
+            "tributary_agent_spool_readings",
+            "tributary_agent_spool_bytes",
+            "tributary_agent_spool_dropped_readings_total",
+            "tributary_agent_readings_forwarded_total",
+            "tributary_agent_forward_requests_total{outcome=\"ok\"} 1",
+            "tributary_agent_dead_letter_readings_total",
+            "tributary_agent_mqtt_connected",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
     }
 }
