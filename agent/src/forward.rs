@@ -22,10 +22,14 @@ use crate::spool::{Command, Spool, StoredBlock};
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// Deleting acknowledged blocks costs a spool commit of its own when no readings arrive to share
-/// it. Doing it at most once a second, not after every request, halves the commits (and the bytes
-/// written to flash) of a gateway that forwards each reading as it comes. A crash before the
+/// it. A gateway that forwards a few readings at a time deletes at most once a second, not after
+/// every request: that halves its commits (and the bytes written to flash). A crash before the
 /// delete only makes the agent resend what the aggregator then drops as duplicates.
 const DELETE_INTERVAL: Duration = Duration::from_secs(1);
+/// Batches this large are deleted at once: the agent is busy (the delete shares a commit with new
+/// readings anyway) or catching up after an outage, when a full spool must not hold delivered
+/// blocks that its size limit would then count as dropped.
+const DELETE_NOW_READINGS: u64 = 100;
 
 pub struct Forwarder {
     pub spool: Spool,
@@ -142,7 +146,7 @@ impl Forwarder {
                     }
                     cursor = cursor.max(ack.next_seq);
                     undeleted = Some(ack.next_seq);
-                    if last_delete.elapsed() >= DELETE_INTERVAL {
+                    if readings >= DELETE_NOW_READINGS || last_delete.elapsed() >= DELETE_INTERVAL {
                         if self.spool.send(Command::Ack { next_seq: ack.next_seq }).await.is_err() {
                             break;
                         }
