@@ -60,7 +60,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.mqtt.max_payload_bytes,
         config.validation.max_clock_skew.as_millis() as i64,
     );
-    let intake = Intake::new(decoder, spool.clone(), metrics.clone(), config.spool.max_queued_readings);
+    let intake = Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings);
     let mut input = match config.mqtt.mode {
         MqttMode::Embedded => {
             let broker = EmbeddedBroker::start(&config.mqtt).await?;
@@ -74,7 +74,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     let forwarder = Forwarder {
-        spool: spool.clone(),
+        spool,
         agent_id: config.agent_id.clone(),
         config: config.upstream.clone(),
         metrics: metrics.clone(),
@@ -88,7 +88,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             })
             .await
     });
-    drop(spool);
     tracing::info!(agent_id = %config.agent_id, mode = ?config.mqtt.mode, http = %config.http.listen, "agent running");
 
     let input_ended = tokio::select! {
@@ -108,7 +107,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Err(e) => result = result.and(Err(AgentError::Task(e.to_string()))),
         Ok(Ok(())) => {}
     }
-    // Every Spool clone is gone now: the writer commits what is queued and ends.
+    // Input and forwarder are gone, and with them every sender of the spool's queue: the writer
+    // commits what is queued and ends.
     let _ = tokio::task::spawn_blocking(move || spool_thread.join()).await;
     tracing::info!("agent stopped");
     result

@@ -102,7 +102,7 @@ struct Writer {
 
 impl Spool {
     /// Opens (or creates) `dir/spool.db` and starts the writer thread. The thread ends, after a
-    /// last commit, once every [`Spool`] clone is dropped.
+    /// last commit, once every sender of its queue (every [`Spool`] clone and [`Spool::sender`]) is dropped.
     pub fn open(
         dir: &Path,
         config: &SpoolConfig,

@@ -166,6 +166,19 @@ async fn wait_healthy(process: &mut Process, url: &str) {
     }
 }
 
+/// Writes `dir/<name>.toml` and starts `tributary-<name> --config` on it, logging to `dir/<name>.log`.
+fn spawn_configured(dir: &Path, name: &str, config: &str) -> (Process, PathBuf) {
+    let config_path = dir.join(format!("{name}.toml"));
+    fs::write(&config_path, config).unwrap_or_else(|e| panic!("write {}: {e}", config_path.display()));
+    let process = Process::spawn(
+        name,
+        bin(&format!("tributary-{name}")),
+        vec!["--config".into(), config_path.display().to_string()],
+        dir.join(format!("{name}.log")),
+    );
+    (process, config_path)
+}
+
 /// A running `tributary-aggregator` with its own data dir and port.
 pub struct Aggregator {
     pub process: Process,
@@ -183,14 +196,7 @@ impl Aggregator {
         for (id, token) in agents {
             config.push_str(&format!("[[agents]]\nid = {id:?}\ntoken = {token:?}\n"));
         }
-        let config_path = dir.join("aggregator.toml");
-        fs::write(&config_path, config).expect("write aggregator.toml");
-        let process = Process::spawn(
-            "aggregator",
-            bin("tributary-aggregator"),
-            vec!["--config".into(), config_path.display().to_string()],
-            dir.join("aggregator.log"),
-        );
+        let (process, _) = spawn_configured(dir, "aggregator", &config);
         let mut aggregator = Aggregator { process, port, data_dir };
         aggregator.wait_healthy().await;
         aggregator
@@ -228,6 +234,11 @@ impl Aggregator {
                 sensors.iter().filter_map(|s| Some((s["id"].as_str()?.to_string(), s["count"].as_u64()?))).collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The sum of the sensor counts: every reading the API has processed.
+    pub async fn total_readings(&self) -> u64 {
+        self.sensor_counts().await.values().sum()
     }
 
     /// `GET /api/v1/sensors/{id}/windows` (1-minute) as start → count.
@@ -304,14 +315,7 @@ impl Agent {
              [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{mqtt}{extra}",
             data_dir.display().to_string()
         );
-        let config_path = dir.join("agent.toml");
-        fs::write(&config_path, config).expect("write agent.toml");
-        let process = Process::spawn(
-            "agent",
-            bin("tributary-agent"),
-            vec!["--config".into(), config_path.display().to_string()],
-            dir.join("agent.log"),
-        );
+        let (process, config_path) = spawn_configured(dir, "agent", &config);
         let mut agent = Agent { process, http_port, mqtt_port, data_dir, config_path };
         agent.wait_healthy().await;
         agent
@@ -356,6 +360,17 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
             Some((key.to_string(), value.parse().ok()?))
         })
         .collect()
+}
+
+/// Mosquitto, an aggregator that knows agent `id` (token `secret-<id>`), and that agent joined to
+/// Mosquitto as a client: the client-mode set-up.
+pub async fn start_client_mode(dir: &Path, id: &str) -> (Mosquitto, Aggregator, Agent) {
+    let mosquitto = Mosquitto::start(dir).await;
+    let token = format!("secret-{id}");
+    let aggregator = Aggregator::start(dir, &[(id, &token)]).await;
+    let input = MqttInput::Client { port: mosquitto.port };
+    let agent = Agent::start(dir, id, &token, &aggregator.url(), input, "").await;
+    (mosquitto, aggregator, agent)
 }
 
 /// A real Mosquitto broker on its own port, keeping sessions of disconnected clients.

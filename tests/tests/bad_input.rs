@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use tributary_tests::{Agent, Aggregator, Mosquitto, MqttInput, eventually, http, publish};
+use tributary_tests::{Agent, Aggregator, MqttInput, eventually, http, publish, start_client_mode};
 
 /// The bad payloads an MQTT client can send, each with the reason the agent must count.
 fn bad_payloads() -> Vec<(Vec<u8>, &'static str)> {
@@ -85,7 +85,7 @@ async fn bad_mqtt_input_is_counted_and_never_blocks_good_readings() {
     publish(agent.mqtt_port, "mixed-2", second).await;
 
     eventually("every good reading", Duration::from_secs(30), || async {
-        (aggregator.sensor_counts().await.values().sum::<u64>() == good as u64).then_some(())
+        (aggregator.total_readings().await == good as u64).then_some(())
     })
     .await;
     eventually("the broker's refusal of the non-UTF-8 topic to be counted", Duration::from_secs(10), || async {
@@ -104,10 +104,7 @@ async fn bad_mqtt_input_is_counted_and_never_blocks_good_readings() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_payloads_through_mosquitto_are_acknowledged_and_counted_not_redelivered_for_ever() {
     let dir = tempfile::tempdir().unwrap();
-    let mosquitto = Mosquitto::start(dir.path()).await;
-    let aggregator = Aggregator::start(dir.path(), &[("gw-1", "secret-gw-1")]).await;
-    let input = MqttInput::Client { port: mosquitto.port };
-    let mut agent = Agent::start(dir.path(), "gw-1", "secret-gw-1", &aggregator.url(), input, "").await;
+    let (mosquitto, aggregator, mut agent) = start_client_mode(dir.path(), "gw-1").await;
     eventually("the agent's subscription", Duration::from_secs(10), || async {
         (agent.metric("tributary_agent_mqtt_connected").await == 1.0).then_some(())
     })
@@ -117,7 +114,7 @@ async fn bad_payloads_through_mosquitto_are_acknowledged_and_counted_not_redeliv
     let good = 45;
     publish(mosquitto.port, "mixed-3", &interleaved(good)).await;
     eventually("every good reading", Duration::from_secs(30), || async {
-        (aggregator.sensor_counts().await.values().sum::<u64>() == good as u64).then_some(())
+        (aggregator.total_readings().await == good as u64).then_some(())
     })
     .await;
     expect_rejects(&agent, good).await;

@@ -21,8 +21,8 @@ use crate::spool::{Chunk, Command, Spool, SpoolError, now_ms};
 /// it, the message is durable (client mode acknowledges by it).
 pub struct Intake {
     decoder: Decoder,
-    spool: Spool,
     tx: mpsc::Sender<Command>,
+    committed: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
     pending: Chunk,
     last: u64,
@@ -30,9 +30,16 @@ pub struct Intake {
 }
 
 impl Intake {
-    pub fn new(decoder: Decoder, spool: Spool, metrics: Arc<Metrics>, max_pending: usize) -> Intake {
-        let tx = spool.sender();
-        Intake { decoder, spool, tx, metrics, pending: Chunk::default(), last: 0, max_pending }
+    pub fn new(decoder: Decoder, spool: &Spool, metrics: Arc<Metrics>, max_pending: usize) -> Intake {
+        Intake {
+            decoder,
+            tx: spool.sender(),
+            committed: spool.committed(),
+            metrics,
+            pending: Chunk::default(),
+            last: 0,
+            max_pending,
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -107,6 +114,6 @@ impl Intake {
 
     /// The intake number of the last committed message.
     pub fn committed(&self) -> watch::Receiver<u64> {
-        self.spool.committed()
+        self.committed.clone()
     }
 }
