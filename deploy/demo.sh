@@ -77,13 +77,15 @@ listen = "127.0.0.1:$MQTT"
 topics = ["sensors/#"]
 EOF
 
-"$BIN/tributary-aggregator" --config "$DIR/aggregator.toml" >"$DIR/aggregator.log" 2>&1 &
+# Each component runs in its own session, so Ctrl-C reaches only this script, which then stops them
+# in order (a terminal would otherwise signal all of them at once).
+setsid "$BIN/tributary-aggregator" --config "$DIR/aggregator.toml" >"$DIR/aggregator.log" 2>&1 &
 AGGREGATOR=$!
 wait_http "http://127.0.0.1:$HTTP/healthz" aggregator "$AGGREGATOR"
-"$BIN/tributary-agent" --config "$DIR/agent.toml" >"$DIR/agent.log" 2>&1 &
+setsid "$BIN/tributary-agent" --config "$DIR/agent.toml" >"$DIR/agent.log" 2>&1 &
 AGENT=$!
 wait_http "http://127.0.0.1:$AGENT_HTTP/healthz" agent "$AGENT"
-"$BIN/tributary-sim" mqtt --broker "127.0.0.1:$MQTT" --devices "$DEVICES" --interval "$INTERVAL" >"$DIR/sim.log" 2>&1 &
+setsid "$BIN/tributary-sim" mqtt --broker "127.0.0.1:$MQTT" --devices "$DEVICES" --interval "$INTERVAL" >"$DIR/sim.log" 2>&1 &
 SIM=$!
 PIDS=("$SIM" "$AGENT" "$AGGREGATOR")
 
