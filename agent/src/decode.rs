@@ -60,7 +60,7 @@ impl Reject {
     fn from_reading_error(e: &ReadingError) -> Reject {
         match e {
             ReadingError::NotFinite(_) => Reject::NotFinite,
-            ReadingError::TooOld(_) | ReadingError::InFuture { .. } => Reject::BadTimestamp,
+            ReadingError::TooOld(_) | ReadingError::TooLate(_) | ReadingError::InFuture { .. } => Reject::BadTimestamp,
             _ => Reject::BadSensorId,
         }
     }

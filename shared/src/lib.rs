@@ -21,4 +21,4 @@ pub mod reading;
 
 pub use batch::{Batch, IngestAck, JsonBatch, JsonBlock, WireBlock};
 pub use block::{Block, BlockBuilder, BlockError, Entry};
-pub use reading::{MAX_SENSOR_ID_LEN, MIN_TS_MS, Reading, ReadingError};
+pub use reading::{MAX_SENSOR_ID_LEN, MAX_TS_MS, MIN_TS_MS, Reading, ReadingError};

@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 /// 2000-01-01T00:00:00Z in Unix ms: anything earlier is a device whose clock was never set.
 pub const MIN_TS_MS: i64 = 946_684_800_000;
 
+/// 9999-12-31T23:59:59.999Z in Unix ms: the last instant a four-digit ISO-8601 year can spell.
+/// Bounding event time on both ends, here and only here, keeps every window computation
+/// (`start + size`, day arithmetic) far from `i64` overflow, wherever a timestamp enters.
+pub const MAX_TS_MS: i64 = 253_402_300_799_999;
+
 /// Sensor ids are bounded so that a block's intern table and the serving store's keys stay small.
 pub const MAX_SENSOR_ID_LEN: usize = 128;
 
@@ -30,6 +35,8 @@ pub enum ReadingError {
     NotFinite(f64),
     #[error("timestamp {0} ms is before the year 2000; is the device clock set?")]
     TooOld(i64),
+    #[error("timestamp {0} ms is after the year 9999; is it in ms, not µs or ns?")]
+    TooLate(i64),
     #[error("timestamp {ts} ms is more than {max_skew_ms} ms ahead of the clock ({now} ms)")]
     InFuture { ts: i64, now: i64, max_skew_ms: i64 },
 }
@@ -54,22 +61,28 @@ pub fn validate_value(value: f64) -> Result<(), ReadingError> {
     if value.is_finite() { Ok(()) } else { Err(ReadingError::NotFinite(value)) }
 }
 
+/// The time bounds that hold everywhere: from 2000 through 9999.
+pub fn validate_ts(ts: i64) -> Result<(), ReadingError> {
+    if ts < MIN_TS_MS {
+        Err(ReadingError::TooOld(ts))
+    } else if ts > MAX_TS_MS {
+        Err(ReadingError::TooLate(ts))
+    } else {
+        Ok(())
+    }
+}
+
 /// Value and timestamp rules that hold everywhere (the agent adds the future-skew check,
-/// which needs its clock): finite value, timestamp after 2000.
+/// which needs its clock): finite value, timestamp in [`MIN_TS_MS`, `MAX_TS_MS`].
 pub fn validate_value_and_ts(ts: i64, value: f64) -> Result<(), ReadingError> {
     validate_value(value)?;
-    if ts < MIN_TS_MS {
-        return Err(ReadingError::TooOld(ts));
-    }
-    Ok(())
+    validate_ts(ts)
 }
 
 /// The agent's timestamp check: after 2000 and no further ahead of `now` than `max_skew_ms`.
 /// Old timestamps are fine: a device delivering its backlog is normal.
 pub fn validate_ts_at(ts: i64, now: i64, max_skew_ms: i64) -> Result<(), ReadingError> {
-    if ts < MIN_TS_MS {
-        return Err(ReadingError::TooOld(ts));
-    }
+    validate_ts(ts)?;
     if ts > now.saturating_add(max_skew_ms) {
         return Err(ReadingError::InFuture { ts, now, max_skew_ms });
     }
@@ -116,5 +129,15 @@ mod tests {
         assert_eq!(validate_at(MIN_TS_MS - 1, 1.0, now, skew), Err(ReadingError::TooOld(MIN_TS_MS - 1)));
         assert!(matches!(validate_at(now, f64::NAN, now, skew), Err(ReadingError::NotFinite(_))));
         assert!(matches!(validate_at(now, f64::INFINITY, now, skew), Err(ReadingError::NotFinite(_))));
+    }
+
+    #[test]
+    fn timestamps_are_bounded_on_both_ends_everywhere() {
+        assert_eq!(validate_value_and_ts(MAX_TS_MS, 1.0), Ok(()));
+        assert_eq!(validate_value_and_ts(MAX_TS_MS + 1, 1.0), Err(ReadingError::TooLate(MAX_TS_MS + 1)));
+        assert_eq!(validate_value_and_ts(i64::MAX, 1.0), Err(ReadingError::TooLate(i64::MAX)));
+        assert_eq!(validate_value_and_ts(i64::MIN, 1.0), Err(ReadingError::TooOld(i64::MIN)));
+        // The agent's clock check cannot be fooled by a skew that overflows.
+        assert!(validate_at(i64::MAX, 1.0, i64::MAX, i64::MAX).is_err());
     }
 }
