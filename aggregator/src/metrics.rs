@@ -23,6 +23,9 @@ pub struct Metrics {
     pub gap_readings: Counter,
     pub log_end_offset: Gauge,
     pub processor_offset: Gauge,
+    /// Processor steps or commits that failed (and were retried from the committed offset).
+    pub processor_failures: Counter,
+    notifications: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Metrics {
@@ -55,7 +58,21 @@ impl Metrics {
             "Log offset up to which the processor has committed its results",
             processor_offset.clone(),
         );
+        let processor_failures = Counter::default();
+        registry.register(
+            "tributary_processor_failures",
+            "Processor steps that failed and were retried from the last committed offset",
+            processor_failures.clone(),
+        );
+        let notifications = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "tributary_notify",
+            "Alert notifications by result: delivered, retried, failed, dropped (queue full), replayed (history, not sent)",
+            notifications.clone(),
+        );
         Metrics {
+            notifications,
+            processor_failures,
             registry,
             ingest_requests,
             readings_appended,
@@ -64,6 +81,11 @@ impl Metrics {
             log_end_offset,
             processor_offset,
         }
+    }
+
+    /// Counts one webhook notification outcome.
+    pub fn notify(&self, result: &str) {
+        self.notifications.get_or_create(&vec![("result".to_string(), result.to_string())]).inc();
     }
 
     /// Counts one ingest request by its response status.

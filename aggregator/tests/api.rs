@@ -9,7 +9,7 @@ fn sensors_are_listed_sorted_with_their_latest_reading() {
     let dir = tempfile::tempdir().unwrap();
     let agg = Aggregator::start(dir.path());
     let (_, empty) = agg.get_json("/api/v1/sensors");
-    assert_eq!(empty, serde_json::json!([]));
+    assert_eq!(empty, serde_json::json!({"sensors": [], "next": null}));
     agg.ingest_ok(
         0,
         &postcard_batch("gw-1", 1, &[(0, &[("b/x", T0, 1.0), ("a/y", T0 + 5, 2.0), ("b/x", T0 + 9, 3.0)])]),
@@ -17,8 +17,9 @@ fn sensors_are_listed_sorted_with_their_latest_reading() {
     agg.wait_processed();
     let (status, sensors) = agg.get_json("/api/v1/sensors");
     assert_eq!(status, 200);
-    let list = sensors.as_array().unwrap();
+    let list = sensors["sensors"].as_array().unwrap();
     assert_eq!(list.len(), 2);
+    assert_eq!(list[1]["status"], "online");
     assert_eq!(list[0]["id"], "a/y");
     assert_eq!(list[1]["id"], "b/x");
     assert_eq!(list[1]["count"], 2);
@@ -27,6 +28,30 @@ fn sensors_are_listed_sorted_with_their_latest_reading() {
     let last_seen = list[1]["last_seen"].as_i64().unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     assert!(last_seen <= now && last_seen > now - 600_000, "last_seen {last_seen} is the receive time, now {now}");
+}
+
+#[test]
+fn the_sensor_list_pages_by_id_with_a_prefix_and_caps_its_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    let ids = ["a/1", "a/2", "a/3", "b/1", "ab"];
+    let readings: Vec<(&str, i64, f64)> = ids.iter().map(|id| (*id, T0, 1.0)).collect();
+    agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &readings)]));
+    agg.wait_processed();
+    let ids_of = |v: &serde_json::Value| -> Vec<String> {
+        v["sensors"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+    };
+    let (_, first) = agg.get_json("/api/v1/sensors?limit=2");
+    assert_eq!((ids_of(&first), first["next"].as_str()), (vec!["a/1".to_string(), "a/2".into()], Some("a/2")));
+    let (_, second) = agg.get_json("/api/v1/sensors?limit=2&after=a%2F2");
+    assert_eq!(ids_of(&second), ["a/3", "ab"]);
+    let (_, last) = agg.get_json("/api/v1/sensors?limit=2&after=ab");
+    assert_eq!((ids_of(&last), last["next"].is_null()), (vec!["b/1".to_string()], true));
+    let (_, prefixed) = agg.get_json("/api/v1/sensors?prefix=a%2F");
+    assert_eq!(ids_of(&prefixed), ["a/1", "a/2", "a/3"]);
+    let too_many = agg.get("/api/v1/sensors?limit=10001");
+    assert_eq!(too_many.status, 400);
+    assert!(too_many.json()["detail"].as_str().unwrap().contains("10000"), "{}", too_many.text());
 }
 
 #[test]

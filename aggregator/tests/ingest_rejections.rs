@@ -64,7 +64,7 @@ fn refused_requests_leave_the_log_unchanged() {
         );
     }
     let (_, sensors) = agg.get_json("/api/v1/sensors");
-    assert_eq!(sensors[0]["count"], 5);
+    assert_eq!(sensors["sensors"][0]["count"], 5);
 }
 
 #[test]

@@ -228,8 +228,9 @@ impl Aggregator {
 
     /// `GET /api/v1/sensors` as id → count.
     pub async fn sensor_counts(&self) -> BTreeMap<String, u64> {
-        let (_, body) = self.get("/api/v1/sensors").await;
-        body.as_array()
+        let (_, body) = self.get("/api/v1/sensors?limit=10000").await;
+        body["sensors"]
+            .as_array()
             .map(|sensors| {
                 sensors.iter().filter_map(|s| Some((s["id"].as_str()?.to_string(), s["count"].as_u64()?))).collect()
             })
