@@ -378,6 +378,29 @@ fn load_ranges(conn: &mut Connection) -> Result<HashMap<Key, SeqRanges>, LogErro
     Ok(ranges)
 }
 
+/// One line per committed request that opened or filled holes (not one per hole: a client
+/// skipping every other number would flood the log).
+fn log_holes(group: &[AppendRequest], plans: &[Result<Plan, AppendError>]) {
+    for (request, plan) in group.iter().zip(plans) {
+        let Ok(plan) = plan else { continue };
+        let (agent, epoch, missing) = (&request.agent_id, request.epoch, plan.ack.missing);
+        if plan.opened > 0 {
+            let holes = plan.changes.iter().filter(|c| matches!(c, HoleChange::Opened { .. })).count();
+            tracing::warn!(
+                agent,
+                epoch,
+                readings = plan.opened,
+                holes,
+                missing,
+                "gap: sequence numbers skipped (dropped by the agent's spool, or still to come)"
+            );
+        }
+        if plan.filled > 0 {
+            tracing::info!(agent, epoch, readings = plan.filled, missing, "late readings filled gaps");
+        }
+    }
+}
+
 struct WriterState {
     conn: Connection,
     ranges: HashMap<Key, SeqRanges>,
@@ -470,6 +493,7 @@ impl WriterState {
                 }
                 self.metrics.log_end_offset.set(self.end_offset as i64);
                 self.end_tx.send_replace(self.end_offset);
+                log_holes(&group, &plans);
                 for (request, plan) in group.into_iter().zip(plans) {
                     // The agent may have hung up; its data is committed and a resend dedups.
                     let _ = request.reply.send(plan.map(|p| p.ack));
@@ -586,13 +610,6 @@ impl WriterState {
                     match *change {
                         HoleChange::Opened { from, to } => {
                             open_gap.execute(params![agent, epoch, from as i64, to as i64, now])?;
-                            tracing::warn!(
-                                agent,
-                                epoch,
-                                from,
-                                to,
-                                "gap: sequence numbers skipped (dropped by the agent's spool, or still to come)"
-                            );
                         }
                         HoleChange::Shrunk { was, from, to } => {
                             shrink_gap.execute(params![agent, epoch, was as i64, from as i64, to as i64])?;
@@ -605,15 +622,6 @@ impl WriterState {
                             fill_gap.execute(params![agent, epoch, was as i64])?;
                         }
                     }
-                }
-                if plan.filled > 0 {
-                    tracing::info!(
-                        agent,
-                        epoch,
-                        readings = plan.filled,
-                        missing = plan.ack.missing,
-                        "gap readings arrived out of order and filled their holes"
-                    );
                 }
                 for part in &plan.parts {
                     insert_block.execute(params![
