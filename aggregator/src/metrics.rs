@@ -21,6 +21,7 @@ pub struct Metrics {
     pub readings_appended: Counter,
     pub readings_duplicate: Counter,
     pub gap_readings: Counter,
+    pub gap_filled_readings: Counter,
     pub log_end_offset: Gauge,
     pub processor_offset: Gauge,
 }
@@ -47,6 +48,12 @@ impl Metrics {
             "Sequence numbers agents never sent (dropped by their spool policy), recorded as gaps",
             gap_readings.clone(),
         );
+        let gap_filled_readings = Counter::default();
+        registry.register(
+            "tributary_ingest_gap_filled_readings",
+            "Sequence numbers recorded as gaps that arrived later (out of order) and filled them",
+            gap_filled_readings.clone(),
+        );
         let log_end_offset = Gauge::default();
         registry.register("tributary_log_end_offset", "Readings in the log (the next offset)", log_end_offset.clone());
         let processor_offset = Gauge::default();
@@ -61,6 +68,7 @@ impl Metrics {
             readings_appended,
             readings_duplicate,
             gap_readings,
+            gap_filled_readings,
             log_end_offset,
             processor_offset,
         }
@@ -106,6 +114,7 @@ mod tests {
             "tributary_ingest_readings_total{result=\"appended\"} 5",
             "tributary_ingest_readings_total{result=\"duplicate\"} 0",
             "tributary_ingest_gap_readings_total 0",
+            "tributary_ingest_gap_filled_readings_total 0",
             "tributary_log_end_offset 5",
             "tributary_processor_offset 0",
         ] {
