@@ -58,6 +58,13 @@ const FIT_PERCENT: u64 = 80;
 const SPACE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Free space that counts as "space has returned".
 const SPACE_RETURNED_BYTES: u64 = 1 << 20;
+/// Kept on the spool's file system (`spool.reserve`) and given back when it is full, so that the
+/// spool can still checkpoint its WAL and write the deletions that make room.
+const RESERVE_BYTES: u64 = 1 << 20;
+pub const RESERVE_FILE: &str = "spool.reserve";
+/// SQLite's default WAL autocheckpoint, and the smaller one while the file system is full.
+const WAL_PAGES: i64 = 1000;
+const WAL_PAGES_WHILE_FULL: i64 = 100;
 /// Commit attempts under an ever lower limit before a commit's new readings are dropped outright.
 const FULL_ATTEMPTS: u32 = 4;
 /// Drops are logged at most this often (with the count since the last line): a full disk drops on
@@ -185,6 +192,8 @@ struct Writer {
     last_space_check: Instant,
     /// [`MAX_PAGE_COUNT_ENV`], when set.
     max_pages: Option<u64>,
+    /// `spool.reserve` is on disk.
+    reserve_held: bool,
     /// Readings dropped since the last log line, and when that line was written.
     drops_unlogged: u64,
     last_drop_log: Option<Instant>,
@@ -235,6 +244,8 @@ impl Spool {
         let reader =
             Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .map_err(open_err)?;
+        // The reserve first, so that what fits is counted without it.
+        let reserve_held = hold_reserve(dir);
         let free = match max_pages {
             Some(pages) => page_space(&conn, pages),
             None => free_bytes(dir),
@@ -263,6 +274,7 @@ impl Spool {
             disk_cap: None,
             last_space_check: Instant::now(),
             max_pages,
+            reserve_held,
             drops_unlogged: 0,
             last_drop_log: None,
             end: end_tx,
@@ -402,6 +414,46 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 #[cfg(not(unix))]
 fn free_bytes(_dir: &Path) -> Option<u64> {
     None
+}
+
+/// Makes sure `dir/spool.reserve` holds [`RESERVE_BYTES`] of allocated space; false if the file
+/// system has no room for it (it is taken when space returns).
+fn hold_reserve(dir: &Path) -> bool {
+    let path = dir.join(RESERVE_FILE);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES) {
+        return true;
+    }
+    let allocated = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .and_then(|file| allocate(&file, RESERVE_BYTES));
+    if allocated.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    allocated.is_ok()
+}
+
+/// Allocates `len` bytes of disk to `file` (blocks, not a sparse hole).
+fn allocate(file: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: posix_fallocate(3) on a descriptor we own; it returns the error number.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::from_raw_os_error(rc)) }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        use std::io::Write;
+        let mut file = file;
+        let zeros = vec![0u8; 64 << 10];
+        for _ in 0..len.div_ceil(zeros.len() as u64) {
+            file.write_all(&zeros)?;
+        }
+        file.sync_all()
+    }
 }
 
 /// Room left under a `max_page_count` cap (unused pages plus the free list).
@@ -702,8 +754,9 @@ impl Writer {
                 Err(e) => e,
             };
             let full = is_disk_full(&error);
+            let episode_began = full && self.disk_cap.is_none();
             if full {
-                self.metrics.spool_disk_full.inc();
+                self.on_disk_full();
             }
             if batch.blocks.is_empty() {
                 tracing::warn!(%error, "spool could not apply the forwarder's commands; retrying");
@@ -719,7 +772,9 @@ impl Writer {
             }
             if full {
                 full_attempts += 1;
-                self.lower_disk_cap(full_attempts);
+                if !episode_began {
+                    self.lower_disk_cap();
+                }
                 if self.config.overflow == Overflow::DropOldest {
                     // Deleted and committed first: SQLite reliably reuses pages freed by an earlier
                     // transaction, not always those freed by the one that needs them.
@@ -757,7 +812,7 @@ impl Writer {
             Ok(applied) => self.apply(applied, pending, scope),
             Err(error) => {
                 if is_disk_full(&error) {
-                    self.metrics.spool_disk_full.inc();
+                    self.on_disk_full();
                 }
                 tracing::debug!(%error, ?scope, "spool commit of the forwarder's commands failed");
             }
@@ -769,25 +824,39 @@ impl Writer {
         self.disk_cap.map_or(self.limit, |cap| cap.min(self.limit))
     }
 
-    /// The file system refused a commit: keep at most what is stored now (drop_oldest: 7/8 of it,
-    /// so that deleting leaves free pages to write into), then less each attempt.
-    fn lower_disk_cap(&mut self, attempt: u32) {
-        let stored = self.bytes.min(self.cap());
-        let cap = match (attempt, self.config.overflow) {
-            (0 | 1, Overflow::DropNewest) => stored,
-            (0 | 1, Overflow::DropOldest) => stored / 8 * 7,
-            _ => self.cap() / 4 * 3,
-        };
-        if self.disk_cap.is_none() {
-            tracing::warn!(
-                path = %self.path.display(),
-                overflow = ?self.config.overflow,
-                "the spool's file system is full: keeping at most {} and dropping readings by spool.overflow until space returns",
-                human_bytes(cap)
-            );
+    /// The file system refused a write. The first time in an episode: keep at most what is stored
+    /// now (drop_oldest: 7/8 of it, so that deleting leaves free pages to write into), give back
+    /// the reserve and the WAL's space, so that deletions (acks, drops) can still be written.
+    fn on_disk_full(&mut self) {
+        self.metrics.spool_disk_full.inc();
+        if self.disk_cap.is_some() {
+            return;
         }
-        self.disk_cap = Some(cap);
+        let stored = self.bytes.min(self.limit);
+        self.disk_cap = Some(match self.config.overflow {
+            Overflow::DropNewest => stored,
+            Overflow::DropOldest => stored / 8 * 7,
+        });
         self.last_space_check = Instant::now();
+        self.metrics.spool_max_bytes.set(self.cap() as i64);
+        let released = self.reserve_held && std::fs::remove_file(self.dir.join(RESERVE_FILE)).is_ok();
+        self.reserve_held &= !released;
+        // A checkpoint moves the WAL into the database and TRUNCATE gives its space back; a small
+        // autocheckpoint keeps it small while space is short.
+        let _ = self.conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES_WHILE_FULL);
+        let _ = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        tracing::warn!(
+            path = %self.path.display(),
+            overflow = ?self.config.overflow,
+            released_reserve = released,
+            "the spool's file system is full: keeping at most {} and dropping readings by spool.overflow until space returns",
+            human_bytes(self.cap())
+        );
+    }
+
+    /// The file system refused again within the episode: keep a quarter less.
+    fn lower_disk_cap(&mut self) {
+        self.disk_cap = Some(self.cap() / 4 * 3);
         self.metrics.spool_max_bytes.set(self.cap() as i64);
     }
 
@@ -825,23 +894,35 @@ impl Writer {
         }
     }
 
-    /// While the disk cap is in force, checks now and then whether space has returned.
+    /// While the disk cap is in force, checks now and then whether space has returned; if so,
+    /// takes the reserve back and raises the limit to what fits, as at open.
     fn maybe_lift_disk_cap(&mut self) {
         let Some(cap) = self.disk_cap else { return };
         if self.last_space_check.elapsed() < SPACE_CHECK_INTERVAL {
             return;
         }
         self.last_space_check = Instant::now();
-        let free = match self.max_pages {
+        let needed = SPACE_RETURNED_BYTES + if self.reserve_held { 0 } else { RESERVE_BYTES };
+        if self.free_space().is_none_or(|free| free < needed) {
+            return;
+        }
+        self.reserve_held = self.reserve_held || hold_reserve(&self.dir);
+        let fits = self.free_space().unwrap_or(0).saturating_add(spool_files_size(&self.path));
+        let lifted = (fits / 100 * FIT_PERCENT).max(cap);
+        self.disk_cap = (lifted < self.limit).then_some(lifted);
+        if self.disk_cap.is_none() {
+            let _ = self.conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES);
+        }
+        tracing::info!(path = %self.path.display(), "space has returned on the spool's file system: limit now {}",
+            human_bytes(self.cap()));
+        self.metrics.spool_max_bytes.set(self.cap() as i64);
+    }
+
+    fn free_space(&self) -> Option<u64> {
+        match self.max_pages {
             Some(pages) => page_space(&self.conn, pages),
             None => free_bytes(&self.dir),
-        };
-        let Some(free) = free.filter(|f| *f >= SPACE_RETURNED_BYTES) else { return };
-        let lifted = self.bytes.max(cap).saturating_add(free / 100 * FIT_PERCENT);
-        self.disk_cap = (lifted < self.limit).then_some(lifted);
-        tracing::info!(path = %self.path.display(), free = %human_bytes(free),
-            "space has returned on the spool's file system: limit now {}", human_bytes(self.cap()));
-        self.metrics.spool_max_bytes.set(self.cap() as i64);
+        }
     }
 
     fn commit(&mut self, blocks: &[(usize, Vec<u8>)], pending: &Pending, scope: Scope) -> rusqlite::Result<Applied> {
