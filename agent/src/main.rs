@@ -37,7 +37,7 @@ enum SpoolCommand {
 
 #[derive(Subcommand)]
 enum DeadLetterCommand {
-    /// Print each dead letter: first_seq, count, reason, time (UTC). Reads only; the agent may be running.
+    /// Print each dead letter: first_seq, count, time (UTC), reason. Reads only; the agent may be running.
     List,
     /// Move dead letters back into the spool, to be sent again under their own sequence numbers
     /// when the agent starts (the aggregator fills holes below its mark). The agent must be
