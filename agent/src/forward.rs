@@ -125,6 +125,14 @@ struct Epoch {
     horizon: u64,
 }
 
+impl Epoch {
+    /// Whether the ack of a request that ended at `batch_end` says the aggregator holds numbers
+    /// this agent never sent.
+    fn is_beyond(&self, next_seq: u64, batch_end: u64) -> bool {
+        next_seq > self.horizon.max(batch_end)
+    }
+}
+
 impl Forwarder {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let client = match reqwest::Client::builder().timeout(self.config.timeout).build() {
@@ -232,7 +240,7 @@ impl Forwarder {
                         if !self.settle(&mut epoch, from, ack.next_seq, &mut shutdown).await {
                             break;
                         }
-                    } else if ack.next_seq > epoch.horizon {
+                    } else if epoch.is_beyond(ack.next_seq, batch_end) {
                         tracing::error!(
                             aggregator_mark = ack.next_seq,
                             sent_up_to = epoch.horizon,
@@ -590,6 +598,15 @@ mod tests {
         assert_eq!(spans(&plan(&blocks, 0, None, &[(10, 20)], usize::MAX)), [(0, 10), (20, 10)]);
         assert_eq!(spans(&plan(&blocks, 0, None, &[(12, 15)], usize::MAX)), [(0, 10), (10, 2), (15, 5), (20, 10)]);
         assert_eq!(spans(&plan(&blocks, 5, None, &[], usize::MAX)), [(5, 5), (10, 10), (20, 10)]);
+    }
+
+    #[test]
+    fn only_an_ack_beyond_everything_sent_is_suspect() {
+        let epoch = Epoch { unverified: None, fresh_from: 100, horizon: 250 };
+        assert!(!epoch.is_beyond(300, 300), "the ack of what was just sent");
+        assert!(!epoch.is_beyond(250, 120), "what an earlier life sent");
+        assert!(epoch.is_beyond(301, 300));
+        assert!(epoch.is_beyond(260, 120));
     }
 
     fn forwarder() -> (Forwarder, tempfile::TempDir, std::thread::JoinHandle<()>) {

@@ -64,6 +64,7 @@ async fn proxy_errors_are_retried_with_backoff_and_lose_nothing() {
     }
     let (ok, out, err) = agent.cli(&["spool", "dead-letters", "list"]);
     assert!(ok && out.contains("no dead letters"), "{out}{err}");
+    assert!(!agent.process.log_text().contains("never sent"), "ordinary acks are not suspect");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let counts = aggregator.sensor_counts().await;
     assert_eq!((counts["line1/flow"], counts["line2/flow"]), (120, 180));

@@ -87,4 +87,6 @@ async fn a_restored_spool_keeps_every_new_reading() {
         warning.contains("spool_end=100") && warning.contains("aggregator_mark=200") && warning.contains("spool.db"),
         "{warning}"
     );
+    assert_eq!(log.matches("behind the aggregator").count(), 1, "one rewind, one warning");
+    assert!(!log.contains("never sent"), "ordinary acks are not suspect:\n{log}");
 }
