@@ -234,7 +234,6 @@ impl Forwarder {
             match outcome {
                 Outcome::Acked(ack) => {
                     self.metrics.readings_forwarded.inc_by(readings.min(ack.accepted + ack.duplicates));
-                    backoff.reset();
                     if let Some(from) = epoch.unverified {
                         // This request carried only blocks older than `from`: its ack is the mark.
                         if !self.settle(&mut epoch, from, ack.next_seq, &mut shutdown).await {
@@ -270,6 +269,7 @@ impl Forwarder {
                         }
                         continue;
                     }
+                    backoff.reset();
                     cursor = acked;
                     undeleted = Some(acked);
                     if readings >= DELETE_NOW_READINGS || last_delete.elapsed() >= DELETE_INTERVAL {
@@ -394,7 +394,7 @@ impl Forwarder {
                     // Not the aggregator's JSON: a proxy, or something else in the way. Not a verdict on the data.
                     return ("bad_request", Outcome::Retry(format!("400 that is not the aggregator's: {}", text())));
                 };
-                let detail = error.detail.clone().unwrap_or_default();
+                let detail = error.detail.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| error.error.clone());
                 match error.error.as_str() {
                     "invalid_block" if error.permanent != Some(false) => {
                         match error.block.filter(|i| {
