@@ -40,7 +40,8 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// Base URL of the aggregator, e.g. `http://127.0.0.1:8080`. Required.
+    /// Base URL of the aggregator, e.g. `http://127.0.0.1:8080` or, behind a reverse proxy,
+    /// `https://host/tributary` (a path is kept: requests go to `<url>/api/v1/ingest`). Required.
     pub url: url::Url,
     /// Bearer token the aggregator knows this agent by. Required.
     pub token: String,
@@ -127,10 +128,27 @@ pub struct SpoolConfig {
     /// `full` (default) or `normal`; see [`SyncMode`].
     #[serde(default = "default_sync")]
     pub sync: SyncMode,
-    /// Spool size limit in bytes of stored blocks; beyond it the oldest blocks are dropped and
-    /// counted (the aggregator records the gap). Default 1 GiB.
+    /// Spool size limit in bytes of stored blocks; beyond it readings are dropped by `overflow`
+    /// and counted (the aggregator records the gap). If it does not fit on the spool's file system
+    /// (free space plus the spool's current size), the agent uses 80 % of what fits and logs it.
+    /// Default 1 GiB.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// What to drop when the spool reaches `max_bytes` or its file system is full: `drop_oldest`
+    /// (default: the oldest stored blocks make room) or `drop_newest` (arriving readings are
+    /// dropped; they still consume sequence numbers, so the aggregator records the hole).
+    #[serde(default)]
+    pub overflow: Overflow,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Delete the oldest stored blocks to make room for new readings.
+    #[default]
+    DropOldest,
+    /// Keep what is stored; drop arriving readings that do not fit.
+    DropNewest,
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -212,25 +230,44 @@ impl Default for SpoolConfig {
             max_queued_readings: default_max_queued_readings(),
             sync: default_sync(),
             max_bytes: default_max_bytes(),
+            overflow: Overflow::default(),
         }
     }
 }
 
 pub use tributary_shared::config_file::ConfigError;
 
+impl UpstreamConfig {
+    /// The aggregator's ingest endpoint, below `url` (normalised at load to end with `/`).
+    pub fn ingest_url(&self) -> Result<url::Url, url::ParseError> {
+        self.url.join("api/v1/ingest")
+    }
+}
+
 impl Config {
     /// Reads, parses and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = config_file::load(path)?;
+        let mut config: Config = config_file::load(path)?;
+        config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
         Ok(config)
     }
 
     /// Parses and checks configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let config: Config = config_file::parse(text, file)?;
+        let mut config: Config = config_file::parse(text, file)?;
+        config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
         Ok(config)
+    }
+
+    /// `upstream.url` is a base: without a trailing slash, joining `api/v1/ingest` would replace
+    /// its last path segment (`http://host/tributary` would post to `http://host/api/v1/ingest`).
+    fn normalise(&mut self) {
+        if !self.upstream.url.path().ends_with('/') {
+            let path = format!("{}/", self.upstream.url.path());
+            self.upstream.url.set_path(&path);
+        }
     }
 
     /// Rules serde cannot express.
@@ -338,5 +375,28 @@ token = "t"
         assert!(e.contains("mqtt.url: required when mqtt.mode = \"client\""), "{e}");
         let e = parse(&format!("{MINIMAL}[spool]\ncommit_interval = \"5 parsecs\"\n")).unwrap_err();
         assert!(e.contains("spool.commit_interval"), "{e}");
+        let e = parse(&format!("{MINIMAL}[spool]\noverflow = \"drop_middle\"\n")).unwrap_err();
+        assert!(e.contains("spool.overflow") && e.contains("drop_oldest"), "{e}");
+    }
+
+    #[test]
+    fn an_upstream_url_with_a_path_keeps_it() {
+        for (url, ingest) in [
+            ("http://host/tributary", "http://host/tributary/api/v1/ingest"),
+            ("http://host/tributary/", "http://host/tributary/api/v1/ingest"),
+            ("http://host:8080", "http://host:8080/api/v1/ingest"),
+            ("https://host/a/b", "https://host/a/b/api/v1/ingest"),
+        ] {
+            let config = parse(&MINIMAL.replace("http://127.0.0.1:8080", url)).unwrap();
+            assert_eq!(config.upstream.ingest_url().unwrap().as_str(), ingest, "{url}");
+        }
+    }
+
+    #[test]
+    fn overflow_defaults_to_dropping_the_oldest() {
+        assert_eq!(parse(MINIMAL).unwrap().spool.overflow, Overflow::DropOldest);
+        assert_eq!(parse(EXAMPLE).unwrap().spool.overflow, Overflow::DropOldest);
+        let newest = parse(&format!("{MINIMAL}[spool]\noverflow = \"drop_newest\"\n")).unwrap();
+        assert_eq!(newest.spool.overflow, Overflow::DropNewest);
     }
 }
