@@ -24,6 +24,11 @@ pub struct Metrics {
     pub gap_filled_readings: Counter,
     pub log_end_offset: Gauge,
     pub processor_offset: Gauge,
+    pub processor_lag_readings: Gauge,
+    pub processor_stalled: Gauge,
+    pub processor_step_failures: Counter,
+    pub set_aside_blocks: Counter,
+    pub set_aside_readings: Counter,
 }
 
 impl Metrics {
@@ -62,6 +67,36 @@ impl Metrics {
             "Log offset up to which the processor has committed its results",
             processor_offset.clone(),
         );
+        let processor_lag_readings = Gauge::default();
+        registry.register(
+            "tributary_processor_lag_readings",
+            "Readings in the log the processor has not committed yet (log end offset - processor offset)",
+            processor_lag_readings.clone(),
+        );
+        let processor_stalled = Gauge::default();
+        registry.register(
+            "tributary_processor_stalled",
+            "1 while the processor has failed without progress for a while (/healthz says why), else 0",
+            processor_stalled.clone(),
+        );
+        let processor_step_failures = Counter::default();
+        registry.register(
+            "tributary_processor_step_failures",
+            "Processor steps that failed (log unreadable, store commit refused); each is retried",
+            processor_step_failures.clone(),
+        );
+        let set_aside_blocks = Counter::default();
+        registry.register(
+            "tributary_processor_set_aside_blocks",
+            "Log blocks the processor left out of the store (listed by /api/v1/set-aside); since the store was built",
+            set_aside_blocks.clone(),
+        );
+        let set_aside_readings = Counter::default();
+        registry.register(
+            "tributary_processor_set_aside_readings",
+            "Readings in the set-aside log blocks, as the log counts them",
+            set_aside_readings.clone(),
+        );
         Metrics {
             registry,
             ingest_requests,
@@ -71,6 +106,11 @@ impl Metrics {
             gap_filled_readings,
             log_end_offset,
             processor_offset,
+            processor_lag_readings,
+            processor_stalled,
+            processor_step_failures,
+            set_aside_blocks,
+            set_aside_readings,
         }
     }
 
@@ -117,6 +157,11 @@ mod tests {
             "tributary_ingest_gap_filled_readings_total 0",
             "tributary_log_end_offset 5",
             "tributary_processor_offset 0",
+            "tributary_processor_lag_readings 0",
+            "tributary_processor_stalled 0",
+            "tributary_processor_step_failures_total 0",
+            "tributary_processor_set_aside_blocks_total 0",
+            "tributary_processor_set_aside_readings_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -226,14 +226,26 @@ impl Aggregator {
         scrape(self.port).await.get(key).copied().unwrap_or(0.0)
     }
 
-    /// `GET /api/v1/sensors` as id → count.
+    /// `GET /api/v1/sensors` as id → count, every page (following `Link: <...>; rel="next"`).
     pub async fn sensor_counts(&self) -> BTreeMap<String, u64> {
-        let (_, body) = self.get("/api/v1/sensors").await;
-        body.as_array()
-            .map(|sensors| {
-                sensors.iter().filter_map(|s| Some((s["id"].as_str()?.to_string(), s["count"].as_u64()?))).collect()
-            })
-            .unwrap_or_default()
+        let mut counts = BTreeMap::new();
+        let mut next = Some("/api/v1/sensors?limit=10000".to_string());
+        while let Some(path) = next.take() {
+            let Ok(response) = http().get(format!("{}{path}", self.url())).send().await else { break };
+            next = response
+                .headers()
+                .get("link")
+                .and_then(|link| link.to_str().ok())
+                .and_then(|link| Some(link.strip_prefix('<')?.split_once(">; rel=\"next\"")?.0.to_string()));
+            let body = response.bytes().await.ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            let body = body.unwrap_or(Value::Null);
+            for sensor in body.as_array().into_iter().flatten() {
+                if let (Some(id), Some(count)) = (sensor["id"].as_str(), sensor["count"].as_u64()) {
+                    counts.insert(id.to_string(), count);
+                }
+            }
+        }
+        counts
     }
 
     /// The sum of the sensor counts: every reading the API has processed.
