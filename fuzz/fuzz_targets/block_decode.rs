@@ -8,9 +8,10 @@ use tributary_shared::Block;
 fn same(a: &Block, b: &Block) -> bool {
     a.sensors == b.sensors
         && a.entries.len() == b.entries.len()
-        && a.entries.iter().zip(&b.entries).all(|(x, y)| {
-            x.sensor == y.sensor && x.ts == y.ts && x.value.to_bits() == y.value.to_bits()
-        })
+        && a.entries
+            .iter()
+            .zip(&b.entries)
+            .all(|(x, y)| x.sensor == y.sensor && x.ts == y.ts && x.value.to_bits() == y.value.to_bits())
 }
 
 fuzz_target!(|data: &[u8]| {
