@@ -704,3 +704,143 @@ async fn proxy_one(
     let _ = stream.write_all(&answer).await;
     let _ = stream.shutdown().await;
 }
+/// One block of the aggregator's log, read from `log.db` itself.
+#[derive(Debug, Clone)]
+pub struct LoggedBlock {
+    pub first_offset: i64,
+    pub agent_id: String,
+    pub epoch: i64,
+    pub first_seq: i64,
+    pub count: i64,
+    pub data: Vec<u8>,
+}
+
+impl Aggregator {
+    fn open_log(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(self.data_dir.join("log.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open log.db")
+    }
+
+    /// Every block of the log in offset order (decode them with `tributary_shared::Block::decode`).
+    pub fn log_blocks(&self) -> Vec<LoggedBlock> {
+        let conn = self.open_log();
+        let mut stmt = conn
+            .prepare("SELECT first_offset, agent_id, epoch, first_seq, count, data FROM blocks ORDER BY first_offset")
+            .expect("query log.db");
+        stmt.query_map([], |r| {
+            Ok(LoggedBlock {
+                first_offset: r.get(0)?,
+                agent_id: r.get(1)?,
+                epoch: r.get(2)?,
+                first_seq: r.get(3)?,
+                count: r.get(4)?,
+                data: r.get(5)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .expect("read log.db")
+    }
+
+    /// Sequence numbers the aggregator recorded as never sent (the agent dropped them by policy).
+    pub fn log_gap_readings(&self) -> i64 {
+        self.open_log()
+            .query_row("SELECT coalesce(sum(to_seq - from_seq), 0) FROM gaps", [], |r| r.get(0))
+            .expect("query gaps in log.db")
+    }
+}
+
+/// A QoS-1 publisher that records which of its messages the broker acknowledged (PUBACK), by the
+/// id the caller gives each message. One task publishes, another polls the event loop (rumqttc
+/// deadlocks otherwise); packet ids are matched to messages in the order they go out.
+pub struct AckedPublisher {
+    client: AsyncClient,
+    state: std::sync::Arc<std::sync::Mutex<PublisherState>>,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct PublisherState {
+    /// Ids handed to the client, not yet sent as a PUBLISH packet.
+    queued: std::collections::VecDeque<u64>,
+    /// Packet id → message id, sent and not yet acknowledged.
+    inflight: HashMap<u16, u64>,
+    acked: Vec<u64>,
+    sent: u64,
+    error: Option<String>,
+}
+
+impl AckedPublisher {
+    pub fn connect(port: u16, client_id: &str) -> AckedPublisher {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(4 << 20, 4 << 20).set_inflight(100);
+        let (client, mut eventloop) = AsyncClient::new(options, 256);
+        let state = std::sync::Arc::new(std::sync::Mutex::new(PublisherState::default()));
+        let shared = state.clone();
+        let poller = tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await;
+                let mut s = shared.lock().expect("publisher state");
+                match event {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(id) = s.queued.pop_front() {
+                            s.inflight.insert(pkid, id);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(id) = s.inflight.remove(&ack.pkid) {
+                            s.acked.push(id);
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        // A reconnect would resend unacknowledged packets and blur the record: stop.
+                        s.error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        });
+        AckedPublisher { client, state, poller }
+    }
+
+    /// Queues message `id`; returns once the client has taken it (not when it is acknowledged).
+    pub async fn publish(&self, id: u64, topic: &str, payload: Vec<u8>) {
+        {
+            let mut s = self.state.lock().expect("publisher state");
+            if let Some(e) = &s.error {
+                panic!("MQTT publisher failed: {e}");
+            }
+            s.queued.push_back(id);
+            s.sent += 1;
+        }
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publish");
+    }
+
+    /// (sent, acknowledged) so far.
+    pub fn progress(&self) -> (u64, u64) {
+        let s = self.state.lock().expect("publisher state");
+        (s.sent, s.acked.len() as u64)
+    }
+
+    /// Waits (up to `timeout`) for every sent message to be acknowledged, disconnects, and returns
+    /// the acknowledged ids.
+    pub async fn finish(self, timeout: Duration) -> Vec<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (sent, acked) = self.progress();
+            let failed = self.state.lock().expect("publisher state").error.clone();
+            if let Some(e) = failed {
+                panic!("MQTT publisher failed: {e} ({acked}/{sent} acknowledged)");
+            }
+            if acked == sent {
+                break;
+            }
+            assert!(Instant::now() < deadline, "only {acked} of {sent} publishes acknowledged after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.poller).await;
+        std::mem::take(&mut self.state.lock().expect("publisher state").acked)
+    }
+}
