@@ -42,3 +42,36 @@ async fn qos2_publishes_complete_and_are_spooled_exactly_once() {
     values.sort();
     assert_eq!(values, (0..100).collect::<Vec<u64>>());
 }
+
+/// MQTT lets a client send packets right behind its CONNECT, before the CONNACK arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_written_together_with_connect_is_acknowledged_and_spooled() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let aggregator = Aggregator::start(dir.path(), &[("gw-1", "secret-gw-1")]).await;
+    let agent = Agent::start(dir.path(), "gw-1", "secret-gw-1", &aggregator.url(), MqttInput::Embedded, "").await;
+    let port = agent.mqtt_port;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // CONNECT (MQTT 3.1.1, clean session, keep alive 60, id "eager"), then PUBLISH QoS 1, packet id 7.
+        let mut bytes = vec![0x10, 17, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x05];
+        bytes.extend_from_slice(b"eager");
+        let (topic, payload) = (b"sensors/eager/temp", b"21.5");
+        bytes.extend_from_slice(&[0x32, (2 + topic.len() + 2 + payload.len()) as u8, 0x00, topic.len() as u8]);
+        bytes.extend_from_slice(topic);
+        bytes.extend_from_slice(&[0x00, 0x07]);
+        bytes.extend_from_slice(payload);
+        s.write_all(&bytes).unwrap();
+        let mut answer = [0u8; 8];
+        s.read_exact(&mut answer).unwrap();
+        answer
+    })
+    .await
+    .unwrap();
+    assert_eq!(answer, [0x20, 0x02, 0x00, 0x00, 0x40, 0x02, 0x00, 0x07], "CONNACK, then PUBACK of packet 7");
+    eventually("the reading", Duration::from_secs(30), || async {
+        (aggregator.sensor_counts().await.get("eager/temp") == Some(&1)).then_some(())
+    })
+    .await;
+}

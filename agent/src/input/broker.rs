@@ -70,6 +70,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const ACK_FLUSH: Duration = Duration::from_secs(1);
 /// A read asks the socket for at least this much room.
 const READ_CHUNK: usize = 8 * 1024;
+/// Reads smaller than this are framed from a copy (see [`Connection::frame`]).
+const SMALL_READ: usize = 2 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -84,7 +86,7 @@ pub enum BrokerError {
 }
 
 /// Registers a connection with the router: (client id, clean session, last will).
-type NewLink = Arc<dyn Fn(&str, bool, Option<LastWill>) -> Result<Link, LinkError> + Send + Sync>;
+type NewLink = Arc<dyn Fn(&str, bool, Option<LastWill>) -> Result<Link, String> + Send + Sync>;
 type Link = (LinkTx, LinkRx, Notification);
 
 /// A running embedded broker and the agent's link into it.
@@ -103,7 +105,8 @@ impl EmbeddedBroker {
         let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr, source })?;
         let router_tx = Router::new(0, router_config()).spawn();
         let new_link: NewLink = Arc::new(move |client_id, clean, will| {
-            LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).last_will(will).build()
+            let builder = LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).last_will(will);
+            builder.build().map_err(|e| e.to_string())
         });
         let (mut link_tx, link_rx, _) = new_link("tributary-agent-spool", true, None)
             .map_err(|e| BrokerError::Setup(format!("local link: {e}")))?;
@@ -320,14 +323,8 @@ async fn serve(socket: TcpStream, addr: SocketAddr, shared: &Shared, mut phase: 
     if connect.keep_alive == 0 {
         return refuse(shared, addr, "keep alive 0 is not supported");
     }
-    let code = if connect.client_id.is_empty() && !connect.clean_session {
-        Some(ConnectReturnCode::ClientIdentifierNotValid)
-    } else if connect.client_id.contains(['+', '$', '#', '/']) {
-        Some(ConnectReturnCode::ClientIdentifierNotValid)
-    } else {
-        None
-    };
-    if let Some(code) = code {
+    if (connect.client_id.is_empty() && !connect.clean_session) || connect.client_id.contains(['+', '$', '#', '/']) {
+        let code = ConnectReturnCode::ClientIdentifierNotValid;
         let _ = conn.write_packets(vec![Packet::ConnAck(ConnAck { session_present: false, code }, None)]).await;
         tracing::debug!(%addr, client_id = connect.client_id, "client id refused");
         return;
@@ -427,6 +424,12 @@ impl Connection {
         session: &mut Session,
         keep_alive: Duration,
     ) -> End {
+        // A client may send packets right behind its CONNECT, without waiting for CONNACK.
+        if !self.read.is_empty() {
+            if let Err(end) = self.take_input(shared, link_tx, session).await {
+                return end;
+            }
+        }
         let mut closing_by: Option<Instant> = None;
         loop {
             let reading = *phase.borrow() == Phase::Open;
@@ -465,85 +468,52 @@ impl Connection {
                         Ok(Err(e)) => return End::Closed(Some(e)),
                         Ok(Ok(_)) => {}
                     }
-                    let batch = match self.frame(session) {
-                        Ok(batch) => batch,
-                        Err(e) => return End::Protocol(e),
-                    };
-                    let Batch { packets, acks, qos2, replies, goodbye } = batch;
-                    match hand_over(shared, link_tx, packets).await {
-                        Ok(true) => {
-                            session.acks_due += acks;
-                            session.qos2_logged.extend(qos2);
-                        }
-                        // The broker is stopping: these go unacknowledged, the client sends them again.
-                        Ok(false) => {}
-                        Err(_) => return End::Router,
-                    }
-                    if let Err(e) = self.write_packets(replies).await {
-                        return End::Closed(Some(e));
-                    }
-                    if goodbye {
-                        return End::Goodbye;
-                    }
-                    if self.read.capacity() - self.read.len() < READ_CHUNK / 2 {
-                        self.read.reserve(READ_CHUNK);
+                    if let Err(end) = self.take_input(shared, link_tx, session).await {
+                        return end;
                     }
                 }
             }
         }
     }
 
-    /// Frames every complete packet in the read buffer.
-    fn frame(&mut self, session: &mut Session) -> Result<Batch, protocol::Error> {
-        let mut batch = Batch::default();
-        loop {
-            let header = match v4::check(self.read.iter(), self.max_packet) {
-                Ok(header) => header,
-                Err(protocol::Error::InsufficientBytes(n)) => {
-                    self.read.reserve(n);
-                    return Ok(batch);
-                }
-                Err(e) => return Err(e),
-            };
-            let is_publish = header.byte1 >> 4 == 3;
-            let qos = (header.byte1 >> 1) & 0b11;
-            let mut qos2_pkid = None;
-            if is_publish && qos == 2 {
-                let pkid =
-                    qos2_packet_id(&self.read, header.fixed_header_len).ok_or(protocol::Error::MalformedPacket)?;
-                if session.qos2_received.contains(&pkid) {
-                    // Sent again before our PUBREC arrived: it is logged already.
-                    let _ = V4.read_mut(&mut self.read, self.max_packet)?;
-                    batch.replies.push(pubrec(pkid));
-                    continue;
-                }
-                // Logged as QoS 1; the router's PUBACK becomes our PUBREC.
-                self.read[0] = (header.byte1 & !0b0110) | 0b0010;
-                qos2_pkid = Some(pkid);
+    /// Hands the complete packets read so far to the router, and answers what the connection
+    /// answers itself.
+    async fn take_input(&mut self, shared: &Shared, link_tx: &mut LinkTx, session: &mut Session) -> Result<(), End> {
+        let Batch { packets, acks, qos2, replies, goodbye } = self.frame(session).map_err(End::Protocol)?;
+        match hand_over(shared, link_tx, packets).await {
+            Ok(true) => {
+                session.acks_due += acks;
+                session.qos2_logged.extend(qos2);
             }
-            match V4.read_mut(&mut self.read, self.max_packet)? {
-                Packet::PubRel(pubrel, _) => {
-                    session.qos2_received.remove(&pubrel.pkid);
-                    let pubcomp = PubComp { pkid: pubrel.pkid, reason: PubCompReason::Success };
-                    batch.replies.push(Packet::PubComp(pubcomp, None));
-                }
-                // The router would refuse it too, but drop the client without saying why.
-                Packet::Publish(publish, _) if std::str::from_utf8(&publish.topic).is_err() => {
-                    return Err(protocol::Error::TopicNotUtf8);
-                }
-                packet => {
-                    if is_publish && qos > 0 {
-                        batch.acks += 1;
-                    }
-                    batch.qos2.extend(qos2_pkid);
-                    batch.goodbye = matches!(packet, Packet::Disconnect(..));
-                    batch.packets.push(packet);
-                    if batch.goodbye {
-                        return Ok(batch);
-                    }
-                }
-            }
+            // The broker is stopping: these go unacknowledged, the client sends them again.
+            Ok(false) => {}
+            Err(_) => return Err(End::Router),
         }
+        self.write_packets(replies).await.map_err(|e| End::Closed(Some(e)))?;
+        match goodbye {
+            true => Err(End::Goodbye),
+            false => Ok(()),
+        }
+    }
+
+    /// Frames every complete packet in the read buffer; reserves room for the rest of a partial one.
+    fn frame(&mut self, session: &mut Session) -> Result<Batch, protocol::Error> {
+        // Frames share their buffer's allocation, and rumqttd's log holds them until evicted, which
+        // takes minutes when traffic is light: a lone 60-byte publish would pin a whole read buffer.
+        // A small read is framed from an exact-size copy; busy connections frame in place.
+        let (batch, wanted) = if self.read.len() < SMALL_READ {
+            let mut copy = BytesMut::from(&self.read[..]);
+            self.read.clear();
+            let framed = frame(&mut copy, self.max_packet, session)?;
+            self.read.extend_from_slice(&copy);
+            framed
+        } else {
+            frame(&mut self.read, self.max_packet, session)?
+        };
+        if self.read.capacity() - self.read.len() < wanted.max(READ_CHUNK / 2) {
+            self.read.reserve(wanted.max(READ_CHUNK));
+        }
+        Ok(batch)
     }
 
     /// Writes `first` and every other notification the router has queued for this client.
@@ -605,6 +575,55 @@ impl Connection {
 
     fn peer(&self) -> SocketAddr {
         self.socket.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+}
+
+/// Frames every complete packet in `buf`: the batch, and how many more bytes a partial packet needs.
+fn frame(buf: &mut BytesMut, max_packet: usize, session: &mut Session) -> Result<(Batch, usize), protocol::Error> {
+    let mut batch = Batch::default();
+    loop {
+        let header = match v4::check(buf.iter(), max_packet) {
+            Ok(header) => header,
+            Err(protocol::Error::InsufficientBytes(n)) => return Ok((batch, n)),
+            Err(e) => return Err(e),
+        };
+        let is_publish = header.byte1 >> 4 == 3;
+        let qos = (header.byte1 >> 1) & 0b11;
+        let mut qos2_pkid = None;
+        if is_publish && qos == 2 {
+            let pkid = qos2_packet_id(buf, header.fixed_header_len).ok_or(protocol::Error::MalformedPacket)?;
+            if session.qos2_received.contains(&pkid) {
+                // Sent again before our PUBREC arrived: it is logged already.
+                let _ = V4.read_mut(buf, max_packet)?;
+                batch.replies.push(pubrec(pkid));
+                continue;
+            }
+            // Logged as QoS 1; the router's PUBACK becomes our PUBREC.
+            buf[0] = (header.byte1 & !0b0110) | 0b0010;
+            qos2_pkid = Some(pkid);
+        }
+        match V4.read_mut(buf, max_packet)? {
+            Packet::PubRel(pubrel, _) => {
+                session.qos2_received.remove(&pubrel.pkid);
+                let pubcomp = PubComp { pkid: pubrel.pkid, reason: PubCompReason::Success };
+                batch.replies.push(Packet::PubComp(pubcomp, None));
+            }
+            // The router would refuse it too, but drop the client without saying why.
+            Packet::Publish(publish, _) if std::str::from_utf8(&publish.topic).is_err() => {
+                return Err(protocol::Error::TopicNotUtf8);
+            }
+            packet => {
+                if is_publish && qos > 0 {
+                    batch.acks += 1;
+                }
+                batch.qos2.extend(qos2_pkid);
+                batch.goodbye = matches!(packet, Packet::Disconnect(..));
+                batch.packets.push(packet);
+                if batch.goodbye {
+                    return Ok((batch, 0));
+                }
+            }
+        }
     }
 }
 
