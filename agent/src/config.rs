@@ -85,7 +85,8 @@ pub struct MqttConfig {
     #[serde(default = "default_topics")]
     pub topics: Vec<String>,
     /// Larger payloads are rejected and counted. Default 262,144 (256 KiB). The embedded broker
-    /// disconnects a client whose packet exceeds 8 times this.
+    /// disconnects a client whose packet exceeds 8 times this; in client mode such a packet costs a
+    /// reconnection, then is read once, rejected and acknowledged (see [`crate::input::mqtt`]).
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
     /// A message of more readings (numeric fields of one object) is rejected whole and counted as
