@@ -40,7 +40,7 @@ pub fn incoming_limit(max_payload_bytes: usize) -> usize {
 }
 
 /// An acknowledgement due once the spool has committed `intake_no`: only what the PUBACK needs,
-/// not the message, so acks waiting on a slow disk hold 16 bytes each.
+/// not the message, so acks waiting on a slow disk hold 24 bytes each.
 struct AckDue {
     intake_no: u64,
     /// The connection the message came on: acks of an earlier connection are not sent (the
@@ -93,7 +93,8 @@ impl MqttClient {
         // The queue is unbounded on purpose: acks reach the broker only while this loop polls the
         // event loop, so this loop must never wait for the acker (a bounded queue deadlocks when a
         // broker sends more unacknowledged messages than it holds; Mosquitto does after a
-        // reconnect). Its length is bounded by the intake, which is what holds this loop back.
+        // reconnect). Only QoS-1/2 messages wait in it, 24 bytes each, so the broker's inflight
+        // window bounds it.
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<AckDue>();
         let ack_client = client.clone();
         let mut committed = intake.committed();
