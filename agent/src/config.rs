@@ -86,9 +86,14 @@ pub struct MqttConfig {
     #[serde(default = "default_topics")]
     pub topics: Vec<String>,
     /// Larger payloads are rejected and counted. Default 262,144 (256 KiB). The embedded broker
-    /// disconnects a client whose packet exceeds 8 times this.
+    /// disconnects a client whose packet exceeds 8 times this; in client mode such a packet costs a
+    /// reconnection, then is read once, rejected and acknowledged (see [`crate::input::mqtt`]).
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
+    /// A message of more readings (numeric fields of one object) is rejected whole and counted as
+    /// `too_many_readings`. Default 1,000.
+    #[serde(default = "default_max_readings_per_message")]
+    pub max_readings_per_message: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,6 +103,13 @@ pub struct ValidationConfig {
     /// (Old timestamps are accepted: a device delivering its backlog is normal.)
     #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// Sensor ids the agent has not seen lately that it lets in per minute (a burst of this many,
+    /// then this many a minute); readings of further new ids are rejected and counted as
+    /// `sensor_limit`. Set it above the number of sensors the gateway serves, or a start-up loses
+    /// readings until all are known. The agent remembers up to 100,000 recent ids (more when this
+    /// is above 5,000). 0 turns the limit off. Default 1,000.
+    #[serde(default = "default_max_new_sensors_per_minute")]
+    pub max_new_sensors_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -178,6 +190,14 @@ fn default_topics() -> Vec<String> {
 fn default_max_payload_bytes() -> usize {
     256 * 1024
 }
+fn default_max_readings_per_message() -> usize {
+    1_000
+}
+fn default_max_new_sensors_per_minute() -> u32 {
+    // Above any one gateway's fleet, so a restart (every id new again) loses nothing; a publisher
+    // inventing ids is still held to this many a minute.
+    10_000
+}
 fn default_max_clock_skew() -> Duration {
     Duration::from_secs(300)
 }
@@ -212,13 +232,17 @@ impl Default for MqttConfig {
             client_id: None,
             topics: default_topics(),
             max_payload_bytes: default_max_payload_bytes(),
+            max_readings_per_message: default_max_readings_per_message(),
         }
     }
 }
 
 impl Default for ValidationConfig {
     fn default() -> Self {
-        ValidationConfig { max_clock_skew: default_max_clock_skew() }
+        ValidationConfig {
+            max_clock_skew: default_max_clock_skew(),
+            max_new_sensors_per_minute: default_max_new_sensors_per_minute(),
+        }
     }
 }
 
@@ -298,6 +322,9 @@ impl Config {
         if self.mqtt.max_payload_bytes == 0 {
             return Err(("mqtt.max_payload_bytes", "must be at least 1".into()));
         }
+        if self.mqtt.max_readings_per_message == 0 {
+            return Err(("mqtt.max_readings_per_message", "must be at least 1".into()));
+        }
         if self.mqtt.mode == MqttMode::Client {
             match &self.mqtt.url {
                 None => return Err(("mqtt.url", "required when mqtt.mode = \"client\"".into())),
@@ -358,6 +385,8 @@ token = "t"
         assert_eq!(example.spool.commit_interval, minimal.spool.commit_interval);
         assert_eq!(example.spool.max_queued_readings, minimal.spool.max_queued_readings);
         assert_eq!(example.validation.max_clock_skew, Duration::from_secs(300));
+        assert_eq!(example.mqtt.max_readings_per_message, minimal.mqtt.max_readings_per_message);
+        assert_eq!(example.validation.max_new_sensors_per_minute, minimal.validation.max_new_sensors_per_minute);
         assert_eq!(example.upstream.batch_max_readings, minimal.upstream.batch_max_readings);
     }
 

@@ -81,6 +81,9 @@ pub struct Metrics {
     pub dead_letter_readings: Counter,
     /// 1 while the MQTT client is connected to its broker (client mode).
     pub mqtt_connected: Gauge,
+    /// Messages the broker delivered again (`dup` set; client mode): their first delivery was not
+    /// acknowledged before the connection dropped or the agent stopped, so they may be spooled twice.
+    pub mqtt_redelivered: Counter,
 }
 
 impl Default for Metrics {
@@ -112,6 +115,7 @@ impl Metrics {
             forward_requests: Family::default(),
             dead_letter_readings: Counter::default(),
             mqtt_connected: Gauge::default(),
+            mqtt_redelivered: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("mqtt_messages", "MQTT messages read from the broker", m.messages.clone());
@@ -185,6 +189,11 @@ impl Metrics {
             "1 while connected to the MQTT broker (client mode)",
             m.mqtt_connected.clone(),
         );
+        registry.register(
+            "mqtt_redelivered",
+            "Messages the broker delivered again (dup flag, client mode); they may be spooled twice",
+            m.mqtt_redelivered.clone(),
+        );
         // Make every reason visible from the start, so a dashboard sees 0 rather than nothing.
         for reason in Reject::ALL {
             let _ = m.rejected.get_or_create(&RejectLabels { reason });
@@ -243,6 +252,9 @@ mod tests {
             "tributary_agent_forward_requests_total{outcome=\"ok\"} 1",
             "tributary_agent_dead_letter_readings_total",
             "tributary_agent_mqtt_connected",
+            "tributary_agent_mqtt_redelivered_total",
+            "tributary_agent_rejected_total{reason=\"sensor_limit\"} 0",
+            "tributary_agent_rejected_total{reason=\"too_many_readings\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

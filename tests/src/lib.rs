@@ -844,3 +844,79 @@ impl AckedPublisher {
         std::mem::take(&mut self.state.lock().expect("publisher state").acked)
     }
 }
+
+impl Process {
+    /// SIGTERM, then waits up to `wait` for the exit: its status, or `None` if it was still running
+    /// (it is SIGKILLed then).
+    pub fn terminate_within(&mut self, wait: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take().expect("process is running");
+        // SAFETY: kill(2) on a pid we own and have not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Aggregator {
+    /// Every reading in the log as (sensor, ts, value), decoded from the SQLite file itself.
+    pub fn logged_readings(&self) -> Vec<(String, i64, f64)> {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.data_dir.join("log.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open log.db");
+        let mut statement = conn.prepare("SELECT data FROM blocks ORDER BY first_offset").expect("query log.db");
+        let blobs: Vec<Vec<u8>> =
+            statement.query_map([], |r| r.get(0)).expect("query log.db").collect::<Result<_, _>>().expect("read");
+        let mut out = Vec::new();
+        for blob in blobs {
+            let block = tributary_shared::Block::decode(&blob).expect("a logged block decodes");
+            out.extend(block.readings().map(|(sensor, ts, value)| (sensor.to_string(), ts, value)));
+        }
+        out
+    }
+}
+
+/// One publish as a battery-powered device does it: connect, publish one QoS-1 message, wait for
+/// its PUBACK, disconnect. Whether the broker acknowledged it (a refused or dropped connection,
+/// or no PUBACK within 5 s, is `false`).
+pub async fn publish_once(port: u16, client_id: &str, topic: &str, payload: Vec<u8>) -> bool {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 4);
+    if client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_err() {
+        return false;
+    }
+    let acked = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if acked && client.try_disconnect().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Ok(e) = eventloop.poll().await {
+                if matches!(e, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    acked
+}
