@@ -133,7 +133,7 @@ impl Decoder {
     /// The sensor id a topic maps to: the topic after the first matching filter's fixed prefix
     /// (the whole topic when that leaves nothing, as for a filter without wildcards).
     pub fn sensor_id<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        let f = self.filters.iter().find(|f| rumqttc::matches(topic, &f.filter))?;
+        let f = self.filters.iter().find(|f| topic_matches(topic, &f.filter))?;
         let id = topic.get(f.prefix_len..).unwrap_or("");
         Some(if id.is_empty() { topic } else { id })
     }
@@ -397,6 +397,25 @@ impl<'de> Deserialize<'de> for Object<'de> {
     }
 }
 
+/// MQTT topic filter matching (`+` one level, `#` the rest; `$` topics match no wildcard at the
+/// start). rumqttc's `matches` panics on a topic whose first character is more than one byte.
+pub fn topic_matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match levels.next() {
+            Some(t) if f == "+" || f == t => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,6 +498,30 @@ mod tests {
         assert_eq!(decode("sensors/x", &big).1, [Reject::TooLarge]);
         big.truncate(1000);
         assert_eq!(decode("sensors/x", &big).1, [Reject::NotFinite], "a 1000-digit number overflows to infinity");
+    }
+
+    #[test]
+    fn topics_match_filters_like_mqtt_and_any_first_character_is_fine() {
+        for (topic, filter, expected) in [
+            ("sensors/a/b", "sensors/#", true),
+            ("sensors", "sensors/#", true),
+            ("sensors/a", "sensors/+", true),
+            ("sensors/a/b", "sensors/+", false),
+            ("other/a", "sensors/#", false),
+            ("é/temp", "#", true),
+            ("é/temp", "+/temp", true),
+            ("€", "sensors/#", false),
+            ("$SYS/x", "#", false),
+            ("$SYS/x", "$SYS/#", true),
+            ("a", "a", true),
+            ("a/b", "a", false),
+        ] {
+            assert_eq!(topic_matches(topic, filter), expected, "{topic} ~ {filter}");
+        }
+        let mut d = Decoder::new(&["#".into()], 1024, 300_000);
+        let (mut n, mut bad) = (0, 0);
+        d.decode("é/temp".as_bytes(), b"21.5", 1_764_000_000_000, |_, _, _| n += 1, |_| bad += 1);
+        assert_eq!((n, bad), (1, 0));
     }
 
     #[test]

@@ -612,6 +612,15 @@ fn frame(buf: &mut BytesMut, max_packet: usize, session: &mut Session) -> Result
             Packet::Publish(publish, _) if std::str::from_utf8(&publish.topic).is_err() => {
                 return Err(protocol::Error::TopicNotUtf8);
             }
+            // rumqttd's topic matching slices the topic's first byte and panics (killing its
+            // router, and with it the broker) when that byte starts a multi-byte character.
+            Packet::Publish(publish, _) if publish.topic.first().is_some_and(|b| !b.is_ascii()) => {
+                tracing::warn!(
+                    topic = %String::from_utf8_lossy(&publish.topic),
+                    "embedded broker: topics must start with an ASCII character (a limit of rumqttd); refusing the client"
+                );
+                return Err(protocol::Error::TopicNotUtf8);
+            }
             packet => {
                 if is_publish && qos > 0 {
                     batch.acks += 1;
