@@ -60,6 +60,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.mqtt.max_payload_bytes,
         config.validation.max_clock_skew.as_millis() as i64,
     );
+    let decoder = decoder.with_caps(config.mqtt.max_readings_per_message, config.validation.max_new_sensors_per_minute);
     let intake = Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings);
     let mut input = match config.mqtt.mode {
         MqttMode::Embedded => {

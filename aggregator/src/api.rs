@@ -11,7 +11,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -20,8 +20,9 @@ use crate::config::{AgentConfig, parse_glob, parse_window_size};
 use crate::log::LogHandle;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::calendar::Calendar;
+use crate::pipeline::processor::ProcessorStatus;
 use crate::pipeline::window::Window;
-use crate::store::{self, SensorRow, StoreError, StoreReader};
+use crate::store::{self, SensorRow, SetAsideRow, StoreError, StoreReader};
 use crate::{Liveness, dashboard, ingest, unix_ms};
 
 /// Most windows one request returns (per sensor, and in all for multi-sensor reads).
@@ -29,8 +30,6 @@ pub const MAX_WINDOWS: usize = 10_000;
 /// Default and largest page of `/api/v1/sensors`.
 pub const DEFAULT_SENSORS_PAGE: usize = 1_000;
 pub const MAX_SENSORS_PAGE: usize = 10_000;
-/// Windows served when a query gives no `from`: this many before `to`.
-pub const DEFAULT_WINDOWS_BACK: i64 = 1_000;
 
 /// What the API needs to know of the pipeline's configuration.
 pub struct ApiLayout {
@@ -83,6 +82,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub writer_alive: Liveness,
     pub processor_alive: Liveness,
+    pub processor_status: ProcessorStatus,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -96,7 +96,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/windows", get(multi_windows))
         .route("/api/v1/quarantine", get(list_quarantine))
         .route("/api/v1/agents", get(list_agents))
+        .route("/api/v1/set-aside", get(list_set_aside))
         .fallback(not_found)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 
@@ -106,38 +108,98 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
-    #[error(transparent)]
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("the serving store cannot be read now ({0}); try again shortly")]
     Store(#[from] StoreError),
+}
+
+impl ApiError {
+    /// The status and the stable, machine-readable code.
+    fn kind(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = match self {
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::Store(ref error) => {
-                tracing::error!(%error, "store query failed");
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-            }
-        };
+        let (status, code) = self.kind();
+        if let ApiError::Store(error) = &self {
+            tracing::error!(%error, "store query failed");
+        }
         (status, Json(serde_json::json!({ "error": code, "detail": self.to_string() }))).into_response()
     }
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::NotFound(format!("no route {}; the API is under /api/v1/", uri.path()))
+    ApiError::NotFound(format!("no such path {}: the API is under /api/v1/ (see the README)", uri.path()))
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{} does not take {method}", uri.path()))
 }
 
 async fn healthz(State(app): State<AppState>) -> Response {
-    match (app.writer_alive.is_alive(), app.processor_alive.is_alive()) {
-        (true, true) => (StatusCode::OK, "ok").into_response(),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "log writer is not running").into_response(),
-        (_, false) => (StatusCode::SERVICE_UNAVAILABLE, "processor is not running").into_response(),
+    if !app.writer_alive.is_alive() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "log writer is not running").into_response();
+    }
+    if !app.processor_alive.is_alive() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "processor is not running").into_response();
+    }
+    match app.processor_status.stalled() {
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        None => (StatusCode::OK, "ok").into_response(),
     }
 }
 
 async fn metrics_text(State(app): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], app.metrics.encode()).into_response()
+    // Derived at scrape time, so they are current even while the processor waits out a backoff.
+    let metrics = &app.metrics;
+    metrics.processor_lag_readings.set((metrics.log_end_offset.get() - metrics.processor_offset.get()).max(0));
+    metrics.processor_stalled.set(i64::from(app.processor_status.stalled().is_some()));
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], metrics.encode()).into_response()
+}
+
+/// `?limit=`: empty or missing means [`DEFAULT_SENSORS_PAGE`].
+fn page_limit(text: Option<&str>) -> Result<usize, ApiError> {
+    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(DEFAULT_SENSORS_PAGE);
+    };
+    match text.parse::<u64>() {
+        Ok(n) if (1..=MAX_SENSORS_PAGE as u64).contains(&n) => Ok(n as usize),
+        _ => Err(ApiError::BadRequest(format!(
+            "limit {text:?} must be a whole number from 1 to {MAX_SENSORS_PAGE} (the cap); follow the Link: \
+             rel=\"next\" header for more"
+        ))),
+    }
+}
+
+/// Percent-encodes a query-string value (everything but RFC 3986 unreserved characters).
+fn encode_query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A JSON list with, when more rows follow, `Link: <next page>; rel="next"` (RFC 8288), so the
+/// body stays a plain array.
+fn paged<T: Serialize>(rows: Vec<T>, next: Option<String>) -> Response {
+    let mut response = Json(rows).into_response();
+    if let Some(next) = next.and_then(|url| HeaderValue::from_str(&format!("<{url}>; rel=\"next\"")).ok()) {
+        response.headers_mut().insert(header::LINK, next);
+    }
+    response
 }
 
 /// A sensor with its freshness.
@@ -163,35 +225,30 @@ struct SensorsQuery {
     limit: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct SensorPage {
-    sensors: Vec<SensorView>,
-    /// Pass as `after=` for the next page; null on the last page.
-    next: Option<String>,
-}
-
+/// `GET /api/v1/sensors?limit=&after=&prefix=`: sensors sorted by id, a page at a time.
 async fn list_sensors(
     State(app): State<AppState>,
     query: Result<Query<SensorsQuery>, QueryRejection>,
-) -> Result<Json<SensorPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let limit = match q.limit.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        None => DEFAULT_SENSORS_PAGE,
-        Some(text) => match text.parse::<usize>() {
-            Ok(n) if (1..=MAX_SENSORS_PAGE).contains(&n) => n,
-            _ => {
-                return Err(ApiError::BadRequest(format!(
-                    "limit {text:?} must be a number from 1 to {MAX_SENSORS_PAGE}; page with `after`"
-                )));
-            }
-        },
-    };
+    let limit = page_limit(q.limit.as_deref())?;
     let prefix = q.prefix.unwrap_or_default();
     let after = q.after.filter(|a| !a.is_empty());
-    let rows = app.store.read(move |conn| store::sensors_page(conn, &prefix, after.as_deref(), limit)).await?;
-    let next = if rows.len() == limit { rows.last().map(|r| r.id.clone()) } else { None };
+    let p = prefix.clone();
+    let page = app.store.read(move |conn| store::sensors_page(conn, &p, after.as_deref(), limit)).await?;
+    let next = match page.rows.last() {
+        Some(last) if page.more => {
+            let mut url = format!("/api/v1/sensors?limit={limit}&after={}", encode_query_value(&last.id));
+            if !prefix.is_empty() {
+                url.push_str(&format!("&prefix={}", encode_query_value(&prefix)));
+            }
+            Some(url)
+        }
+        _ => None,
+    };
     let now = unix_ms();
-    Ok(Json(SensorPage { sensors: rows.into_iter().map(|r| view(&app.layout, r, now)).collect(), next }))
+    let views: Vec<SensorView> = page.rows.into_iter().map(|r| view(&app.layout, r, now)).collect();
+    Ok(paged(views, next))
 }
 
 /// `/api/v1/sensors/{id}` and `/api/v1/sensors/{id}/windows`, where the id may hold `/` as it
@@ -446,16 +503,10 @@ fn push_in_range(out: &mut Vec<WindowView>, start: i64, end: i64, w: &Window, fr
     }
 }
 
-/// `from`/`to` with their defaults: `to` after the sensor's newest reading, `from`
-/// [`DEFAULT_WINDOWS_BACK`] windows before `to`.
-fn range(plan: &Plan, query: &WindowQuery, newest: Option<i64>) -> Result<(i64, i64), ApiError> {
-    let from = bound("from", query.from.as_deref())?;
-    let to = bound("to", query.to.as_deref())?;
-    let to = to.unwrap_or_else(|| newest.map_or(i64::MAX, |ts| plan.bucket(ts).1));
-    let from = from.unwrap_or_else(|| match plan.served_size() {
-        Some(size) => plan.bucket(to.saturating_sub(1)).0.saturating_sub(size.saturating_mul(DEFAULT_WINDOWS_BACK - 1)),
-        None => to.saturating_sub(DEFAULT_WINDOWS_BACK * 86_400_000),
-    });
+/// `from`/`to`; missing or empty means unbounded (the window cap still applies).
+fn range(query: &WindowQuery) -> Result<(i64, i64), ApiError> {
+    let from = bound("from", query.from.as_deref())?.unwrap_or(i64::MIN);
+    let to = bound("to", query.to.as_deref())?.unwrap_or(i64::MAX);
     if from > to {
         return Err(ApiError::BadRequest(format!("from ({from}) is after to ({to})")));
     }
@@ -473,7 +524,7 @@ async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery) ->
         return Err(ApiError::BadRequest("`sensor` belongs to /api/v1/windows; here the sensor is in the path".into()));
     }
     let plan = plan(&app.layout, query.size.as_deref())?;
-    let (from, to) = range(&plan, query, row.last_ts)?;
+    let (from, to) = range(query)?;
     let id = row.id.clone();
     let views = app
         .store
@@ -505,8 +556,7 @@ async fn multi_windows(
     })?;
     let glob = parse_glob(&pattern).map_err(ApiError::BadRequest)?;
     let plan = plan(&app.layout, query.size.as_deref())?;
-    // Without bounds, the last DEFAULT_WINDOWS_BACK windows before now.
-    let (from, to) = range(&plan, &query, Some(unix_ms()))?;
+    let (from, to) = range(&query)?;
     let prefix: String = pattern.chars().take_while(|c| !matches!(c, '*' | '?' | '[' | '{' | '\\')).collect();
     let result = app
         .store
@@ -569,6 +619,35 @@ struct AgentView {
     readings: u64,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetAsideQuery {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// `GET /api/v1/set-aside?limit=&after=`: log blocks the processor left out, by offset.
+async fn list_set_aside(
+    State(app): State<AppState>,
+    query: Result<Query<SetAsideQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = page_limit(query.limit.as_deref())?;
+    let after = match query.after.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
+        None => None,
+        Some(text) => Some(
+            text.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest(format!("after {text:?} must be a log offset (a whole number)")))?,
+        ),
+    };
+    let page = app.store.read(move |conn| store::set_aside(conn, after, limit)).await?;
+    let next = match page.rows.last() {
+        Some(last) if page.more => Some(format!("/api/v1/set-aside?limit={limit}&after={}", last.first_offset)),
+        _ => None,
+    };
+    Ok(paged::<SetAsideRow>(page.rows, next))
+}
+
 async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
     let seen = app.store.read(store::agents).await?;
     let mut agents: Vec<AgentView> = app
@@ -626,15 +705,12 @@ mod tests {
 
     #[test]
     fn extreme_ranges_are_answered_not_overflowed() {
-        let l = layout();
-        let p = plan(&l, Some("1h")).unwrap();
         let q =
             WindowQuery { size: None, from: Some(i64::MIN.to_string()), to: Some(i64::MAX.to_string()), sensor: None };
-        assert_eq!(range(&p, &q, None).unwrap(), (i64::MIN, i64::MAX));
+        assert_eq!(range(&q).unwrap(), (i64::MIN, i64::MAX));
         let q = WindowQuery { size: None, from: Some("10".into()), to: Some("5".into()), sensor: None };
-        assert!(range(&p, &q, None).is_err());
+        assert!(range(&q).is_err());
         let q = WindowQuery { size: None, from: None, to: None, sensor: None };
-        let (from, to) = range(&p, &q, Some(i64::MAX)).unwrap();
-        assert!(from <= to);
+        assert_eq!(range(&q).unwrap(), (i64::MIN, i64::MAX));
     }
 }

@@ -246,7 +246,9 @@ fn default_listen() -> SocketAddr {
 pub struct AgentConfig {
     /// The agent id, as the agent puts it in its batches. Required, unique.
     pub id: String,
-    /// Bearer token the agent authenticates with. Required, non-empty.
+    /// Bearer token the agent authenticates with. Required, non-empty, unique (a token shared by
+    /// two agents would authenticate only the first, and the other would get 403 for ever), no
+    /// spaces or control characters (an `Authorization` header could never carry it).
     pub token: String,
 }
 
@@ -377,6 +379,7 @@ impl Config {
             }
         }
         let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut tokens: HashMap<&str, usize> = HashMap::new();
         for (i, agent) in self.agents.iter().enumerate() {
             if agent.id.is_empty() {
                 return Err(invalid(format!("agents[{i}].id"), "must not be empty".into()));
@@ -384,10 +387,27 @@ impl Config {
             if agent.token.is_empty() {
                 return Err(invalid(format!("agents[{i}].token"), "must not be empty".into()));
             }
+            if agent.token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    format!("agents[{i}].token"),
+                    "must not contain spaces or control characters (no Authorization header could carry it)".into(),
+                ));
+            }
             if let Some(first) = seen.insert(&agent.id, i) {
                 return Err(invalid(
                     format!("agents[{i}].id"),
                     format!("duplicate agent id `{}` (already used by agents[{first}])", agent.id),
+                ));
+            }
+            // The token itself is a secret: name the entries, not the value.
+            if let Some(first) = tokens.insert(&agent.token, i) {
+                return Err(invalid(
+                    format!("agents[{i}].token"),
+                    format!(
+                        "duplicate token: agents[{first}] (`{}`) has the same one, so agent `{}` could never \
+                         ingest (its batches would get 403); give each agent its own token",
+                        self.agents[first].id, agent.id
+                    ),
                 ));
             }
         }
@@ -498,6 +518,19 @@ mod tests {
         assert!(err.contains("agents[1].id") && err.contains("duplicate agent id `a`"), "{err}");
         let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"\"\n").unwrap_err().to_string();
         assert!(err.contains("agents[0].token: must not be empty"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_and_unusable_tokens_are_rejected() {
+        let err =
+            parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"s3cret\"\n[[agents]]\nid = \"b\"\ntoken = \"s3cret\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.starts_with("/etc/tributary/aggregator.toml: agents[1].token: duplicate token"), "{err}");
+        assert!(err.contains("agents[0] (`a`)") && err.contains("agent `b`"), "{err}");
+        assert!(!err.contains("s3cret"), "the token leaked into the error: {err}");
+        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"two words\"\n").unwrap_err().to_string();
+        assert!(err.contains("agents[0].token: must not contain spaces"), "{err}");
     }
 
     #[test]

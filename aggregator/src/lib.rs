@@ -104,6 +104,7 @@ pub async fn serve(
         metrics,
         writer_alive,
         processor_alive,
+        processor_status: processor.status.clone(),
     };
     let local = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(data_dir = %data_dir.display(), agents = config.agents.len(), "listening on http://{local}");

@@ -20,7 +20,7 @@ use crate::pipeline::window::{SLOTS, Window, decode_row};
 
 /// The store's layout version (`PRAGMA user_version`). A store of another version is moved
 /// aside and rebuilt from the log.
-pub const LAYOUT_VERSION: i64 = 2;
+pub const LAYOUT_VERSION: i64 = 3;
 
 /// Read connections kept open for the API (each query borrows one on a blocking thread).
 const READ_POOL: usize = 4;
@@ -98,6 +98,13 @@ pub fn open_write(path: &Path) -> Result<Connection, StoreError> {
         );
         CREATE INDEX IF NOT EXISTS quarantine_by_series ON quarantine (series, offset);
         CREATE TABLE IF NOT EXISTS processor_offsets (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL);
+        CREATE TABLE IF NOT EXISTS set_aside (
+            first_offset INTEGER PRIMARY KEY,
+            count INTEGER NOT NULL,
+            agent_id TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            set_aside_at INTEGER NOT NULL
+        );
         CREATE TABLE IF NOT EXISTS pipeline_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
         CREATE TABLE IF NOT EXISTS anomaly_models (series INTEGER PRIMARY KEY, data BLOB NOT NULL);
         CREATE TABLE IF NOT EXISTS anomalies (
@@ -235,19 +242,21 @@ pub fn sensors_page(
     prefix: &str,
     after: Option<&str>,
     limit: usize,
-) -> Result<Vec<SensorRow>, StoreError> {
+) -> Result<Page<SensorRow>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {SENSOR_COLUMNS} FROM series s LEFT JOIN sensors t ON t.series = s.id
          WHERE s.name >= ?1 AND substr(s.name, 1, length(?2)) = ?2 ORDER BY s.name LIMIT ?3"
     ))?;
     // `>= after` then skip `after` itself: SQLite compares text by bytes, like the cursor.
     let from = after.unwrap_or(prefix).max(prefix);
-    let rows = stmt
-        .query_map(params![from, prefix, (limit + 1) as i64], sensor_row)?
+    let mut rows: Vec<SensorRow> = stmt
+        .query_map(params![from, prefix, (limit + 2) as i64], sensor_row)?
         .filter(|r| !matches!((r, after), (Ok(row), Some(a)) if row.id == a))
-        .take(limit)
+        .take(limit + 1)
         .collect::<Result<_, _>>()?;
-    Ok(rows)
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    Ok(Page { rows, more })
 }
 
 /// One sensor, if the store knows it.
@@ -325,6 +334,55 @@ pub fn quarantine(conn: &Connection, series: Option<u32>, limit: usize) -> Resul
         })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
+}
+
+/// A log block the processor set aside instead of folding it in.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SetAsideRow {
+    /// Offset of the block's first reading in the log (its key in `log.db`'s `blocks`).
+    pub first_offset: u64,
+    /// The readings the log's `count` column claims for it.
+    pub count: u64,
+    pub agent: String,
+    pub reason: String,
+    /// When the processor set it aside (Unix ms).
+    pub set_aside_at: i64,
+}
+
+/// A page of a list, and whether more rows follow.
+pub struct Page<T> {
+    pub rows: Vec<T>,
+    pub more: bool,
+}
+
+/// Up to `limit` set-aside blocks after log offset `after`, by offset.
+pub fn set_aside(conn: &Connection, after: Option<u64>, limit: usize) -> Result<Page<SetAsideRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT first_offset, count, agent_id, reason, set_aside_at FROM set_aside
+         WHERE first_offset > ?1 ORDER BY first_offset LIMIT ?2",
+    )?;
+    let after = after.map_or(-1, |a| a.min(i64::MAX as u64) as i64);
+    let mut rows: Vec<SetAsideRow> = stmt
+        .query_map(params![after, limit.saturating_add(1) as i64], |r| {
+            Ok(SetAsideRow {
+                first_offset: r.get::<_, i64>(0)?.max(0) as u64,
+                count: r.get::<_, i64>(1)?.max(0) as u64,
+                agent: r.get(2)?,
+                reason: r.get(3)?,
+                set_aside_at: r.get(4)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    Ok(Page { rows, more })
+}
+
+/// (blocks, readings) set aside so far.
+pub fn set_aside_totals(conn: &Connection) -> Result<(u64, u64), StoreError> {
+    Ok(conn.query_row("SELECT COUNT(*), COALESCE(SUM(count), 0) FROM set_aside", [], |r| {
+        Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?.max(0) as u64))
+    })?)
 }
 
 /// Every agent the processor has seen.

@@ -40,7 +40,7 @@ fn sigkill_right_after_acks_loses_and_doubles_nothing() {
     assert_eq!(log_totals(&agg.data_dir).1 as u64, total);
     agg.wait_processed();
     let (_, sensors) = agg.get_json("/api/v1/sensors");
-    let counted: u64 = sensors["sensors"].as_array().unwrap().iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    let counted: u64 = sensors.as_array().unwrap().iter().map(|s| s["count"].as_u64().unwrap()).sum();
     assert_eq!(counted, total);
     let (_, agents) = agg.get_json("/api/v1/agents");
     assert_eq!(agents[0]["readings"].as_u64(), Some(total / 2));

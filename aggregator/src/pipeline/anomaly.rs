@@ -187,14 +187,18 @@ impl AnomalyOperator {
         };
         let Some(rule_index) = rule_index else { return Ok(None) };
         let rule = &self.rules[rule_index];
-        if !self.models.contains_key(&p.series) {
-            let stored = load_model(conn, p.series)?;
-            let model = stored.filter(|m| {
-                matches!((m, rule.model), (Model::Mad { .. }, ModelKind::Mad) | (Model::Ewma { .. }, ModelKind::Ewma))
-            });
-            self.models.insert(p.series, model.unwrap_or_else(|| Model::new(rule.model)));
-        }
-        let Some(model) = self.models.get_mut(&p.series) else { return Ok(None) };
+        let model = match self.models.entry(p.series) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let stored = load_model(conn, p.series)?.filter(|m| {
+                    matches!(
+                        (m, rule.model),
+                        (Model::Mad { .. }, ModelKind::Mad) | (Model::Ewma { .. }, ModelKind::Ewma)
+                    )
+                });
+                entry.insert(stored.unwrap_or_else(|| Model::new(rule.model)))
+            }
+        };
         let anomaly = model.expectation(rule.warmup).and_then(|(center, spread)| {
             let s = score(p.value, center, spread);
             (s > rule.threshold).then(|| {

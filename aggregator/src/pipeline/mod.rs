@@ -70,6 +70,16 @@ pub struct Quarantined {
     pub reason: &'static str,
 }
 
+/// A log block the processor left out: it does not decode or validate, its count lies, or the
+/// store refused it alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetAside {
+    pub first_offset: u64,
+    pub count: u64,
+    pub agent_id: String,
+    pub reason: String,
+}
+
 /// Sensor ids to small integers, persisted in the `series` table.
 #[derive(Debug, Default)]
 pub struct SeriesIndex {
@@ -133,6 +143,8 @@ pub struct Pipeline {
     pub anomalies: AnomalyOperator,
     pub alerts: AlertOperator,
     quarantine: Vec<Quarantined>,
+    /// Blocks set aside since the last commit.
+    pub set_aside: Vec<SetAside>,
     /// Derived readings since the last commit, in order.
     pub derived: Vec<Derived>,
     /// Derived readings appended to the log so far: the next one's sequence number.
@@ -159,6 +171,7 @@ impl Pipeline {
             anomalies: AnomalyOperator::new(spec.anomaly.clone()),
             alerts: AlertOperator::open(spec.alerts.clone(), conn)?,
             quarantine: Vec::new(),
+            set_aside: Vec::new(),
             derived: Vec::new(),
             derived_seq: derived_seq.unwrap_or(0).max(0) as u64,
             pending: 0,
@@ -255,6 +268,16 @@ impl Pipeline {
                 stmt.execute(params![q.offset as i64, q.series as i64, q.ts, q.value, q.received_at, q.reason])?;
             }
         }
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO set_aside (first_offset, count, agent_id, reason, set_aside_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let now = crate::unix_ms();
+            for b in &self.set_aside {
+                stmt.execute(params![b.first_offset as i64, b.count as i64, b.agent_id, b.reason, now])?;
+            }
+        }
         tx.prepare_cached(
             "INSERT INTO processor_offsets (name, next_offset) VALUES (?1, ?2)
              ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
@@ -272,6 +295,7 @@ impl Pipeline {
         self.derived_seq += self.derived.len() as u64;
         self.derived.clear();
         self.quarantine.clear();
+        self.set_aside.clear();
         self.pending = 0;
         Ok(())
     }

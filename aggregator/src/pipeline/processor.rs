@@ -6,9 +6,16 @@
 //! or after [`COMMIT_INTERVAL`]; so a replay writes each stored row about once, and live data is
 //! visible within a commit interval. A failed commit throws the in-memory state away, reloads it
 //! from the store and starts again from the committed offset.
+//!
+//! One bad block never stops the pipeline: a block that does not decode or validate, or whose
+//! count lies, is set aside (listed by `/api/v1/set-aside`). A commit that keeps failing is
+//! narrowed down, halving the blocks per commit, to the block that makes it fail; if the store
+//! then takes a commit without that block, the block is set aside too. If it takes no commit at
+//! all (a full disk, a locked file), nothing is set aside: the processor retries with backoff and
+//! [`ProcessorStatus`] reports the stall to `/healthz` and `/metrics`.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,7 +23,7 @@ use rusqlite::Connection;
 use tokio::sync::watch;
 use tributary_shared::Block;
 
-use super::{DERIVED_AGENT, Pipeline, PipelineSpec};
+use super::{DERIVED_AGENT, Pipeline, PipelineSpec, SetAside};
 use crate::Liveness;
 use crate::log::{self, LogError, LogHandle};
 use crate::metrics::Metrics;
@@ -38,6 +45,52 @@ pub const LIVE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 const POLL: Duration = Duration::from_secs(1);
 /// The name the pipeline commits its offset under.
 pub const PROCESSOR_NAME: &str = "main";
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Pause between the steps of narrowing down a failing commit.
+const BISECT_PAUSE: Duration = Duration::from_millis(10);
+/// How long the processor fails without progress before `/healthz` says it is stalled.
+pub const STALL_AFTER: Duration = Duration::from_secs(5);
+
+/// Whether the processor is making progress, shared with `/healthz` and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessorStatus(Arc<Mutex<Option<Stall>>>);
+
+#[derive(Debug, Clone)]
+struct Stall {
+    offset: u64,
+    since: Instant,
+    error: String,
+}
+
+impl ProcessorStatus {
+    fn lock(&self) -> MutexGuard<'_, Option<Stall>> {
+        // The data is a plain value: a panic elsewhere cannot leave it half-written.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn failed(&self, offset: u64, error: String) {
+        let mut stall = self.lock();
+        match stall.as_mut() {
+            Some(stall) if stall.offset == offset => stall.error = error,
+            _ => *stall = Some(Stall { offset, since: Instant::now(), error }),
+        }
+    }
+
+    fn progressed(&self) {
+        *self.lock() = None;
+    }
+
+    /// Why the processor is stuck, once it has failed without progress for [`STALL_AFTER`]:
+    /// `processor stalled at offset N for 42 s: <error>`.
+    pub fn stalled(&self) -> Option<String> {
+        let stall = self.lock();
+        let stall = stall.as_ref()?;
+        let for_ = stall.since.elapsed();
+        (for_ >= STALL_AFTER)
+            .then(|| format!("processor stalled at offset {} for {} s: {}", stall.offset, for_.as_secs(), stall.error))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -75,6 +128,7 @@ impl StopSignal {
 pub struct ProcessorThread {
     pub stop: StopSignal,
     pub thread: JoinHandle<()>,
+    pub status: ProcessorStatus,
 }
 
 /// One block read from the log.
@@ -86,13 +140,18 @@ pub struct LogBlock {
     pub data: Vec<u8>,
 }
 
-/// Reads blocks from `from` on: about `max_readings` readings, whole blocks.
-pub fn read_log(log: &Connection, from: u64, max_readings: u64) -> Result<Vec<LogBlock>, rusqlite::Error> {
+/// Reads blocks from `from` on: about `max_readings` readings, whole blocks, at most `max_blocks`.
+pub fn read_log(
+    log: &Connection,
+    from: u64,
+    max_readings: u64,
+    max_blocks: usize,
+) -> Result<Vec<LogBlock>, rusqlite::Error> {
     let mut stmt = log.prepare_cached(
         "SELECT first_offset, count, agent_id, received_at, data FROM blocks
          WHERE first_offset >= ?1 ORDER BY first_offset LIMIT ?2",
     )?;
-    let mut rows = stmt.query(rusqlite::params![from as i64, READ_BLOCKS])?;
+    let mut rows = stmt.query(rusqlite::params![from as i64, (max_blocks as i64).min(READ_BLOCKS)])?;
     let (mut out, mut readings) = (Vec::new(), 0u64);
     while let Some(row) = rows.next()? {
         let block = LogBlock {
@@ -122,6 +181,15 @@ struct Processor {
     last_commit: Instant,
     metrics: Arc<Metrics>,
     outputs: Outputs,
+    status: ProcessorStatus,
+    /// Blocks folded since the last commit, and the first of them (to set aside if it alone fails).
+    cycle_blocks: usize,
+    cycle_first: Option<SetAside>,
+    /// While narrowing down a failing commit: at most this many blocks per commit, until the
+    /// committed offset passes the end of the range that failed.
+    limit: Option<(usize, u64)>,
+    /// Failed attempts since the last successful commit.
+    failures: u32,
 }
 
 /// Opens the store, resumes from its committed offset and starts the processor thread.
@@ -140,8 +208,12 @@ pub fn start(
     let pipeline = Pipeline::open(spec, &store)?;
     let log = log::open_read(log_path)?;
     metrics.processor_offset.set(next_offset as i64);
-    tracing::info!(next_offset, "processor resumes");
+    let (set_aside_blocks, set_aside_readings) = store::set_aside_totals(&store)?;
+    metrics.set_aside_blocks.inc_by(set_aside_blocks);
+    metrics.set_aside_readings.inc_by(set_aside_readings);
+    tracing::info!(next_offset, set_aside_blocks, "processor resumes");
     let (stop_tx, stop_rx) = watch::channel(false);
+    let status = ProcessorStatus::default();
     let processor = Processor {
         log,
         store,
@@ -151,6 +223,11 @@ pub fn start(
         last_commit: Instant::now(),
         metrics,
         outputs,
+        status: status.clone(),
+        cycle_blocks: 0,
+        cycle_first: None,
+        limit: None,
+        failures: 0,
     };
     let guard = alive.guard();
     let thread = std::thread::Builder::new()
@@ -160,7 +237,7 @@ pub fn start(
             processor.run(end, stop_rx, runtime);
         })
         .map_err(ProcessError::Spawn)?;
-    Ok(ProcessorThread { stop: StopSignal(Arc::new(stop_tx)), thread })
+    Ok(ProcessorThread { stop: StopSignal(Arc::new(stop_tx)), thread, status })
 }
 
 /// Folds the log from the store's committed offset to the log's end, commits, and returns the
@@ -186,6 +263,11 @@ pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Resul
         last_commit: Instant::now(),
         metrics,
         outputs,
+        status: ProcessorStatus::default(),
+        cycle_blocks: 0,
+        cycle_first: None,
+        limit: None,
+        failures: 0,
     };
     while p.next_offset < head {
         let before = p.next_offset;
@@ -206,27 +288,30 @@ pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Resul
 
 impl Processor {
     fn run(mut self, mut end: watch::Receiver<u64>, mut stop: watch::Receiver<bool>, runtime: tokio::runtime::Handle) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = MIN_BACKOFF;
         loop {
             if *stop.borrow() {
                 break;
             }
             let head = *end.borrow_and_update();
+            // After a failure, wait out the backoff even if new data arrives meanwhile.
+            let mut wake_on_data = true;
             let wait = match self.step(head) {
                 Ok(None) => {
-                    backoff = Duration::from_millis(100);
+                    backoff = MIN_BACKOFF;
                     continue;
                 }
                 Ok(Some(wait)) => wait,
                 Err(error) => {
-                    // Usually a full disk or a locked file: start again from what is committed.
-                    tracing::error!(%error, offset = self.committed, "processor step failed; retrying");
-                    self.metrics.processor_failures.inc();
-                    if let Err(error) = self.reload() {
-                        tracing::error!(%error, "processor cannot reload its state from the store");
+                    wake_on_data = false;
+                    match self.recover(&error) {
+                        Some(pause) => pause,
+                        None => {
+                            let wait = backoff;
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            wait
+                        }
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    backoff
                 }
             };
             let stopped = runtime.block_on(async {
@@ -236,7 +321,7 @@ impl Processor {
                     }
                 };
                 tokio::select! {
-                    _ = end_moved => false,
+                    _ = end_moved, if wake_on_data => false,
                     changed = stop.changed() => changed.is_err() || *stop.borrow(),
                     _ = tokio::time::sleep(wait) => false,
                 }
@@ -253,11 +338,62 @@ impl Processor {
         tracing::info!(offset = self.committed, "processor stopped");
     }
 
+    /// After a failed step: throws away what was folded, and decides how to go on. Returns the
+    /// pause before the next step, or `None` to back off.
+    fn recover(&mut self, error: &ProcessError) -> Option<Duration> {
+        self.metrics.processor_step_failures.inc();
+        tracing::error!(%error, offset = self.committed, "processor step failed");
+        self.status.failed(self.committed, error.to_string());
+        let (blocks, first, failed_end) = (self.cycle_blocks, self.cycle_first.take(), self.next_offset);
+        if let Err(error) = self.reload() {
+            tracing::error!(%error, "processor cannot reload its state from the store");
+            return None;
+        }
+        self.failures += 1;
+        if self.failures == 1 {
+            // Maybe passing (a busy file): the same again, after a backoff.
+            return None;
+        }
+        match (blocks, first) {
+            (0, _) | (_, None) => None,
+            (1, Some(block)) => {
+                // One block, failing twice: set it aside if the store takes a commit without it.
+                let end = block.first_offset + block.count;
+                let reason = format!("the store refused it: {error}");
+                self.pipeline.set_aside.push(SetAside { reason, ..block.clone() });
+                self.next_offset = end;
+                match self.commit() {
+                    Ok(()) => {
+                        tracing::warn!(first_offset = block.first_offset, "set aside a log block the store refuses");
+                        Some(BISECT_PAUSE)
+                    }
+                    Err(probe) => {
+                        tracing::error!(error = %probe, "the store takes no commit at all; retrying");
+                        self.status.failed(self.committed, probe.to_string());
+                        let _ = self.reload();
+                        None
+                    }
+                }
+            }
+            (n, Some(_)) => {
+                let until = self.limit.map_or(failed_end, |(_, end)| end.max(failed_end));
+                self.limit = Some(((n / 2).max(1), until));
+                tracing::warn!(
+                    blocks = n,
+                    offset = self.committed,
+                    "commits keep failing; narrowing down to the block that makes them fail"
+                );
+                Some(BISECT_PAUSE)
+            }
+        }
+    }
+
     /// Folds what the log holds beyond `next_offset` and commits when due. Returns `None` if
     /// there is more to do right away, else how long to wait at most for the log to move.
     fn step(&mut self, head: u64) -> Result<Option<Duration>, ProcessError> {
+        let max_blocks = self.limit.map_or(usize::MAX, |(n, _)| n.saturating_sub(self.cycle_blocks).max(1));
         if self.next_offset < head {
-            let blocks = read_log(&self.log, self.next_offset, READ_READINGS)?;
+            let blocks = read_log(&self.log, self.next_offset, READ_READINGS, max_blocks)?;
             for b in &blocks {
                 if b.first_offset != self.next_offset {
                     tracing::error!(
@@ -266,18 +402,30 @@ impl Processor {
                         "hole in log offsets; continuing"
                     );
                 }
-                match Block::decode(&b.data) {
-                    Ok(block) if block.len() as u64 == b.count => {
+                let meta = SetAside {
+                    first_offset: b.first_offset,
+                    count: b.count,
+                    agent_id: b.agent_id.clone(),
+                    reason: String::new(),
+                };
+                if self.cycle_first.is_none() {
+                    self.cycle_first = Some(meta.clone());
+                }
+                self.cycle_blocks += 1;
+                let block = Block::decode(&b.data).map_err(|e| format!("does not decode: {e}")).and_then(|block| {
+                    if block.len() as u64 != b.count {
+                        return Err(format!("count says {} readings, the block holds {}", b.count, block.len()));
+                    }
+                    block.validate().map_err(|e| format!("does not validate: {e}"))?;
+                    Ok(block)
+                });
+                match block {
+                    Ok(block) => {
                         self.pipeline.fold_block(&self.store, b.first_offset, &b.agent_id, b.received_at, &block)?
                     }
-                    Ok(block) => tracing::error!(
-                        first_offset = b.first_offset,
-                        count = b.count,
-                        decoded = block.len(),
-                        "log block count mismatch; skipped"
-                    ),
-                    Err(error) => {
-                        tracing::error!(first_offset = b.first_offset, %error, "log block does not decode; skipped")
+                    Err(reason) => {
+                        tracing::error!(first_offset = b.first_offset, %reason, "log block set aside");
+                        self.pipeline.set_aside.push(SetAside { reason, ..meta });
                     }
                 }
                 self.next_offset = b.first_offset + b.count;
@@ -288,7 +436,8 @@ impl Processor {
         let since = self.last_commit.elapsed();
         let due = self.pipeline.pending >= COMMIT_READINGS
             || (uncommitted && since >= COMMIT_INTERVAL)
-            || (uncommitted && caught_up && since >= LIVE_COMMIT_INTERVAL);
+            || (uncommitted && caught_up && since >= LIVE_COMMIT_INTERVAL)
+            || (uncommitted && self.limit.is_some_and(|(n, _)| self.cycle_blocks >= n));
         if due {
             self.commit()?;
         }
@@ -302,7 +451,15 @@ impl Processor {
     fn commit(&mut self) -> Result<(), ProcessError> {
         self.append_derived()?;
         let transitions = self.pipeline.transitions().to_vec();
+        let set_aside: (u64, u64) =
+            (self.pipeline.set_aside.len() as u64, self.pipeline.set_aside.iter().map(|b| b.count).sum());
         self.pipeline.commit(&mut self.store, PROCESSOR_NAME, self.next_offset)?;
+        self.metrics.set_aside_blocks.inc_by(set_aside.0);
+        self.metrics.set_aside_readings.inc_by(set_aside.1);
+        self.cycle_blocks = 0;
+        self.cycle_first = None;
+        self.failures = 0;
+        self.status.progressed();
         let now = crate::unix_ms();
         for t in transitions {
             if self.outputs.notifier.is_empty() {
@@ -320,6 +477,9 @@ impl Processor {
         self.committed = self.next_offset;
         self.last_commit = Instant::now();
         self.metrics.processor_offset.set(self.committed as i64);
+        if self.limit.is_some_and(|(_, until)| self.committed >= until) {
+            self.limit = None;
+        }
         Ok(())
     }
 
@@ -349,6 +509,8 @@ impl Processor {
     }
 
     fn reload(&mut self) -> Result<(), ProcessError> {
+        self.cycle_blocks = 0;
+        self.cycle_first = None;
         self.pipeline = Pipeline::open(self.pipeline.spec.clone(), &self.store)?;
         self.next_offset = store::offset(&self.store, PROCESSOR_NAME)?;
         self.committed = self.next_offset;
