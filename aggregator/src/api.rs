@@ -83,6 +83,8 @@ pub struct AppState {
     pub writer_alive: Liveness,
     pub processor_alive: Liveness,
     pub processor_status: ProcessorStatus,
+    /// `stale.db`, when stale-sensor rules are configured.
+    pub stale: Option<StoreReader>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -97,6 +99,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/quarantine", get(list_quarantine))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/set-aside", get(list_set_aside))
+        .route("/api/v1/anomalies", get(list_anomalies))
+        .route("/api/v1/alerts", get(list_alerts))
         .fallback(not_found)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
@@ -610,6 +614,134 @@ async fn list_quarantine(
         })
         .await?;
     Ok(Json(rows))
+}
+
+/// The series a `sensor=` parameter names: the sensor with that exact id, else every sensor the
+/// glob matches; all sensors when it is missing.
+fn sensors_named(
+    conn: &rusqlite::Connection,
+    pattern: Option<&str>,
+) -> Result<Result<Option<Vec<u32>>, String>, StoreError> {
+    let Some(pattern) = pattern.filter(|p| !p.is_empty()) else { return Ok(Ok(None)) };
+    if let Some(series) = store::series_id(conn, pattern)? {
+        return Ok(Ok(Some(vec![series])));
+    }
+    let glob = match parse_glob(pattern) {
+        Ok(glob) => glob,
+        Err(e) => return Ok(Err(e)),
+    };
+    let prefix: String = pattern.chars().take_while(|c| !matches!(c, '*' | '?' | '[' | '{' | '\\')).collect();
+    let matching = store::series_with_prefix(conn, &prefix)?.into_iter().filter(|(_, name)| glob.is_match(name));
+    Ok(Ok(Some(matching.map(|(series, _)| series).collect())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnomalyQuery {
+    sensor: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<String>,
+    /// The cursor of the previous page: `<ts>.<offset>` of its last event.
+    after: Option<String>,
+}
+
+/// `GET /api/v1/anomalies?sensor=<id or glob>&from=&to=&limit=`: anomaly events with
+/// `from <= ts < to`, oldest first; `Link: rel="next"` when more follow.
+async fn list_anomalies(
+    State(app): State<AppState>,
+    uri: Uri,
+    query: Result<Query<AnomalyQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = page_limit(q.limit.as_deref())?;
+    let from = bound("from", q.from.as_deref())?.unwrap_or(i64::MIN);
+    let to = bound("to", q.to.as_deref())?.unwrap_or(i64::MAX);
+    if from > to {
+        return Err(ApiError::BadRequest(format!("from ({from}) is after to ({to})")));
+    }
+    let after = match q.after.as_deref().filter(|a| !a.is_empty()) {
+        None => None,
+        Some(text) => {
+            let parsed = text.split_once('.').and_then(|(ts, o)| Some((ts.parse().ok()?, o.parse().ok()?)));
+            Some(parsed.ok_or_else(|| {
+                ApiError::BadRequest(format!("after {text:?} is not a cursor; follow the Link: rel=\"next\" header"))
+            })?)
+        }
+    };
+    let sensor = q.sensor.clone();
+    let page = app
+        .store
+        .read(move |conn| {
+            Ok(match sensors_named(conn, sensor.as_deref())? {
+                Ok(series) => Ok(store::anomalies(conn, series.as_deref(), from, to, after, limit)?),
+                Err(e) => Err(e),
+            })
+        })
+        .await?
+        .map_err(ApiError::BadRequest)?;
+    let next = match page.rows.last() {
+        Some(last) if page.more => {
+            let mut next =
+                format!("{}?after={}.{}&from={from}&to={to}&limit={limit}", uri.path(), last.ts, last.offset);
+            if let Some(sensor) = &q.sensor {
+                next.push_str(&format!("&sensor={}", encode_query_value(sensor)));
+            }
+            Some(next)
+        }
+        _ => None,
+    };
+    Ok(paged(page.rows, next))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertQuery {
+    state: Option<String>,
+    limit: Option<String>,
+}
+
+/// An alert as `/api/v1/alerts` lists it: an event-time rule's (fired by a reading) or a
+/// stale-sensor rule's (fired by the clock).
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum AlertView {
+    Reading(store::AlertRow),
+    Stale(crate::stale::StaleAlert),
+}
+
+/// `GET /api/v1/alerts?state=firing|resolved&limit=`: alerts, newest first (event-time alerts,
+/// then stale-sensor alerts).
+async fn list_alerts(
+    State(app): State<AppState>,
+    query: Result<Query<AlertQuery>, QueryRejection>,
+) -> Result<Json<Vec<AlertView>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = page_limit(q.limit.as_deref())?;
+    let state = match q.state.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(s @ ("firing" | "resolved")) => Some(s.to_string()),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!("state {other:?} must be firing or resolved")));
+        }
+    };
+    let wanted = state.clone();
+    let mut out: Vec<AlertView> = app
+        .store
+        .read(move |conn| store::alerts(conn, wanted.as_deref(), limit))
+        .await?
+        .rows
+        .into_iter()
+        .map(AlertView::Reading)
+        .collect();
+    if let Some(stale) = &app.stale {
+        let left = limit - out.len().min(limit);
+        if left > 0 {
+            let rows = stale.read(move |conn| crate::stale::list(conn, state.as_deref(), left)).await?.rows;
+            out.extend(rows.into_iter().map(AlertView::Stale));
+        }
+    }
+    Ok(Json(out))
 }
 
 #[derive(Debug, Serialize)]

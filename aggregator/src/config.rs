@@ -417,6 +417,21 @@ impl Config {
 
 impl Config {
     /// What the pipeline computes: the window calendars, finest first, then calendar days.
+    /// The `[[alerts]]` rules with `stale`: processing time, checked apart from the pipeline.
+    pub fn stale_rules(&self) -> Vec<crate::stale::StaleRule> {
+        self.alerts
+            .iter()
+            .filter_map(|a| {
+                Some(crate::stale::StaleRule {
+                    name: a.name.clone(),
+                    sensor: parse_glob(&a.sensor).ok()?,
+                    after: a.stale?,
+                    severity: a.severity.clone(),
+                })
+            })
+            .collect()
+    }
+
     pub fn pipeline_spec(&self) -> crate::pipeline::PipelineSpec {
         use crate::pipeline::calendar::Calendar;
         let mut sizes: Vec<i64> = self.pipeline.windows.iter().filter_map(|w| parse_window_size(w).ok()).collect();

@@ -17,6 +17,7 @@ pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod stale;
 pub mod store;
 
 use std::future::Future;
@@ -68,6 +69,15 @@ pub async fn serve(
     let writer_alive = Liveness::default();
     let processor_alive = Liveness::default();
     let writer = log::start(&log_path, metrics.clone(), writer_alive.clone())?;
+    let notifier = notify::Notifier::start(
+        config
+            .notify
+            .iter()
+            .map(|n| notify::Webhook { url: n.url.clone(), timeout: n.timeout, attempts: n.attempts })
+            .collect(),
+        metrics.clone(),
+        &tokio::runtime::Handle::current(),
+    );
     let processor = match pipeline::processor::start(
         &log_path,
         &store_path,
@@ -77,15 +87,7 @@ pub async fn serve(
         processor_alive.clone(),
         pipeline::processor::Outputs {
             log: writer.handle.clone(),
-            notifier: notify::Notifier::start(
-                config
-                    .notify
-                    .iter()
-                    .map(|n| notify::Webhook { url: n.url.clone(), timeout: n.timeout, attempts: n.attempts })
-                    .collect(),
-                metrics.clone(),
-                &tokio::runtime::Handle::current(),
-            ),
+            notifier: notifier.clone(),
             runtime: tokio::runtime::Handle::current(),
         },
     ) {
@@ -96,10 +98,20 @@ pub async fn serve(
         }
     };
 
+    let stale_path = data_dir.join("stale.db");
+    // The checker reads the store the processor has just created.
+    let stale = match stale::start(config.stale_rules(), &store_path, &stale_path, notifier) {
+        Ok(stale) => stale,
+        Err(error) => {
+            tracing::error!(%error, "stale-sensor alerts are off");
+            None
+        }
+    };
     let state = api::AppState {
         agents: config.agents.clone().into(),
         log: writer.handle.clone(),
         store: store::StoreReader::new(&store_path),
+        stale: stale.is_some().then(|| store::StoreReader::new(&stale_path)),
         layout: Arc::new(api::ApiLayout::from_config(&config)),
         metrics,
         writer_alive,
@@ -134,6 +146,10 @@ pub async fn serve(
     // Order matters: no handler can queue a batch any more, so the writer commits what is queued
     // and exits; then the processor finishes its step.
     stop_writer(writer).await;
+    if let Some(stale) = stale {
+        drop(stale.stop);
+        let _ = tokio::task::spawn_blocking(move || stale.thread.join()).await;
+    }
     processor.stop.stop();
     let thread = processor.thread;
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;

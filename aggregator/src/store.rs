@@ -395,3 +395,116 @@ pub fn agents(conn: &Connection) -> Result<Vec<AgentRow>, StoreError> {
         .collect::<Result<_, _>>()?;
     Ok(rows)
 }
+
+/// An anomaly event: the reading, the range its model expected and how far out it was.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AnomalyRow {
+    pub sensor: String,
+    pub ts: i64,
+    pub value: f64,
+    pub expected_low: f64,
+    pub expected_high: f64,
+    pub score: f64,
+    /// Log offset of the reading.
+    pub offset: u64,
+}
+
+/// Anomalies of the sensors in `series` (all when `None`) with `from <= ts < to`, ordered by
+/// (ts, offset) and after the cursor `after` (a previous page's last (ts, offset)), at most `limit`.
+pub fn anomalies(
+    conn: &Connection,
+    series: Option<&[u32]>,
+    from: i64,
+    to: i64,
+    after: Option<(i64, u64)>,
+    limit: usize,
+) -> Result<Page<AnomalyRow>, StoreError> {
+    let (after_ts, after_offset) = after.map_or((i64::MIN, -1), |(ts, o)| (ts, o.min(i64::MAX as u64) as i64));
+    let read = |r: &rusqlite::Row<'_>| {
+        Ok(AnomalyRow {
+            sensor: r.get(0)?,
+            ts: r.get(1)?,
+            value: r.get(2)?,
+            expected_low: r.get(3)?,
+            expected_high: r.get(4)?,
+            score: r.get(5)?,
+            offset: r.get::<_, i64>(6)?.max(0) as u64,
+        })
+    };
+    let columns = "SELECT s.name, a.ts, a.value, a.expected_low, a.expected_high, a.score, a.offset
+                   FROM anomalies a JOIN series s ON s.id = a.series";
+    let mut rows: Vec<AnomalyRow> = Vec::new();
+    match series {
+        None => {
+            let mut stmt = conn.prepare_cached(&format!(
+                "{columns} WHERE a.ts >= ?1 AND a.ts < ?2 AND (a.ts > ?3 OR (a.ts = ?3 AND a.offset > ?4))
+                 ORDER BY a.ts, a.offset LIMIT ?5"
+            ))?;
+            rows = stmt
+                .query_map(params![from, to, after_ts, after_offset, limit.saturating_add(1) as i64], read)?
+                .collect::<Result<_, _>>()?;
+        }
+        Some(ids) => {
+            let mut stmt = conn.prepare_cached(&format!(
+                "{columns} WHERE a.series = ?1 AND a.ts >= ?2 AND a.ts < ?3 AND (a.ts > ?4 OR (a.ts = ?4 AND a.offset > ?5))
+                 ORDER BY a.ts, a.offset LIMIT ?6"
+            ))?;
+            // Each sensor's first limit + 1 events, merged: the overall first limit + 1 are among them.
+            for id in ids {
+                let more: Vec<AnomalyRow> = stmt
+                    .query_map(
+                        params![*id as i64, from, to, after_ts, after_offset, limit.saturating_add(1) as i64],
+                        read,
+                    )?
+                    .collect::<Result<_, _>>()?;
+                rows.extend(more);
+                rows.sort_by_key(|a| (a.ts, a.offset));
+                rows.truncate(limit.saturating_add(1));
+            }
+        }
+    }
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    Ok(Page { rows, more })
+}
+
+/// An event-time alert (see [`crate::pipeline::alert`]): fired and maybe resolved by readings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertRow {
+    pub id: u64,
+    pub rule: String,
+    pub sensor: String,
+    pub severity: String,
+    pub state: String,
+    /// Event time and value of the reading that fired it.
+    pub fired_ts: i64,
+    pub fired_value: f64,
+    pub resolved_ts: Option<i64>,
+    pub resolved_value: Option<f64>,
+}
+
+/// Event-time alerts in `state` (or all), newest first, at most `limit`.
+pub fn alerts(conn: &Connection, state: Option<&str>, limit: usize) -> Result<Page<AlertRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT a.id, a.rule, s.name, a.severity, a.state, a.fired_ts, a.fired_value, a.resolved_ts, a.resolved_value
+         FROM alerts a JOIN series s ON s.id = a.series WHERE ?1 IS NULL OR a.state = ?1 ORDER BY a.id DESC LIMIT ?2",
+    )?;
+    let mut rows: Vec<AlertRow> = stmt
+        .query_map(params![state, limit.saturating_add(1) as i64], |r| {
+            Ok(AlertRow {
+                id: r.get::<_, i64>(0)?.max(0) as u64,
+                rule: r.get(1)?,
+                sensor: r.get(2)?,
+                severity: r.get(3)?,
+                state: r.get(4)?,
+                fired_ts: r.get(5)?,
+                fired_value: r.get(6)?,
+                resolved_ts: r.get(7)?,
+                resolved_value: r.get(8)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    Ok(Page { rows, more })
+}

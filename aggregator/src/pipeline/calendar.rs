@@ -46,6 +46,9 @@ impl Calendar {
                 (index, start, start.saturating_add(*size))
             }
             Calendar::Days { tz, .. } => {
+                // jiff's last instant is 9999-12-30T22:00Z, a day before event time's (shared::
+                // MAX_TS_MS): the last hours of 9999 and queries' open bounds count as that day.
+                let ts = ts.clamp(tributary_shared::MIN_TS_MS - 2 * DAY_MS, Timestamp::MAX.as_second() * 1000);
                 let date = Timestamp::from_millisecond(ts)
                     .map(|t| t.to_zoned(tz.clone()).date())
                     .unwrap_or(Date::constant(1970, 1, 1));
@@ -91,7 +94,8 @@ impl Calendar {
 
 /// Days from 1970-01-01 to `date`.
 fn day_index(date: Date) -> i64 {
-    date.to_zoned(TimeZone::UTC).map(|z| z.timestamp().as_second().div_euclid(86_400)).unwrap_or(0)
+    // Civil arithmetic, not through a timestamp: the last days of 9999 are past jiff's last instant.
+    Date::constant(1970, 1, 1).until(date).map(|span| i64::from(span.get_days())).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -126,6 +130,16 @@ mod tests {
         assert_eq!((start, end - start), (ms("2026-01-14T23:00:00Z"), 24 * 3_600_000));
         assert_eq!(c.bucket(ms("2026-01-15T23:00:00Z")).0, index + 1);
         assert_eq!(c.start_of(index), start);
+    }
+
+    #[test]
+    fn open_query_bounds_clamp_to_the_first_and_last_day_not_1970() {
+        let c = Calendar::days("Europe/Berlin").unwrap();
+        let last_valid = c.index_of(tributary_shared::MAX_TS_MS);
+        assert!(c.index_of(i64::MAX) >= last_valid);
+        assert!(c.index_of(i64::MIN) < c.index_of(tributary_shared::MIN_TS_MS));
+        assert!(c.index_of(tributary_shared::MAX_TS_MS + 86_400_000) >= last_valid);
+        assert!(last_valid > c.index_of(tributary_shared::MAX_TS_MS - 3 * DAY_MS));
     }
 
     #[test]

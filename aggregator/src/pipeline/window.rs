@@ -132,7 +132,10 @@ impl WindowOperator {
             Err(i) => {
                 // A window that is new when its readings arrive after it closed was also made
                 // by late data; it starts at revision 0 all the same: nothing was served before.
-                row.windows.insert(i, (slot, Window::new(Stats::of(p.ts, p.value), 0, p.received_at)));
+                let mut w = Window::new(Stats::of(p.ts, p.value), 0, p.received_at);
+                // The rest of this block's readings for the window are part of its first version.
+                w.bumped_by = Some(p.block);
+                row.windows.insert(i, (slot, w));
             }
         }
         Ok(())

@@ -37,9 +37,14 @@ pub struct Aggregator {
 impl Aggregator {
     /// Starts the binary with a config in `dir` (data in `dir/data`), waits until it listens.
     pub fn start(dir: &Path) -> Aggregator {
+        Aggregator::start_with(dir, "")
+    }
+
+    /// [`Aggregator::start`] with `extra` TOML appended to the config (pipeline, rules, webhooks).
+    pub fn start_with(dir: &Path, extra: &str) -> Aggregator {
         let data_dir = dir.join("data");
         let config = dir.join("aggregator.toml");
-        std::fs::write(&config, config_text(&data_dir)).unwrap();
+        std::fs::write(&config, config_text(&data_dir) + extra).unwrap();
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&config)
@@ -135,8 +140,13 @@ impl Aggregator {
     pub fn wait_processed(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let end = self.metric("tributary_log_end_offset");
-            if self.metric("tributary_processor_offset") == end {
+            // Both from one scrape: between two scrapes the processor may commit and append the
+            // derived readings (anomalies, alert transitions) of that commit to the log.
+            let text = self.get("/metrics").text();
+            let value = |name: &str| {
+                text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' '))).map(str::to_string)
+            };
+            if value("tributary_log_end_offset") == value("tributary_processor_offset") {
                 return;
             }
             assert!(Instant::now() < deadline, "processor did not catch up:\n{}", self.stderr.lock().unwrap());
