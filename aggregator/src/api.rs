@@ -25,8 +25,11 @@ use crate::pipeline::window::Window;
 use crate::store::{self, SensorRow, SetAsideRow, StoreError, StoreReader};
 use crate::{Liveness, dashboard, ingest, unix_ms};
 
-/// Most windows one request returns (per sensor, and in all for multi-sensor reads).
+/// Most windows one request for one sensor returns (a week of 1-minute windows).
 pub const MAX_WINDOWS: usize = 10_000;
+/// Most windows a multi-sensor read returns in all (1,000 sensors' last hour of 1-minute
+/// windows is 60,000; about 15 MB of JSON).
+pub const MAX_MULTI_WINDOWS: usize = 100_000;
 /// Default and largest page of `/api/v1/sensors`.
 pub const DEFAULT_SENSORS_PAGE: usize = 1_000;
 pub const MAX_SENSORS_PAGE: usize = 10_000;
@@ -517,9 +520,9 @@ fn range(query: &WindowQuery) -> Result<(i64, i64), ApiError> {
     Ok((from, to))
 }
 
-fn too_many(n: usize) -> ApiError {
+fn too_many(cap: usize, n: usize) -> ApiError {
     ApiError::BadRequest(format!(
-        "the request covers more than {MAX_WINDOWS} windows ({n}+); ask for a larger size or a narrower from/to"
+        "the request covers more than {cap} windows ({n}+); ask for a larger size or a narrower from/to"
     ))
 }
 
@@ -538,7 +541,7 @@ async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery) ->
         })
         .await?;
     if views.len() > MAX_WINDOWS {
-        return Err(too_many(views.len()));
+        return Err(too_many(MAX_WINDOWS, views.len()));
     }
     Ok(views)
 }
@@ -571,9 +574,9 @@ async fn multi_windows(
                 if !glob.is_match(&name) {
                     continue;
                 }
-                let windows = read_windows(conn, &plan, series, from, to, MAX_WINDOWS - total)?;
+                let windows = read_windows(conn, &plan, series, from, to, MAX_MULTI_WINDOWS - total)?;
                 total += windows.len();
-                if total > MAX_WINDOWS {
+                if total > MAX_MULTI_WINDOWS {
                     return Ok(Err(total));
                 }
                 out.push(SensorWindows { sensor: name, windows });
@@ -581,7 +584,7 @@ async fn multi_windows(
             Ok(Ok(out))
         })
         .await?;
-    result.map(Json).map_err(too_many)
+    result.map(Json).map_err(|n| too_many(MAX_MULTI_WINDOWS, n))
 }
 
 #[derive(Debug, Deserialize)]

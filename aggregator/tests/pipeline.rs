@@ -335,8 +335,8 @@ fn a_threshold_alert_fires_resolves_and_reaches_a_webhook_while_a_dead_one_slows
     let states: Vec<&str> = bodies.iter().map(|b| b["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["firing", "resolved"], "{bodies:?}");
     assert_eq!(
-        (&bodies[0]["rule"], &bodies[0]["sensor"], &bodies[0]["value"]),
-        (&"hot".into(), &"line1/temp".into(), &81.0.into())
+        (&bodies[0]["rule"], &bodies[0]["sensor"], &bodies[0]["value"], &bodies[0]["kind"]),
+        (&"hot".into(), &"line1/temp".into(), &81.0.into(), &"reading".into())
     );
     assert!(agg.metric("tributary_notify_total{result=\"retried\"}") >= 1.0);
     assert_eq!(agg.metric("tributary_notify_total{result=\"delivered\"}"), 2.0);

@@ -472,6 +472,7 @@ impl Processor {
             }
             let mut body = serde_json::to_value(&t).unwrap_or_default();
             body["sensor"] = self.pipeline.series.name(t.series).into();
+            body["kind"] = "reading".into();
             self.outputs.notifier.send(body);
         }
         self.committed = self.next_offset;

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Live ingest and processing together, from postcard batches (tributary-sim load, 4 connections),
+# into a release aggregator with the default pipeline (10s, 1m, 1h windows with sketches).
+#
+#   tests/bench/live.sh [first=10000000] [then=40000000] [sensors=1000]
+#
+# Phase 1 sends `first` readings, phase 2 `then` more. For each phase: the rate at which readings
+# become visible (ingest start -> processor caught up), the rate the batches were acknowledged,
+# the largest processing lag seen (sampled every 0.2 s from /metrics), the aggregator's RSS (peak
+# and at the end) and CPU per reading. At the end: bytes on disk per reading for the log and
+# the store.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+FIRST=${1:-10000000}; THEN=${2:-40000000}; SENSORS=${3:-1000}
+cd "$ROOT"
+cargo build --release --bins --quiet
+BIN=$ROOT/target/release
+TMP=$(mktemp -d); AGG=""
+cleanup() { [ -n "$AGG" ] && kill "$AGG" 2>/dev/null; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+cat >"$TMP/aggregator.toml" <<EOF
+data_dir = "$TMP/data"
+[http]
+listen = "127.0.0.1:$PORT"
+[[agents]]
+id = "gw-1"
+token = "secret-gw-1"
+EOF
+RUST_LOG=warn "$BIN/tributary-aggregator" --config "$TMP/aggregator.toml" 2>"$TMP/aggregator.log" &
+AGG=$!
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+
+metric() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$AGG/status"; }
+cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$AGG/stat"; }
+
+phase() { # name, readings, seed
+  local start_end; start_end=$(metric tributary_log_end_offset)
+  local cpu0; cpu0=$(cpu_s)
+  local t0; t0=$(date +%s.%N)
+  : >"$TMP/samples"
+  ( while true; do
+      echo "$(metric tributary_processor_lag_readings) $(rss_kib)" >>"$TMP/samples"; sleep 0.2
+    done ) & local sampler=$!
+  "$BIN/tributary-sim" load --url "http://127.0.0.1:$PORT" --readings "$2" --sensors "$SENSORS" \
+    --seed "$3" --connections 4 >"$TMP/load.out" 2>&1
+  local t_acked; t_acked=$(date +%s.%N)
+  local target=$((start_end + $2))
+  while [ "$(metric tributary_processor_offset)" -lt "$target" ]; do sleep 0.05; done
+  local t1; t1=$(date +%s.%N)
+  kill "$sampler"; wait "$sampler" 2>/dev/null || true
+  local cpu1; cpu1=$(cpu_s)
+  python3 - "$1" "$2" "$t0" "$t_acked" "$t1" "$cpu0" "$cpu1" "$(rss_kib)" "$TMP/samples" <<'PY'
+import sys
+name, n, t0, ta, t1, c0, c1, rss_end, samples = sys.argv[1:]
+n, t0, ta, t1 = int(n), float(t0), float(ta), float(t1)
+lags, rss = [], []
+for line in open(samples):
+    parts = line.split()
+    if len(parts) == 2:
+        lags.append(int(parts[0])); rss.append(int(parts[1]))
+print(f"{name}: {n:,} readings; visible in the API at {n / (t1 - t0) / 1e6:.2f} M readings/s "
+      f"(acknowledged at {n / (ta - t0) / 1e6:.2f} M/s; caught up {t1 - ta:.2f} s after the last ack); "
+      f"max lag {max(lags, default=0):,} readings; aggregator RSS peak {max(rss, default=0) / 1024:.1f} MiB, "
+      f"at the end {int(rss_end) / 1024:.1f} MiB; aggregator CPU {(float(c1) - float(c0)) * 1e6 / n:.2f} us/reading")
+PY
+}
+
+phase "phase 1" "$FIRST" 1
+phase "phase 2" "$THEN" 2
+TOTAL=$((FIRST + THEN))
+python3 - "$TOTAL" "$TMP/data" <<'PY'
+import os, sys
+n, d = int(sys.argv[1]), sys.argv[2]
+size = lambda base: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.startswith(base))
+log, store = size("log.db"), size("store.db")
+print(f"disk after {n:,} readings: log {log / n:.2f} B/reading ({log / 2**20:.0f} MiB), "
+      f"store {store / n:.2f} B/reading ({store / 2**20:.0f} MiB)")
+PY

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The processing benchmark, beside DuckDB in the same run (../shared/peers/processing, its README).
+#
+#   tests/bench/processing.sh [readings=2000000]
+#
+# 1. Generates the workload if missing: N readings of 1,000 sensors over 24 h, 1 % late by 1-3 h
+#    (and the same with 10,000 sensors).
+# 2. DuckDB: 1-minute windows (count, min, max, mean) as one GROUP BY over the Parquet copy.
+# 3. Tributary (aggregator/examples/process_bench.rs): the readings go into a real aggregator's log
+#    through its ingest API as postcard batches from 4 senders; then the pipeline folds the whole
+#    log from offset 0 into a fresh store, timed, and its 1-minute windows are exported and checked
+#    with check.py. Runs: only 1-minute windows; the full default pipeline (10s, 1m, 1h windows
+#    with sketches, an anomaly model on every sensor, 10 alert rules); both again on 10,000 sensors.
+# Prints each RESULT line, check.py's verdict, and the rates as a ratio of DuckDB's.
+# Needs python3 with venv (the peer's setup.sh installs duckdb, pyarrow, numpy into a venv).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+N=${1:-2000000}
+PEER=${PROCESSING_PEER:-$ROOT/../shared/peers/processing}
+cd "$ROOT"
+V=$("$PEER/setup.sh" | tail -1)
+PY=$V/bin/python
+DATA=$PEER/data
+[ -f "$DATA/readings_$N.csv" ] || "$PY" "$PEER/gen.py" -n "$N" -s 1000 >/dev/null
+[ -f "$DATA/readings_${N}_10k.csv" ] || "$PY" "$PEER/gen.py" -n "$N" -s 10000 --suffix _10k >/dev/null
+
+cargo build --release -p tributary-aggregator --example process_bench --quiet
+BENCH=$ROOT/target/release/examples/process_bench
+OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT
+
+echo "== DuckDB (batch limit), 1-minute windows, $N readings"
+DUCK=$(cd "$PEER" && "$PY" run_duckdb.py -n "$N" | grep '^RESULT')
+echo "$DUCK"
+duck_rate=$(echo "${DUCK#RESULT }" | python3 -c 'import json,sys; print(json.load(sys.stdin)["readings_per_s"])')
+
+run() { # label, csv, pipeline, check(yes/no) [n-for-check suffix]
+  echo "== Tributary: $1"
+  local line
+  line=$("$BENCH" "$2" "$OUT/windows.csv" "$3" | grep '^RESULT')
+  echo "$line"
+  local rate; rate=$(echo "${line#RESULT }" | python3 -c 'import json,sys; print(json.load(sys.stdin)["readings_per_s"])')
+  python3 -c "import sys; r, d = float(sys.argv[1]), float(sys.argv[2]); print(f'   {r/1e6:.2f} M readings/s = {r/d:.2f}x DuckDB ({d/1e6:.2f} M/s)')" "$rate" "$duck_rate"
+  if [ "$4" = yes ]; then
+    (cd "$PEER" && "$PY" check.py -n "$N" "$OUT/windows.csv" | grep '^CHECK')
+  fi
+}
+run "1-minute windows only, 1,000 sensors" "$DATA/readings_$N.csv" 1m yes
+run "full default pipeline, 1,000 sensors" "$DATA/readings_$N.csv" full yes
+run "1-minute windows only, 10,000 sensors" "$DATA/readings_${N}_10k.csv" 1m no
+run "full default pipeline, 10,000 sensors" "$DATA/readings_${N}_10k.csv" full no
