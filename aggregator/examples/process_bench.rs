@@ -45,8 +45,8 @@ fn main() -> anyhow::Result<()> {
         http: HttpConfig { listen: "127.0.0.1:0".parse()? },
         agents: (0..SENDERS).map(|i| AgentConfig { id: format!("gw-{i}"), token: format!("t-{i}") }).collect(),
         pipeline: PipelineConfig { windows: windows.clone(), ..PipelineConfig::default() },
-        anomaly: if full { full_anomaly()? } else { Vec::new() },
-        alerts: if full { full_alerts()? } else { Vec::new() },
+        anomaly: if full { full_rules()?.anomaly } else { Vec::new() },
+        alerts: if full { full_rules()?.alerts } else { Vec::new() },
         notify: Vec::new(),
     };
 
@@ -198,15 +198,9 @@ async fn time_queries(
     Ok(serde_json::Value::Object(out))
 }
 
-/// A MAD model on every sensor.
-fn full_anomaly() -> anyhow::Result<Vec<tributary_aggregator::config::AnomalyConfig>> {
-    let text = "[[anomaly]]\nsensor = \"**\"\n";
-    Ok(parse_rules(text)?.anomaly)
-}
-
-/// 10 rules of every kind over all sensors.
-fn full_alerts() -> anyhow::Result<Vec<tributary_aggregator::config::AlertConfig>> {
-    let mut text = String::new();
+/// The full pipeline's rules: a MAD model on every sensor and 10 alert rules of every kind.
+fn full_rules() -> anyhow::Result<Config> {
+    let mut text = String::from("[[anomaly]]\nsensor = \"**\"\n");
     for (i, condition) in [
         "above = 90.0",
         "above = 95.0\nfor = \"5m\"\nclear = 80.0",
@@ -224,7 +218,7 @@ fn full_alerts() -> anyhow::Result<Vec<tributary_aggregator::config::AlertConfig
     {
         text.push_str(&format!("[[alerts]]\nname = \"rule{i}\"\nsensor = \"**\"\n{condition}\n"));
     }
-    Ok(parse_rules(&text)?.alerts)
+    parse_rules(&text)
 }
 
 fn parse_rules(rules: &str) -> anyhow::Result<Config> {

@@ -29,6 +29,7 @@ BENCH=$ROOT/target/release/examples/process_bench
 OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT
 
 echo "== DuckDB (batch limit), 1-minute windows, $N readings"
+mkdir -p "$PEER/out"
 DUCK=$(cd "$PEER" && "$PY" run_duckdb.py -n "$N" | grep '^RESULT')
 echo "$DUCK"
 duck_rate=$(echo "${DUCK#RESULT }" | python3 -c 'import json,sys; print(json.load(sys.stdin)["readings_per_s"])')
