@@ -25,6 +25,18 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// A serial port, by name (the file name of its configured path).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PortLabels {
+    pub port: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SerialRejectLabels {
+    pub port: String,
+    pub reason: &'static str,
+}
+
 /// Every metric of the agent. Cloning a metric shares it.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +69,16 @@ pub struct Metrics {
     pub dead_letter_readings: Counter,
     /// 1 while the MQTT client is connected to its broker (client mode).
     pub mqtt_connected: Gauge,
+    /// Bytes read from each serial port.
+    pub serial_bytes: Family<PortLabels, Counter>,
+    /// Readings each serial port delivered to the spool.
+    pub serial_readings: Family<PortLabels, Counter>,
+    /// Frames, lines or readings of a serial port not turned into readings, by reason.
+    pub serial_rejected: Family<SerialRejectLabels, Counter>,
+    /// 1 while a serial port is open.
+    pub serial_open: Family<PortLabels, Gauge>,
+    /// Times a serial port was opened (more than one: the device went away and came back).
+    pub serial_opens: Family<PortLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -84,6 +106,11 @@ impl Metrics {
             forward_requests: Family::default(),
             dead_letter_readings: Counter::default(),
             mqtt_connected: Gauge::default(),
+            serial_bytes: Family::default(),
+            serial_readings: Family::default(),
+            serial_rejected: Family::default(),
+            serial_open: Family::default(),
+            serial_opens: Family::default(),
             registry: Registry::default(),
         };
         registry.register("mqtt_messages", "MQTT messages read from the broker", m.messages.clone());
@@ -137,6 +164,23 @@ impl Metrics {
             "1 while connected to the MQTT broker (client mode)",
             m.mqtt_connected.clone(),
         );
+        registry.register("serial_bytes", "Bytes read from each serial port", m.serial_bytes.clone());
+        registry.register(
+            "serial_readings",
+            "Readings each serial port handed to the spool",
+            m.serial_readings.clone(),
+        );
+        registry.register(
+            "serial_rejected",
+            "Frames, lines or readings of a serial port not turned into readings, by reason",
+            m.serial_rejected.clone(),
+        );
+        registry.register("serial_open", "1 while the serial port is open", m.serial_open.clone());
+        registry.register(
+            "serial_opens",
+            "Times the serial port was opened (more than once: the device went away and came back)",
+            m.serial_opens.clone(),
+        );
         // Make every reason visible from the start, so a dashboard sees 0 rather than nothing.
         for reason in Reject::ALL {
             let _ = m.rejected.get_or_create(&RejectLabels { reason });
@@ -170,6 +214,12 @@ mod tests {
         let m = Metrics::new();
         m.spool_commit_seconds.observe(0.003);
         m.forward_outcome("ok");
+        let port = || PortLabels { port: "ttyUSB0".into() };
+        m.serial_bytes.get_or_create(&port()).inc();
+        m.serial_readings.get_or_create(&port()).inc();
+        m.serial_open.get_or_create(&port()).set(1);
+        m.serial_opens.get_or_create(&port()).inc();
+        m.serial_rejected.get_or_create(&SerialRejectLabels { port: "ttyUSB0".into(), reason: "crc" }).inc();
         let text = m.render();
         for name in [
             "tributary_agent_mqtt_messages_total",
@@ -187,6 +237,11 @@ mod tests {
             "tributary_agent_forward_requests_total{outcome=\"ok\"} 1",
             "tributary_agent_dead_letter_readings_total",
             "tributary_agent_mqtt_connected",
+            "tributary_agent_serial_bytes_total{port=\"ttyUSB0\"} 1",
+            "tributary_agent_serial_readings_total{port=\"ttyUSB0\"} 1",
+            "tributary_agent_serial_rejected_total{port=\"ttyUSB0\",reason=\"crc\"} 1",
+            "tributary_agent_serial_open{port=\"ttyUSB0\"} 1",
+            "tributary_agent_serial_opens_total{port=\"ttyUSB0\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod mqtt;
+pub mod serial;
 
 use std::sync::Arc;
 
@@ -115,5 +116,14 @@ impl Intake {
     /// The intake number of the last committed message.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
+    }
+
+    /// Queues one validated reading that did not come in an MQTT message (a serial port's).
+    /// Nothing acknowledges it, so it takes no intake number: its chunk carries the number already
+    /// committed, so that committing it never moves [`Spool::committed`] past a message not yet durable.
+    pub fn take_reading(&mut self, sensor: &str, ts: i64, value: f64) {
+        self.pending.readings.push(sensor, ts, value);
+        self.metrics.readings_accepted.inc();
+        self.pending.through = self.pending.through.max(*self.committed.borrow());
     }
 }
