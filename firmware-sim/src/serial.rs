@@ -45,6 +45,9 @@ const REOPEN_EVERY: Duration = Duration::from_millis(100);
 /// Bytes written between two pacing pauses.
 const PACE_CHUNK: usize = 64;
 
+/// How far writing may lag the wire rate before the lag is forgiven (the wire was idle).
+const PACE_SLACK: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SerialFormat {
     /// Binary frames with a CRC (the agent's `format = "frames"`), three readings each.
@@ -454,9 +457,13 @@ impl Port {
             let Some(stream) = self.stream.as_mut() else { break };
             let chunk = outbox.pending().len().min(if args.unpaced { outbox.pending().len() } else { PACE_CHUNK });
             if !args.unpaced {
+                // The wire's clock runs on from the last byte, so a late wake-up is made up for on
+                // the next chunk; only an idle wire starts afresh.
                 let now = tokio::time::Instant::now();
-                self.paced_until =
-                    self.paced_until.max(now) + Duration::from_secs_f64(chunk as f64 * 10.0 / f64::from(args.baud));
+                if self.paced_until + PACE_SLACK < now {
+                    self.paced_until = now;
+                }
+                self.paced_until += Duration::from_secs_f64(chunk as f64 * 10.0 / f64::from(args.baud));
             }
             match AsyncWriteExt::write_all(stream, &outbox.pending()[..chunk]).await {
                 Ok(()) => {

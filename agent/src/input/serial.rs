@@ -629,6 +629,27 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_example_in_deploy_agent_toml_parses_to_the_documented_defaults() {
+        let example = crate::config::EXAMPLE;
+        let at = example.find("# [[serial]]").expect("deploy/agent.toml documents [[serial]]");
+        let mut text = example[..at].to_string();
+        for line in example[at..].lines() {
+            let uncommented = line.strip_prefix("# ").unwrap_or(line);
+            let is_key = uncommented
+                .split_once(" = ")
+                .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            text.push_str(if is_key || uncommented == "[[serial]]" { uncommented } else { line });
+            text.push('\n');
+        }
+        let config = crate::config::Config::parse(&text, Path::new("agent.toml")).unwrap();
+        let port = &config.serial[0];
+        assert_eq!(port.baud, 115_200);
+        assert_eq!(port.format, SerialFormat::Frames);
+        assert_eq!(port.name(), "usb-FTDI_FT232R_USB_UART_A10K1234-if00-port0");
+        assert_eq!(port.sensor_prefix.as_deref(), Some("bench-1"));
+    }
+
+    #[test]
     fn serial_config_is_checked_at_start() {
         let base =
             "agent_id = \"gw\"\ndata_dir = \"/tmp/x\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\ntoken = \"t\"\n";
