@@ -120,7 +120,8 @@ pub struct SerialArgs {
     pub unplug_for: Duration,
     /// Record every frame or line, one JSON object a line: {"device", "fault", "readings":
     /// [{"sensor", "ts", "value"}]}. fault: "none", "corrupt", "drop", "outbox_full" or
-    /// "unplugged" (not written); ts is null where the agent stamps its receive time.
+    /// "unplugged" (not written); ts is null where the agent stamps its receive time; sensor is
+    /// "" for `--format number` (the agent names a bare number after its port or sensor_prefix).
     #[arg(long)]
     pub record: Option<PathBuf>,
 }
