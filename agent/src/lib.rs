@@ -1,10 +1,11 @@
 //! The Tributary gateway agent.
 //!
 //! Data flows one way: an input ([`input::broker`], the embedded MQTT broker, or [`input::mqtt`],
-//! a client of an existing broker, and any [`input::serial`] ports beside it) decodes and validates messages ([`decode`]) and queues the
+//! a client of an existing broker) decodes and validates messages ([`decode`]) and queues the
 //! readings on the [`spool`], which commits them to SQLite in blocks; the [`forward`]er sends the
 //! blocks to the aggregator and has the spool delete what was acknowledged. [`http`] serves health
 //! and [`metrics`]. [`run`] wires the parts together and stops them in order.
+//! Serial ports ([`input::serial`]) are read beside the MQTT input, into the same spool.
 
 pub mod config;
 pub mod decode;
