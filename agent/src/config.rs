@@ -43,7 +43,8 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// Base URL of the aggregator, e.g. `http://127.0.0.1:8080`. Required.
+    /// Base URL of the aggregator, e.g. `http://127.0.0.1:8080` or, behind a reverse proxy,
+    /// `https://host/tributary` (a path is kept: requests go to `<url>/api/v1/ingest`). Required.
     pub url: url::Url,
     /// Bearer token the aggregator knows this agent by. Required.
     pub token: String,
@@ -88,9 +89,14 @@ pub struct MqttConfig {
     #[serde(default = "default_topics")]
     pub topics: Vec<String>,
     /// Larger payloads are rejected and counted. Default 262,144 (256 KiB). The embedded broker
-    /// disconnects a client whose packet exceeds 8 times this.
+    /// disconnects a client whose packet exceeds 8 times this; in client mode such a packet costs a
+    /// reconnection, then is read once, rejected and acknowledged (see [`crate::input::mqtt`]).
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
+    /// A message of more readings (numeric fields of one object) is rejected whole and counted as
+    /// `too_many_readings`. Default 1,000.
+    #[serde(default = "default_max_readings_per_message")]
+    pub max_readings_per_message: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +106,13 @@ pub struct ValidationConfig {
     /// (Old timestamps are accepted: a device delivering its backlog is normal.)
     #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// Sensor ids the agent has not seen lately that it lets in per minute (a burst of this many,
+    /// then this many a minute); readings of further new ids are rejected and counted as
+    /// `sensor_limit`. Set it above the number of sensors the gateway serves, or a start-up loses
+    /// readings until all are known. The agent remembers up to 100,000 recent ids (more when this
+    /// is above 5,000). 0 turns the limit off. Default 1,000.
+    #[serde(default = "default_max_new_sensors_per_minute")]
+    pub max_new_sensors_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -130,10 +143,27 @@ pub struct SpoolConfig {
     /// `full` (default) or `normal`; see [`SyncMode`].
     #[serde(default = "default_sync")]
     pub sync: SyncMode,
-    /// Spool size limit in bytes of stored blocks; beyond it the oldest blocks are dropped and
-    /// counted (the aggregator records the gap). Default 1 GiB.
+    /// Spool size limit in bytes of stored blocks; beyond it readings are dropped by `overflow`
+    /// and counted (the aggregator records the gap). If it does not fit on the spool's file system
+    /// (free space plus the spool's current size), the agent uses 80 % of what fits and logs it.
+    /// Default 1 GiB.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// What to drop when the spool reaches `max_bytes` or its file system is full: `drop_oldest`
+    /// (default: the oldest stored blocks make room) or `drop_newest` (arriving readings are
+    /// dropped; they still consume sequence numbers, so the aggregator records the hole).
+    #[serde(default)]
+    pub overflow: Overflow,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Delete the oldest stored blocks to make room for new readings.
+    #[default]
+    DropOldest,
+    /// Keep what is stored; drop arriving readings that do not fit.
+    DropNewest,
 }
 
 /// How a serial device writes its readings.
@@ -205,6 +235,14 @@ fn default_topics() -> Vec<String> {
 fn default_max_payload_bytes() -> usize {
     256 * 1024
 }
+fn default_max_readings_per_message() -> usize {
+    1_000
+}
+fn default_max_new_sensors_per_minute() -> u32 {
+    // Above any one gateway's fleet, so a restart (every id new again) loses nothing; a publisher
+    // inventing ids is still held to this many a minute.
+    10_000
+}
 fn default_max_clock_skew() -> Duration {
     Duration::from_secs(300)
 }
@@ -239,13 +277,17 @@ impl Default for MqttConfig {
             client_id: None,
             topics: default_topics(),
             max_payload_bytes: default_max_payload_bytes(),
+            max_readings_per_message: default_max_readings_per_message(),
         }
     }
 }
 
 impl Default for ValidationConfig {
     fn default() -> Self {
-        ValidationConfig { max_clock_skew: default_max_clock_skew() }
+        ValidationConfig {
+            max_clock_skew: default_max_clock_skew(),
+            max_new_sensors_per_minute: default_max_new_sensors_per_minute(),
+        }
     }
 }
 
@@ -257,25 +299,44 @@ impl Default for SpoolConfig {
             max_queued_readings: default_max_queued_readings(),
             sync: default_sync(),
             max_bytes: default_max_bytes(),
+            overflow: Overflow::default(),
         }
     }
 }
 
 pub use tributary_shared::config_file::ConfigError;
 
+impl UpstreamConfig {
+    /// The aggregator's ingest endpoint, below `url` (normalised at load to end with `/`).
+    pub fn ingest_url(&self) -> Result<url::Url, url::ParseError> {
+        self.url.join("api/v1/ingest")
+    }
+}
+
 impl Config {
     /// Reads, parses and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = config_file::load(path)?;
+        let mut config: Config = config_file::load(path)?;
+        config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
         Ok(config)
     }
 
     /// Parses and checks configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let config: Config = config_file::parse(text, file)?;
+        let mut config: Config = config_file::parse(text, file)?;
+        config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
         Ok(config)
+    }
+
+    /// `upstream.url` is a base: without a trailing slash, joining `api/v1/ingest` would replace
+    /// its last path segment (`http://host/tributary` would post to `http://host/api/v1/ingest`).
+    fn normalise(&mut self) {
+        if !self.upstream.url.path().ends_with('/') {
+            let path = format!("{}/", self.upstream.url.path());
+            self.upstream.url.set_path(&path);
+        }
     }
 
     /// Rules serde cannot express.
@@ -305,6 +366,9 @@ impl Config {
         }
         if self.mqtt.max_payload_bytes == 0 {
             return Err(("mqtt.max_payload_bytes", "must be at least 1".into()));
+        }
+        if self.mqtt.max_readings_per_message == 0 {
+            return Err(("mqtt.max_readings_per_message", "must be at least 1".into()));
         }
         if self.mqtt.mode == MqttMode::Client {
             match &self.mqtt.url {
@@ -410,6 +474,8 @@ token = "t"
         assert_eq!(example.spool.commit_interval, minimal.spool.commit_interval);
         assert_eq!(example.spool.max_queued_readings, minimal.spool.max_queued_readings);
         assert_eq!(example.validation.max_clock_skew, Duration::from_secs(300));
+        assert_eq!(example.mqtt.max_readings_per_message, minimal.mqtt.max_readings_per_message);
+        assert_eq!(example.validation.max_new_sensors_per_minute, minimal.validation.max_new_sensors_per_minute);
         assert_eq!(example.upstream.batch_max_readings, minimal.upstream.batch_max_readings);
     }
 
@@ -427,5 +493,28 @@ token = "t"
         assert!(e.contains("mqtt.url: required when mqtt.mode = \"client\""), "{e}");
         let e = parse(&format!("{MINIMAL}[spool]\ncommit_interval = \"5 parsecs\"\n")).unwrap_err();
         assert!(e.contains("spool.commit_interval"), "{e}");
+        let e = parse(&format!("{MINIMAL}[spool]\noverflow = \"drop_middle\"\n")).unwrap_err();
+        assert!(e.contains("spool.overflow") && e.contains("drop_oldest"), "{e}");
+    }
+
+    #[test]
+    fn an_upstream_url_with_a_path_keeps_it() {
+        for (url, ingest) in [
+            ("http://host/tributary", "http://host/tributary/api/v1/ingest"),
+            ("http://host/tributary/", "http://host/tributary/api/v1/ingest"),
+            ("http://host:8080", "http://host:8080/api/v1/ingest"),
+            ("https://host/a/b", "https://host/a/b/api/v1/ingest"),
+        ] {
+            let config = parse(&MINIMAL.replace("http://127.0.0.1:8080", url)).unwrap();
+            assert_eq!(config.upstream.ingest_url().unwrap().as_str(), ingest, "{url}");
+        }
+    }
+
+    #[test]
+    fn overflow_defaults_to_dropping_the_oldest() {
+        assert_eq!(parse(MINIMAL).unwrap().spool.overflow, Overflow::DropOldest);
+        assert_eq!(parse(EXAMPLE).unwrap().spool.overflow, Overflow::DropOldest);
+        let newest = parse(&format!("{MINIMAL}[spool]\noverflow = \"drop_newest\"\n")).unwrap();
+        assert_eq!(newest.spool.overflow, Overflow::DropNewest);
     }
 }

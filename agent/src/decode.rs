@@ -1,4 +1,4 @@
-//! MQTT message → readings: topic to sensor id, payload parsing, validation.
+//! MQTT message → readings: topic to sensor id, payload parsing, validation, caps.
 //!
 //! Payloads on `<prefix>/<sensor-id>`:
 //! - a bare number: `21.5`;
@@ -7,8 +7,14 @@
 //!   timestamp, non-numeric fields are ignored.
 //!
 //! Without `ts` the reading gets the agent's receive time.
+//!
+//! Two caps keep one misbehaving publisher from flooding everything downstream with sensor ids (each
+//! id costs state in the aggregator for good): a message with more than `max_readings_per_message`
+//! readings is rejected whole, and at most `max_new_sensors_per_minute` ids the agent has not seen
+//! lately are let in per minute ([`SensorLimiter`]).
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 
 use serde::Deserialize;
@@ -28,10 +34,14 @@ pub enum Reject {
     NotFinite,
     BadTimestamp,
     BadSensorId,
+    /// More readings in one message than `mqtt.max_readings_per_message`.
+    TooManyReadings,
+    /// A new sensor id beyond `validation.max_new_sensors_per_minute`.
+    SensorLimit,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 11] = [
         Reject::TooLarge,
         Reject::NonUtf8Topic,
         Reject::UnmatchedTopic,
@@ -41,6 +51,8 @@ impl Reject {
         Reject::NotFinite,
         Reject::BadTimestamp,
         Reject::BadSensorId,
+        Reject::TooManyReadings,
+        Reject::SensorLimit,
     ];
 
     pub fn label(self) -> &'static str {
@@ -54,6 +66,8 @@ impl Reject {
             Reject::NotFinite => "not_finite",
             Reject::BadTimestamp => "bad_timestamp",
             Reject::BadSensorId => "bad_sensor_id",
+            Reject::TooManyReadings => "too_many_readings",
+            Reject::SensorLimit => "sensor_limit",
         }
     }
 
@@ -92,17 +106,34 @@ pub struct Decoder {
     filters: Vec<TopicFilter>,
     max_payload_bytes: usize,
     max_skew_ms: i64,
+    max_readings_per_message: usize,
+    sensors: Option<SensorLimiter>,
 }
 
 impl Decoder {
+    /// A decoder without caps on readings per message or new sensor ids; see [`Decoder::with_caps`].
     pub fn new(topics: &[String], max_payload_bytes: usize, max_skew_ms: i64) -> Decoder {
-        Decoder { filters: topics.iter().map(|t| TopicFilter::new(t)).collect(), max_payload_bytes, max_skew_ms }
+        Decoder {
+            filters: topics.iter().map(|t| TopicFilter::new(t)).collect(),
+            max_payload_bytes,
+            max_skew_ms,
+            max_readings_per_message: usize::MAX,
+            sensors: None,
+        }
+    }
+
+    /// Rejects messages of more than `max_readings_per_message` readings, and lets in at most
+    /// `max_new_sensors_per_minute` new sensor ids a minute (0: no limit).
+    pub fn with_caps(mut self, max_readings_per_message: usize, max_new_sensors_per_minute: u32) -> Decoder {
+        self.max_readings_per_message = max_readings_per_message;
+        self.sensors = (max_new_sensors_per_minute > 0).then(|| SensorLimiter::new(max_new_sensors_per_minute));
+        self
     }
 
     /// The sensor id a topic maps to: the topic after the first matching filter's fixed prefix
     /// (the whole topic when that leaves nothing, as for a filter without wildcards).
     pub fn sensor_id<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        let f = self.filters.iter().find(|f| rumqttc::matches(topic, &f.filter))?;
+        let f = self.filters.iter().find(|f| topic_matches(topic, &f.filter))?;
         let id = topic.get(f.prefix_len..).unwrap_or("");
         Some(if id.is_empty() { topic } else { id })
     }
@@ -111,7 +142,7 @@ impl Decoder {
     /// at most once for the message as a whole, or once per unusable field of a multi-field object.
     /// Returns how many readings were emitted.
     pub fn decode(
-        &self,
+        &mut self,
         topic: &[u8],
         payload: &[u8],
         now_ms: i64,
@@ -128,7 +159,7 @@ impl Decoder {
     }
 
     fn decode_message(
-        &self,
+        &mut self,
         topic: &[u8],
         payload: &[u8],
         now_ms: i64,
@@ -153,6 +184,7 @@ impl Decoder {
                 }
             })?;
             check_value(value)?;
+            self.admit(sensor, now_ms)?;
             emit(sensor, now_ms, value);
             return Ok(1);
         }
@@ -168,33 +200,119 @@ impl Decoder {
         match object.value {
             Some(Field::Number(value)) => {
                 check_value(value)?;
+                self.admit(sensor, now_ms)?;
                 emit(sensor, ts, value);
                 Ok(1)
             }
             Some(Field::Other) => Err(Reject::NotANumber),
             None => {
+                if object.fields.len() > self.max_readings_per_message {
+                    return Err(Reject::TooManyReadings);
+                }
                 let mut emitted = 0;
+                let mut rejected = false;
                 let mut id = String::with_capacity(sensor.len() + 16);
                 for (name, value) in object.fields {
                     id.clear();
                     id.push_str(sensor);
                     id.push('/');
                     id.push_str(&name);
-                    if validate_sensor_id(&id).is_err() {
-                        reject(Reject::BadSensorId);
-                        continue;
-                    }
-                    match check_value(value) {
+                    let checked = validate_sensor_id(&id)
+                        .map_err(|_| Reject::BadSensorId)
+                        .and_then(|()| check_value(value))
+                        .and_then(|()| self.admit(&id, now_ms));
+                    match checked {
                         Ok(()) => {
                             emit(&id, ts, value);
                             emitted += 1;
                         }
-                        Err(r) => reject(r),
+                        Err(r) => {
+                            reject(r);
+                            rejected = true;
+                        }
                     }
                 }
-                if emitted == 0 { Err(Reject::NoReadings) } else { Ok(emitted) }
+                // A message whose every field was counted as rejected is not counted again.
+                match (emitted, rejected) {
+                    (0, false) => Err(Reject::NoReadings),
+                    _ => Ok(emitted),
+                }
             }
         }
+    }
+
+    fn admit(&mut self, sensor: &str, now_ms: i64) -> Result<(), Reject> {
+        match &mut self.sensors {
+            Some(limiter) => match limiter.admit(sensor, now_ms) {
+                true => Ok(()),
+                false => Err(Reject::SensorLimit),
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+/// Lets in at most `per_minute` sensor ids a minute that it has not seen lately: a token bucket
+/// holding up to a minute's worth (the burst of a gateway's start), refilled continuously.
+///
+/// It remembers the ids it let in, in two generations of at most `generation` ids each: an id
+/// seen in the older generation moves to the current one; when the current one is full, the older
+/// one is forgotten. So memory stays bounded, and the ids of a fleet that fits in a generation are
+/// never forgotten (a forgotten id that comes back counts as new again).
+#[derive(Debug, Clone)]
+pub struct SensorLimiter {
+    per_minute: u32,
+    tokens: f64,
+    last_ms: Option<i64>,
+    generation: usize,
+    current: HashSet<Box<str>>,
+    older: HashSet<Box<str>>,
+}
+
+impl SensorLimiter {
+    /// Remembers up to 2 x max(50,000, 10 x `per_minute`) ids: 100,000 by default, a few MiB.
+    pub fn new(per_minute: u32) -> SensorLimiter {
+        SensorLimiter::with_generation(per_minute, (per_minute as usize).saturating_mul(10).max(50_000))
+    }
+
+    fn with_generation(per_minute: u32, generation: usize) -> SensorLimiter {
+        SensorLimiter {
+            per_minute,
+            tokens: per_minute as f64,
+            last_ms: None,
+            generation,
+            current: HashSet::new(),
+            older: HashSet::new(),
+        }
+    }
+
+    /// Whether readings of `sensor` may pass at `now_ms`.
+    pub fn admit(&mut self, sensor: &str, now_ms: i64) -> bool {
+        if self.current.contains(sensor) {
+            return true;
+        }
+        if let Some(id) = self.older.take(sensor) {
+            self.remember(id);
+            return true;
+        }
+        // A clock that steps back refills nothing.
+        let elapsed = self.last_ms.map_or(0, |last| now_ms.saturating_sub(last).max(0));
+        self.last_ms = Some(self.last_ms.map_or(now_ms, |last| last.max(now_ms)));
+        let max = self.per_minute as f64;
+        self.tokens = (self.tokens + elapsed as f64 * max / 60_000.0).min(max);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        self.remember(sensor.into());
+        true
+    }
+
+    fn remember(&mut self, id: Box<str>) {
+        if self.current.len() >= self.generation {
+            self.older = std::mem::take(&mut self.current);
+        }
+        self.current.insert(id);
     }
 }
 
@@ -279,6 +397,25 @@ impl<'de> Deserialize<'de> for Object<'de> {
     }
 }
 
+/// MQTT topic filter matching (`+` one level, `#` the rest; `$` topics match no wildcard at the
+/// start). rumqttc's `matches` panics on a topic whose first character is more than one byte.
+pub fn topic_matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match levels.next() {
+            Some(t) if f == "+" || f == t => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,7 +424,7 @@ mod tests {
     const NOW: i64 = 1_764_000_000_000;
 
     fn decode(topic: &str, payload: &str) -> (Vec<Reading>, Vec<Reject>) {
-        let decoder = Decoder::new(&["sensors/#".to_string(), "site/+/meters/#".to_string()], 1024, 300_000);
+        let mut decoder = Decoder::new(&["sensors/#".to_string(), "site/+/meters/#".to_string()], 1024, 300_000);
         let mut out = Vec::new();
         let mut rejects = Vec::new();
         let n = decoder.decode(
@@ -364,8 +501,32 @@ mod tests {
     }
 
     #[test]
+    fn topics_match_filters_like_mqtt_and_any_first_character_is_fine() {
+        for (topic, filter, expected) in [
+            ("sensors/a/b", "sensors/#", true),
+            ("sensors", "sensors/#", true),
+            ("sensors/a", "sensors/+", true),
+            ("sensors/a/b", "sensors/+", false),
+            ("other/a", "sensors/#", false),
+            ("é/temp", "#", true),
+            ("é/temp", "+/temp", true),
+            ("€", "sensors/#", false),
+            ("$SYS/x", "#", false),
+            ("$SYS/x", "$SYS/#", true),
+            ("a", "a", true),
+            ("a/b", "a", false),
+        ] {
+            assert_eq!(topic_matches(topic, filter), expected, "{topic} ~ {filter}");
+        }
+        let mut d = Decoder::new(&["#".into()], 1024, 300_000);
+        let (mut n, mut bad) = (0, 0);
+        d.decode("é/temp".as_bytes(), b"21.5", 1_764_000_000_000, |_, _, _| n += 1, |_| bad += 1);
+        assert_eq!((n, bad), (1, 0));
+    }
+
+    #[test]
     fn non_utf8_topics_are_rejected() {
-        let decoder = Decoder::new(&["sensors/#".to_string()], 1024, 0);
+        let mut decoder = Decoder::new(&["sensors/#".to_string()], 1024, 0);
         let mut rejects = Vec::new();
         decoder.decode(b"sensors/\xff", b"1", NOW, |_, _, _| {}, |r| rejects.push(r));
         assert_eq!(rejects, [Reject::NonUtf8Topic]);
@@ -376,5 +537,96 @@ mod tests {
         assert_eq!(decode("sensors/a", r#"{"value": 1, "ts": 1000000000000}"#).0.len(), 1);
         assert_eq!(decode("sensors/a", r#"{"value": 1, "ts": 1764000300000}"#).0.len(), 1);
         assert_eq!(decode("sensors/a", r#"{"value": 1, "ts": 1764000300001}"#).1, [Reject::BadTimestamp]);
+    }
+
+    fn capped(max_readings: usize, max_new_per_minute: u32) -> Decoder {
+        Decoder::new(&["sensors/#".to_string()], 1 << 20, 300_000).with_caps(max_readings, max_new_per_minute)
+    }
+
+    fn run(decoder: &mut Decoder, topic: &str, payload: &str, now: i64) -> (Vec<String>, Vec<Reject>) {
+        let (mut ids, mut rejects) = (Vec::new(), Vec::new());
+        decoder.decode(
+            topic.as_bytes(),
+            payload.as_bytes(),
+            now,
+            |s, _, _| ids.push(s.to_string()),
+            |r| rejects.push(r),
+        );
+        (ids, rejects)
+    }
+
+    fn object_of(fields: usize) -> String {
+        let fields: Vec<String> = (0..fields).map(|i| format!("\"f{i}\": {i}")).collect();
+        format!("{{{}}}", fields.join(", "))
+    }
+
+    #[test]
+    fn a_message_of_more_readings_than_the_cap_is_rejected_whole() {
+        let mut decoder = capped(3, 0);
+        assert_eq!(run(&mut decoder, "sensors/d", &object_of(3), NOW).0.len(), 3);
+        assert_eq!(run(&mut decoder, "sensors/d", &object_of(4), NOW), (vec![], vec![Reject::TooManyReadings]));
+        assert_eq!(run(&mut decoder, "sensors/d", &object_of(5_000), NOW), (vec![], vec![Reject::TooManyReadings]));
+        // With `value`, the other fields are not readings and do not count.
+        let one = format!("{{\"value\": 1, {}", &object_of(10)[1..]);
+        assert_eq!(run(&mut decoder, "sensors/d", &one, NOW), (vec!["d".to_string()], vec![]));
+    }
+
+    #[test]
+    fn new_sensor_ids_beyond_the_limit_are_rejected_while_known_ones_pass() {
+        let mut decoder = capped(1_000, 3);
+        for id in ["a", "b", "c"] {
+            assert_eq!(run(&mut decoder, &format!("sensors/{id}"), "1", NOW).1, []);
+        }
+        assert_eq!(run(&mut decoder, "sensors/d", "1", NOW), (vec![], vec![Reject::SensorLimit]));
+        assert_eq!(run(&mut decoder, "sensors/a", r#"{"value": 2}"#, NOW).0, ["a"], "a known id always passes");
+        // 3 a minute: one new id every 20 s.
+        assert_eq!(run(&mut decoder, "sensors/d", "1", NOW + 19_000).1, [Reject::SensorLimit]);
+        assert_eq!(run(&mut decoder, "sensors/d", "1", NOW + 20_000).1, []);
+        assert_eq!(run(&mut decoder, "sensors/e", "1", NOW + 20_000).1, [Reject::SensorLimit]);
+        // A clock that steps back refills nothing; a long pause refills a minute's worth only.
+        assert_eq!(run(&mut decoder, "sensors/e", "1", NOW - 3_600_000).1, [Reject::SensorLimit]);
+        let later = NOW + 3_600_000;
+        let passed = (0..10).filter(|i| run(&mut decoder, &format!("sensors/n{i}"), "1", later).1.is_empty()).count();
+        assert_eq!(passed, 3);
+    }
+
+    #[test]
+    fn a_multi_field_message_is_limited_field_by_field_and_counted_once_per_field() {
+        let mut decoder = capped(1_000, 2);
+        let (ids, rejects) = run(&mut decoder, "sensors/dev", r#"{"t": 1, "h": 2, "p": 3, "ts": 1764000000000}"#, NOW);
+        assert_eq!(ids, ["dev/t", "dev/h"]);
+        assert_eq!(rejects, [Reject::SensorLimit]);
+        // Every field refused: each counted, the message not counted again as no_readings.
+        let (ids, rejects) = run(&mut decoder, "sensors/other", r#"{"x": 1, "y": 2}"#, NOW);
+        assert!(ids.is_empty());
+        assert_eq!(rejects, [Reject::SensorLimit, Reject::SensorLimit]);
+        assert_eq!(run(&mut decoder, "sensors/dev", r#"{"t": 4, "h": 5}"#, NOW).0, ["dev/t", "dev/h"]);
+    }
+
+    #[test]
+    fn the_limiter_remembers_a_bounded_number_of_ids_and_keeps_the_active_ones() {
+        let mut limiter = SensorLimiter::with_generation(1_000, 2);
+        for id in ["a", "b", "c"] {
+            assert!(limiter.admit(id, NOW));
+        }
+        let tokens = limiter.tokens;
+        // "a" is in the older generation: it moves back to the current one, no token spent.
+        assert!(limiter.admit("a", NOW));
+        assert_eq!(limiter.tokens, tokens);
+        // A new id fills the current generation: the older one ("b") is forgotten.
+        assert!(limiter.admit("d", NOW));
+        assert!(limiter.current.len() + limiter.older.len() <= 4);
+        assert!(limiter.admit("b", NOW));
+        assert_eq!(limiter.tokens, tokens - 2.0, "b was forgotten, so it counted as new again");
+        for i in 0..10_000 {
+            limiter.admit(&format!("flood-{i}"), NOW);
+        }
+        assert!(limiter.current.len() + limiter.older.len() <= 4, "memory stays bounded under a flood");
+    }
+
+    #[test]
+    fn without_caps_nothing_is_limited() {
+        let mut decoder = Decoder::new(&["sensors/#".to_string()], 1 << 20, 300_000);
+        assert_eq!(run(&mut decoder, "sensors/d", &object_of(5_000), NOW).0.len(), 5_000);
     }
 }

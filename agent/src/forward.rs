@@ -3,23 +3,38 @@
 //!
 //! One request in flight keeps the aggregator's view simple: it sees each (agent, epoch) in
 //! sequence order, so anything below its high-water mark is a duplicate and a jump is a real gap.
-//! A failed request is retried with exponential backoff and full jitter; the data stays spooled.
+//! Every failure (network, 5xx, 401/403, 413, a proxy's 400, an unknown answer) keeps the data and
+//! retries with exponential backoff and full jitter. The only permanent refusal is the aggregator's
+//! own `400 {"error": "invalid_block", "block": i, ...}`: that one block goes to the spool's dead
+//! letters. A 413 makes the forwarder send smaller requests, splitting a block that alone is too large
+//! into sub-ranges (each keeps its own sequence numbers, so the aggregator's range dedup still holds).
+//!
+//! The forwarder deletes and skips only what it sent. Before it sends readings numbered after the
+//! spool was opened ([`Spool::unverified_from`]), it learns the aggregator's mark for the epoch (from
+//! the ack of older blocks, or an empty batch) so that a spool that went back in time renumbers them
+//! past the mark instead of having them taken for duplicates ([`Spool::verify`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
+use serde::Deserialize;
 use tokio::sync::watch;
 use tributary_shared::batch::POSTCARD_CONTENT_TYPE;
-use tributary_shared::{Batch, IngestAck, WireBlock};
+use tributary_shared::{Batch, Block, IngestAck, WireBlock};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
-use crate::spool::{Command, Spool, StoredBlock};
+use crate::spool::{Spool, StoredBlock, slice_block};
 
 /// Request bodies stay well under the aggregator's body limit.
 const MAX_BATCH_BYTES: usize = 8 << 20;
+/// The smallest body limit a 413 can teach: below it a request holds a reading or two anyway.
+const MIN_BATCH_BYTES: usize = 512;
+/// A body limit learned from a 413 is forgotten after this long without one, in case the proxy
+/// in the way was reconfigured; if not, the next 413 teaches it again.
+const TOO_LARGE_MEMORY: Duration = Duration::from_secs(600);
 
 /// Deleting acknowledged blocks costs a spool commit of its own when no readings arrive to share
 /// it. A gateway that forwards a few readings at a time deletes at most once a second, not after
@@ -41,12 +56,44 @@ pub struct Forwarder {
 /// How a request went, from the forwarder's point of view.
 enum Outcome {
     Acked(IngestAck),
-    /// Network error, 5xx, timeout, or refused credentials: keep the data, wait, try again.
+    /// Keep the data, wait, try again.
     Retry(String),
-    /// 400: the aggregator cannot use this batch as it is.
-    Malformed(String),
-    /// 413: too big; send less at a time.
+    /// 413: the body was too large for the aggregator or a proxy in the way.
     TooLarge,
+    /// 400 `invalid_block`: the aggregator refuses block `index` of the request for good.
+    InvalidBlock {
+        index: usize,
+        reason: String,
+    },
+}
+
+/// The aggregator's error body: `{"error": "<code>", "detail": "..."}`, and for `invalid_block`
+/// also `"block": i, "first_seq": n, "permanent": true`.
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error: String,
+    #[serde(default)]
+    detail: Option<String>,
+    #[serde(default)]
+    block: Option<usize>,
+    #[serde(default)]
+    first_seq: Option<u64>,
+    #[serde(default)]
+    permanent: Option<bool>,
+}
+
+/// A block as sent: a whole stored block, or a sub-range of one.
+#[derive(Debug, Clone, PartialEq)]
+struct Outgoing {
+    first_seq: u64,
+    count: u32,
+    data: Vec<u8>,
+}
+
+impl Outgoing {
+    fn end(&self) -> u64 {
+        self.first_seq + u64::from(self.count)
+    }
 }
 
 /// Exponential backoff with full jitter (AWS's "full jitter": uniform in [0, min(cap, base·2ⁿ)]).
@@ -68,6 +115,24 @@ impl Backoff {
     }
 }
 
+/// What the forwarder knows about the aggregator's view of this epoch.
+struct Epoch {
+    /// Readings from here on may collide with a lost timeline: learn the mark before sending them.
+    unverified: Option<u64>,
+    /// Everything from here on was numbered in this life and never sent before it.
+    fresh_from: u64,
+    /// The highest number the aggregator can rightly hold: past this, an ack is suspect.
+    horizon: u64,
+}
+
+impl Epoch {
+    /// Whether the ack of a request that ended at `batch_end` says the aggregator holds numbers
+    /// this agent never sent.
+    fn is_beyond(&self, next_seq: u64, batch_end: u64) -> bool {
+        next_seq > self.horizon.max(batch_end)
+    }
+}
+
 impl Forwarder {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let client = match reqwest::Client::builder().timeout(self.config.timeout).build() {
@@ -77,7 +142,7 @@ impl Forwarder {
                 return;
             }
         };
-        let url = match self.config.url.join("api/v1/ingest") {
+        let url = match self.config.ingest_url() {
             Ok(u) => u,
             Err(e) => {
                 tracing::error!(error = %e, "upstream.url cannot be joined with api/v1/ingest");
@@ -87,17 +152,29 @@ impl Forwarder {
         let mut end = self.spool.end();
         let mut backoff = Backoff { initial: self.config.retry_initial, max: self.config.retry_max, attempt: 0 };
         let mut cursor = 0u64;
-        let mut max_readings = self.config.batch_max_readings;
-        // After a 400 on a batch of several blocks, send one block at a time up to here, to find
-        // the one the aggregator refuses without setting aside its good neighbours.
-        let mut single_until = 0u64;
-        // The aggregator's latest `next_seq`, not yet passed to the spool for deletion.
+        let unverified = self.spool.unverified_from();
+        let mut epoch = Epoch { unverified: Some(unverified), fresh_from: unverified, horizon: unverified };
+        // Ranges handed to the spool as dead letters, not to be sent while that commits.
+        let mut skips: Vec<(u64, u64)> = Vec::new();
+        // The body size a 413 taught, and when.
+        let mut max_body = MAX_BATCH_BYTES;
+        let mut last_too_large: Option<Instant> = None;
+        // What the aggregator acknowledged, not yet passed to the spool for deletion.
         let mut undeleted: Option<u64> = None;
         let mut last_delete = Instant::now() - DELETE_INTERVAL;
 
         while !*shutdown.borrow() {
-            let limit = if cursor < single_until { 1 } else { max_readings };
-            let blocks = match self.spool.read_from(cursor, limit, MAX_BATCH_BYTES).await {
+            if last_too_large.is_some_and(|t| t.elapsed() > TOO_LARGE_MEMORY) {
+                (max_body, last_too_large) = (MAX_BATCH_BYTES, None);
+            }
+            while let Some(&(_, to)) = skips.iter().find(|(from, to)| *from <= cursor && cursor < *to) {
+                cursor = to;
+            }
+            skips.retain(|(_, to)| *to > cursor);
+            // Mark before reading: a commit landing after the read then still wakes the wait below.
+            end.borrow_and_update();
+            let budget = max_body - max_body / 16;
+            let stored = match self.spool.read_from(cursor, self.config.batch_max_readings, budget).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the spool");
@@ -107,15 +184,38 @@ impl Forwarder {
                     continue;
                 }
             };
-            let Some(last) = blocks.last() else {
+            let waiting_for_mark =
+                epoch.unverified.filter(|from| stored.iter().any(|b| b.first_seq + u64::from(b.count) > *from));
+            let outgoing = plan(&stored, cursor, epoch.unverified, &skips, budget);
+            if outgoing.is_empty() {
+                if let Some(from) = waiting_for_mark {
+                    // Everything left was numbered since the spool was opened: ask for the mark.
+                    let (outcome, _) = tokio::select! {
+                        o = self.post(&client, &url, &[]) => o,
+                        _ = shutdown.changed() => break,
+                    };
+                    match outcome {
+                        Outcome::Acked(ack) => {
+                            backoff.reset();
+                            if !self.settle(&mut epoch, from, ack.next_seq, &mut shutdown).await {
+                                break;
+                            }
+                        }
+                        other => {
+                            if self.retry_later(other, &mut backoff, &mut shutdown).await {
+                                break;
+                            }
+                        }
+                    }
+                    continue;
+                }
                 // Nothing to send: wait for the next commit, deleting what was acknowledged meanwhile.
-                end.borrow_and_update();
                 tokio::select! {
                     _ = end.changed() => {}
                     _ = shutdown.changed() => {}
                     _ = tokio::time::sleep_until((last_delete + DELETE_INTERVAL).into()), if undeleted.is_some() => {
                         if let Some(next_seq) = undeleted.take() {
-                            if self.spool.send(Command::Ack { next_seq }).await.is_err() {
+                            if self.spool.ack(next_seq).is_err() {
                                 break;
                             }
                             last_delete = Instant::now();
@@ -123,72 +223,135 @@ impl Forwarder {
                     }
                 }
                 continue;
-            };
-            let batch_end = last.first_seq + u64::from(last.count);
-            let readings: u64 = blocks.iter().map(|b| u64::from(b.count)).sum();
+            }
+            let batch_end = outgoing.last().map_or(cursor, Outgoing::end);
+            let readings: u64 = outgoing.iter().map(|b| u64::from(b.count)).sum();
 
-            let outcome = tokio::select! {
-                o = self.post(&client, &url, &blocks) => o,
+            let (outcome, body_len) = tokio::select! {
+                o = self.post(&client, &url, &outgoing) => o,
                 _ = shutdown.changed() => break,
             };
             match outcome {
                 Outcome::Acked(ack) => {
-                    self.metrics.forward_outcome("ok");
                     self.metrics.readings_forwarded.inc_by(readings.min(ack.accepted + ack.duplicates));
-                    backoff.reset();
-                    max_readings = self.config.batch_max_readings;
-                    if ack.next_seq < batch_end {
+                    if let Some(from) = epoch.unverified {
+                        // This request carried only blocks older than `from`: its ack is the mark.
+                        if !self.settle(&mut epoch, from, ack.next_seq, &mut shutdown).await {
+                            break;
+                        }
+                    } else if epoch.is_beyond(ack.next_seq, batch_end) {
+                        tracing::error!(
+                            aggregator_mark = ack.next_seq,
+                            sent_up_to = epoch.horizon,
+                            epoch = self.spool.epoch(),
+                            "the aggregator holds sequence numbers this agent never sent in its epoch (is a copy \
+                             of this spool running on another gateway?); renumbering the unsent readings past them"
+                        );
+                        let from = batch_end.max(epoch.fresh_from);
+                        if !self.settle(&mut epoch, from, ack.next_seq, &mut shutdown).await {
+                            break;
+                        }
+                    }
+                    epoch.horizon = epoch.horizon.max(batch_end);
+                    // Only what was sent is deleted or skipped, whatever the ack says beyond it.
+                    let acked = ack.next_seq.min(batch_end);
+                    if acked < batch_end {
                         tracing::warn!(
                             next_seq = ack.next_seq,
                             batch_end,
                             "aggregator acknowledged less than was sent"
                         );
                     }
-                    cursor = cursor.max(ack.next_seq);
-                    undeleted = Some(ack.next_seq);
+                    if acked <= cursor {
+                        // No progress: do not hammer the aggregator with the same request.
+                        if sleep_or_shutdown(backoff.next(), &mut shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    backoff.reset();
+                    cursor = acked;
+                    undeleted = Some(acked);
                     if readings >= DELETE_NOW_READINGS || last_delete.elapsed() >= DELETE_INTERVAL {
-                        if self.spool.send(Command::Ack { next_seq: ack.next_seq }).await.is_err() {
+                        if self.spool.ack(acked).is_err() {
                             break;
                         }
                         undeleted = None;
                         last_delete = Instant::now();
                     }
                 }
-                Outcome::Retry(reason) => {
+                Outcome::TooLarge => {
+                    let smaller = (body_len / 2).max(MIN_BATCH_BYTES);
+                    if body_len <= MIN_BATCH_BYTES || outgoing.len() == 1 && outgoing[0].count == 1 {
+                        tracing::error!(
+                            body_len,
+                            "the aggregator or a proxy refuses even a single reading as too large; \
+                            raise the body limit on the way (e.g. nginx client_max_body_size)"
+                        );
+                    } else {
+                        tracing::warn!(body_len, max_body = smaller, "request too large (413); sending smaller ones");
+                    }
+                    max_body = max_body.min(smaller);
+                    last_too_large = Some(Instant::now());
                     let delay = backoff.next();
-                    tracing::warn!(%reason, retry_in = ?delay, "forwarding failed; the readings stay spooled");
                     if sleep_or_shutdown(delay, &mut shutdown).await {
                         break;
                     }
                 }
-                Outcome::TooLarge => {
-                    self.metrics.forward_outcome("too_large");
-                    max_readings = (readings as usize / 2).max(1);
-                    tracing::warn!(max_readings, "aggregator says the batch is too large; sending less at a time");
-                }
-                Outcome::Malformed(reason) if blocks.len() > 1 => {
-                    tracing::warn!(%reason, "aggregator refused a batch; resending its blocks one by one");
-                    single_until = batch_end;
-                }
-                Outcome::Malformed(reason) => {
-                    let block = &blocks[0];
+                Outcome::InvalidBlock { index, reason } => {
+                    let Some(block) = outgoing.get(index) else { continue };
                     tracing::error!(%reason, first_seq = block.first_seq, count = block.count,
-                        "aggregator refused a block as malformed; moving it to the spool's dead_letters table");
-                    let command = Command::DeadLetter { first_seq: block.first_seq, reason };
-                    if self.spool.send(command).await.is_err() {
+                        "the aggregator refuses a block for good; moving it to the spool's dead letters \
+                         (see `tributary-agent spool dead-letters list`)");
+                    if self.spool.dead_letter(block.first_seq, block.count, reason).is_err() {
                         break;
                     }
-                    cursor = batch_end;
+                    skips.push((block.first_seq, block.end()));
+                }
+                other => {
+                    if self.retry_later(other, &mut backoff, &mut shutdown).await {
+                        break;
+                    }
                 }
             }
         }
         if let Some(next_seq) = undeleted {
-            let _ = self.spool.send(Command::Ack { next_seq }).await;
+            let _ = self.spool.ack(next_seq);
         }
         tracing::debug!("forwarder stopped");
     }
 
-    async fn post(&self, client: &reqwest::Client, url: &reqwest::Url, blocks: &[StoredBlock]) -> Outcome {
+    /// Logs a failed request and waits out the backoff; true if shutdown came meanwhile.
+    async fn retry_later(&self, outcome: Outcome, backoff: &mut Backoff, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let reason = match outcome {
+            Outcome::Retry(reason) => reason,
+            Outcome::TooLarge => "the aggregator answered 413 to an empty batch".into(),
+            Outcome::Acked(_) | Outcome::InvalidBlock { .. } => "unexpected answer".into(),
+        };
+        let delay = backoff.next();
+        tracing::warn!(%reason, retry_in = ?delay, "forwarding failed; the readings stay spooled");
+        sleep_or_shutdown(delay, shutdown).await
+    }
+
+    /// The aggregator's mark for the epoch is `mark` and nothing from `from` on was sent: have the
+    /// spool renumber if it is behind, and wait until that is durable. False if the spool or the
+    /// agent stopped meanwhile.
+    async fn settle(&self, epoch: &mut Epoch, from: u64, mark: u64, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let verified = tokio::select! {
+            v = self.spool.verify(from, mark) => v,
+            _ = shutdown.changed() => return false,
+        };
+        if verified.is_err() {
+            return false;
+        }
+        epoch.unverified = None;
+        epoch.fresh_from = from.max(mark);
+        epoch.horizon = epoch.horizon.max(epoch.fresh_from);
+        true
+    }
+
+    /// POSTs the blocks; returns the outcome and the body's size.
+    async fn post(&self, client: &reqwest::Client, url: &reqwest::Url, blocks: &[Outgoing]) -> (Outcome, usize) {
         let batch = Batch {
             agent_id: &self.agent_id,
             epoch: self.spool.epoch(),
@@ -197,48 +360,173 @@ impl Forwarder {
                 .map(|b| WireBlock { first_seq: b.first_seq, count: b.count, data: &b.data })
                 .collect(),
         };
+        let body = batch.to_postcard();
+        let body_len = body.len();
         let request = client
             .post(url.clone())
             .bearer_auth(&self.config.token)
             .header(CONTENT_TYPE, POSTCARD_CONTENT_TYPE)
-            .body(batch.to_postcard());
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.forward_outcome("unreachable");
-                return Outcome::Retry(format!("aggregator unreachable: {e}"));
+            .body(body);
+        let (label, outcome) = match request.send().await {
+            Ok(response) => {
+                let status = response.status();
+                let body = response.bytes().await.unwrap_or_default();
+                self.judge(status, &body, blocks)
             }
+            Err(e) => ("unreachable", Outcome::Retry(format!("aggregator unreachable: {e}"))),
         };
-        let status = response.status();
-        let body = response.bytes().await.unwrap_or_default();
-        let text = || String::from_utf8_lossy(&body).into_owned();
+        self.metrics.forward_outcome(label);
+        (outcome, body_len)
+    }
+
+    /// Reads an answer: the outcome label for the metrics and what to do.
+    fn judge(&self, status: StatusCode, body: &[u8], blocks: &[Outgoing]) -> (&'static str, Outcome) {
+        let text = || excerpt(body);
         match status {
-            StatusCode::OK => match serde_json::from_slice::<IngestAck>(&body) {
-                Ok(ack) => Outcome::Acked(ack),
+            StatusCode::OK => match serde_json::from_slice::<IngestAck>(body) {
+                Ok(ack) => ("ok", Outcome::Acked(ack)),
                 Err(e) => {
-                    self.metrics.forward_outcome("server_error");
-                    Outcome::Retry(format!("unreadable ack from the aggregator ({e}): {}", text()))
+                    ("server_error", Outcome::Retry(format!("unreadable ack from the aggregator ({e}): {}", text())))
                 }
             },
             StatusCode::BAD_REQUEST => {
-                self.metrics.forward_outcome("rejected");
-                Outcome::Malformed(text())
+                let Ok(error) = serde_json::from_slice::<ErrorBody>(body) else {
+                    // Not the aggregator's JSON: a proxy, or something else in the way. Not a verdict on the data.
+                    return ("bad_request", Outcome::Retry(format!("400 that is not the aggregator's: {}", text())));
+                };
+                let detail = error.detail.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| error.error.clone());
+                match error.error.as_str() {
+                    "invalid_block" if error.permanent != Some(false) => {
+                        match error.block.filter(|i| {
+                            blocks.get(*i).is_some_and(|b| error.first_seq.is_none_or(|s| s == b.first_seq))
+                        }) {
+                            Some(index) => ("invalid_block", Outcome::InvalidBlock { index, reason: detail }),
+                            None => (
+                                "bad_request",
+                                Outcome::Retry(format!(
+                                    "400 invalid_block names no block of this request (block {:?}, first_seq {:?}): {detail}",
+                                    error.block, error.first_seq
+                                )),
+                            ),
+                        }
+                    }
+                    "unsupported_format" => (
+                        "unsupported_format",
+                        Outcome::Retry(format!(
+                            "the aggregator cannot read this agent's batches (is it older than the agent? upgrade it): {detail}"
+                        )),
+                    ),
+                    code => ("bad_request", Outcome::Retry(format!("400 {code}: {detail}"))),
+                }
             }
-            StatusCode::PAYLOAD_TOO_LARGE => Outcome::TooLarge,
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                self.metrics.forward_outcome("unauthorized");
+            StatusCode::PAYLOAD_TOO_LARGE => ("too_large", Outcome::TooLarge),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => (
+                "unauthorized",
                 Outcome::Retry(format!(
                     "aggregator refuses agent {:?} ({status}): check upstream.token and the aggregator's [[agents]]: {}",
                     self.agent_id,
                     text()
-                ))
+                )),
+            ),
+            s if s.is_client_error() => {
+                ("bad_request", Outcome::Retry(format!("aggregator answered {status}: {}", text())))
             }
-            _ => {
-                self.metrics.forward_outcome("server_error");
-                Outcome::Retry(format!("aggregator answered {status}: {}", text()))
+            _ => ("server_error", Outcome::Retry(format!("aggregator answered {status}: {}", text()))),
+        }
+    }
+}
+
+/// The start of a body for a log line (a proxy's HTML error page can be long).
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// The next request: blocks from `cursor` on, stopping before `stop_at` (readings numbered since
+/// the spool was opened, until the aggregator's mark is known) and leaving out `skips`, within
+/// `budget` bytes. A block larger than the budget is split into sub-ranges that fit.
+fn plan(
+    stored: &[StoredBlock],
+    cursor: u64,
+    stop_at: Option<u64>,
+    skips: &[(u64, u64)],
+    budget: usize,
+) -> Vec<Outgoing> {
+    let mut out: Vec<Outgoing> = Vec::new();
+    let mut bytes = 0usize;
+    for block in stored {
+        if stop_at.is_some_and(|stop| block.first_seq >= stop) {
+            break;
+        }
+        let end = block.first_seq + u64::from(block.count);
+        for (from, to) in ranges(block.first_seq.max(cursor), end, skips) {
+            let pieces = if from == block.first_seq && to == end && block.data.len() <= budget {
+                vec![Outgoing { first_seq: block.first_seq, count: block.count, data: block.data.clone() }]
+            } else {
+                split(block, from, to, budget)
+            };
+            for piece in pieces {
+                if !out.is_empty() && bytes + piece.data.len() > budget {
+                    return out;
+                }
+                bytes += piece.data.len();
+                out.push(piece);
             }
         }
     }
+    out
+}
+
+/// `from..to` minus the skipped ranges.
+fn ranges(from: u64, to: u64, skips: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = vec![(from, to)];
+    for &(s, e) in skips {
+        out = out
+            .into_iter()
+            .flat_map(|(a, b)| {
+                if e <= a || b <= s {
+                    vec![(a, b)]
+                } else {
+                    [(a, s.max(a)), (e.min(b), b)].into_iter().filter(|(x, y)| x < y).collect()
+                }
+            })
+            .collect();
+    }
+    out.retain(|(a, b)| a < b);
+    out
+}
+
+/// Readings `from..to` of a stored block as sub-blocks of at most `budget` bytes each, halving
+/// their size until they fit (a single reading is sent whatever its size).
+fn split(block: &StoredBlock, from: u64, to: u64, budget: usize) -> Vec<Outgoing> {
+    let decoded = match Block::decode(&block.data) {
+        Ok(b) if b.len() == block.count as usize => b,
+        // Unreadable: send it whole and let the aggregator judge it (it dead-letters it).
+        _ => return vec![Outgoing { first_seq: block.first_seq, count: block.count, data: block.data.clone() }],
+    };
+    let (mut i, end) = ((from - block.first_seq) as usize, (to - block.first_seq) as usize);
+    let total = end - i;
+    // A first guess from the block's bytes per reading; halved below while a piece does not fit.
+    let mut per = ((total as u128 * budget as u128 / block.data.len().max(1) as u128) as usize).clamp(1, total.max(1));
+    let mut out = Vec::new();
+    while i < end {
+        let mut n = per.min(end - i);
+        let data = loop {
+            let data = slice_block(&decoded, i, i + n).encode();
+            if data.len() <= budget || n == 1 {
+                break data;
+            }
+            n /= 2;
+        };
+        per = n;
+        out.push(Outgoing { first_seq: block.first_seq + i as u64, count: n as u32, data });
+        i += n;
+    }
+    out
 }
 
 /// Sleeps; returns true if shutdown was signalled meanwhile.
@@ -252,6 +540,7 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &mut watch::Receiver<bool>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tributary_shared::BlockBuilder;
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter_and_resets() {
@@ -264,5 +553,107 @@ mod tests {
         assert!(delays[5..].iter().any(|d| *d > Duration::from_millis(100)));
         b.reset();
         assert!(b.next() <= Duration::from_millis(100));
+    }
+
+    /// A stored block of `n` noisy readings (so it stays large compressed).
+    fn stored(first_seq: u64, n: usize) -> StoredBlock {
+        let mut b = BlockBuilder::default();
+        for i in 0..n {
+            b.push(&format!("sensor-{}", i % 7), 1_764_000_000_000 + i as i64, fastrand::f64());
+        }
+        let block = b.finish();
+        StoredBlock { first_seq, count: n as u32, data: block.encode() }
+    }
+
+    fn spans(out: &[Outgoing]) -> Vec<(u64, u32)> {
+        out.iter().map(|o| (o.first_seq, o.count)).collect()
+    }
+
+    #[test]
+    fn a_block_larger_than_the_budget_goes_in_sub_ranges_that_keep_their_numbers() {
+        let block = stored(100, 1000);
+        let budget = block.data.len() / 5;
+        let out = plan(std::slice::from_ref(&block), 100, None, &[], budget);
+        assert!(out.iter().all(|o| o.data.len() <= budget));
+        assert_eq!(out[0].first_seq, 100);
+        let decoded = Block::decode(&block.data).unwrap();
+        let first = Block::decode(&out[0].data).unwrap();
+        assert_eq!(first.readings().next(), decoded.readings().next());
+        // The next request picks up where the cursor is, mid-block.
+        let cursor = out.last().unwrap().end();
+        let rest = plan(std::slice::from_ref(&block), cursor, None, &[], usize::MAX);
+        assert_eq!(spans(&rest), [(cursor, (1100 - cursor) as u32)]);
+        let resumed = Block::decode(&rest[0].data).unwrap();
+        assert_eq!(resumed.readings().next(), decoded.readings().nth((cursor - 100) as usize));
+        // Halving goes down to single readings if it must.
+        let tiny = plan(std::slice::from_ref(&block), 100, None, &[], 1);
+        assert_eq!(spans(&tiny), [(100, 1)]);
+    }
+
+    #[test]
+    fn a_request_stops_before_unverified_readings_and_leaves_out_dead_letters() {
+        let blocks = [stored(0, 10), stored(10, 10), stored(20, 10)];
+        assert_eq!(spans(&plan(&blocks, 0, Some(20), &[], usize::MAX)), [(0, 10), (10, 10)]);
+        assert_eq!(spans(&plan(&blocks, 0, Some(0), &[], usize::MAX)), []);
+        assert_eq!(spans(&plan(&blocks, 0, None, &[(10, 20)], usize::MAX)), [(0, 10), (20, 10)]);
+        assert_eq!(spans(&plan(&blocks, 0, None, &[(12, 15)], usize::MAX)), [(0, 10), (10, 2), (15, 5), (20, 10)]);
+        assert_eq!(spans(&plan(&blocks, 5, None, &[], usize::MAX)), [(5, 5), (10, 10), (20, 10)]);
+    }
+
+    #[test]
+    fn only_an_ack_beyond_everything_sent_is_suspect() {
+        let epoch = Epoch { unverified: None, fresh_from: 100, horizon: 250 };
+        assert!(!epoch.is_beyond(300, 300), "the ack of what was just sent");
+        assert!(!epoch.is_beyond(250, 120), "what an earlier life sent");
+        assert!(epoch.is_beyond(301, 300));
+        assert!(epoch.is_beyond(260, 120));
+    }
+
+    fn forwarder() -> (Forwarder, tempfile::TempDir, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (spool, thread) = Spool::open(dir.path(), &Default::default(), metrics.clone()).unwrap();
+        let config: crate::config::Config = crate::config::Config::parse(
+            "agent_id = \"gw\"\ndata_dir = \"/x\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\ntoken = \"t\"\n",
+            std::path::Path::new("agent.toml"),
+        )
+        .unwrap();
+        (Forwarder { spool, agent_id: "gw".into(), config: config.upstream, metrics }, dir, thread)
+    }
+
+    #[test]
+    fn only_the_aggregators_invalid_block_answer_dead_letters_and_only_the_block_it_names() {
+        let (f, _dir, _thread) = forwarder();
+        let blocks = [stored(0, 3), stored(3, 3)];
+        let outgoing = plan(&blocks, 0, None, &[], usize::MAX);
+        let invalid =
+            br#"{"error":"invalid_block","detail":"reading #2: not finite","block":1,"first_seq":3,"permanent":true}"#;
+        let (label, outcome) = f.judge(StatusCode::BAD_REQUEST, invalid, &outgoing);
+        assert_eq!(label, "invalid_block");
+        assert!(matches!(outcome, Outcome::InvalidBlock { index: 1, ref reason } if reason.contains("not finite")));
+        for (status, body, expected) in [
+            (StatusCode::BAD_REQUEST, &b"<html>400 Bad Request</html>"[..], "bad_request"),
+            (StatusCode::BAD_REQUEST, br#"{"error":"bad_batch","detail":"epoch"}"#, "bad_request"),
+            (
+                StatusCode::BAD_REQUEST,
+                br#"{"error":"unsupported_format","detail":"format byte 9"}"#,
+                "unsupported_format",
+            ),
+            (StatusCode::BAD_REQUEST, br#"{"error":"invalid_block","block":1,"first_seq":99}"#, "bad_request"),
+            (StatusCode::BAD_REQUEST, br#"{"error":"invalid_block","block":7,"first_seq":3}"#, "bad_request"),
+            (StatusCode::BAD_REQUEST, br#"{"error":"invalid_block","block":1,"permanent":false}"#, "bad_request"),
+            (StatusCode::PAYLOAD_TOO_LARGE, b"", "too_large"),
+            (StatusCode::UNAUTHORIZED, b"", "unauthorized"),
+            (StatusCode::FORBIDDEN, b"", "unauthorized"),
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, b"", "bad_request"),
+            (StatusCode::BAD_GATEWAY, b"upstream down", "server_error"),
+            (StatusCode::OK, b"not json", "server_error"),
+        ] {
+            let (label, outcome) = f.judge(status, body, &outgoing);
+            assert_eq!(label, expected, "{status} {}", String::from_utf8_lossy(body));
+            if expected != "too_large" {
+                assert!(matches!(outcome, Outcome::Retry(_)), "{status} {}", String::from_utf8_lossy(body));
+            }
+        }
     }
 }

@@ -62,6 +62,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.mqtt.max_payload_bytes,
         config.validation.max_clock_skew.as_millis() as i64,
     );
+    let decoder = decoder.with_caps(config.mqtt.max_readings_per_message, config.validation.max_new_sensors_per_minute);
     // Each serial port reads into its own intake; the spool's group commit batches them all.
     let mut serial_inputs = Vec::new();
     for port in &config.serial {

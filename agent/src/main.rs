@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tributary_agent::config::{Config, EXAMPLE};
+use tributary_agent::spool;
 
 /// Tributary gateway agent: reads sensors over MQTT, spools readings in SQLite, forwards them in
 /// batches to the aggregator.
@@ -10,7 +11,7 @@ use tributary_agent::config::{Config, EXAMPLE};
 #[command(version, about)]
 struct Cli {
     /// Configuration file (TOML). `generate-config` prints a commented example.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -20,6 +21,32 @@ struct Cli {
 enum Command {
     /// Print the commented example configuration with every default.
     GenerateConfig,
+    /// Inspect or repair the spool in the configured data_dir.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Blocks the aggregator refused for good (400 invalid_block), kept in the spool's dead_letters table.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Print each dead letter: first_seq, count, time (UTC), reason. Reads only; the agent may be running.
+    List,
+    /// Move dead letters back into the spool, to be sent again under their own sequence numbers
+    /// when the agent starts (the aggregator fills holes below its mark). The agent must be
+    /// stopped: this takes the spool's lock and refuses while the agent holds it.
+    Retry {
+        /// Only the dead letter starting at this sequence number (default: all of them).
+        #[arg(long)]
+        first_seq: Option<u64>,
+    },
 }
 
 fn main() {
@@ -38,6 +65,9 @@ fn run() -> anyhow::Result<()> {
     }
     let path = cli.config.context("--config <file> is required (see `tributary-agent generate-config`)")?;
     let config = Config::load(&path)?;
+    if let Some(Command::Spool { command: SpoolCommand::DeadLetters(command) }) = cli.command {
+        return dead_letters(&config, command);
+    }
 
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -57,6 +87,46 @@ fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(tributary_agent::run(config, shutdown_signal()))?;
     Ok(())
+}
+
+fn dead_letters(config: &Config, command: DeadLetterCommand) -> anyhow::Result<()> {
+    match command {
+        DeadLetterCommand::List => {
+            let letters = spool::list_dead_letters(&config.data_dir)?;
+            if letters.is_empty() {
+                println!("no dead letters in {}", config.data_dir.display());
+                return Ok(());
+            }
+            println!("{:>20} {:>8}  {:<20}  reason", "first_seq", "count", "time (UTC)");
+            for d in &letters {
+                println!("{:>20} {:>8}  {:<20}  {}", d.first_seq, d.count, utc(d.at_ms), d.reason);
+            }
+        }
+        DeadLetterCommand::Retry { first_seq } => {
+            let (blocks, readings) = spool::retry_dead_letters(&config.data_dir, first_seq)?;
+            println!(
+                "moved {blocks} dead-lettered block(s), {readings} reading(s), back into the spool; \
+                 they are sent when the agent starts"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Unix ms as `2026-01-31T12:00:00Z` (days to civil date: Howard Hinnant's algorithm).
+fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -79,4 +149,14 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_print_as_utc() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc(1_764_000_000_000), "2025-11-24T16:00:00Z");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
 }

@@ -25,6 +25,21 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Outcomes of requests to the aggregator: `ok`; `invalid_block` (one block dead-lettered for
+/// good); and failures that keep the data and retry with backoff: `bad_request` (any other 400,
+/// e.g. from a proxy), `unsupported_format`, `too_large` (413: the request is split), `unauthorized`
+/// (401/403), `server_error` (5xx, other statuses, unreadable answers), `unreachable` (network, timeout).
+pub const FORWARD_OUTCOMES: [&str; 8] = [
+    "ok",
+    "invalid_block",
+    "bad_request",
+    "unsupported_format",
+    "too_large",
+    "unauthorized",
+    "server_error",
+    "unreachable",
+];
+
 /// A serial port, by name (the file name of its configured path).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct PortLabels {
@@ -59,16 +74,28 @@ pub struct Metrics {
     /// Readings and bytes in the spool, not yet acknowledged by the aggregator.
     pub spool_readings: Gauge,
     pub spool_bytes: Gauge,
-    /// Readings dropped because the spool hit `spool.max_bytes`.
+    /// Readings dropped because the spool hit `spool.max_bytes` or its file system was full.
     pub spool_dropped_readings: Counter,
+    /// The spool size limit in effect: `spool.max_bytes`, lowered when it does not fit on the file
+    /// system or while the file system is full.
+    pub spool_max_bytes: Gauge,
+    /// Spool commits refused because the file system was full (SQLITE_FULL).
+    pub spool_disk_full: Counter,
+    /// Times the spool was found behind the aggregator's mark for its epoch (restored or rewound).
+    pub spool_rewinds: Counter,
+    /// Readings renumbered past the aggregator's mark after a rewind.
+    pub spool_renumbered_readings: Counter,
     /// Readings the aggregator acknowledged.
     pub readings_forwarded: Counter,
-    /// Forward requests by outcome (`ok`, `unreachable`, `rejected`, `unauthorized`, `server_error`).
+    /// Forward requests by outcome (see [`FORWARD_OUTCOMES`]).
     pub forward_requests: Family<OutcomeLabels, Counter>,
     /// Readings moved to the dead-letter table because the aggregator refused their block as malformed.
     pub dead_letter_readings: Counter,
     /// 1 while the MQTT client is connected to its broker (client mode).
     pub mqtt_connected: Gauge,
+    /// Messages the broker delivered again (`dup` set; client mode): their first delivery was not
+    /// acknowledged before the connection dropped or the agent stopped, so they may be spooled twice.
+    pub mqtt_redelivered: Counter,
     /// Bytes read from each serial port.
     pub serial_bytes: Family<PortLabels, Counter>,
     /// Readings each serial port delivered to the spool.
@@ -102,10 +129,15 @@ impl Metrics {
             spool_readings: Gauge::default(),
             spool_bytes: Gauge::default(),
             spool_dropped_readings: Counter::default(),
+            spool_max_bytes: Gauge::default(),
+            spool_disk_full: Counter::default(),
+            spool_rewinds: Counter::default(),
+            spool_renumbered_readings: Counter::default(),
             readings_forwarded: Counter::default(),
             forward_requests: Family::default(),
             dead_letter_readings: Counter::default(),
             mqtt_connected: Gauge::default(),
+            mqtt_redelivered: Counter::default(),
             serial_bytes: Family::default(),
             serial_readings: Family::default(),
             serial_rejected: Family::default(),
@@ -145,8 +177,28 @@ impl Metrics {
         registry.register("spool_bytes", "Bytes of blocks in the spool", m.spool_bytes.clone());
         registry.register(
             "spool_dropped_readings",
-            "Readings dropped because the spool reached spool.max_bytes",
+            "Readings dropped because the spool reached its size limit or its file system was full",
             m.spool_dropped_readings.clone(),
+        );
+        registry.register(
+            "spool_max_bytes",
+            "Spool size limit in effect (spool.max_bytes, lowered to what fits on the file system)",
+            m.spool_max_bytes.clone(),
+        );
+        registry.register(
+            "spool_disk_full",
+            "Spool commits refused because the file system was full",
+            m.spool_disk_full.clone(),
+        );
+        registry.register(
+            "spool_rewinds",
+            "Times the spool was found behind the aggregator's mark for its epoch (restored or rewound)",
+            m.spool_rewinds.clone(),
+        );
+        registry.register(
+            "spool_renumbered_readings",
+            "Readings renumbered past the aggregator's mark after a rewind",
+            m.spool_renumbered_readings.clone(),
         );
         registry.register(
             "readings_forwarded",
@@ -163,6 +215,11 @@ impl Metrics {
             "mqtt_connected",
             "1 while connected to the MQTT broker (client mode)",
             m.mqtt_connected.clone(),
+        );
+        registry.register(
+            "mqtt_redelivered",
+            "Messages the broker delivered again (dup flag, client mode); they may be spooled twice",
+            m.mqtt_redelivered.clone(),
         );
         registry.register("serial_bytes", "Bytes read from each serial port", m.serial_bytes.clone());
         registry.register(
@@ -184,6 +241,9 @@ impl Metrics {
         // Make every reason visible from the start, so a dashboard sees 0 rather than nothing.
         for reason in Reject::ALL {
             let _ = m.rejected.get_or_create(&RejectLabels { reason });
+        }
+        for outcome in FORWARD_OUTCOMES {
+            let _ = m.forward_requests.get_or_create(&OutcomeLabels { outcome });
         }
         Metrics { registry, ..m }
     }
@@ -233,10 +293,18 @@ mod tests {
             "tributary_agent_spool_readings",
             "tributary_agent_spool_bytes",
             "tributary_agent_spool_dropped_readings_total",
+            "tributary_agent_spool_max_bytes",
+            "tributary_agent_spool_disk_full_total",
+            "tributary_agent_spool_rewinds_total",
+            "tributary_agent_spool_renumbered_readings_total",
+            "tributary_agent_forward_requests_total{outcome=\"too_large\"} 0",
             "tributary_agent_readings_forwarded_total",
             "tributary_agent_forward_requests_total{outcome=\"ok\"} 1",
             "tributary_agent_dead_letter_readings_total",
             "tributary_agent_mqtt_connected",
+            "tributary_agent_mqtt_redelivered_total",
+            "tributary_agent_rejected_total{reason=\"sensor_limit\"} 0",
+            "tributary_agent_rejected_total{reason=\"too_many_readings\"} 0",
             "tributary_agent_serial_bytes_total{port=\"ttyUSB0\"} 1",
             "tributary_agent_serial_readings_total{port=\"ttyUSB0\"} 1",
             "tributary_agent_serial_rejected_total{port=\"ttyUSB0\",reason=\"crc\"} 1",

@@ -9,36 +9,98 @@
 //! or more blocks plus any pending deletion of acknowledged blocks, in one transaction. A reading's
 //! sequence number is its block's `first_seq` plus its index. The spool epoch, a random id made with
 //! the file, keeps a replaced disk from colliding with its past.
+//!
+//! The forwarder's commands ([`Spool::ack`], [`Spool::dead_letter`], [`Spool::verify`]) travel on a
+//! second, unbounded channel, so deleting what the aggregator holds never waits behind appends, not
+//! even while the disk refuses them. When the spool reaches its size limit or its file system is
+//! full, `spool.overflow` decides what is dropped; drops are counted and the aggregator records the
+//! hole in the sequence numbers.
+//!
+//! Sequence numbers are never reused: every transaction that deletes (acks, drops, dead letters) or
+//! skips numbers also writes `meta.next_seq`, and opening takes the highest number anything holds.
+//! The blocks in the file when it is opened are original content, safe to resend; numbers given out
+//! from `meta.unverified_from` on may collide with a timeline the file lost (a restored image, a WAL
+//! tail lost to a power cut), so the forwarder learns the aggregator's mark before sending them and
+//! the writer renumbers them past it if the spool turns out to be behind ([`Spool::verify`]).
 
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
-use tokio::sync::{mpsc, watch};
-use tributary_shared::BlockBuilder;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot, watch};
+use tributary_shared::{Block, BlockBuilder};
 
-use crate::config::{SpoolConfig, SyncMode};
+use crate::config::{Overflow, SpoolConfig, SyncMode};
 use crate::metrics::Metrics;
 
 /// Largest block the spool writes; reads rely on it to find the block holding a sequence number.
 pub const MAX_BLOCK_READINGS: usize = 65_536;
 
+/// The spool's database file and the lock file that keeps a second process from writing it.
+pub const SPOOL_FILE: &str = "spool.db";
+pub const LOCK_FILE: &str = "spool.lock";
+
+/// Testing aid where no small file system can be mounted: caps the spool file at this many pages
+/// (SQLite's `max_page_count`), which then answers SQLITE_FULL like a full disk.
+pub const MAX_PAGE_COUNT_ENV: &str = "TRIBUTARY_SPOOL_MAX_PAGE_COUNT";
+
 /// Commands queued in front of the writer. Short on purpose: while it is full, inputs keep
 /// growing their current chunk, which stores a reading in 24 bytes rather than a queue slot each.
 const QUEUE_COMMANDS: usize = 16;
 
-/// Commands queued for the writer, on a short bounded channel: the batching happens in the
+/// Share of (free space + the spool's files) the spool may fill when `max_bytes` does not fit: the
+/// rest is for SQLite's page overhead, its WAL and whatever else shares the file system.
+const FIT_PERCENT: u64 = 80;
+/// While the file system is full, how often its free space is checked to lift the lowered limit.
+const SPACE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// Free space that counts as "space has returned".
+const SPACE_RETURNED_BYTES: u64 = 1 << 20;
+/// Kept on the spool's file system (`spool.reserve`) and given back when it is full, so that the
+/// spool can still checkpoint its WAL and write the deletions that make room.
+const RESERVE_BYTES: u64 = 1 << 20;
+pub const RESERVE_FILE: &str = "spool.reserve";
+/// SQLite's default WAL autocheckpoint, and the smaller one while the file system is full.
+const WAL_PAGES: i64 = 1000;
+const WAL_PAGES_WHILE_FULL: i64 = 100;
+/// Commit attempts under an ever lower limit before a commit's new readings are dropped outright.
+const FULL_ATTEMPTS: u32 = 4;
+/// Drops are logged at most this often (with the count since the last line): a full disk drops on
+/// every group commit.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Forwarder commands that failed to commit are retried after this, doubling up to the max.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The writer's queue of readings, on a short bounded channel: the batching happens in the
 /// [`Chunk`] an input fills while the queue is full.
 #[derive(Debug)]
 pub enum Command {
     /// Readings to commit.
     Append(Chunk),
-    /// The aggregator holds everything below `next_seq`: delete it.
+}
+
+/// The forwarder's commands, on an unbounded channel: they are few (one per request) and must
+/// never wait behind readings.
+#[derive(Debug)]
+enum Control {
+    /// Everything the forwarder sent below `next_seq` is in the aggregator's log: delete it.
     Ack { next_seq: u64 },
-    /// The aggregator refuses this block as malformed: move it aside, keep it for inspection.
-    DeadLetter { first_seq: u64, reason: String },
+    /// The aggregator refuses these readings for good: move them aside, keep them for inspection.
+    DeadLetter { first_seq: u64, count: u32, reason: String },
+    /// The aggregator's mark for this epoch is `mark`; nothing from `from` on was ever sent.
+    Verify { from: u64, mark: u64, reply: oneshot::Sender<Verified> },
+}
+
+/// What [`Spool::verify`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// How far the readings numbered from `from` on moved up (0: the spool was not behind).
+    pub shift: u64,
+    /// How many readings moved.
+    pub readings: u64,
 }
 
 /// Readings on their way to the spool, and the intake number of the last message they came from
@@ -67,6 +129,16 @@ pub struct StoredBlock {
     pub data: Vec<u8>,
 }
 
+/// A block the aggregator refused for good, as `spool dead-letters list` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub first_seq: u64,
+    pub count: u32,
+    pub reason: String,
+    /// When it was set aside (Unix ms).
+    pub at_ms: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool {path}: {source}")]
@@ -77,64 +149,171 @@ pub enum SpoolError {
     Read(#[from] rusqlite::Error),
     #[error("the spool writer has stopped")]
     Closed,
+    #[error("{path} is held by a running tributary-agent; stop it first (one process at a time may write a spool)")]
+    Locked { path: String },
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: String, source: std::io::Error },
+    #[error("no spool at {path}: is data_dir right, and has the agent run with it?")]
+    NotFound { path: String },
+    #[error("{0}")]
+    DeadLetters(String),
+    #[error("cannot start the spool writer: {0}")]
+    Start(std::io::Error),
 }
 
-/// The async side of the spool: queue commands, read blocks, watch the end of the spool.
+/// The async side of the spool: queue readings and forwarder commands, read blocks, watch the end
+/// of the spool.
 #[derive(Clone)]
 pub struct Spool {
     tx: mpsc::Sender<Command>,
+    control: mpsc::UnboundedSender<Control>,
     reader: Arc<Mutex<Connection>>,
     end: watch::Receiver<u64>,
     committed: watch::Receiver<u64>,
     epoch: u64,
+    unverified_from: u64,
 }
 
 /// What the writer thread keeps between commits.
 struct Writer {
     conn: Connection,
+    /// `spool.db`, for log lines, and its directory, for free space.
+    path: PathBuf,
+    dir: PathBuf,
     config: SpoolConfig,
     metrics: Arc<Metrics>,
     next_seq: u64,
+    readings: u64,
     bytes: u64,
+    /// `spool.max_bytes`, or less if that did not fit on the file system at open.
+    limit: u64,
+    /// Set while the file system refuses writes: the stored bytes it still allows.
+    disk_cap: Option<u64>,
+    last_space_check: Instant,
+    /// [`MAX_PAGE_COUNT_ENV`], when set.
+    max_pages: Option<u64>,
+    /// `spool.reserve` is on disk.
+    reserve_held: bool,
+    /// Readings dropped since the last log line, and when that line was written.
+    drops_unlogged: u64,
+    last_drop_log: Option<Instant>,
     end: watch::Sender<u64>,
     committed: watch::Sender<u64>,
+    /// Held while the writer lives: one process at a time writes a spool.
+    _lock: File,
+}
+
+/// What the spool file holds when it is opened.
+struct Opened {
+    epoch: u64,
+    next_seq: u64,
+    readings: u64,
+    bytes: u64,
+    unverified_from: u64,
 }
 
 impl Spool {
     /// Opens (or creates) `dir/spool.db` and starts the writer thread. The thread ends, after a
-    /// last commit, once every sender of its queue (every [`Spool`] clone and [`Spool::sender`]) is dropped.
+    /// last commit, once every sender of its queues (every [`Spool`] clone and [`Spool::sender`])
+    /// is dropped. Fails with [`SpoolError::Locked`] while another process has the spool open.
     pub fn open(
         dir: &Path,
         config: &SpoolConfig,
         metrics: Arc<Metrics>,
     ) -> Result<(Spool, JoinHandle<()>), SpoolError> {
+        let max_pages = std::env::var(MAX_PAGE_COUNT_ENV).ok().and_then(|v| v.parse::<u64>().ok());
+        Self::open_with(dir, config, metrics, max_pages)
+    }
+
+    fn open_with(
+        dir: &Path,
+        config: &SpoolConfig,
+        metrics: Arc<Metrics>,
+        max_pages: Option<u64>,
+    ) -> Result<(Spool, JoinHandle<()>), SpoolError> {
         std::fs::create_dir_all(dir)
             .map_err(|source| SpoolError::CreateDir { path: dir.display().to_string(), source })?;
-        let path = dir.join("spool.db");
+        let lock = lock_dir(dir)?;
+        let path = dir.join(SPOOL_FILE);
         let open_err = |source| SpoolError::Open { path: path.display().to_string(), source };
         let conn = Connection::open(&path).map_err(open_err)?;
-        let (epoch, next_seq, readings, bytes) = init_schema(&conn, config.sync).map_err(open_err)?;
+        if let Some(pages) = max_pages {
+            conn.pragma_update(None, "max_page_count", pages as i64).map_err(open_err)?;
+        }
+        let opened = init_schema(&conn, config.sync).map_err(open_err)?;
         let reader =
             Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .map_err(open_err)?;
+        // The reserve first, so that what fits is counted without it.
+        let reserve_held = hold_reserve(dir);
+        let free = match max_pages {
+            Some(pages) => page_space(&conn, pages),
+            None => free_bytes(dir),
+        };
+        let limit = effective_limit(config.max_bytes, dir, free, spool_files_size(&path));
 
-        metrics.spool_readings.set(readings as i64);
-        metrics.spool_bytes.set(bytes as i64);
-        let (end_tx, end_rx) = watch::channel(next_seq);
+        metrics.spool_readings.set(opened.readings as i64);
+        metrics.spool_bytes.set(opened.bytes as i64);
+        metrics.spool_max_bytes.set(limit as i64);
+        // The writer waits on two queues (readings, forwarder commands) and a retry timer.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(SpoolError::Start)?;
+        let (end_tx, end_rx) = watch::channel(opened.next_seq);
         let (committed_tx, committed_rx) = watch::channel(0);
         let (tx, rx) = mpsc::channel(QUEUE_COMMANDS);
-        let writer =
-            Writer { conn, config: config.clone(), metrics, next_seq, bytes, end: end_tx, committed: committed_tx };
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            conn,
+            path: path.clone(),
+            dir: dir.to_path_buf(),
+            config: config.clone(),
+            metrics,
+            next_seq: opened.next_seq,
+            readings: opened.readings,
+            bytes: opened.bytes,
+            limit,
+            disk_cap: None,
+            last_space_check: Instant::now(),
+            max_pages,
+            reserve_held,
+            drops_unlogged: 0,
+            last_drop_log: None,
+            end: end_tx,
+            committed: committed_tx,
+            _lock: lock,
+        };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| SpoolError::CreateDir { path: dir.display().to_string(), source: e })?;
-        tracing::info!(path = %path.display(), epoch, next_seq, readings, "spool open");
-        Ok((Spool { tx, reader: Arc::new(Mutex::new(reader)), end: end_rx, committed: committed_rx, epoch }, thread))
+            .spawn(move || writer.run(runtime, rx, control_rx))
+            .map_err(SpoolError::Start)?;
+        tracing::info!(
+            path = %path.display(),
+            epoch = opened.epoch,
+            next_seq = opened.next_seq,
+            readings = opened.readings,
+            unverified_from = opened.unverified_from,
+            max_bytes = limit,
+            "spool open"
+        );
+        let spool = Spool {
+            tx,
+            control: control_tx,
+            reader: Arc::new(Mutex::new(reader)),
+            end: end_rx,
+            committed: committed_rx,
+            epoch: opened.epoch,
+            unverified_from: opened.unverified_from,
+        };
+        Ok((spool, thread))
     }
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The first sequence number that may collide with a timeline the file lost: the forwarder
+    /// must learn the aggregator's mark and call [`Spool::verify`] before sending it or anything after.
+    pub fn unverified_from(&self) -> u64 {
+        self.unverified_from
     }
 
     /// Queues a command for the writer (waits while the queue is full).
@@ -147,7 +326,7 @@ impl Spool {
         self.tx.clone()
     }
 
-    /// The intake number ([`Chunk::through`]) of the last committed chunk.
+    /// The intake number ([`Chunk::through`]) of the last committed (or dropped) chunk.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
     }
@@ -155,6 +334,28 @@ impl Spool {
     /// The sequence number after the last committed reading; changes after every commit.
     pub fn end(&self) -> watch::Receiver<u64> {
         self.end.clone()
+    }
+
+    /// The aggregator holds everything the forwarder sent below `next_seq`: delete those blocks
+    /// with the next commit. Never waits.
+    pub fn ack(&self, next_seq: u64) -> Result<(), SpoolError> {
+        self.control.send(Control::Ack { next_seq }).map_err(|_| SpoolError::Closed)
+    }
+
+    /// Moves the readings `first_seq .. first_seq + count` (all within one stored block) to the
+    /// `dead_letters` table with the next commit; the rest of their block stays. Never waits.
+    pub fn dead_letter(&self, first_seq: u64, count: u32, reason: String) -> Result<(), SpoolError> {
+        self.control.send(Control::DeadLetter { first_seq, count, reason }).map_err(|_| SpoolError::Closed)
+    }
+
+    /// The aggregator's mark for this epoch is `mark`, and nothing numbered from `from` (at most
+    /// [`Spool::unverified_from`]) on was ever sent. If `mark > from`, the spool went back in time:
+    /// those readings are renumbered to start at `mark`, so they are not taken for duplicates.
+    /// Returns once that is durable, so nothing is sent under a number about to change.
+    pub async fn verify(&self, from: u64, mark: u64) -> Result<Verified, SpoolError> {
+        let (reply, answer) = oneshot::channel();
+        self.control.send(Control::Verify { from, mark, reply }).map_err(|_| SpoolError::Closed)?;
+        answer.await.map_err(|_| SpoolError::Closed)
     }
 
     /// Blocks holding readings from `seq` on, oldest first, up to about `max_readings` readings
@@ -175,33 +376,212 @@ impl Spool {
     }
 }
 
-fn init_schema(conn: &Connection, sync: SyncMode) -> rusqlite::Result<(u64, u64, u64, u64)> {
+/// Takes `dir/spool.lock` for as long as the returned file is open. The kernel drops the lock
+/// when the process dies, kill -9 included.
+fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join(LOCK_FILE);
+    let lock_err = |source| SpoolError::Lock { path: path.display().to_string(), source };
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(lock_err)?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = std::io::Error::last_os_error();
+            return Err(if error.kind() == std::io::ErrorKind::WouldBlock {
+                SpoolError::Locked { path: dir.display().to_string() }
+            } else {
+                lock_err(error)
+            });
+        }
+    }
+    Ok(file)
+}
+
+/// Bytes available to an unprivileged writer on the file system holding `dir`.
+#[cfg(unix)]
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) with a NUL-terminated path and a zeroed struct for it to fill.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_dir: &Path) -> Option<u64> {
+    None
+}
+
+/// Makes sure `dir/spool.reserve` holds [`RESERVE_BYTES`] of allocated space; false if the file
+/// system has no room for it (it is taken when space returns).
+fn hold_reserve(dir: &Path) -> bool {
+    let path = dir.join(RESERVE_FILE);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES) {
+        return true;
+    }
+    let allocated = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .and_then(|file| allocate(&file, RESERVE_BYTES));
+    if allocated.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    allocated.is_ok()
+}
+
+/// Allocates `len` bytes of disk to `file` (blocks, not a sparse hole).
+fn allocate(file: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: posix_fallocate(3) on a descriptor we own; it returns the error number.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::from_raw_os_error(rc)) }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        use std::io::Write;
+        let mut file = file;
+        let zeros = vec![0u8; 64 << 10];
+        for _ in 0..len.div_ceil(zeros.len() as u64) {
+            file.write_all(&zeros)?;
+        }
+        file.sync_all()
+    }
+}
+
+/// Room left under a `max_page_count` cap (unused pages plus the free list).
+fn page_space(conn: &Connection, max_pages: u64) -> Option<u64> {
+    let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0)).ok();
+    let (pages, free_list, page_size) = (pragma("page_count")?, pragma("freelist_count")?, pragma("page_size")?);
+    Some((max_pages.saturating_sub(pages as u64) + free_list as u64) * page_size as u64)
+}
+
+/// The spool's files on disk: the database, its WAL and the WAL index.
+fn spool_files_size(db: &Path) -> u64 {
+    ["", "-wal", "-shm"]
+        .iter()
+        .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", db.display())).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// `max_bytes`, or ~80 % of what fits (free space plus the spool's files) if it does not.
+fn effective_limit(max_bytes: u64, dir: &Path, free: Option<u64>, files: u64) -> u64 {
+    let Some(free) = free else { return max_bytes };
+    let fits = free.saturating_add(files);
+    if max_bytes <= fits {
+        return max_bytes;
+    }
+    let limit = fits / 100 * FIT_PERCENT;
+    tracing::warn!(
+        "spool.max_bytes {} does not fit on {} ({} free); using {}",
+        human_bytes(max_bytes),
+        dir.display(),
+        human_bytes(free),
+        human_bytes(limit)
+    );
+    limit
+}
+
+/// `1 GiB`, `3.2 MiB`, `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() < 0.05 || value >= 100.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn init_schema(conn: &Connection, sync: SyncMode) -> rusqlite::Result<Opened> {
     // Every commit writes whole pages, and an idle gateway commits one reading at a time: 1 KiB
     // pages keep a commit within one 4 KiB page of the OS (4 KiB pages straddle two), which halves
     // the bytes written to flash when idle and cuts a third when busy. Takes effect on a new file.
     conn.pragma_update(None, "page_size", 1024)?;
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
     conn.pragma_update(None, "synchronous", if sync == SyncMode::Full { "FULL" } else { "NORMAL" })?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS blocks (first_seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL);
-         CREATE TABLE IF NOT EXISTS dead_letters (
-             first_seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL,
-             reason TEXT NOT NULL, at_ms INTEGER NOT NULL);",
-    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    create_tables(conn)?;
     // The epoch is made once, with the file; 63 bits so it is a non-negative SQLite integer.
     let fresh = (getrandom::u64().unwrap_or_else(|_| fastrand::u64(..)) >> 1) as i64;
     conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)", [fresh])?;
     let epoch: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
-    let acked: Option<i64> =
-        conn.query_row("SELECT value FROM meta WHERE key = 'acked_seq'", [], |r| r.get(0)).optional()?;
-    let (end, readings, bytes): (i64, i64, i64) = conn.query_row(
-        "SELECT coalesce(max(first_seq + count), 0), coalesce(sum(count), 0), coalesce(sum(length(data)), 0) FROM blocks",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    let next_seq = stored_next_seq(conn)?;
+    // Kept if already there: a life that crashed before verifying leaves its numbers unverified too.
+    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('unverified_from', ?1)", [next_seq as i64])?;
+    let unverified_from: i64 =
+        conn.query_row("SELECT value FROM meta WHERE key = 'unverified_from'", [], |r| r.get(0))?;
+    let (readings, bytes): (i64, i64) =
+        conn.query_row("SELECT coalesce(sum(count), 0), coalesce(sum(length(data)), 0) FROM blocks", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    Ok(Opened {
+        epoch: epoch as u64,
+        next_seq,
+        readings: readings as u64,
+        bytes: bytes as u64,
+        unverified_from: (unverified_from.max(0) as u64).min(next_seq),
+    })
+}
+
+fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS blocks (first_seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL);",
     )?;
-    let next_seq = end.max(acked.unwrap_or(0)) as u64;
-    Ok((epoch as u64, next_seq, readings as u64, bytes as u64))
+    // Dead letters have their own key, so setting a block aside never replaces an earlier one.
+    // Spools written before that keyed them by first_seq: move their rows over once.
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('dead_letters')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let create = "CREATE TABLE dead_letters (
+             id INTEGER PRIMARY KEY, first_seq INTEGER NOT NULL, count INTEGER NOT NULL,
+             data BLOB NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL)";
+    if columns.is_empty() {
+        conn.execute_batch(create)?;
+    } else if !columns.iter().any(|c| c == "id") {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             ALTER TABLE dead_letters RENAME TO dead_letters_v1;
+             {create};
+             INSERT INTO dead_letters (first_seq, count, data, reason, at_ms)
+                 SELECT first_seq, count, data, reason, at_ms FROM dead_letters_v1 ORDER BY first_seq;
+             DROP TABLE dead_letters_v1;
+             COMMIT;"
+        ))?;
+    }
+    Ok(())
+}
+
+/// The first sequence number nothing in the file has used: past every block, every dead letter
+/// and the persisted `next_seq` (and `acked_seq`, its name in older spools).
+fn stored_next_seq(conn: &Connection) -> rusqlite::Result<u64> {
+    let next: i64 = conn.query_row(
+        "SELECT max(
+             (SELECT coalesce(max(first_seq + count), 0) FROM blocks),
+             (SELECT coalesce(max(first_seq + count), 0) FROM dead_letters),
+             (SELECT coalesce(max(value), 0) FROM meta WHERE key IN ('next_seq', 'acked_seq')))",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(next.max(0) as u64)
 }
 
 fn read_blocks(
@@ -232,116 +612,488 @@ fn read_blocks(
     Ok(out)
 }
 
+/// The readings `from..to` of a block, as a block of their own.
+pub fn slice_block(block: &Block, from: usize, to: usize) -> Block {
+    let mut builder = BlockBuilder::default();
+    for e in block.entries.get(from..to).unwrap_or(&[]) {
+        builder.push(block.sensor_of(e), e.ts, e.value);
+    }
+    builder.finish()
+}
+
+/// Forwarder commands waiting for a commit.
+#[derive(Default)]
+struct Pending {
+    ack: Option<u64>,
+    dead_letters: Vec<(u64, u32, String)>,
+    verifies: Vec<(u64, u64, oneshot::Sender<Verified>)>,
+}
+
+impl Pending {
+    fn add(&mut self, control: Control) {
+        match control {
+            Control::Ack { next_seq } => self.ack = Some(self.ack.map_or(next_seq, |a| a.max(next_seq))),
+            Control::DeadLetter { first_seq, count, reason } => self.dead_letters.push((first_seq, count, reason)),
+            Control::Verify { from, mark, reply } => self.verifies.push((from, mark, reply)),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ack.is_none() && self.dead_letters.is_empty() && self.verifies.is_empty()
+    }
+
+    /// Commands other than acks: these need room on disk (a dead letter copies its block).
+    fn has_moves(&self) -> bool {
+        !self.dead_letters.is_empty() || !self.verifies.is_empty()
+    }
+}
+
+/// Which forwarder commands a transaction applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    All,
+    /// Acks only (never past a block waiting to be dead-lettered): when the others fail, deleting
+    /// what the aggregator holds must still go through.
+    AcksOnly,
+}
+
+/// What one transaction did, applied to the writer's state only once it committed.
+#[derive(Default)]
+struct Applied {
+    next_seq: u64,
+    readings: u64,
+    bytes: u64,
+    added: u64,
+    dropped: u64,
+    dead: u64,
+    /// (from, mark, result) for each verify.
+    verified: Vec<(u64, u64, Verified)>,
+    /// The pending ack was applied in full.
+    acked: bool,
+}
+
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    fn run(
+        mut self,
+        runtime: tokio::runtime::Runtime,
+        mut appends: mpsc::Receiver<Command>,
+        mut control: mpsc::UnboundedReceiver<Control>,
+    ) {
         let interval = self.config.commit_interval;
         let mut last_commit = Instant::now() - interval;
-        while let Some(first) = rx.blocking_recv() {
+        let mut pending = Pending::default();
+        let mut retry = RETRY_MIN;
+        let (mut appends_open, mut control_open) = (true, true);
+        while appends_open || control_open {
+            let mut chunks = Vec::new();
+            let held = !pending.is_empty();
+            runtime.block_on(async {
+                tokio::select! {
+                    c = appends.recv(), if appends_open => match c {
+                        Some(Command::Append(chunk)) => chunks.push(chunk),
+                        None => appends_open = false,
+                    },
+                    c = control.recv(), if control_open => match c {
+                        Some(c) => pending.add(c),
+                        None => control_open = false,
+                    },
+                    _ = tokio::time::sleep(retry), if held => {}
+                }
+            });
             // Group commit: let the interval since the last commit pass, then take everything queued.
             let wait = (last_commit + interval).saturating_duration_since(Instant::now());
             if !wait.is_zero() {
                 std::thread::sleep(wait);
             }
-            let mut commands = vec![first];
-            while let Ok(command) = rx.try_recv() {
-                commands.push(command);
+            while let Ok(Command::Append(chunk)) = appends.try_recv() {
+                chunks.push(chunk);
+            }
+            while let Ok(c) = control.try_recv() {
+                pending.add(c);
+            }
+            if chunks.is_empty() && pending.is_empty() {
+                continue;
             }
             last_commit = Instant::now();
-            self.commit_with_retry(commands);
+            self.process(chunks, &mut pending, &mut control);
+            retry = if pending.is_empty() { RETRY_MIN } else { (retry * 2).min(RETRY_MAX) };
         }
+        if !pending.is_empty() {
+            self.try_commit(&[], &mut pending, Scope::All);
+            if !pending.is_empty() {
+                // Harmless: unapplied acks make the next start resend what the aggregator then
+                // drops as duplicates; a block not yet dead-lettered is refused again.
+                tracing::warn!("the spool stopped before applying some of the forwarder's commands");
+            }
+        }
+        self.log_drops(true);
         tracing::debug!("spool writer stopped");
     }
 
-    /// Commits, retrying with backoff while the disk refuses: the readings are accepted, so they
-    /// are held (and inputs wait behind the full queue) rather than dropped.
-    fn commit_with_retry(&mut self, commands: Vec<Command>) {
-        let batch = Batch::from_commands(commands, self.config.max_block_readings);
+    /// Commits the chunks and the pending forwarder commands. A disk that refuses (SQLITE_FULL)
+    /// lowers the spool's limit and drops by `spool.overflow`; other errors hold the readings and
+    /// retry. Either way acks keep being applied.
+    fn process(&mut self, chunks: Vec<Chunk>, pending: &mut Pending, control: &mut mpsc::UnboundedReceiver<Control>) {
+        let batch = Batch::from_chunks(chunks, self.config.max_block_readings);
+        self.maybe_lift_disk_cap();
+        let mut scope = Scope::All;
+        let mut full_attempts = 0;
         let mut delay = Duration::from_millis(100);
         loop {
+            // Acks that arrived meanwhile join this attempt: they never wait behind a failing append.
+            while let Ok(c) = control.try_recv() {
+                pending.add(c);
+            }
             let started = Instant::now();
-            match self.commit(&batch) {
-                Ok(()) => {
+            let error = match self.commit(&batch.blocks, pending, scope) {
+                Ok(applied) => {
                     self.metrics.spool_commit_seconds.observe(started.elapsed().as_secs_f64());
+                    self.apply(applied, pending, scope);
                     break;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, retry_in = ?delay, "spool commit failed; holding the readings and retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+                Err(e) => e,
+            };
+            let full = is_disk_full(&error);
+            let episode_began = full && self.disk_cap.is_none();
+            if full {
+                self.on_disk_full();
             }
+            if batch.blocks.is_empty() {
+                tracing::warn!(%error, "spool could not apply the forwarder's commands; retrying");
+                if scope == Scope::All && pending.ack.is_some() {
+                    self.try_commit(&[], pending, Scope::AcksOnly);
+                }
+                break;
+            }
+            if scope == Scope::All && pending.has_moves() {
+                // Set dead letters and renumbering aside: they may be what fails.
+                scope = Scope::AcksOnly;
+                continue;
+            }
+            if full {
+                full_attempts += 1;
+                if !episode_began {
+                    self.lower_disk_cap();
+                }
+                if self.config.overflow == Overflow::DropOldest {
+                    // Deleted and committed first: SQLite reliably reuses pages freed by an earlier
+                    // transaction, not always those freed by the one that needs them.
+                    let incoming: u64 = batch.blocks.iter().map(|(_, data)| data.len() as u64).sum();
+                    self.make_room(incoming);
+                }
+                if full_attempts < FULL_ATTEMPTS {
+                    continue;
+                }
+                // Not even a smaller spool takes these readings: apply the acks (they free space)
+                // and drop the readings rather than hold the inputs.
+                self.try_commit(&[], pending, Scope::AcksOnly);
+                let count: u64 = batch.blocks.iter().map(|(n, _)| *n as u64).sum();
+                // Numbered, not stored: the aggregator sees the hole.
+                self.next_seq += count;
+                self.end.send_replace(self.next_seq);
+                self.note_drops(count);
+                break;
+            }
+            tracing::error!(%error, retry_in = ?delay, "spool commit failed; holding the readings and retrying");
+            if pending.ack.is_some() {
+                self.try_commit(&[], pending, Scope::AcksOnly);
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
         if let Some(through) = batch.through {
-            self.committed.send_replace(through);
+            // Keep the max: a serial chunk carries the number committed when it was read, so a batch
+            // of only serial readings can hold a lower number than an MQTT commit just published;
+            // moving back would make an ack waiter miss its message until the next commit.
+            self.committed.send_if_modified(|committed| {
+                let moved = through > *committed;
+                *committed = (*committed).max(through);
+                moved
+            });
         }
     }
 
-    fn commit(&mut self, batch: &Batch) -> rusqlite::Result<()> {
+    /// Commits without retrying; a failure leaves `pending` as it was.
+    fn try_commit(&mut self, blocks: &[(usize, Vec<u8>)], pending: &mut Pending, scope: Scope) {
+        match self.commit(blocks, pending, scope) {
+            Ok(applied) => self.apply(applied, pending, scope),
+            Err(error) => {
+                if is_disk_full(&error) {
+                    self.on_disk_full();
+                }
+                tracing::debug!(%error, ?scope, "spool commit of the forwarder's commands failed");
+            }
+        }
+    }
+
+    /// The stored bytes allowed now.
+    fn cap(&self) -> u64 {
+        self.disk_cap.map_or(self.limit, |cap| cap.min(self.limit))
+    }
+
+    /// The file system refused a write. The first time in an episode: keep at most what is stored
+    /// now (drop_oldest: 7/8 of it, so that deleting leaves free pages to write into), give back
+    /// the reserve and the WAL's space, so that deletions (acks, drops) can still be written.
+    fn on_disk_full(&mut self) {
+        self.metrics.spool_disk_full.inc();
+        if self.disk_cap.is_some() {
+            return;
+        }
+        let stored = self.bytes.min(self.limit);
+        self.disk_cap = Some(match self.config.overflow {
+            Overflow::DropNewest => stored,
+            Overflow::DropOldest => stored / 8 * 7,
+        });
+        self.last_space_check = Instant::now();
+        self.metrics.spool_max_bytes.set(self.cap() as i64);
+        let released = self.reserve_held && std::fs::remove_file(self.dir.join(RESERVE_FILE)).is_ok();
+        self.reserve_held &= !released;
+        // A checkpoint moves the WAL into the database and TRUNCATE gives its space back; a small
+        // autocheckpoint keeps it small while space is short.
+        let _ = self.conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES_WHILE_FULL);
+        let _ = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        tracing::warn!(
+            path = %self.path.display(),
+            overflow = ?self.config.overflow,
+            released_reserve = released,
+            "the spool's file system is full: keeping at most {} and dropping readings by spool.overflow until space returns",
+            human_bytes(self.cap())
+        );
+    }
+
+    /// The file system refused again within the episode: keep a quarter less.
+    fn lower_disk_cap(&mut self) {
+        self.disk_cap = Some(self.cap() / 4 * 3);
+        self.metrics.spool_max_bytes.set(self.cap() as i64);
+    }
+
+    /// Drops the oldest blocks, in a transaction of their own, until `incoming` bytes fit under the
+    /// limit.
+    fn make_room(&mut self, incoming: u64) {
+        let target = self.cap().saturating_sub(incoming);
+        if self.bytes <= target {
+            return;
+        }
+        let excess = self.bytes - target;
+        let next_seq = self.next_seq;
+        let result = (|| {
+            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let dropped = drop_oldest(&tx, excess)?;
+            tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?1)", [next_seq as i64])?;
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(dropped)
+        })();
+        match result {
+            Ok((readings, bytes)) => {
+                self.readings = self.readings.saturating_sub(readings);
+                self.bytes = self.bytes.saturating_sub(bytes);
+                self.metrics.spool_commits.inc();
+                self.metrics.spool_readings.set(self.readings as i64);
+                self.metrics.spool_bytes.set(self.bytes as i64);
+                self.note_drops(readings);
+            }
+            Err(error) => {
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                tracing::debug!(%error, "spool could not drop its oldest blocks to make room");
+            }
+        }
+    }
+
+    /// While the disk cap is in force, checks now and then whether space has returned; if so,
+    /// takes the reserve back and raises the limit to what fits, as at open.
+    fn maybe_lift_disk_cap(&mut self) {
+        let Some(cap) = self.disk_cap else { return };
+        if self.last_space_check.elapsed() < SPACE_CHECK_INTERVAL {
+            return;
+        }
+        self.last_space_check = Instant::now();
+        let needed = SPACE_RETURNED_BYTES + if self.reserve_held { 0 } else { RESERVE_BYTES };
+        if self.free_space().is_none_or(|free| free < needed) {
+            return;
+        }
+        self.reserve_held = self.reserve_held || hold_reserve(&self.dir);
+        let fits = self.free_space().unwrap_or(0).saturating_add(spool_files_size(&self.path));
+        let lifted = (fits / 100 * FIT_PERCENT).max(cap);
+        self.disk_cap = (lifted < self.limit).then_some(lifted);
+        if self.disk_cap.is_none() {
+            let _ = self.conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES);
+        }
+        tracing::info!(path = %self.path.display(), "space has returned on the spool's file system: limit now {}",
+            human_bytes(self.cap()));
+        self.metrics.spool_max_bytes.set(self.cap() as i64);
+    }
+
+    fn free_space(&self) -> Option<u64> {
+        match self.max_pages {
+            Some(pages) => page_space(&self.conn, pages),
+            None => free_bytes(&self.dir),
+        }
+    }
+
+    fn commit(&mut self, blocks: &[(usize, Vec<u8>)], pending: &Pending, scope: Scope) -> rusqlite::Result<Applied> {
+        let result = self.transaction(blocks, pending, scope);
+        if result.is_err() && !self.conn.is_autocommit() {
+            // A failed COMMIT can leave the transaction open; never let the next one nest in it.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        result
+    }
+
+    fn transaction(
+        &mut self,
+        blocks: &[(usize, Vec<u8>)],
+        pending: &Pending,
+        scope: Scope,
+    ) -> rusqlite::Result<Applied> {
+        let cap = self.cap();
+        let overflow = self.config.overflow;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut seq = self.next_seq;
-        let (mut added_readings, mut added_bytes) = (0u64, 0u64);
+        let mut a =
+            Applied { next_seq: self.next_seq, readings: self.readings, bytes: self.bytes, ..Applied::default() };
+        // Anything deleted or skipped could lower the spool's end: persist next_seq with it.
+        let mut persist_end = false;
+        if scope == Scope::All {
+            for (first_seq, count, reason) in &pending.dead_letters {
+                let moved = dead_letter(&tx, *first_seq, *count, reason)?;
+                a.dead += moved.readings;
+                a.readings = a.readings.saturating_sub(moved.readings);
+                a.bytes = (a.bytes + moved.added_bytes).saturating_sub(moved.removed_bytes);
+                persist_end |= moved.readings > 0;
+            }
+            for (from, mark, _) in &pending.verifies {
+                let shift = mark.saturating_sub(*from);
+                let readings = if shift > 0 { renumber(&tx, *from, shift)? } else { 0 };
+                if shift > 0 {
+                    // Every block from `from` on moved up by `shift`, and so does the end.
+                    a.next_seq = a.next_seq.max(*from) + shift;
+                    persist_end = true;
+                }
+                a.verified.push((*from, *mark, Verified { shift, readings }));
+            }
+            if !pending.verifies.is_empty() {
+                tx.execute("DELETE FROM meta WHERE key = 'unverified_from'", [])?;
+            }
+        }
+        if let Some(ack) = pending.ack {
+            let mut target = ack;
+            if scope == Scope::AcksOnly {
+                if let Some(first) = pending.dead_letters.iter().map(|d| d.0).min() {
+                    target = target.min(first);
+                }
+            }
+            let (r, b) = delete_below(&tx, target)?;
+            a.readings = a.readings.saturating_sub(r);
+            a.bytes = a.bytes.saturating_sub(b);
+            a.acked = target == ack;
+            persist_end = true;
+        }
         {
             let mut insert = tx.prepare_cached("INSERT INTO blocks (first_seq, count, data) VALUES (?1, ?2, ?3)")?;
-            for (count, data) in &batch.blocks {
-                insert.execute(params![seq as i64, *count as i64, data])?;
-                seq += *count as u64;
-                added_readings += *count as u64;
-                added_bytes += data.len() as u64;
+            let mut dropping = false;
+            for (count, data) in blocks {
+                let count = *count as u64;
+                if overflow == Overflow::DropNewest && (dropping || a.bytes + data.len() as u64 > cap) {
+                    // Numbered, not stored: the aggregator sees the hole and records it.
+                    dropping = true;
+                    a.dropped += count;
+                    a.next_seq += count;
+                    persist_end = true;
+                    continue;
+                }
+                insert.execute(params![a.next_seq as i64, count as i64, data])?;
+                a.next_seq += count;
+                a.added += count;
+                a.readings += count;
+                a.bytes += data.len() as u64;
             }
         }
-        let (mut removed_readings, mut removed_bytes) = (0u64, 0u64);
-        if let Some(next) = batch.ack {
-            let (r, b) = delete_below(&tx, next)?;
-            tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('acked_seq', ?1)", [next as i64])?;
-            removed_readings += r;
-            removed_bytes += b;
+        if overflow == Overflow::DropOldest && a.bytes > cap {
+            let (r, b) = drop_oldest(&tx, a.bytes - cap)?;
+            a.dropped += r;
+            a.readings = a.readings.saturating_sub(r);
+            a.bytes = a.bytes.saturating_sub(b);
+            persist_end = true;
         }
-        let mut dead = 0u64;
-        for (first_seq, reason) in &batch.dead_letters {
-            let moved = tx.execute(
-                "INSERT OR REPLACE INTO dead_letters (first_seq, count, data, reason, at_ms)
-                 SELECT first_seq, count, data, ?2, ?3 FROM blocks WHERE first_seq = ?1",
-                params![*first_seq as i64, reason, now_ms()],
-            )?;
-            if moved > 0 {
-                let (r, b): (i64, i64) = tx.query_row(
-                    "DELETE FROM blocks WHERE first_seq = ?1 RETURNING count, length(data)",
-                    [*first_seq as i64],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )?;
-                dead += r as u64;
-                removed_readings += r as u64;
-                removed_bytes += b as u64;
-            }
-        }
-        let bytes_now = self.bytes + added_bytes - removed_bytes.min(self.bytes + added_bytes);
-        let mut dropped = 0u64;
-        if bytes_now > self.config.max_bytes {
-            let (r, b) = drop_oldest(&tx, bytes_now - self.config.max_bytes)?;
-            dropped = r;
-            removed_readings += r;
-            removed_bytes += b;
+        if persist_end {
+            tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?1)", [a.next_seq as i64])?;
         }
         tx.commit()?;
+        Ok(a)
+    }
 
-        // Only now, with the transaction durable, does anything outside learn of it.
-        self.next_seq = seq;
-        self.bytes = (self.bytes + added_bytes).saturating_sub(removed_bytes);
-        let m = &self.metrics;
+    /// The transaction is durable: only now does anything outside learn of it.
+    fn apply(&mut self, a: Applied, pending: &mut Pending, scope: Scope) {
+        let moved_end = a.next_seq != self.next_seq;
+        self.next_seq = a.next_seq;
+        self.readings = a.readings;
+        self.bytes = a.bytes;
+        let m = self.metrics.clone();
         m.spool_commits.inc();
-        m.readings_spooled.inc_by(added_readings);
-        m.spool_readings.inc_by(added_readings as i64 - removed_readings as i64);
+        m.readings_spooled.inc_by(a.added);
+        m.spool_readings.set(self.readings as i64);
         m.spool_bytes.set(self.bytes as i64);
-        m.dead_letter_readings.inc_by(dead);
-        if dropped > 0 {
-            m.spool_dropped_readings.inc_by(dropped);
-            tracing::warn!(dropped, max_bytes = self.config.max_bytes, "spool full: dropped the oldest readings");
-        }
-        if added_readings > 0 {
+        m.dead_letter_readings.inc_by(a.dead);
+        self.note_drops(a.dropped);
+        if a.added > 0 || moved_end {
             self.end.send_replace(self.next_seq);
         }
-        Ok(())
+        if a.acked {
+            pending.ack = None;
+        }
+        if scope == Scope::All {
+            pending.dead_letters.clear();
+            for ((from, mark, reply), (_, _, verified)) in pending.verifies.drain(..).zip(a.verified) {
+                if verified.shift > 0 {
+                    m.spool_rewinds.inc();
+                    m.spool_renumbered_readings.inc_by(verified.readings);
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        spool_end = from,
+                        aggregator_mark = mark,
+                        renumbered = verified.readings,
+                        "the spool is behind the aggregator for its epoch (restored from a copy, or a power cut \
+                         lost its last commits): readings numbered since it was opened move past the aggregator's mark"
+                    );
+                }
+                // The forwarder may have stopped waiting; the renumbering stands either way.
+                let _ = reply.send(verified);
+            }
+        }
     }
+
+    /// Counts dropped readings; logs them at most every [`DROP_LOG_INTERVAL`].
+    fn note_drops(&mut self, dropped: u64) {
+        if dropped == 0 {
+            return;
+        }
+        self.metrics.spool_dropped_readings.inc_by(dropped);
+        self.drops_unlogged += dropped;
+        self.log_drops(false);
+    }
+
+    fn log_drops(&mut self, now: bool) {
+        if self.drops_unlogged == 0 || (!now && self.last_drop_log.is_some_and(|t| t.elapsed() < DROP_LOG_INTERVAL)) {
+            return;
+        }
+        let which = match self.config.overflow {
+            Overflow::DropOldest => "oldest",
+            Overflow::DropNewest => "newest",
+        };
+        tracing::warn!(
+            dropped = self.drops_unlogged,
+            limit = self.cap(),
+            disk_full = self.disk_cap.is_some(),
+            "spool full: dropped the {which} readings (spool.overflow); the aggregator records the gap"
+        );
+        self.drops_unlogged = 0;
+        self.last_drop_log = Some(Instant::now());
+    }
+}
+
+fn is_disk_full(error: &rusqlite::Error) -> bool {
+    matches!(error, rusqlite::Error::SqliteFailure(e, _) if e.code == ErrorCode::DiskFull)
 }
 
 /// Deletes blocks wholly below `next_seq`; returns (readings, bytes) removed.
@@ -384,47 +1136,110 @@ fn drop_oldest(tx: &rusqlite::Transaction, excess: u64) -> rusqlite::Result<(u64
     Ok((readings, bytes))
 }
 
-/// Everything one transaction writes, prepared from the queued commands.
+#[derive(Debug, Default)]
+struct Moved {
+    readings: u64,
+    removed_bytes: u64,
+    added_bytes: u64,
+}
+
+/// Moves readings `first_seq .. first_seq + count` of the block holding `first_seq` to
+/// `dead_letters`; the rest of the block stays in the spool as blocks of their own.
+fn dead_letter(tx: &rusqlite::Transaction, first_seq: u64, count: u32, reason: &str) -> rusqlite::Result<Moved> {
+    let found: Option<(i64, i64, Vec<u8>)> = tx
+        .query_row(
+            "SELECT first_seq, count, data FROM blocks WHERE first_seq <= ?1 AND first_seq > ?1 - ?2
+             ORDER BY first_seq DESC LIMIT 1",
+            params![first_seq as i64, MAX_BLOCK_READINGS as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((block_first, block_count, data)) = found else { return Ok(Moved::default()) };
+    let (block_first, block_end) = (block_first as u64, block_first as u64 + block_count as u64);
+    if first_seq >= block_end {
+        // Acknowledged or dropped meanwhile.
+        return Ok(Moved::default());
+    }
+    let end = (first_seq + u64::from(count)).min(block_end);
+    let whole = first_seq == block_first && end == block_end;
+    // A block that does not decode goes aside whole: its parts cannot be told apart.
+    let block =
+        if whole { None } else { Block::decode(&data).ok().filter(|b| b.len() as u64 == block_end - block_first) };
+    tx.execute("DELETE FROM blocks WHERE first_seq = ?1", [block_first as i64])?;
+    let mut moved = Moved { removed_bytes: data.len() as u64, ..Moved::default() };
+    let mut insert_dead = tx.prepare_cached(
+        "INSERT INTO dead_letters (first_seq, count, data, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    match block {
+        None => {
+            insert_dead.execute(params![block_first as i64, block_count, data, reason, now_ms()])?;
+            moved.readings = block_end - block_first;
+        }
+        Some(block) => {
+            let (from, to) = ((first_seq - block_first) as usize, (end - block_first) as usize);
+            let mut insert = tx.prepare_cached("INSERT INTO blocks (first_seq, count, data) VALUES (?1, ?2, ?3)")?;
+            for (a, b) in [(0, from), (to, block.len())] {
+                if a < b {
+                    let part = slice_block(&block, a, b).encode();
+                    insert.execute(params![(block_first + a as u64) as i64, (b - a) as i64, part])?;
+                    moved.added_bytes += part.len() as u64;
+                }
+            }
+            let bad = slice_block(&block, from, to).encode();
+            insert_dead.execute(params![first_seq as i64, (to - from) as i64, bad, reason, now_ms()])?;
+            moved.readings = (to - from) as u64;
+        }
+    }
+    Ok(moved)
+}
+
+/// Moves every block from `from` on up by `shift`; returns the readings moved.
+fn renumber(tx: &rusqlite::Transaction, from: u64, shift: u64) -> rusqlite::Result<u64> {
+    let readings: i64 =
+        tx.query_row("SELECT coalesce(sum(count), 0) FROM blocks WHERE first_seq >= ?1", [from as i64], |r| r.get(0))?;
+    // first_seq is the INTEGER PRIMARY KEY: moving rows up in place could collide with rows not
+    // yet moved, so they pass through negative keys, which no block uses.
+    tx.execute(
+        "UPDATE blocks SET first_seq = -(first_seq + ?2) - 1 WHERE first_seq >= ?1",
+        params![from as i64, shift as i64],
+    )?;
+    tx.execute("UPDATE blocks SET first_seq = -first_seq - 1 WHERE first_seq < 0", [])?;
+    Ok(readings as u64)
+}
+
+/// Everything one transaction appends, prepared from the queued chunks.
 struct Batch {
     /// (count, encoded block)
     blocks: Vec<(usize, Vec<u8>)>,
-    ack: Option<u64>,
-    dead_letters: Vec<(u64, String)>,
     /// The highest intake number among the chunks.
     through: Option<u64>,
 }
 
 impl Batch {
     /// Merges the chunks into blocks of at most `max_block_readings`, re-interning sensor ids.
-    fn from_commands(commands: Vec<Command>, max_block_readings: usize) -> Batch {
-        let mut batch = Batch { blocks: Vec::new(), ack: None, dead_letters: Vec::new(), through: None };
+    fn from_chunks(chunks: Vec<Chunk>, max_block_readings: usize) -> Batch {
+        let mut batch = Batch { blocks: Vec::new(), through: None };
         let mut builder = BlockBuilder::default();
         let seal = |builder: &mut BlockBuilder, blocks: &mut Vec<(usize, Vec<u8>)>| {
             let block = builder.take();
             blocks.push((block.len(), block.encode()));
         };
-        for command in commands {
-            match command {
-                Command::Append(chunk) => {
-                    batch.through = Some(batch.through.map_or(chunk.through, |t| t.max(chunk.through)));
-                    let chunk_block = chunk.readings.finish();
-                    // chunk's sensor index -> builder's, found on first use and forgotten when a block is sealed
-                    let mut map: Vec<Option<u32>> = vec![None; chunk_block.sensors.len()];
-                    for e in &chunk_block.entries {
-                        let slot = &mut map[e.sensor as usize];
-                        let idx = match *slot {
-                            Some(i) => i,
-                            None => *slot.insert(builder.intern(&chunk_block.sensors[e.sensor as usize])),
-                        };
-                        builder.push_interned(idx, e.ts, e.value);
-                        if builder.len() >= max_block_readings {
-                            seal(&mut builder, &mut batch.blocks);
-                            map.fill(None);
-                        }
-                    }
+        for chunk in chunks {
+            batch.through = Some(batch.through.map_or(chunk.through, |t| t.max(chunk.through)));
+            let chunk_block = chunk.readings.finish();
+            // chunk's sensor index -> builder's, found on first use and forgotten when a block is sealed
+            let mut map: Vec<Option<u32>> = vec![None; chunk_block.sensors.len()];
+            for e in &chunk_block.entries {
+                let slot = &mut map[e.sensor as usize];
+                let idx = match *slot {
+                    Some(i) => i,
+                    None => *slot.insert(builder.intern(&chunk_block.sensors[e.sensor as usize])),
+                };
+                builder.push_interned(idx, e.ts, e.value);
+                if builder.len() >= max_block_readings {
+                    seal(&mut builder, &mut batch.blocks);
+                    map.fill(None);
                 }
-                Command::Ack { next_seq } => batch.ack = Some(batch.ack.map_or(next_seq, |a| a.max(next_seq))),
-                Command::DeadLetter { first_seq, reason } => batch.dead_letters.push((first_seq, reason)),
             }
         }
         if !builder.is_empty() {
@@ -436,6 +1251,85 @@ impl Batch {
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The dead letters of the spool in `dir`, oldest sequence first. Reads only: safe while the
+/// agent runs.
+pub fn list_dead_letters(dir: &Path) -> Result<Vec<DeadLetter>, SpoolError> {
+    let path = dir.join(SPOOL_FILE);
+    if !path.exists() {
+        return Err(SpoolError::NotFound { path: path.display().to_string() });
+    }
+    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|source| SpoolError::Open { path: path.display().to_string(), source })?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let exists: i64 =
+        conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'dead_letters'", [], |r| {
+            r.get(0)
+        })?;
+    if exists == 0 {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare("SELECT first_seq, count, reason, at_ms FROM dead_letters ORDER BY first_seq")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(DeadLetter {
+            first_seq: r.get::<_, i64>(0)? as u64,
+            count: r.get::<_, i64>(1)? as u32,
+            reason: r.get(2)?,
+            at_ms: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Moves dead letters (all, or the one at `first_seq`) back into the spool under their own
+/// sequence numbers, to be sent again; returns (blocks, readings) moved. Needs the agent stopped:
+/// it takes the spool's lock and fails with [`SpoolError::Locked`] while the agent holds it.
+pub fn retry_dead_letters(dir: &Path, first_seq: Option<u64>) -> Result<(u64, u64), SpoolError> {
+    let path = dir.join(SPOOL_FILE);
+    if !path.exists() {
+        return Err(SpoolError::NotFound { path: path.display().to_string() });
+    }
+    let _lock = lock_dir(dir)?;
+    let open_err = |source| SpoolError::Open { path: path.display().to_string(), source };
+    let mut conn = Connection::open(&path).map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+    create_tables(&conn).map_err(open_err)?;
+    let filter = first_seq.map(|s| s as i64);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (blocks, readings): (i64, i64) = tx.query_row(
+        "SELECT count(*), coalesce(sum(count), 0) FROM dead_letters WHERE ?1 IS NULL OR first_seq = ?1",
+        [filter],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if let (Some(seq), 0) = (first_seq, blocks) {
+        return Err(SpoolError::DeadLetters(format!(
+            "no dead letter with first_seq {seq} (see `tributary-agent --config <file> spool dead-letters list`)"
+        )));
+    }
+    let clash: Option<i64> = tx
+        .query_row(
+            "SELECT d.first_seq FROM dead_letters d JOIN blocks b
+               ON b.first_seq < d.first_seq + d.count AND d.first_seq < b.first_seq + b.count
+             WHERE ?1 IS NULL OR d.first_seq = ?1 LIMIT 1",
+            [filter],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(seq) = clash {
+        return Err(SpoolError::DeadLetters(format!(
+            "the dead letter at first_seq {seq} overlaps readings already in the spool; nothing was moved"
+        )));
+    }
+    tx.execute(
+        "INSERT INTO blocks (first_seq, count, data)
+         SELECT first_seq, count, data FROM dead_letters WHERE ?1 IS NULL OR first_seq = ?1 ORDER BY first_seq",
+        [filter],
+    )
+    .map_err(|e| SpoolError::DeadLetters(format!("cannot move the dead letters back ({e}); nothing was moved")))?;
+    tx.execute("DELETE FROM dead_letters WHERE ?1 IS NULL OR first_seq = ?1", [filter])?;
+    tx.commit()?;
+    Ok((blocks as u64, readings as u64))
 }
 
 #[cfg(test)]
@@ -465,6 +1359,21 @@ mod tests {
         committed.wait_for(|c| *c >= through).await.unwrap();
     }
 
+    /// Applies an ack and waits until a following (empty) commit has gone through.
+    async fn ack_and_wait(spool: &Spool, next_seq: u64) {
+        spool.ack(next_seq).unwrap();
+        append_and_wait(spool, Chunk::default()).await;
+    }
+
+    async fn spans(spool: &Spool) -> Vec<(u64, u32)> {
+        spool.read_from(0, usize::MAX, usize::MAX).await.unwrap().iter().map(|b| (b.first_seq, b.count)).collect()
+    }
+
+    fn close(spool: Spool, thread: JoinHandle<()>) {
+        drop(spool);
+        thread.join().unwrap();
+    }
+
     #[tokio::test]
     async fn readings_are_numbered_in_blocks_and_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -480,8 +1389,7 @@ mod tests {
         let decoded = Block::decode(&blocks[1].data).unwrap();
         assert_eq!(decoded.readings().next(), Some(("s1", 1_764_000_000_100, 100.0)));
         assert_eq!(metrics.readings_spooled.get(), 255);
-        drop(spool);
-        thread.join().unwrap();
+        close(spool, thread);
 
         let (spool, _thread) = Spool::open(dir.path(), &config(), metrics).unwrap();
         assert_eq!(spool.epoch(), epoch, "the epoch belongs to the file");
@@ -495,19 +1403,27 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let (spool, thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
         append_and_wait(&spool, readings(150, 0)).await;
-        spool.send(Command::Ack { next_seq: 150 }).await.unwrap();
+        spool.ack(150).unwrap();
         append_and_wait(&spool, readings(1, 500)).await;
-        assert_eq!(
-            spool.read_from(0, 1000, usize::MAX).await.unwrap().iter().map(|b| b.first_seq).collect::<Vec<_>>(),
-            [150]
-        );
-        spool.send(Command::Ack { next_seq: 151 }).await.unwrap();
-        drop(spool);
-        thread.join().unwrap();
+        assert_eq!(spans(&spool).await, [(150, 1)]);
+        ack_and_wait(&spool, 151).await;
+        close(spool, thread);
         assert_eq!(metrics.spool_readings.get(), 0);
 
         let (spool, _thread) = Spool::open(dir.path(), &config(), metrics).unwrap();
         assert_eq!(*spool.end().borrow(), 151, "sequence numbers are never reused");
+    }
+
+    #[tokio::test]
+    async fn a_second_process_cannot_open_a_spool_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, thread) = Spool::open(dir.path(), &config(), Arc::new(Metrics::new())).unwrap();
+        let err = Spool::open(dir.path(), &config(), Arc::new(Metrics::new())).err().expect("second open must fail");
+        assert!(matches!(err, SpoolError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("stop it first"), "{err}");
+        close(spool, thread);
+        // The writer has ended and released the lock.
+        Spool::open(dir.path(), &config(), Arc::new(Metrics::new())).unwrap();
     }
 
     #[tokio::test]
@@ -525,6 +1441,43 @@ mod tests {
         let kept: u64 = left.iter().map(|b| b.count as u64).sum();
         assert_eq!(kept + metrics.spool_dropped_readings.get(), 2000);
         assert_eq!(left.last().unwrap().first_seq, 1900, "the newest data is kept");
+    }
+
+    #[tokio::test]
+    async fn drop_newest_keeps_what_is_stored_and_still_uses_up_the_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let config = SpoolConfig { max_bytes: 4000, overflow: Overflow::DropNewest, ..config() };
+        let (spool, thread) = Spool::open(dir.path(), &config, metrics.clone()).unwrap();
+        for i in 0..20 {
+            append_and_wait(&spool, readings(100, i * 1000)).await;
+        }
+        let left = spans(&spool).await;
+        assert_eq!(left.first(), Some(&(0, 100)), "the oldest data is kept");
+        let kept: u64 = left.iter().map(|(_, n)| u64::from(*n)).sum();
+        assert!(kept < 2000 && kept + metrics.spool_dropped_readings.get() == 2000);
+        assert_eq!(*spool.end().borrow(), 2000, "dropped readings consumed their numbers");
+        // Room again: the next readings are stored after the hole, never inside it.
+        ack_and_wait(&spool, kept).await;
+        append_and_wait(&spool, readings(10, 50_000)).await;
+        assert_eq!(spans(&spool).await, [(2000, 10)]);
+        close(spool, thread);
+        let (spool, _thread) = Spool::open(dir.path(), &config, metrics).unwrap();
+        assert_eq!(*spool.end().borrow(), 2010);
+    }
+
+    #[tokio::test]
+    async fn a_commit_larger_than_the_spool_never_reuses_its_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let config = SpoolConfig { max_bytes: 100, ..config() };
+        let (spool, thread) = Spool::open(dir.path(), &config, metrics.clone()).unwrap();
+        append_and_wait(&spool, readings(500, 0)).await;
+        assert_eq!(spans(&spool).await, [], "every block exceeds the limit");
+        assert_eq!(metrics.spool_dropped_readings.get(), 500);
+        close(spool, thread);
+        let (spool, _thread) = Spool::open(dir.path(), &config, metrics).unwrap();
+        assert_eq!(*spool.end().borrow(), 500, "the aggregator may hold numbers below 500");
     }
 
     #[tokio::test]
@@ -552,18 +1505,233 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_commit_carrying_an_older_intake_number_never_moves_committed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _thread) = Spool::open(dir.path(), &config(), Arc::new(Metrics::new())).unwrap();
+        let mut chunk = readings(3, 0);
+        chunk.through = 5;
+        spool.send(Command::Append(chunk)).await.unwrap();
+        spool.committed().wait_for(|c| *c >= 5).await.unwrap();
+        // Serial inputs' chunks carry the number committed when they were read, here older than 5.
+        // Two commits, one after the other: once the second is in `end`, the first has set `committed`.
+        let mut end = spool.end();
+        for through in [3, 4] {
+            let before = *end.borrow();
+            let mut chunk = readings(2, 100 * through as i64);
+            chunk.through = through;
+            spool.send(Command::Append(chunk)).await.unwrap();
+            end.wait_for(|e| *e >= before + 2).await.unwrap();
+        }
+        assert_eq!(*spool.committed().borrow(), 5, "message 5 was durable and must stay acknowledged");
+    }
+
+    #[tokio::test]
     async fn dead_lettered_blocks_leave_the_spool_but_not_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
         let (spool, _thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
         append_and_wait(&spool, readings(100, 0)).await;
         append_and_wait(&spool, readings(10, 0)).await;
-        spool.send(Command::DeadLetter { first_seq: 0, reason: "bad".into() }).await.unwrap();
+        spool.dead_letter(0, 100, "bad".into()).unwrap();
         append_and_wait(&spool, Chunk::default()).await;
-        assert_eq!(spool.read_from(0, 1000, usize::MAX).await.unwrap()[0].first_seq, 100);
+        assert_eq!(spans(&spool).await, [(100, 10)]);
         assert_eq!(metrics.dead_letter_readings.get(), 100);
-        let conn = Connection::open(dir.path().join("spool.db")).unwrap();
-        let kept: i64 = conn.query_row("SELECT count FROM dead_letters WHERE first_seq = 0", [], |r| r.get(0)).unwrap();
-        assert_eq!(kept, 100);
+        let listed = list_dead_letters(dir.path()).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].first_seq, listed[0].count, listed[0].reason.as_str()), (0, 100, "bad"));
+    }
+
+    #[tokio::test]
+    async fn dead_lettering_part_of_a_block_keeps_its_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (spool, _thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
+        append_and_wait(&spool, readings(100, 0)).await;
+        spool.dead_letter(40, 20, "reading #3 is bad".into()).unwrap();
+        append_and_wait(&spool, Chunk::default()).await;
+        let blocks = spool.read_from(0, usize::MAX, usize::MAX).await.unwrap();
+        assert_eq!(blocks.iter().map(|b| (b.first_seq, b.count)).collect::<Vec<_>>(), [(0, 40), (60, 40)]);
+        let after = Block::decode(&blocks[1].data).unwrap();
+        assert_eq!(after.readings().next(), Some(("s0", 1_764_000_000_060, 60.0)), "readings keep their numbers");
+        assert_eq!(metrics.spool_readings.get(), 80);
+        assert_eq!(metrics.dead_letter_readings.get(), 20);
+        let listed = list_dead_letters(dir.path()).unwrap();
+        assert_eq!((listed[0].first_seq, listed[0].count), (40, 20));
+    }
+
+    #[tokio::test]
+    async fn a_dead_lettered_tail_never_gives_its_numbers_again_nor_replaces_a_dead_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (spool, thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
+        append_and_wait(&spool, readings(10, 0)).await;
+        spool.dead_letter(0, 10, "first".into()).unwrap();
+        append_and_wait(&spool, Chunk::default()).await;
+        close(spool, thread);
+        let (spool, thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
+        assert_eq!(*spool.end().borrow(), 10);
+        append_and_wait(&spool, readings(5, 100)).await;
+        assert_eq!(spans(&spool).await, [(10, 5)]);
+        spool.dead_letter(10, 5, "second".into()).unwrap();
+        append_and_wait(&spool, Chunk::default()).await;
+        close(spool, thread);
+        let listed = list_dead_letters(dir.path()).unwrap();
+        let seen: Vec<_> = listed.iter().map(|d| (d.first_seq, d.count, d.reason.as_str())).collect();
+        assert_eq!(seen, [(0, 10, "first"), (10, 5, "second")]);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_of_an_older_spool_are_kept_when_it_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The schema before dead letters had their own key.
+            let conn = Connection::open(dir.path().join(SPOOL_FILE)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+                 CREATE TABLE blocks (first_seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL);
+                 CREATE TABLE dead_letters (first_seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL,
+                     reason TEXT NOT NULL, at_ms INTEGER NOT NULL);
+                 INSERT INTO meta VALUES ('epoch', 42), ('acked_seq', 30);
+                 INSERT INTO dead_letters VALUES (20, 10, x'01', 'old', 1764000000000);",
+            )
+            .unwrap();
+        }
+        let (spool, _thread) = Spool::open(dir.path(), &config(), Arc::new(Metrics::new())).unwrap();
+        assert_eq!((spool.epoch(), *spool.end().borrow()), (42, 30));
+        let listed = list_dead_letters(dir.path()).unwrap();
+        assert_eq!((listed[0].first_seq, listed[0].count, listed[0].reason.as_str()), (20, 10, "old"));
+    }
+
+    #[tokio::test]
+    async fn retried_dead_letters_return_under_their_own_numbers_but_only_while_the_agent_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (spool, thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
+        append_and_wait(&spool, readings(30, 0)).await;
+        append_and_wait(&spool, readings(5, 100)).await;
+        spool.dead_letter(0, 30, "bad".into()).unwrap();
+        spool.dead_letter(30, 5, "bad too".into()).unwrap();
+        append_and_wait(&spool, Chunk::default()).await;
+        let err = retry_dead_letters(dir.path(), None).unwrap_err();
+        assert!(matches!(err, SpoolError::Locked { .. }), "{err}");
+        close(spool, thread);
+
+        let err = retry_dead_letters(dir.path(), Some(7)).unwrap_err();
+        assert!(err.to_string().contains("no dead letter with first_seq 7"), "{err}");
+        assert_eq!(retry_dead_letters(dir.path(), Some(30)).unwrap(), (1, 5));
+        assert_eq!(list_dead_letters(dir.path()).unwrap().len(), 1);
+        assert_eq!(retry_dead_letters(dir.path(), None).unwrap(), (1, 30));
+        assert!(list_dead_letters(dir.path()).unwrap().is_empty());
+        let (spool, _thread) = Spool::open(dir.path(), &config(), metrics).unwrap();
+        assert_eq!(spans(&spool).await, [(0, 30), (30, 5)]);
+        assert_eq!(*spool.end().borrow(), 35);
+    }
+
+    #[tokio::test]
+    async fn a_rewound_spool_renumbers_what_it_numbered_since_it_was_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (spool, thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
+        assert_eq!(spool.unverified_from(), 0);
+        assert_eq!(spool.verify(0, 0).await.unwrap(), Verified { shift: 0, readings: 0 });
+        append_and_wait(&spool, readings(100, 0)).await;
+        ack_and_wait(&spool, 100).await;
+        close(spool, thread);
+
+        // Reopened at 100, while the aggregator already holds 250 numbers of this epoch.
+        let (spool, thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
+        assert_eq!(spool.unverified_from(), 100);
+        append_and_wait(&spool, readings(130, 1000)).await;
+        assert_eq!(spans(&spool).await, [(100, 100), (200, 30)]);
+        assert_eq!(spool.verify(100, 250).await.unwrap(), Verified { shift: 150, readings: 130 });
+        assert_eq!(spans(&spool).await, [(250, 100), (350, 30)]);
+        assert_eq!(*spool.end().borrow(), 380);
+        let first = spool.read_from(250, 1, usize::MAX).await.unwrap();
+        assert_eq!(Block::decode(&first[0].data).unwrap().readings().next(), Some(("s0", 1_764_000_001_000, 0.0)));
+        append_and_wait(&spool, readings(5, 5000)).await;
+        assert_eq!(spans(&spool).await.last(), Some(&(380, 5)), "new readings follow the renumbered ones");
+        assert_eq!(metrics.spool_rewinds.get(), 1);
+        assert_eq!(metrics.spool_renumbered_readings.get(), 130);
+        close(spool, thread);
+        let (spool, _thread) = Spool::open(dir.path(), &config(), metrics).unwrap();
+        assert_eq!((spool.unverified_from(), *spool.end().borrow()), (385, 385));
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_verification_leaves_that_life_unverified() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (spool, thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
+        spool.verify(0, 0).await.unwrap();
+        append_and_wait(&spool, readings(10, 0)).await;
+        close(spool, thread);
+        let (spool, thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
+        append_and_wait(&spool, readings(20, 100)).await;
+        close(spool, thread); // no verify: nothing of these 20 was sent
+        let (spool, _thread) = Spool::open(dir.path(), &config(), metrics).unwrap();
+        assert_eq!(spool.unverified_from(), 10, "the 20 readings of the last life are still unverified");
+        assert_eq!(spool.verify(10, 40).await.unwrap(), Verified { shift: 30, readings: 20 });
+        assert_eq!(spans(&spool).await, [(0, 10), (40, 20)]);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_drops_by_policy_while_acks_keep_freeing_space() {
+        for overflow in [Overflow::DropOldest, Overflow::DropNewest] {
+            let dir = tempfile::tempdir().unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let config = SpoolConfig { overflow, ..config() };
+            // 200 pages of 1 KiB: SQLite answers SQLITE_FULL like a full disk.
+            let (spool, thread) = Spool::open_with(dir.path(), &config, metrics.clone(), Some(200)).unwrap();
+            let mut published = 0u64;
+            for i in 0..400 {
+                if metrics.spool_disk_full.get() > 0 && metrics.spool_dropped_readings.get() > 0 {
+                    break;
+                }
+                let mut chunk = Chunk::default();
+                for j in 0..100 {
+                    // Noisy values and ids: about 20 bytes a reading even compressed.
+                    let v = fastrand::f64();
+                    chunk.readings.push(&format!("sensor-{}", fastrand::u32(..)), 1_764_000_000_000 + j, v);
+                }
+                append_and_wait(&spool, chunk).await;
+                published += 100;
+                assert!(i < 399, "{overflow:?}: the spool never filled");
+            }
+            assert!(metrics.spool_disk_full.get() > 0, "{overflow:?}");
+            let stored: u64 = spans(&spool).await.iter().map(|(_, n)| u64::from(*n)).sum();
+            assert_eq!(stored + metrics.spool_dropped_readings.get(), published, "{overflow:?}");
+            assert!(stored > 0, "{overflow:?}: what fits is kept");
+            assert!(metrics.spool_max_bytes.get() < SpoolConfig::default().max_bytes as i64, "{overflow:?}");
+
+            // The aggregator takes everything: the acks go through and room returns.
+            let end = *spool.end().borrow();
+            ack_and_wait(&spool, end).await;
+            assert_eq!(spans(&spool).await, [], "{overflow:?}");
+            let dropped = metrics.spool_dropped_readings.get();
+            append_and_wait(&spool, readings(50, 0)).await;
+            assert_eq!(spans(&spool).await, [(end, 50)], "{overflow:?}: new readings are stored again");
+            assert_eq!(metrics.spool_dropped_readings.get(), dropped, "{overflow:?}");
+            close(spool, thread);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_max_bytes_beyond_the_file_system_is_lowered_to_what_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let config = SpoolConfig { max_bytes: 1 << 62, ..config() };
+        let (_spool, _thread) = Spool::open(dir.path(), &config, metrics.clone()).unwrap();
+        let limit = metrics.spool_max_bytes.get() as u64;
+        let free = free_bytes(dir.path()).unwrap();
+        assert!(limit > 0 && limit < 1 << 62, "{limit}");
+        assert!(limit <= (free + (1 << 20)) / 100 * FIT_PERCENT, "{limit} vs {free} free");
+    }
+
+    #[test]
+    fn byte_sizes_read_like_a_person_wrote_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1 << 30), "1 GiB");
+        assert_eq!(human_bytes(3_355_443), "3.2 MiB");
+        assert_eq!(human_bytes(200 << 20), "200 MiB");
     }
 }

@@ -25,6 +25,10 @@ fn main() -> anyhow::Result<()> {
         data_dir: dir.path().to_path_buf(),
         http: HttpConfig { listen: "127.0.0.1:0".parse()? },
         agents: (0..agents).map(|i| AgentConfig { id: format!("gw-{i}"), token: format!("t-{i}") }).collect(),
+        pipeline: Default::default(),
+        anomaly: Vec::new(),
+        alerts: Vec::new(),
+        notify: Vec::new(),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;

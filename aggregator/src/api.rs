@@ -1,28 +1,76 @@
 //! The HTTP surface: routes, shared state, and the read side of the dashboard API.
 //!
 //! Reads go to `store.db` on pooled read-only connections in blocking threads, so a slow query
-//! never stalls ingest on the async workers.
+//! never stalls ingest on the async workers. Every list is paged or capped; a request beyond a
+//! cap gets a 400 that names it. Errors are JSON `{"error": code, "detail": text}`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, parse_glob, parse_window_size};
 use crate::log::LogHandle;
 use crate::metrics::{self, Metrics};
-use crate::store::{self, SensorRow, StoreError, StoreReader, WINDOW_MS};
-use crate::{Liveness, dashboard, ingest};
+use crate::pipeline::calendar::Calendar;
+use crate::pipeline::processor::ProcessorStatus;
+use crate::pipeline::window::Window;
+use crate::store::{self, SensorRow, SetAsideRow, StoreError, StoreReader};
+use crate::{Liveness, dashboard, ingest, unix_ms};
 
-/// Largest window `?size=` accepts.
-const MAX_WINDOW: Duration = Duration::from_secs(86_400);
+/// Most windows one request returns (per sensor, and in all for multi-sensor reads).
+pub const MAX_WINDOWS: usize = 10_000;
+/// Default and largest page of `/api/v1/sensors`.
+pub const DEFAULT_SENSORS_PAGE: usize = 1_000;
+pub const MAX_SENSORS_PAGE: usize = 10_000;
+
+/// What the API needs to know of the pipeline's configuration.
+pub struct ApiLayout {
+    /// The stored window calendars, finest first.
+    pub calendars: Vec<Calendar>,
+    pub stale_after: Duration,
+    /// (glob, threshold) exceptions to `stale_after`, first match wins.
+    pub stale: Vec<(globset::GlobMatcher, Duration)>,
+}
+
+impl ApiLayout {
+    pub fn from_config(config: &crate::Config) -> ApiLayout {
+        ApiLayout {
+            calendars: config.pipeline_spec().calendars,
+            stale_after: config.pipeline.stale_after,
+            stale: config
+                .pipeline
+                .stale
+                .iter()
+                .filter_map(|s| parse_glob(&s.sensor).ok().map(|g| (g, s.after)))
+                .collect(),
+        }
+    }
+
+    fn stale_after(&self, sensor: &str) -> Duration {
+        self.stale.iter().find(|(g, _)| g.is_match(sensor)).map_or(self.stale_after, |(_, d)| *d)
+    }
+
+    /// The sizes a query can ask for, for error messages.
+    fn sizes(&self) -> String {
+        let names: Vec<String> = self
+            .calendars
+            .iter()
+            .map(|c| match c {
+                Calendar::Fixed(_) => format!("{} (and its multiples)", c.label()),
+                Calendar::Days { .. } => format!("day ({})", c.label()),
+            })
+            .collect();
+        names.join(", ")
+    }
+}
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -30,9 +78,11 @@ pub struct AppState {
     pub agents: Arc<[AgentConfig]>,
     pub log: LogHandle,
     pub store: StoreReader,
+    pub layout: Arc<ApiLayout>,
     pub metrics: Arc<Metrics>,
     pub writer_alive: Liveness,
     pub processor_alive: Liveness,
+    pub processor_status: ProcessorStatus,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -42,9 +92,13 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/ingest", post(ingest::ingest))
         .route("/api/v1/sensors", get(list_sensors))
-        .route("/api/v1/sensors/{id}", get(one_sensor))
-        .route("/api/v1/sensors/{id}/windows", get(sensor_windows))
+        .route("/api/v1/sensors/{*rest}", get(sensor_path))
+        .route("/api/v1/windows", get(multi_windows))
+        .route("/api/v1/quarantine", get(list_quarantine))
         .route("/api/v1/agents", get(list_agents))
+        .route("/api/v1/set-aside", get(list_set_aside))
+        .fallback(not_found)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 
@@ -54,42 +108,197 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
-    #[error(transparent)]
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("the serving store cannot be read now ({0}); try again shortly")]
     Store(#[from] StoreError),
+}
+
+impl ApiError {
+    /// The status and the stable, machine-readable code.
+    fn kind(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match self {
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Store(ref error) => {
-                tracing::error!(%error, "store query failed");
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-        };
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        let (status, code) = self.kind();
+        if let ApiError::Store(error) = &self {
+            tracing::error!(%error, "store query failed");
+        }
+        (status, Json(serde_json::json!({ "error": code, "detail": self.to_string() }))).into_response()
     }
 }
 
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no such path {}: the API is under /api/v1/ (see the README)", uri.path()))
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{} does not take {method}", uri.path()))
+}
+
 async fn healthz(State(app): State<AppState>) -> Response {
-    match (app.writer_alive.is_alive(), app.processor_alive.is_alive()) {
-        (true, true) => (StatusCode::OK, "ok").into_response(),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "log writer is not running").into_response(),
-        (_, false) => (StatusCode::SERVICE_UNAVAILABLE, "processor is not running").into_response(),
+    if !app.writer_alive.is_alive() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "log writer is not running").into_response();
+    }
+    if !app.processor_alive.is_alive() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "processor is not running").into_response();
+    }
+    match app.processor_status.stalled() {
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        None => (StatusCode::OK, "ok").into_response(),
     }
 }
 
 async fn metrics_text(State(app): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], app.metrics.encode()).into_response()
+    // Derived at scrape time, so they are current even while the processor waits out a backoff.
+    let metrics = &app.metrics;
+    metrics.processor_lag_readings.set((metrics.log_end_offset.get() - metrics.processor_offset.get()).max(0));
+    metrics.processor_stalled.set(i64::from(app.processor_status.stalled().is_some()));
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], metrics.encode()).into_response()
 }
 
-async fn list_sensors(State(app): State<AppState>) -> Result<Json<Vec<SensorRow>>, ApiError> {
-    Ok(Json(app.store.read(store::sensors).await?))
+/// `?limit=`: empty or missing means [`DEFAULT_SENSORS_PAGE`].
+fn page_limit(text: Option<&str>) -> Result<usize, ApiError> {
+    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(DEFAULT_SENSORS_PAGE);
+    };
+    match text.parse::<u64>() {
+        Ok(n) if (1..=MAX_SENSORS_PAGE as u64).contains(&n) => Ok(n as usize),
+        _ => Err(ApiError::BadRequest(format!(
+            "limit {text:?} must be a whole number from 1 to {MAX_SENSORS_PAGE} (the cap); follow the Link: \
+             rel=\"next\" header for more"
+        ))),
+    }
 }
 
-fn sensor_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    path.map(|Path(id)| id).map_err(|e| ApiError::BadRequest(format!("bad sensor id in the path: {e}")))
+/// Percent-encodes a query-string value (everything but RFC 3986 unreserved characters).
+fn encode_query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A JSON list with, when more rows follow, `Link: <next page>; rel="next"` (RFC 8288), so the
+/// body stays a plain array.
+fn paged<T: Serialize>(rows: Vec<T>, next: Option<String>) -> Response {
+    let mut response = Json(rows).into_response();
+    if let Some(next) = next.and_then(|url| HeaderValue::from_str(&format!("<{url}>; rel=\"next\"")).ok()) {
+        response.headers_mut().insert(header::LINK, next);
+    }
+    response
+}
+
+/// A sensor with its freshness.
+#[derive(Debug, Serialize)]
+struct SensorView {
+    #[serde(flatten)]
+    row: SensorRow,
+    /// `online`, or `stale` when nothing arrived for longer than its `stale_after`.
+    status: &'static str,
+}
+
+fn view(layout: &ApiLayout, row: SensorRow, now: i64) -> SensorView {
+    let limit = layout.stale_after(&row.id).as_millis().min(i64::MAX as u128) as i64;
+    let status = if now.saturating_sub(row.last_seen) > limit { "stale" } else { "online" };
+    SensorView { row, status }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SensorsQuery {
+    prefix: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /api/v1/sensors?limit=&after=&prefix=`: sensors sorted by id, a page at a time.
+async fn list_sensors(
+    State(app): State<AppState>,
+    query: Result<Query<SensorsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = page_limit(q.limit.as_deref())?;
+    let prefix = q.prefix.unwrap_or_default();
+    let after = q.after.filter(|a| !a.is_empty());
+    let p = prefix.clone();
+    let page = app.store.read(move |conn| store::sensors_page(conn, &p, after.as_deref(), limit)).await?;
+    let next = match page.rows.last() {
+        Some(last) if page.more => {
+            let mut url = format!("/api/v1/sensors?limit={limit}&after={}", encode_query_value(&last.id));
+            if !prefix.is_empty() {
+                url.push_str(&format!("&prefix={}", encode_query_value(&prefix)));
+            }
+            Some(url)
+        }
+        _ => None,
+    };
+    let now = unix_ms();
+    let views: Vec<SensorView> = page.rows.into_iter().map(|r| view(&app.layout, r, now)).collect();
+    Ok(paged(views, next))
+}
+
+/// `/api/v1/sensors/{id}` and `/api/v1/sensors/{id}/windows`, where the id may hold `/` as it
+/// is or percent-encoded. Read from the raw path: a last segment `windows` written as such names
+/// the sub-resource; a sensor whose own last level is `windows` is written `...%2Fwindows`.
+async fn sensor_path(
+    State(app): State<AppState>,
+    uri: Uri,
+    query: Result<Query<WindowQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let raw = uri.path().strip_prefix("/api/v1/sensors/").unwrap_or_default();
+    let (raw_id, sub) = match raw.strip_suffix("/windows") {
+        Some(id) => (id, Some("windows")),
+        None => (raw, None),
+    };
+    let id = percent_decode(raw_id)?;
+    if id.is_empty() {
+        return Err(ApiError::BadRequest("the sensor id in the path is empty".into()));
+    }
+    match sub {
+        None => {
+            let row = find_sensor(&app, id).await?;
+            Ok(Json(view(&app.layout, row, unix_ms())).into_response())
+        }
+        Some(_) => {
+            let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+            let row = find_sensor(&app, id).await?;
+            Ok(Json(sensor_windows(&app, &row, &query).await?).into_response())
+        }
+    }
+}
+
+fn percent_decode(raw: &str) -> Result<String, ApiError> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(b) => out.push(b),
+                None => return Err(ApiError::BadRequest(format!("bad percent-encoding in {raw:?}"))),
+            }
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not UTF-8 once decoded")))
 }
 
 async fn find_sensor(app: &AppState, id: String) -> Result<SensorRow, ApiError> {
@@ -100,20 +309,138 @@ async fn find_sensor(app: &AppState, id: String) -> Result<SensorRow, ApiError> 
         .ok_or_else(|| ApiError::NotFound(format!("no sensor `{id}` (yet): nothing from it has been processed")))
 }
 
-async fn one_sensor(
-    State(app): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Json<SensorRow>, ApiError> {
-    let id = sensor_id(path)?;
-    Ok(Json(find_sensor(&app, id).await?))
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WindowQuery {
     size: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    sensor: Option<String>,
+}
+
+/// A window as the API serves it.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct WindowView {
+    pub start: i64,
+    pub end: i64,
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+    pub stddev: f64,
+    pub first: Point,
+    pub last: Point,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    /// How many log blocks changed the window after it had closed (late data).
+    pub revision: u32,
+    /// When a reading in it was last received (Unix ms).
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Point {
+    pub ts: i64,
+    pub value: f64,
+}
+
+impl WindowView {
+    fn new(start: i64, end: i64, w: &Window) -> WindowView {
+        let s = &w.stats;
+        let q = |p| s.quantile(p).unwrap_or(s.mean());
+        WindowView {
+            start,
+            end,
+            count: s.count,
+            min: s.min,
+            max: s.max,
+            mean: s.mean(),
+            stddev: s.stddev(),
+            first: Point { ts: s.first.0, value: s.first.1 },
+            last: Point { ts: s.last.0, value: s.last.1 },
+            p50: q(0.5),
+            p95: q(0.95),
+            p99: q(0.99),
+            revision: w.revision,
+            updated_at: w.updated_at,
+        }
+    }
+}
+
+/// How a `size=` is served: a stored calendar, or a multiple of a stored fixed size.
+struct Plan {
+    calendar: Calendar,
+    /// Windows of the stored calendar merged per served window (1 = served as stored).
+    factor: i64,
+}
+
+impl Plan {
+    fn served_size(&self) -> Option<i64> {
+        match self.calendar {
+            Calendar::Fixed(size) => Some(size * self.factor),
+            Calendar::Days { .. } => None,
+        }
+    }
+
+    /// (start, end) of the served window holding `ts`.
+    fn bucket(&self, ts: i64) -> (i64, i64) {
+        match self.served_size() {
+            Some(size) => {
+                let start = ts.div_euclid(size).saturating_mul(size);
+                (start, start.saturating_add(size))
+            }
+            None => {
+                let (_, start, end) = self.calendar.bucket(ts);
+                (start, end)
+            }
+        }
+    }
+}
+
+fn plan(layout: &ApiLayout, size: Option<&str>) -> Result<Plan, ApiError> {
+    let text = size.map(str::trim).filter(|s| !s.is_empty());
+    let Some(text) = text else {
+        // The default: 1m if stored, else the finest size.
+        let calendar = layout
+            .calendars
+            .iter()
+            .find(|c| c.code() == 60_000)
+            .or(layout.calendars.first())
+            .cloned()
+            .ok_or_else(|| ApiError::BadRequest("no window sizes are configured".into()))?;
+        return Ok(Plan { calendar, factor: 1 });
+    };
+    if text == "day" {
+        return layout
+            .calendars
+            .iter()
+            .find(|c| matches!(c, Calendar::Days { .. }))
+            .map(|c| Plan { calendar: c.clone(), factor: 1 })
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "size=day needs `[pipeline] days = {{ tz = \"...\" }}`; this aggregator serves {}",
+                    layout.sizes()
+                ))
+            });
+    }
+    let size = parse_window_size(text).map_err(|e| ApiError::BadRequest(format!("size {e}")))?;
+    // The coarsest stored size that divides it: fewest windows to merge.
+    layout
+        .calendars
+        .iter()
+        .rev()
+        .filter_map(|c| match c {
+            Calendar::Fixed(stored) if size % stored == 0 => Some(Plan { calendar: c.clone(), factor: size / stored }),
+            _ => None,
+        })
+        .next()
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "size {text:?} is not a stored size nor a multiple of one: {}",
+                layout.sizes()
+            ))
+        })
 }
 
 /// An optional Unix-ms bound; `from=` (empty) means no bound, as in `?size=1m&from=&to=`.
@@ -127,63 +454,161 @@ fn bound(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
     }
 }
 
-#[derive(Debug, Serialize, PartialEq)]
-struct WindowRow {
-    start: i64,
-    end: i64,
-    count: u64,
-    min: f64,
-    max: f64,
-    mean: f64,
-}
-
-/// Parses `?size=` (humantime): a whole number of minutes, at most a day.
-fn window_size(size: Option<&str>) -> Result<i64, ApiError> {
-    let Some(text) = size else {
-        return Ok(WINDOW_MS);
-    };
-    let size = humantime::parse_duration(text)
-        .map_err(|e| ApiError::BadRequest(format!("size {text:?} is not a duration like 1m, 5m, 1h, 1d: {e}")))?;
-    if size.is_zero() || size > MAX_WINDOW || size.as_millis() % WINDOW_MS as u128 != 0 {
-        return Err(ApiError::BadRequest(format!(
-            "size {text:?} must be a whole number of minutes between 1m and 1d (windows are stored per minute)"
-        )));
+/// Reads and, for multiples, merges one sensor's windows with `from <= start < to`.
+fn read_windows(
+    conn: &rusqlite::Connection,
+    plan: &Plan,
+    series: u32,
+    from: i64,
+    to: i64,
+    cap: usize,
+) -> Result<Vec<WindowView>, StoreError> {
+    // Every event time is within 2000..9999 (shared::reading), so clamping the range there
+    // loses nothing and keeps the index arithmetic far from overflow.
+    let (lo, hi) =
+        (from.max(tributary_shared::MIN_TS_MS - 86_400_000), to.min(tributary_shared::MAX_TS_MS + 86_400_000));
+    if lo >= hi {
+        return Ok(Vec::new());
     }
-    Ok(size.as_millis() as i64)
+    let first = plan.calendar.index_of(lo);
+    let last = plan.calendar.index_of(hi - 1);
+    let stored = store::windows(conn, &plan.calendar, series, first, last)?;
+    let mut out: Vec<WindowView> = Vec::new();
+    let mut current: Option<(i64, i64, Window)> = None;
+    for (index, window) in stored {
+        let stored_start = plan.calendar.start_of(index);
+        let (start, end) = plan.bucket(stored_start);
+        match &mut current {
+            Some((s, _, acc)) if *s == start => acc.merge(&window),
+            _ => {
+                if let Some((s, e, w)) = current.take() {
+                    push_in_range(&mut out, s, e, &w, from, to);
+                }
+                current = Some((start, end, window));
+            }
+        }
+        if out.len() > cap {
+            break;
+        }
+    }
+    if let Some((s, e, w)) = current {
+        push_in_range(&mut out, s, e, &w, from, to);
+    }
+    Ok(out)
 }
 
-/// The first multiple of `size` at or after `x`.
-fn align_up(x: i64, size: i64) -> i64 {
-    let down = x.div_euclid(size).saturating_mul(size);
-    if down == x { down } else { down.saturating_add(size) }
+fn push_in_range(out: &mut Vec<WindowView>, start: i64, end: i64, w: &Window, from: i64, to: i64) {
+    if from <= start && start < to {
+        out.push(WindowView::new(start, end, w));
+    }
 }
 
-async fn sensor_windows(
-    State(app): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-    query: Result<Query<WindowQuery>, QueryRejection>,
-) -> Result<Json<Vec<WindowRow>>, ApiError> {
-    let id = sensor_id(path)?;
-    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let size = window_size(query.size.as_deref().filter(|s| !s.trim().is_empty()))?;
+/// `from`/`to`; missing or empty means unbounded (the window cap still applies).
+fn range(query: &WindowQuery) -> Result<(i64, i64), ApiError> {
     let from = bound("from", query.from.as_deref())?.unwrap_or(i64::MIN);
     let to = bound("to", query.to.as_deref())?.unwrap_or(i64::MAX);
-    find_sensor(&app, id.clone()).await?;
-    // Only whole windows with from <= start < to: their minutes lie in [align_up(from), align_up(to)).
-    let (lo, hi) = (align_up(from, size), if to == i64::MAX { i64::MAX } else { align_up(to, size) });
-    let minutes = app.store.read(move |conn| store::minute_windows(conn, &id, lo, hi)).await?;
-    let rows = store::merge_windows(&minutes, size)
-        .into_iter()
-        .filter(|(start, _)| from <= *start && *start < to)
-        .map(|(start, w)| WindowRow {
-            start,
-            end: start + size,
-            count: w.count,
-            min: w.min,
-            max: w.max,
-            mean: w.sum / w.count.max(1) as f64,
+    if from > to {
+        return Err(ApiError::BadRequest(format!("from ({from}) is after to ({to})")));
+    }
+    Ok((from, to))
+}
+
+fn too_many(n: usize) -> ApiError {
+    ApiError::BadRequest(format!(
+        "the request covers more than {MAX_WINDOWS} windows ({n}+); ask for a larger size or a narrower from/to"
+    ))
+}
+
+async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery) -> Result<Vec<WindowView>, ApiError> {
+    if query.sensor.is_some() {
+        return Err(ApiError::BadRequest("`sensor` belongs to /api/v1/windows; here the sensor is in the path".into()));
+    }
+    let plan = plan(&app.layout, query.size.as_deref())?;
+    let (from, to) = range(query)?;
+    let id = row.id.clone();
+    let views = app
+        .store
+        .read(move |conn| match store::series_id(conn, &id)? {
+            Some(series) => read_windows(conn, &plan, series, from, to, MAX_WINDOWS),
+            None => Ok(Vec::new()),
         })
-        .collect();
+        .await?;
+    if views.len() > MAX_WINDOWS {
+        return Err(too_many(views.len()));
+    }
+    Ok(views)
+}
+
+#[derive(Debug, Serialize)]
+struct SensorWindows {
+    sensor: String,
+    windows: Vec<WindowView>,
+}
+
+/// `GET /api/v1/windows?sensor=<glob>&size=&from=&to=`: many sensors' windows in one request.
+async fn multi_windows(
+    State(app): State<AppState>,
+    query: Result<Query<WindowQuery>, QueryRejection>,
+) -> Result<Json<Vec<SensorWindows>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let pattern = query.sensor.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
+        ApiError::BadRequest("sensor=<glob> is required, e.g. sensor=line1/* (* within a level, ** across)".into())
+    })?;
+    let glob = parse_glob(&pattern).map_err(ApiError::BadRequest)?;
+    let plan = plan(&app.layout, query.size.as_deref())?;
+    let (from, to) = range(&query)?;
+    let prefix: String = pattern.chars().take_while(|c| !matches!(c, '*' | '?' | '[' | '{' | '\\')).collect();
+    let result = app
+        .store
+        .read(move |conn| {
+            let mut out = Vec::new();
+            let mut total = 0usize;
+            for (series, name) in store::series_with_prefix(conn, &prefix)? {
+                if !glob.is_match(&name) {
+                    continue;
+                }
+                let windows = read_windows(conn, &plan, series, from, to, MAX_WINDOWS - total)?;
+                total += windows.len();
+                if total > MAX_WINDOWS {
+                    return Ok(Err(total));
+                }
+                out.push(SensorWindows { sensor: name, windows });
+            }
+            Ok(Ok(out))
+        })
+        .await?;
+    result.map(Json).map_err(too_many)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuarantineQuery {
+    sensor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_quarantine(
+    State(app): State<AppState>,
+    query: Result<Query<QuarantineQuery>, QueryRejection>,
+) -> Result<Json<Vec<store::QuarantineRow>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(DEFAULT_SENSORS_PAGE);
+    if limit == 0 || limit > MAX_SENSORS_PAGE {
+        return Err(ApiError::BadRequest(format!("limit must be from 1 to {MAX_SENSORS_PAGE}")));
+    }
+    let rows = app
+        .store
+        .read(move |conn| {
+            let series = match q.sensor.as_deref().filter(|s| !s.is_empty()) {
+                Some(id) => match store::series_id(conn, id)? {
+                    Some(series) => Some(series),
+                    None => return Ok(Vec::new()),
+                },
+                None => None,
+            };
+            store::quarantine(conn, series, limit)
+        })
+        .await?;
     Ok(Json(rows))
 }
 
@@ -192,6 +617,35 @@ struct AgentView {
     id: String,
     last_seen: Option<i64>,
     readings: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetAsideQuery {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// `GET /api/v1/set-aside?limit=&after=`: log blocks the processor left out, by offset.
+async fn list_set_aside(
+    State(app): State<AppState>,
+    query: Result<Query<SetAsideQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = page_limit(query.limit.as_deref())?;
+    let after = match query.after.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
+        None => None,
+        Some(text) => Some(
+            text.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest(format!("after {text:?} must be a log offset (a whole number)")))?,
+        ),
+    };
+    let page = app.store.read(move |conn| store::set_aside(conn, after, limit)).await?;
+    let next = match page.rows.last() {
+        Some(last) if page.more => Some(format!("/api/v1/set-aside?limit={limit}&after={}", last.first_offset)),
+        _ => None,
+    };
+    Ok(paged::<SetAsideRow>(page.rows, next))
 }
 
 async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
@@ -216,22 +670,47 @@ async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentView>>
 mod tests {
     use super::*;
 
-    #[test]
-    fn window_sizes_are_whole_minutes_up_to_a_day() {
-        assert_eq!(window_size(None).unwrap(), 60_000);
-        assert_eq!(window_size(Some("5m")).unwrap(), 300_000);
-        assert_eq!(window_size(Some("1h")).unwrap(), 3_600_000);
-        assert_eq!(window_size(Some("1d")).unwrap(), 86_400_000);
-        for bad in ["90s", "0m", "2d", "soon", "1m30s"] {
-            assert!(matches!(window_size(Some(bad)), Err(ApiError::BadRequest(_))), "{bad}");
+    fn layout() -> ApiLayout {
+        ApiLayout {
+            calendars: vec![Calendar::fixed(10_000), Calendar::fixed(60_000), Calendar::fixed(3_600_000)],
+            stale_after: Duration::from_secs(300),
+            stale: Vec::new(),
         }
     }
 
     #[test]
-    fn align_up_rounds_to_the_next_boundary() {
-        assert_eq!(align_up(0, 60), 0);
-        assert_eq!(align_up(1, 60), 60);
-        assert_eq!(align_up(-1, 60), 0);
-        assert_eq!(align_up(i64::MIN, 60), i64::MIN);
+    fn sizes_are_served_from_the_coarsest_divisor() {
+        let l = layout();
+        let p = plan(&l, Some("5m")).unwrap();
+        assert_eq!((p.calendar.code(), p.factor), (60_000, 5));
+        let p = plan(&l, Some("2h")).unwrap();
+        assert_eq!((p.calendar.code(), p.factor), (3_600_000, 2));
+        let p = plan(&l, Some("30s")).unwrap();
+        assert_eq!((p.calendar.code(), p.factor), (10_000, 3));
+        let p = plan(&l, None).unwrap();
+        assert_eq!((p.calendar.code(), p.factor), (60_000, 1));
+        let err = plan(&l, Some("15s")).err().unwrap().to_string();
+        assert!(err.contains("10s") && err.contains("1h"), "{err}");
+        assert!(plan(&l, Some("day")).is_err());
+    }
+
+    #[test]
+    fn percent_decoding_accepts_slashes_both_ways() {
+        assert_eq!(percent_decode("room1%2Ftemp").unwrap(), "room1/temp");
+        assert_eq!(percent_decode("room1/temp").unwrap(), "room1/temp");
+        assert_eq!(percent_decode("k%C3%BCche").unwrap(), "küche");
+        assert!(percent_decode("bad%2").is_err());
+        assert!(percent_decode("bad%ZZ").is_err());
+    }
+
+    #[test]
+    fn extreme_ranges_are_answered_not_overflowed() {
+        let q =
+            WindowQuery { size: None, from: Some(i64::MIN.to_string()), to: Some(i64::MAX.to_string()), sensor: None };
+        assert_eq!(range(&q).unwrap(), (i64::MIN, i64::MAX));
+        let q = WindowQuery { size: None, from: Some("10".into()), to: Some("5".into()), sensor: None };
+        assert!(range(&q).is_err());
+        let q = WindowQuery { size: None, from: None, to: None, sensor: None };
+        assert_eq!(range(&q).unwrap(), (i64::MIN, i64::MAX));
     }
 }

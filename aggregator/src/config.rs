@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tributary_shared::config_file;
@@ -25,6 +26,198 @@ pub struct Config {
     pub http: HttpConfig,
     /// The agents allowed to ingest. Required, at least one.
     pub agents: Vec<AgentConfig>,
+    /// The stream processing. Default: see [`PipelineConfig`].
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// Anomaly models per sensor glob (`[[anomaly]]`); the first matching entry wins. Default: none.
+    #[serde(default)]
+    pub anomaly: Vec<AnomalyConfig>,
+    /// Alert rules (`[[alerts]]`). Default: none.
+    #[serde(default)]
+    pub alerts: Vec<AlertConfig>,
+    /// Webhooks every alert transition is POSTed to (`[[notify]]`). Default: none.
+    #[serde(default)]
+    pub notify: Vec<NotifyConfig>,
+}
+
+/// `[[anomaly]]`: an anomaly model for the sensors matching `sensor`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyConfig {
+    /// Sensor id glob. Required.
+    pub sensor: String,
+    /// `mad` (rolling median / median absolute deviation, robust to outliers; default) or `ewma`.
+    #[serde(default = "default_model")]
+    pub model: crate::pipeline::anomaly::ModelKind,
+    /// Score (distance from the expected value in robust standard deviations) above which a
+    /// reading is an anomaly. Default 4.
+    #[serde(default = "default_anomaly_threshold")]
+    pub threshold: f64,
+    /// Readings a sensor's model learns from before it scores any. Default 30.
+    #[serde(default = "default_warmup")]
+    pub warmup: u32,
+    /// Readings the model looks back over (the MAD window; the EWMA span). Default 60.
+    #[serde(default = "default_model_window")]
+    pub window: u32,
+}
+
+/// `[[alerts]]`: one alert rule. Exactly one condition: `above`, `below`, `rate_above`,
+/// `rate_below`, `anomaly = true` or `stale`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// The rule's name, unique. Required.
+    pub name: String,
+    /// Sensor id glob. Required.
+    pub sensor: String,
+    /// Fires when the value is above this...
+    pub above: Option<f64>,
+    /// ...or below this.
+    pub below: Option<f64>,
+    /// Fires when the value changes faster than this per second (upwards)...
+    pub rate_above: Option<f64>,
+    /// ...or slower than this per second (e.g. `-2.0` for a drop of more than 2 per second).
+    pub rate_below: Option<f64>,
+    /// Fires when the sensor's anomaly model flags a reading; resolves on the next normal one.
+    pub anomaly: Option<bool>,
+    /// Fires when the sensor has sent nothing for this long (processing time), e.g. `"10m"`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub stale: Option<Duration>,
+    /// How long (event time) the condition must hold before the alert fires. Default `0s`.
+    #[serde(rename = "for", default, with = "humantime_serde")]
+    pub for_: Duration,
+    /// Hysteresis: an `above`/`below` alert resolves only once the value is back past this.
+    /// Default: the threshold itself.
+    pub clear: Option<f64>,
+    /// `info`, `warning` (default) or `critical`.
+    #[serde(default = "default_severity")]
+    pub severity: String,
+}
+
+/// `[[notify]]`: a webhook.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Where alert transitions are POSTed as JSON. Required.
+    pub url: url::Url,
+    /// Time limit of one delivery attempt. Default 10 s.
+    #[serde(default = "default_notify_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Delivery attempts (with backoff) before a notification is given up. Default 8.
+    #[serde(default = "default_notify_attempts")]
+    pub attempts: u32,
+}
+
+fn default_model() -> crate::pipeline::anomaly::ModelKind {
+    crate::pipeline::anomaly::ModelKind::Mad
+}
+fn default_anomaly_threshold() -> f64 {
+    4.0
+}
+fn default_warmup() -> u32 {
+    30
+}
+fn default_model_window() -> u32 {
+    60
+}
+fn default_severity() -> String {
+    "warning".into()
+}
+fn default_notify_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_notify_attempts() -> u32 {
+    8
+}
+
+/// `[pipeline]`: what the processor computes from the log.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Tumbling window sizes precomputed by event time, each a whole number of seconds.
+    /// `GET .../windows?size=` serves these and any whole multiple of one of them.
+    /// Default `["10s", "1m", "1h"]`.
+    #[serde(default = "default_windows")]
+    pub windows: Vec<String>,
+    /// Calendar-day windows in an IANA time zone, e.g. `days = { tz = "Europe/Berlin" }`
+    /// (served as `size=day`). Default: none.
+    pub days: Option<DaysConfig>,
+    /// Readings stamped further ahead than this of the time the aggregator received them are
+    /// quarantined (`GET /api/v1/quarantine`), never folded in. Default 5 minutes.
+    #[serde(default = "default_max_clock_skew", with = "humantime_serde")]
+    pub max_clock_skew: Duration,
+    /// A sensor not heard from for this long is shown as `stale`. Default 5 minutes.
+    #[serde(default = "default_stale_after", with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// Per-sensor exceptions to `stale_after`: `[[pipeline.stale]] sensor = "meters/*"`,
+    /// `after = "1h"`; the first matching entry wins. Default: none.
+    #[serde(default)]
+    pub stale: Vec<StaleOverride>,
+}
+
+/// `[pipeline] days = { tz = "..." }`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaysConfig {
+    /// IANA time zone name, e.g. `Europe/Berlin`. Required.
+    pub tz: String,
+}
+
+/// `[[pipeline.stale]]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaleOverride {
+    /// Sensor id glob (`*` within a level, `**` across levels). Required.
+    pub sensor: String,
+    /// Staleness threshold for the matching sensors. Required.
+    #[serde(with = "humantime_serde")]
+    pub after: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            windows: default_windows(),
+            days: None,
+            max_clock_skew: default_max_clock_skew(),
+            stale_after: default_stale_after(),
+            stale: Vec::new(),
+        }
+    }
+}
+
+fn default_windows() -> Vec<String> {
+    vec!["10s".into(), "1m".into(), "1h".into()]
+}
+
+fn default_max_clock_skew() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_stale_after() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Parses a window size: a duration that is a whole number of seconds, at least one.
+pub fn parse_window_size(text: &str) -> Result<i64, String> {
+    let size = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 10s, 1m, 1h: {e}"))?;
+    if size.as_secs() == 0 || size.subsec_nanos() != 0 {
+        return Err(format!("{text:?} must be a whole number of seconds, at least 1s"));
+    }
+    if size > Duration::from_secs(366 * 86_400) {
+        return Err(format!("{text:?} is longer than a year"));
+    }
+    Ok(size.as_millis() as i64)
+}
+
+/// A sensor id glob: `*` matches within one `/`-separated level, `**` across levels.
+pub fn parse_glob(text: &str) -> Result<globset::GlobMatcher, String> {
+    globset::GlobBuilder::new(text)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| format!("{text:?} is not a sensor glob: {e}"))
 }
 
 /// `[http]`
@@ -53,7 +246,9 @@ fn default_listen() -> SocketAddr {
 pub struct AgentConfig {
     /// The agent id, as the agent puts it in its batches. Required, unique.
     pub id: String,
-    /// Bearer token the agent authenticates with. Required, non-empty.
+    /// Bearer token the agent authenticates with. Required, non-empty, unique (a token shared by
+    /// two agents would authenticate only the first, and the other would get 403 for ever), no
+    /// spaces or control characters (an `Authorization` header could never carry it).
     pub token: String,
 }
 
@@ -92,7 +287,99 @@ impl Config {
                 "at least one [[agents]] entry is needed, or nothing can ingest".into(),
             ));
         }
+        let mut sizes = Vec::new();
+        for (i, text) in self.pipeline.windows.iter().enumerate() {
+            let size = parse_window_size(text).map_err(|e| invalid(format!("pipeline.windows[{i}]"), e))?;
+            if sizes.contains(&size) {
+                return Err(invalid(format!("pipeline.windows[{i}]"), format!("{text:?} is listed twice")));
+            }
+            sizes.push(size);
+        }
+        if self.pipeline.windows.is_empty() && self.pipeline.days.is_none() {
+            return Err(invalid("pipeline.windows".into(), "at least one window size is needed".into()));
+        }
+        if let Some(days) = &self.pipeline.days {
+            crate::pipeline::calendar::Calendar::days(&days.tz).map_err(|e| invalid("pipeline.days.tz".into(), e))?;
+        }
+        for (i, stale) in self.pipeline.stale.iter().enumerate() {
+            parse_glob(&stale.sensor).map_err(|e| invalid(format!("pipeline.stale[{i}].sensor"), e))?;
+        }
+        for (i, a) in self.anomaly.iter().enumerate() {
+            parse_glob(&a.sensor).map_err(|e| invalid(format!("anomaly[{i}].sensor"), e))?;
+            if !(a.threshold.is_finite() && a.threshold > 0.0) {
+                return Err(invalid(format!("anomaly[{i}].threshold"), "must be a positive number".into()));
+            }
+            if a.window < 3 || a.window > 10_000 {
+                return Err(invalid(format!("anomaly[{i}].window"), "must be from 3 to 10000 readings".into()));
+            }
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, a) in self.alerts.iter().enumerate() {
+            let key = |k: &str| format!("alerts[{i}].{k}");
+            if a.name.is_empty() || a.name.contains(['/', '#', '+']) || a.name.chars().any(char::is_control) {
+                return Err(invalid(key("name"), "must be a non-empty name without '/', '#', '+'".into()));
+            }
+            if let Some(first) = names.insert(&a.name, i) {
+                return Err(invalid(
+                    key("name"),
+                    format!("duplicate rule name `{}` (already alerts[{first}])", a.name),
+                ));
+            }
+            parse_glob(&a.sensor).map_err(|e| invalid(key("sensor"), e))?;
+            let conditions = [
+                a.above.is_some(),
+                a.below.is_some(),
+                a.rate_above.is_some(),
+                a.rate_below.is_some(),
+                a.anomaly == Some(true),
+                a.stale.is_some(),
+            ];
+            if conditions.iter().filter(|c| **c).count() != 1 {
+                return Err(invalid(
+                    format!("alerts[{i}]"),
+                    "needs exactly one condition: above, below, rate_above, rate_below, anomaly = true or stale".into(),
+                ));
+            }
+            for (k, v) in [
+                ("above", a.above),
+                ("below", a.below),
+                ("rate_above", a.rate_above),
+                ("rate_below", a.rate_below),
+                ("clear", a.clear),
+            ] {
+                if v.is_some_and(|v| !v.is_finite()) {
+                    return Err(invalid(key(k), "must be a finite number".into()));
+                }
+            }
+            if a.clear.is_some() && a.above.is_none() && a.below.is_none() {
+                return Err(invalid(key("clear"), "only applies to `above` and `below`".into()));
+            }
+            match (a.above, a.below, a.clear) {
+                (Some(t), _, Some(c)) if c > t => {
+                    return Err(invalid(key("clear"), format!("must be at most `above` ({t})")));
+                }
+                (_, Some(t), Some(c)) if c < t => {
+                    return Err(invalid(key("clear"), format!("must be at least `below` ({t})")));
+                }
+                _ => {}
+            }
+            if !matches!(a.severity.as_str(), "info" | "warning" | "critical") {
+                return Err(invalid(key("severity"), format!("{:?} is not info, warning or critical", a.severity)));
+            }
+            if a.anomaly == Some(true) && !self.anomaly.iter().any(|m| parse_glob(&m.sensor).is_ok()) {
+                return Err(invalid(
+                    key("anomaly"),
+                    "no [[anomaly]] model is configured, so no reading is ever flagged".into(),
+                ));
+            }
+        }
+        for (i, n) in self.notify.iter().enumerate() {
+            if !matches!(n.url.scheme(), "http" | "https") {
+                return Err(invalid(format!("notify[{i}].url"), "must be http or https".into()));
+            }
+        }
         let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut tokens: HashMap<&str, usize> = HashMap::new();
         for (i, agent) in self.agents.iter().enumerate() {
             if agent.id.is_empty() {
                 return Err(invalid(format!("agents[{i}].id"), "must not be empty".into()));
@@ -100,10 +387,27 @@ impl Config {
             if agent.token.is_empty() {
                 return Err(invalid(format!("agents[{i}].token"), "must not be empty".into()));
             }
+            if agent.token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    format!("agents[{i}].token"),
+                    "must not contain spaces or control characters (no Authorization header could carry it)".into(),
+                ));
+            }
             if let Some(first) = seen.insert(&agent.id, i) {
                 return Err(invalid(
                     format!("agents[{i}].id"),
                     format!("duplicate agent id `{}` (already used by agents[{first}])", agent.id),
+                ));
+            }
+            // The token itself is a secret: name the entries, not the value.
+            if let Some(first) = tokens.insert(&agent.token, i) {
+                return Err(invalid(
+                    format!("agents[{i}].token"),
+                    format!(
+                        "duplicate token: agents[{first}] (`{}`) has the same one, so agent `{}` could never \
+                         ingest (its batches would get 403); give each agent its own token",
+                        self.agents[first].id, agent.id
+                    ),
                 ));
             }
         }
@@ -111,8 +415,60 @@ impl Config {
     }
 }
 
-/// Turns a toml error into one line: the dotted key at the error's position, its line number and
-/// the reason. toml's own message names an unknown field but not, for a bad value, the key.
+impl Config {
+    /// What the pipeline computes: the window calendars, finest first, then calendar days.
+    pub fn pipeline_spec(&self) -> crate::pipeline::PipelineSpec {
+        use crate::pipeline::calendar::Calendar;
+        let mut sizes: Vec<i64> = self.pipeline.windows.iter().filter_map(|w| parse_window_size(w).ok()).collect();
+        sizes.sort_unstable();
+        let mut calendars: Vec<Calendar> = sizes.into_iter().map(Calendar::fixed).collect();
+        if let Some(cal) = self.pipeline.days.as_ref().and_then(|d| Calendar::days(&d.tz).ok()) {
+            calendars.push(cal);
+        }
+        let anomaly = self
+            .anomaly
+            .iter()
+            .filter_map(|a| {
+                Some(crate::pipeline::anomaly::AnomalyRule {
+                    sensor: parse_glob(&a.sensor).ok()?,
+                    model: a.model,
+                    threshold: a.threshold,
+                    warmup: a.warmup,
+                    window: a.window,
+                })
+            })
+            .collect();
+        let alerts = self
+            .alerts
+            .iter()
+            .filter_map(|a| {
+                use crate::pipeline::alert::Condition;
+                let condition = match (a.above, a.below, a.rate_above, a.rate_below, a.anomaly) {
+                    (Some(t), ..) => Condition::Above { threshold: t, clear: a.clear.unwrap_or(t) },
+                    (_, Some(t), ..) => Condition::Below { threshold: t, clear: a.clear.unwrap_or(t) },
+                    (_, _, Some(r), ..) => Condition::RateAbove(r),
+                    (_, _, _, Some(r), _) => Condition::RateBelow(r),
+                    (_, _, _, _, Some(true)) => Condition::Anomaly,
+                    _ => return None, // `stale`: processing time, see crate::stale
+                };
+                Some(crate::pipeline::alert::AlertRule {
+                    name: a.name.clone(),
+                    sensor: parse_glob(&a.sensor).ok()?,
+                    condition,
+                    for_ms: a.for_.as_millis().min(i64::MAX as u128) as i64,
+                    severity: a.severity.clone(),
+                })
+            })
+            .collect();
+        crate::pipeline::PipelineSpec {
+            calendars,
+            max_clock_skew_ms: self.pipeline.max_clock_skew.as_millis().min(i64::MAX as u128) as i64,
+            anomaly,
+            alerts,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +518,19 @@ mod tests {
         assert!(err.contains("agents[1].id") && err.contains("duplicate agent id `a`"), "{err}");
         let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"\"\n").unwrap_err().to_string();
         assert!(err.contains("agents[0].token: must not be empty"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_and_unusable_tokens_are_rejected() {
+        let err =
+            parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"s3cret\"\n[[agents]]\nid = \"b\"\ntoken = \"s3cret\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.starts_with("/etc/tributary/aggregator.toml: agents[1].token: duplicate token"), "{err}");
+        assert!(err.contains("agents[0] (`a`)") && err.contains("agent `b`"), "{err}");
+        assert!(!err.contains("s3cret"), "the token leaked into the error: {err}");
+        let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"two words\"\n").unwrap_err().to_string();
+        assert!(err.contains("agents[0].token: must not contain spaces"), "{err}");
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! the store can always be rebuilt from it).
 //!
 //! Data flows one way: [`ingest`] (auth, decode, validate) → [`log`] (one writer thread, group
-//! commits, range dedup by agent/epoch/sequence) → [`process`] (tails the log by offset, aggregates
-//! blocks in memory) → [`store`] (SQLite, results and offset committed together) → [`api`] (and
-//! [`dashboard`]). [`config`] reads the TOML file, [`metrics`] serves Prometheus text.
+//! commits, range dedup by agent/epoch/sequence) → [`pipeline`] (operators tail the log by offset:
+//! windows, sensor state, quarantine) → [`store`] (SQLite, results and offset committed together)
+//! → [`api`] (and [`dashboard`]). [`config`] reads the TOML file, [`metrics`] serves Prometheus text.
 //! [`run`] wires it all up and shuts it down in that order.
 
 pub mod api;
@@ -15,7 +15,8 @@ pub mod dashboard;
 pub mod ingest;
 pub mod log;
 pub mod metrics;
-pub mod process;
+pub mod notify;
+pub mod pipeline;
 pub mod store;
 
 use std::future::Future;
@@ -39,7 +40,7 @@ pub enum Error {
     #[error(transparent)]
     Log(#[from] log::LogError),
     #[error(transparent)]
-    Process(#[from] process::ProcessError),
+    Process(#[from] pipeline::processor::ProcessError),
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
 }
@@ -67,13 +68,26 @@ pub async fn serve(
     let writer_alive = Liveness::default();
     let processor_alive = Liveness::default();
     let writer = log::start(&log_path, metrics.clone(), writer_alive.clone())?;
-    let processor = match process::start(
+    let processor = match pipeline::processor::start(
         &log_path,
         &store_path,
+        config.pipeline_spec(),
         writer.end.clone(),
         metrics.clone(),
         processor_alive.clone(),
-        tokio::runtime::Handle::current(),
+        pipeline::processor::Outputs {
+            log: writer.handle.clone(),
+            notifier: notify::Notifier::start(
+                config
+                    .notify
+                    .iter()
+                    .map(|n| notify::Webhook { url: n.url.clone(), timeout: n.timeout, attempts: n.attempts })
+                    .collect(),
+                metrics.clone(),
+                &tokio::runtime::Handle::current(),
+            ),
+            runtime: tokio::runtime::Handle::current(),
+        },
     ) {
         Ok(processor) => processor,
         Err(error) => {
@@ -86,9 +100,11 @@ pub async fn serve(
         agents: config.agents.clone().into(),
         log: writer.handle.clone(),
         store: store::StoreReader::new(&store_path),
+        layout: Arc::new(api::ApiLayout::from_config(&config)),
         metrics,
         writer_alive,
         processor_alive,
+        processor_status: processor.status.clone(),
     };
     let local = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(data_dir = %data_dir.display(), agents = config.agents.len(), "listening on http://{local}");

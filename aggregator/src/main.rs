@@ -51,6 +51,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // reqwest (webhooks) is built without a default TLS provider, as in the agent: ring it is.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match serve(config) {
         Ok(()) => ExitCode::SUCCESS,
         // The library's errors spell out their causes in their own message; `{:#}` would repeat them.

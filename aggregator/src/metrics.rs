@@ -21,8 +21,15 @@ pub struct Metrics {
     pub readings_appended: Counter,
     pub readings_duplicate: Counter,
     pub gap_readings: Counter,
+    pub gap_filled_readings: Counter,
     pub log_end_offset: Gauge,
     pub processor_offset: Gauge,
+    notifications: Family<Vec<(String, String)>, Counter>,
+    pub processor_lag_readings: Gauge,
+    pub processor_stalled: Gauge,
+    pub processor_step_failures: Counter,
+    pub set_aside_blocks: Counter,
+    pub set_aside_readings: Counter,
 }
 
 impl Metrics {
@@ -47,6 +54,12 @@ impl Metrics {
             "Sequence numbers agents never sent (dropped by their spool policy), recorded as gaps",
             gap_readings.clone(),
         );
+        let gap_filled_readings = Counter::default();
+        registry.register(
+            "tributary_ingest_gap_filled_readings",
+            "Sequence numbers recorded as gaps that arrived later (out of order) and filled them",
+            gap_filled_readings.clone(),
+        );
         let log_end_offset = Gauge::default();
         registry.register("tributary_log_end_offset", "Readings in the log (the next offset)", log_end_offset.clone());
         let processor_offset = Gauge::default();
@@ -55,15 +68,63 @@ impl Metrics {
             "Log offset up to which the processor has committed its results",
             processor_offset.clone(),
         );
+        let notifications = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "tributary_notify",
+            "Alert notifications by result: delivered, retried, failed, dropped (queue full), replayed (history, not sent)",
+            notifications.clone(),
+        );
+        let processor_lag_readings = Gauge::default();
+        registry.register(
+            "tributary_processor_lag_readings",
+            "Readings in the log the processor has not committed yet (log end offset - processor offset)",
+            processor_lag_readings.clone(),
+        );
+        let processor_stalled = Gauge::default();
+        registry.register(
+            "tributary_processor_stalled",
+            "1 while the processor has failed without progress for a while (/healthz says why), else 0",
+            processor_stalled.clone(),
+        );
+        let processor_step_failures = Counter::default();
+        registry.register(
+            "tributary_processor_step_failures",
+            "Processor steps that failed (log unreadable, store commit refused); each is retried",
+            processor_step_failures.clone(),
+        );
+        let set_aside_blocks = Counter::default();
+        registry.register(
+            "tributary_processor_set_aside_blocks",
+            "Log blocks the processor left out of the store (listed by /api/v1/set-aside); since the store was built",
+            set_aside_blocks.clone(),
+        );
+        let set_aside_readings = Counter::default();
+        registry.register(
+            "tributary_processor_set_aside_readings",
+            "Readings in the set-aside log blocks, as the log counts them",
+            set_aside_readings.clone(),
+        );
         Metrics {
+            notifications,
             registry,
             ingest_requests,
             readings_appended,
             readings_duplicate,
             gap_readings,
+            gap_filled_readings,
             log_end_offset,
             processor_offset,
+            processor_lag_readings,
+            processor_stalled,
+            processor_step_failures,
+            set_aside_blocks,
+            set_aside_readings,
         }
+    }
+
+    /// Counts one webhook notification outcome.
+    pub fn notify(&self, result: &str) {
+        self.notifications.get_or_create(&vec![("result".to_string(), result.to_string())]).inc();
     }
 
     /// Counts one ingest request by its response status.
@@ -106,8 +167,14 @@ mod tests {
             "tributary_ingest_readings_total{result=\"appended\"} 5",
             "tributary_ingest_readings_total{result=\"duplicate\"} 0",
             "tributary_ingest_gap_readings_total 0",
+            "tributary_ingest_gap_filled_readings_total 0",
             "tributary_log_end_offset 5",
             "tributary_processor_offset 0",
+            "tributary_processor_lag_readings 0",
+            "tributary_processor_stalled 0",
+            "tributary_processor_step_failures_total 0",
+            "tributary_processor_set_aside_blocks_total 0",
+            "tributary_processor_set_aside_readings_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

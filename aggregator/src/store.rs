@@ -1,24 +1,26 @@
-//! The serving store (`store.db`): what the processor has made of the log, read by the API.
+//! The serving store (`store.db`): what the pipeline has made of the log, read by the API.
 //!
-//! Tables: `sensors` (count and latest reading per sensor), `windows` (1-minute tumbling windows by
-//! event time: count, min, max, sum — all mergeable, so late readings update old windows and
-//! coarser windows are merged at query time), `agents`, and `processor_offsets`. The processor
-//! writes results and its log offset in one transaction, so the store never counts a block twice
-//! or misses one across a crash.
+//! Tables, each owned by one operator: `series` (sensor ids as small integers), `sensors`
+//! (state per sensor), `windows` (rows of [`SLOTS`] windows per size and sensor, see
+//! [`crate::pipeline::window`]), `agents`, `quarantine`, and `processor_offsets` (the log offset
+//! the tables reflect, committed with them). Everything here can be rebuilt from the log.
+//!
+//! This module is the store's narrow interface: the pipeline writes through [`open_write`] and
+//! its operators, the API reads through [`StoreReader`]; a PostgreSQL store would implement the
+//! same queries.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
-use crate::process::Aggregate;
+use crate::pipeline::calendar::Calendar;
+use crate::pipeline::window::{SLOTS, Window, decode_row};
 
-/// Width of the stored windows; coarser ones are merged from these.
-pub const WINDOW_MS: i64 = 60_000;
-
-/// The name under which the built-in processor commits its offset.
-pub const PROCESSOR_NAME: &str = "main";
+/// The store's layout version (`PRAGMA user_version`). A store of another version is moved
+/// aside and rebuilt from the log.
+pub const LAYOUT_VERSION: i64 = 3;
 
 /// Read connections kept open for the API (each query borrows one on a blocking thread).
 const READ_POOL: usize = 4;
@@ -29,65 +31,130 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("serving store: journal_mode is {0}, WAL is needed")]
     NotWal(String),
+    #[error(
+        "serving store is damaged: {0}; stop the aggregator, move store.db aside and start it again to rebuild it from the log"
+    )]
+    Corrupt(String),
+    #[error("cannot move the old serving store aside: {0}")]
+    MoveAside(std::io::Error),
     #[error("serving store query was cancelled: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Mergeable aggregate of readings: count, min, max, sum.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Window {
-    pub count: u64,
-    pub min: f64,
-    pub max: f64,
-    pub sum: f64,
-}
-
-impl Window {
-    pub fn of(value: f64) -> Window {
-        Window { count: 1, min: value, max: value, sum: value }
-    }
-
-    pub fn add(&mut self, value: f64) {
-        self.count += 1;
-        self.min = self.min.min(value);
-        self.max = self.max.max(value);
-        self.sum += value;
-    }
-
-    pub fn merge(&mut self, other: &Window) {
-        self.count += other.count;
-        self.min = self.min.min(other.min);
-        self.max = self.max.max(other.max);
-        self.sum += other.sum;
-    }
-}
-
-/// The start of the 1-minute window holding event time `ts`.
-pub fn minute_of(ts: i64) -> i64 {
-    ts.div_euclid(WINDOW_MS) * WINDOW_MS
-}
-
-/// Merges 1-minute windows (sorted by start) into tumbling windows of `size_ms` (a whole number
-/// of minutes), aligned on the Unix epoch.
-pub fn merge_windows(minutes: &[(i64, Window)], size_ms: i64) -> Vec<(i64, Window)> {
-    let mut merged: Vec<(i64, Window)> = Vec::new();
-    for (start, window) in minutes {
-        let bucket = start.div_euclid(size_ms) * size_ms;
-        match merged.last_mut() {
-            Some((last, acc)) if *last == bucket => acc.merge(window),
-            _ => merged.push((bucket, *window)),
+/// Opens (creating or upgrading if needed) the store for the pipeline.
+pub fn open_write(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let has_tables: bool =
+        conn.query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
+    let conn = if has_tables && version != LAYOUT_VERSION {
+        // An older layout: everything in it can be rebuilt from the log, so keep it for
+        // inspection and start empty (the processor replays the log from offset 0).
+        drop(conn);
+        let aside = path.with_extension(format!("db.layout-{version}"));
+        for suffix in ["", "-wal", "-shm"] {
+            let from = PathBuf::from(format!("{}{suffix}", path.display()));
+            if from.exists() {
+                std::fs::rename(&from, PathBuf::from(format!("{}{suffix}", aside.display())))
+                    .map_err(StoreError::MoveAside)?;
+            }
         }
+        tracing::warn!(old = %aside.display(), "serving store has layout {version}, this version writes {LAYOUT_VERSION}: rebuilding it from the log");
+        Connection::open(path)?
+    } else {
+        conn
+    };
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::NotWal(mode));
     }
-    merged
+    // NORMAL is enough: the store can always be rebuilt from the log, whose commits are FULL.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS series (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        CREATE TABLE IF NOT EXISTS sensors (
+            series INTEGER PRIMARY KEY,
+            count INTEGER NOT NULL,
+            quarantined INTEGER NOT NULL,
+            last_ts INTEGER NOT NULL,
+            last_value REAL NOT NULL,
+            last_seen INTEGER NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS windows (
+            size INTEGER NOT NULL,
+            series INTEGER NOT NULL,
+            row INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (size, series, row)
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS agents (id TEXT PRIMARY KEY, readings INTEGER NOT NULL, last_seen INTEGER NOT NULL);
+        CREATE TABLE IF NOT EXISTS quarantine (
+            offset INTEGER PRIMARY KEY,
+            series INTEGER NOT NULL,
+            ts INTEGER NOT NULL,
+            value REAL NOT NULL,
+            received_at INTEGER NOT NULL,
+            reason TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS quarantine_by_series ON quarantine (series, offset);
+        CREATE TABLE IF NOT EXISTS processor_offsets (name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL);
+        CREATE TABLE IF NOT EXISTS set_aside (
+            first_offset INTEGER PRIMARY KEY,
+            count INTEGER NOT NULL,
+            agent_id TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            set_aside_at INTEGER NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS pipeline_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE TABLE IF NOT EXISTS anomaly_models (series INTEGER PRIMARY KEY, data BLOB NOT NULL);
+        CREATE TABLE IF NOT EXISTS anomalies (
+            offset INTEGER PRIMARY KEY,
+            series INTEGER NOT NULL,
+            ts INTEGER NOT NULL,
+            value REAL NOT NULL,
+            expected_low REAL NOT NULL,
+            expected_high REAL NOT NULL,
+            score REAL NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS anomalies_by_series ON anomalies (series, ts);
+        CREATE TABLE IF NOT EXISTS alert_states (rule TEXT NOT NULL, series INTEGER NOT NULL, data BLOB NOT NULL,
+            PRIMARY KEY (rule, series)) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS alerts (
+            id INTEGER PRIMARY KEY,
+            rule TEXT NOT NULL,
+            series INTEGER NOT NULL,
+            severity TEXT NOT NULL,
+            state TEXT NOT NULL,
+            fired_ts INTEGER NOT NULL,
+            fired_value REAL NOT NULL,
+            fired_offset INTEGER NOT NULL,
+            resolved_ts INTEGER,
+            resolved_value REAL,
+            resolved_offset INTEGER
+        );
+        CREATE INDEX IF NOT EXISTS alerts_by_state ON alerts (state, id);",
+    )?;
+    conn.pragma_update(None, "user_version", LAYOUT_VERSION)?;
+    Ok(conn)
 }
 
-/// A sensor as the API shows it.
+/// The committed offset of processor `name` (0 if it never committed).
+pub fn offset(conn: &Connection, name: &str) -> Result<u64, StoreError> {
+    let offset: Option<i64> =
+        conn.query_row("SELECT next_offset FROM processor_offsets WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+    Ok(offset.unwrap_or(0).max(0) as u64)
+}
+
+/// A sensor as the API shows it (before its freshness, which depends on the clock).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SensorRow {
     pub id: String,
+    /// Readings folded into its windows.
     pub count: u64,
-    pub last_value: f64,
-    pub last_ts: i64,
+    /// Readings quarantined (stamped too far ahead of the aggregator's clock).
+    pub quarantined: u64,
+    pub last_value: Option<f64>,
+    pub last_ts: Option<i64>,
     pub last_seen: i64,
 }
 
@@ -99,110 +166,15 @@ pub struct AgentRow {
     pub last_seen: i64,
 }
 
-fn set_pragmas(conn: &Connection) -> Result<(), StoreError> {
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::NotWal(mode));
-    }
-    // FULL like the log: the processor's offset must not get ahead of results a power cut loses.
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    Ok(())
-}
-
-/// The processor's write side of the store.
-pub struct StoreWriter {
-    conn: Connection,
-}
-
-impl StoreWriter {
-    /// Opens (creating if needed) `store.db`.
-    pub fn open(path: &Path) -> Result<StoreWriter, StoreError> {
-        let conn = Connection::open(path)?;
-        set_pragmas(&conn)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS sensors (
-                id TEXT PRIMARY KEY,
-                count INTEGER NOT NULL,
-                last_value REAL NOT NULL,
-                last_ts INTEGER NOT NULL,
-                last_seen INTEGER NOT NULL
-            ) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS windows (
-                sensor TEXT NOT NULL,
-                start INTEGER NOT NULL,
-                count INTEGER NOT NULL,
-                min REAL NOT NULL,
-                max REAL NOT NULL,
-                sum REAL NOT NULL,
-                PRIMARY KEY (sensor, start)
-            ) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS agents (
-                id TEXT PRIMARY KEY,
-                readings INTEGER NOT NULL,
-                last_seen INTEGER NOT NULL
-            ) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS processor_offsets (
-                name TEXT PRIMARY KEY,
-                next_offset INTEGER NOT NULL
-            ) WITHOUT ROWID;",
-        )?;
-        Ok(StoreWriter { conn })
-    }
-
-    /// The log offset from which `name` resumes (0 for a new store).
-    pub fn offset(&self, name: &str) -> Result<u64, StoreError> {
-        let offset: Option<i64> = self
-            .conn
-            .query_row("SELECT next_offset FROM processor_offsets WHERE name = ?1", [name], |r| r.get(0))
-            .optional()?;
-        Ok(offset.unwrap_or(0).max(0) as u64)
-    }
-
-    /// Merges an aggregate into the store and moves `name`'s offset to `next_offset`, atomically.
-    pub fn apply(&mut self, name: &str, aggregate: &Aggregate, next_offset: u64) -> Result<(), StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            // On a tie in event time the later reading in the log wins: this batch is later.
-            let mut sensor = tx.prepare_cached(
-                "INSERT INTO sensors (id, count, last_value, last_ts, last_seen) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET
-                    count = count + excluded.count,
-                    last_value = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_value ELSE last_value END,
-                    last_ts = MAX(last_ts, excluded.last_ts),
-                    last_seen = MAX(last_seen, excluded.last_seen)",
-            )?;
-            for (id, s) in aggregate.sensors() {
-                sensor.execute(params![id, s.count as i64, s.last_value, s.last_ts, s.last_seen])?;
-            }
-            let mut window = tx.prepare_cached(
-                "INSERT INTO windows (sensor, start, count, min, max, sum) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (sensor, start) DO UPDATE SET
-                    count = count + excluded.count,
-                    min = MIN(min, excluded.min),
-                    max = MAX(max, excluded.max),
-                    sum = sum + excluded.sum",
-            )?;
-            for (id, start, w) in aggregate.windows() {
-                window.execute(params![id, start, w.count as i64, w.min, w.max, w.sum])?;
-            }
-            let mut agent = tx.prepare_cached(
-                "INSERT INTO agents (id, readings, last_seen) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET
-                    readings = readings + excluded.readings,
-                    last_seen = MAX(last_seen, excluded.last_seen)",
-            )?;
-            for (id, a) in aggregate.agents() {
-                agent.execute(params![id, a.readings as i64, a.last_seen])?;
-            }
-            tx.prepare_cached(
-                "INSERT INTO processor_offsets (name, next_offset) VALUES (?1, ?2)
-                 ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
-            )?
-            .execute(params![name, next_offset as i64])?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
+/// A quarantined reading.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuarantineRow {
+    pub offset: u64,
+    pub sensor: String,
+    pub ts: i64,
+    pub value: f64,
+    pub received_at: i64,
+    pub reason: String,
 }
 
 /// Read-only access for the API, off the async runtime, with a few pooled connections.
@@ -246,44 +218,171 @@ impl StoreReader {
     }
 }
 
+const SENSOR_COLUMNS: &str =
+    "s.name, coalesce(t.count, 0), coalesce(t.quarantined, 0), t.last_value, t.last_ts, coalesce(t.last_seen, 0)";
+
 fn sensor_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SensorRow> {
+    let last_ts: Option<i64> = row.get(4)?;
+    let count = row.get::<_, i64>(1)?.max(0) as u64;
     Ok(SensorRow {
         id: row.get(0)?,
-        count: row.get::<_, i64>(1)?.max(0) as u64,
-        last_value: row.get(2)?,
-        last_ts: row.get(3)?,
-        last_seen: row.get(4)?,
+        count,
+        quarantined: row.get::<_, i64>(2)?.max(0) as u64,
+        // A sensor with only quarantined readings has no latest value yet.
+        last_value: if count > 0 { row.get(3)? } else { None },
+        last_ts: if count > 0 { last_ts } else { None },
+        last_seen: row.get(5)?,
     })
 }
 
-/// All sensors, sorted by id (byte order).
-pub fn sensors(conn: &Connection) -> Result<Vec<SensorRow>, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT id, count, last_value, last_ts, last_seen FROM sensors ORDER BY id")?;
-    let rows = stmt.query_map([], sensor_row)?.collect::<Result<_, _>>()?;
-    Ok(rows)
+/// Sensors whose id starts with `prefix`, after `after` (exclusive), sorted by id (byte order),
+/// at most `limit`.
+pub fn sensors_page(
+    conn: &Connection,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Page<SensorRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {SENSOR_COLUMNS} FROM series s LEFT JOIN sensors t ON t.series = s.id
+         WHERE s.name >= ?1 AND substr(s.name, 1, length(?2)) = ?2 ORDER BY s.name LIMIT ?3"
+    ))?;
+    // `>= after` then skip `after` itself: SQLite compares text by bytes, like the cursor.
+    let from = after.unwrap_or(prefix).max(prefix);
+    let mut rows: Vec<SensorRow> = stmt
+        .query_map(params![from, prefix, (limit + 2) as i64], sensor_row)?
+        .filter(|r| !matches!((r, after), (Ok(row), Some(a)) if row.id == a))
+        .take(limit + 1)
+        .collect::<Result<_, _>>()?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    Ok(Page { rows, more })
 }
 
 /// One sensor, if the store knows it.
 pub fn sensor(conn: &Connection, id: &str) -> Result<Option<SensorRow>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT id, count, last_value, last_ts, last_seen FROM sensors WHERE id = ?1")?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {SENSOR_COLUMNS} FROM series s LEFT JOIN sensors t ON t.series = s.id WHERE s.name = ?1"
+    ))?;
     Ok(stmt.query_row([id], sensor_row).optional()?)
 }
 
-/// A sensor's 1-minute windows with `from <= start < to`, sorted by start.
-pub fn minute_windows(conn: &Connection, id: &str, from: i64, to: i64) -> Result<Vec<(i64, Window)>, StoreError> {
+/// The integer id of a sensor.
+pub fn series_id(conn: &Connection, id: &str) -> Result<Option<u32>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT id FROM series WHERE name = ?1")?;
+    Ok(stmt.query_row([id], |r| r.get::<_, i64>(0)).optional()?.map(|v| v as u32))
+}
+
+/// Every sensor id with its integer id, for glob matching (`prefix` narrows the scan).
+pub fn series_with_prefix(conn: &Connection, prefix: &str) -> Result<Vec<(u32, String)>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT start, count, min, max, sum FROM windows WHERE sensor = ?1 AND start >= ?2 AND start < ?3 ORDER BY start",
+        "SELECT id, name FROM series WHERE name >= ?1 AND substr(name, 1, length(?1)) = ?1 ORDER BY name",
     )?;
     let rows = stmt
-        .query_map(params![id, from, to], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                Window { count: r.get::<_, i64>(1)?.max(0) as u64, min: r.get(2)?, max: r.get(3)?, sum: r.get(4)? },
-            ))
+        .query_map([prefix], |r| Ok((r.get::<_, i64>(0)? as u32, r.get::<_, String>(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// The windows of `calendar` of one sensor with index in `[first, last]`, sorted by start:
+/// (index, window).
+pub fn windows(
+    conn: &Connection,
+    calendar: &Calendar,
+    series: u32,
+    first: i64,
+    last: i64,
+) -> Result<Vec<(i64, Window)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT row, data FROM windows WHERE size = ?1 AND series = ?2 AND row >= ?3 AND row <= ?4 ORDER BY row",
+    )?;
+    let mut rows =
+        stmt.query(params![calendar.code(), series as i64, first.div_euclid(SLOTS), last.div_euclid(SLOTS)])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let row_index: i64 = row.get(0)?;
+        let data = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+        let decoded = decode_row(calendar, row_index, data).map_err(|e| {
+            StoreError::Corrupt(format!("window row (size {}, series {series}, row {row_index}): {e}", calendar.code()))
+        })?;
+        for (slot, window) in decoded {
+            let index = row_index * SLOTS + i64::from(slot);
+            if first <= index && index <= last {
+                out.push((index, window));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Quarantined readings of a sensor (or all), newest first, at most `limit`.
+pub fn quarantine(conn: &Connection, series: Option<u32>, limit: usize) -> Result<Vec<QuarantineRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT q.offset, s.name, q.ts, q.value, q.received_at, q.reason FROM quarantine q JOIN series s ON s.id = q.series
+         WHERE ?1 IS NULL OR q.series = ?1 ORDER BY q.offset DESC LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![series.map(i64::from), limit as i64], |r| {
+            Ok(QuarantineRow {
+                offset: r.get::<_, i64>(0)?.max(0) as u64,
+                sensor: r.get(1)?,
+                ts: r.get(2)?,
+                value: r.get(3)?,
+                received_at: r.get(4)?,
+                reason: r.get(5)?,
+            })
         })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
+}
+
+/// A log block the processor set aside instead of folding it in.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SetAsideRow {
+    /// Offset of the block's first reading in the log (its key in `log.db`'s `blocks`).
+    pub first_offset: u64,
+    /// The readings the log's `count` column claims for it.
+    pub count: u64,
+    pub agent: String,
+    pub reason: String,
+    /// When the processor set it aside (Unix ms).
+    pub set_aside_at: i64,
+}
+
+/// A page of a list, and whether more rows follow.
+pub struct Page<T> {
+    pub rows: Vec<T>,
+    pub more: bool,
+}
+
+/// Up to `limit` set-aside blocks after log offset `after`, by offset.
+pub fn set_aside(conn: &Connection, after: Option<u64>, limit: usize) -> Result<Page<SetAsideRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT first_offset, count, agent_id, reason, set_aside_at FROM set_aside
+         WHERE first_offset > ?1 ORDER BY first_offset LIMIT ?2",
+    )?;
+    let after = after.map_or(-1, |a| a.min(i64::MAX as u64) as i64);
+    let mut rows: Vec<SetAsideRow> = stmt
+        .query_map(params![after, limit.saturating_add(1) as i64], |r| {
+            Ok(SetAsideRow {
+                first_offset: r.get::<_, i64>(0)?.max(0) as u64,
+                count: r.get::<_, i64>(1)?.max(0) as u64,
+                agent: r.get(2)?,
+                reason: r.get(3)?,
+                set_aside_at: r.get(4)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    Ok(Page { rows, more })
+}
+
+/// (blocks, readings) set aside so far.
+pub fn set_aside_totals(conn: &Connection) -> Result<(u64, u64), StoreError> {
+    Ok(conn.query_row("SELECT COUNT(*), COALESCE(SUM(count), 0) FROM set_aside", [], |r| {
+        Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?.max(0) as u64))
+    })?)
 }
 
 /// Every agent the processor has seen.
@@ -295,40 +394,4 @@ pub fn agents(conn: &Connection) -> Result<Vec<AgentRow>, StoreError> {
         })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn w(values: &[f64]) -> Window {
-        let mut window = Window::of(values[0]);
-        for v in &values[1..] {
-            window.add(*v);
-        }
-        window
-    }
-
-    #[test]
-    fn minutes_merge_into_aligned_coarser_windows() {
-        let base = 1_764_000_000_000 / 300_000 * 300_000;
-        let minutes = [
-            (base, w(&[1.0, 2.0])),
-            (base + 60_000, w(&[5.0])),
-            (base + 240_000, w(&[-1.0])),
-            (base + 300_000, w(&[7.0, 9.0])),
-        ];
-        let merged = merge_windows(&minutes, 300_000);
-        assert_eq!(merged, [(base, w(&[1.0, 2.0, 5.0, -1.0])), (base + 300_000, w(&[7.0, 9.0]))]);
-        assert_eq!(merge_windows(&minutes, 60_000), minutes);
-    }
-
-    #[test]
-    fn late_readings_merge_into_their_minute() {
-        let mut a = w(&[3.0]);
-        a.merge(&w(&[1.0, 10.0]));
-        assert_eq!(a, Window { count: 3, min: 1.0, max: 10.0, sum: 14.0 });
-        assert_eq!(minute_of(119_999), 60_000);
-        assert_eq!(minute_of(120_000), 120_000);
-    }
 }

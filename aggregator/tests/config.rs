@@ -44,6 +44,15 @@ fn duplicate_agent_id_stops_start() {
 }
 
 #[test]
+fn duplicate_token_stops_start() {
+    assert_refused(
+        &format!("data_dir = \"/tmp/x\"\n{AGENT}[[agents]]\nid = \"gw-2\"\ntoken = \"t\"\n"),
+        "agents[1].token",
+        "duplicate token: agents[0] (`gw-1`) has the same one",
+    );
+}
+
+#[test]
 fn empty_token_stops_start() {
     assert_refused(
         "data_dir = \"/tmp/x\"\n[[agents]]\nid = \"gw-1\"\ntoken = \"\"\n",

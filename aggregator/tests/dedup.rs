@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Aggregator, T0, log_totals, postcard_batch, steady};
+use common::{Aggregator, T0, gap_rows, handshake, log_totals, postcard_batch, steady};
 
 #[test]
 fn a_resent_batch_is_acked_as_duplicates_and_counted_once() {
@@ -11,9 +11,9 @@ fn a_resent_batch_is_acked_as_duplicates_and_counted_once() {
     let agg = Aggregator::start(dir.path());
     let batch = postcard_batch("gw-1", 7, &[(0, &steady("room1/temp", T0, 10)), (10, &steady("room2/temp", T0, 6))]);
     let first = agg.ingest_ok(0, &batch);
-    assert_eq!(first, serde_json::json!({"accepted": 16, "duplicates": 0, "next_seq": 16}));
+    assert_eq!(first, serde_json::json!({"accepted": 16, "duplicates": 0, "next_seq": 16, "missing": 0}));
     let again = agg.ingest_ok(0, &batch);
-    assert_eq!(again, serde_json::json!({"accepted": 0, "duplicates": 16, "next_seq": 16}));
+    assert_eq!(again, serde_json::json!({"accepted": 0, "duplicates": 16, "next_seq": 16, "missing": 0}));
     agg.wait_processed();
     assert_eq!(log_totals(&agg.data_dir), (2, 16));
     let (_, sensor) = agg.get_json("/api/v1/sensors/room1%2Ftemp");
@@ -32,7 +32,7 @@ fn a_straddling_block_keeps_only_its_new_tail() {
     // seq 2..8: 2 and 3 are known, 4..8 are new; values 100.. mark the resent block.
     let resent: Vec<_> = (0..6).map(|i| ("s/a", T0 + 10_000 + i * 1000, 100.0 + i as f64)).collect();
     let ack = agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(2, &resent)]));
-    assert_eq!(ack, serde_json::json!({"accepted": 4, "duplicates": 2, "next_seq": 8}));
+    assert_eq!(ack, serde_json::json!({"accepted": 4, "duplicates": 2, "next_seq": 8, "missing": 0}));
     agg.wait_processed();
     assert_eq!(log_totals(&agg.data_dir), (2, 8));
     let (_, sensor) = agg.get_json("/api/v1/sensors/s%2Fa");
@@ -51,7 +51,7 @@ fn skipped_sequence_numbers_are_recorded_as_a_gap() {
     let agg = Aggregator::start(dir.path());
     agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &steady("s/a", T0, 5))]));
     let ack = agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(12, &steady("s/a", T0 + 60_000, 3))]));
-    assert_eq!(ack, serde_json::json!({"accepted": 3, "duplicates": 0, "next_seq": 15}));
+    assert_eq!(ack, serde_json::json!({"accepted": 3, "duplicates": 0, "next_seq": 15, "missing": 7}));
     assert_eq!(agg.metric("tributary_ingest_gap_readings_total"), 7.0);
     let conn =
         rusqlite::Connection::open_with_flags(agg.data_dir.join("log.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -65,6 +65,56 @@ fn skipped_sequence_numbers_are_recorded_as_a_gap() {
 }
 
 #[test]
+fn a_late_block_fills_the_gap_it_was_recorded_as() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(10, &steady("s/a", T0 + 10_000, 5))]));
+    assert_eq!(gap_rows(&agg.data_dir, "gw-1", 1), [(0, 10)]);
+    // 3..6 arrives late: the gap is split, and both halves stay recorded.
+    let ack = agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(3, &steady("s/a", T0 + 3_000, 3))]));
+    assert_eq!(ack, serde_json::json!({"accepted": 3, "duplicates": 0, "next_seq": 15, "missing": 7}));
+    assert_eq!(gap_rows(&agg.data_dir, "gw-1", 1), [(0, 3), (6, 10)]);
+    let ack = agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &steady("s/a", T0, 12))]));
+    assert_eq!(ack, serde_json::json!({"accepted": 7, "duplicates": 5, "next_seq": 15, "missing": 0}));
+    assert_eq!(gap_rows(&agg.data_dir, "gw-1", 1), []);
+    assert_eq!(log_totals(&agg.data_dir), (4, 15));
+    agg.wait_processed();
+    let (_, sensor) = agg.get_json("/api/v1/sensors/s%2Fa");
+    assert_eq!(sensor["count"], 15);
+}
+
+#[test]
+fn an_empty_batch_answers_the_mark_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    let unknown = agg.ingest_ok(0, &handshake("gw-1", 9));
+    assert_eq!(unknown, serde_json::json!({"accepted": 0, "duplicates": 0, "next_seq": 0, "missing": 0}));
+    agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &steady("s/a", T0, 10)), (20, &steady("s/a", T0, 10))]));
+    let wal = agg.data_dir.join("log.db-wal");
+    let wal_before = std::fs::read(&wal).unwrap();
+    let known = agg.ingest_ok(0, &handshake("gw-1", 1));
+    assert_eq!(known, serde_json::json!({"accepted": 0, "duplicates": 0, "next_seq": 30, "missing": 10}));
+    // JSON clients can shake hands too.
+    let json =
+        agg.ingest(Some(common::AGENTS[0].1), "application/json", br#"{"agent_id":"gw-1","epoch":1,"blocks":[]}"#);
+    assert_eq!(json.json()["next_seq"], 30);
+    assert_eq!(agg.ingest_ok(0, &handshake("gw-1", 9))["next_seq"], 0);
+    assert_eq!(std::fs::read(&wal).unwrap(), wal_before, "a handshake wrote to the log");
+    assert_eq!(log_totals(&agg.data_dir), (2, 20));
+    let conn =
+        rusqlite::Connection::open_with_flags(agg.data_dir.join("log.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let epochs: Vec<i64> = conn
+        .prepare("SELECT epoch FROM agent_sequences")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(epochs, [1], "a handshake for an unknown epoch left a row");
+}
+
+#[test]
 fn json_batches_are_logged_like_postcard_ones() {
     let dir = tempfile::tempdir().unwrap();
     let agg = Aggregator::start(dir.path());
@@ -74,7 +124,7 @@ fn json_batches_are_logged_like_postcard_ones() {
     );
     let response = agg.ingest(Some(common::AGENTS[1].1), "application/json", body.as_bytes());
     assert_eq!(response.status, 200, "{}", response.text());
-    assert_eq!(response.json(), serde_json::json!({"accepted": 2, "duplicates": 0, "next_seq": 2}));
+    assert_eq!(response.json(), serde_json::json!({"accepted": 2, "duplicates": 0, "next_seq": 2, "missing": 0}));
     let again = agg.ingest(Some(common::AGENTS[1].1), "application/json; charset=utf-8", body.as_bytes());
     assert_eq!(again.json()["duplicates"], 2);
     agg.wait_processed();

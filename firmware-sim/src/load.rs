@@ -412,7 +412,7 @@ mod tests {
 
     #[test]
     fn acks_decode_from_json_and_postcard() {
-        let ack = IngestAck { accepted: 5, duplicates: 0, next_seq: 5 };
+        let ack = IngestAck { accepted: 5, duplicates: 0, next_seq: 5, missing: 0 };
         assert_eq!(decode_ack("application/json", &serde_json::to_vec(&ack).unwrap()).unwrap(), ack);
         assert_eq!(decode_ack(POSTCARD_CONTENT_TYPE, &postcard::to_allocvec(&ack).unwrap()).unwrap(), ack);
         assert!(decode_ack("application/json", b"nope").is_err());

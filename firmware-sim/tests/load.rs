@@ -74,7 +74,7 @@ async fn ingest(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Byte
     if matches!(endpoint.behaviour, Behaviour::AcceptOneLess) {
         accepted -= 1;
     }
-    axum::Json(IngestAck { accepted, duplicates: 0, next_seq }).into_response()
+    axum::Json(IngestAck { accepted, duplicates: 0, next_seq, missing: 0 }).into_response()
 }
 
 /// Serves `/api/v1/ingest` on a loopback port; returns the base URL and what it received.

@@ -82,13 +82,19 @@ impl JsonBlock {
     }
 }
 
-/// The aggregator's answer to an accepted batch. `next_seq` is the first sequence number of this
-/// (agent, epoch) that the aggregator has not durably logged: the agent may delete everything below it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The aggregator's answer to an accepted batch (and to an empty one, the agent's handshake).
+/// `next_seq` is the aggregator's high-water mark for this (agent, epoch): the end of the highest
+/// range it has durably logged. An agent that sends in order may delete everything below it.
+/// `missing` counts the sequence numbers below `next_seq` that are not logged (holes: dropped by a
+/// spool, or sent out of order and not arrived yet); a later batch that carries them fills them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngestAck {
     pub accepted: u64,
     pub duplicates: u64,
     pub next_seq: u64,
+    /// Absent in acks from aggregators that predate it: read as 0.
+    #[serde(default)]
+    pub missing: u64,
 }
 
 #[cfg(test)]
@@ -120,6 +126,14 @@ mod tests {
         let data = b.finish().encode();
         let wire = WireBlock { first_seq: 0, count: 2, data: &data };
         assert!(matches!(wire.decode(), Err(BlockError::CountMismatch { expected: 2, actual: 1 })));
+    }
+
+    #[test]
+    fn an_ack_without_missing_still_parses() {
+        let old: IngestAck = serde_json::from_str(r#"{"accepted":1,"duplicates":2,"next_seq":3}"#).unwrap();
+        assert_eq!(old, IngestAck { accepted: 1, duplicates: 2, next_seq: 3, missing: 0 });
+        let new: IngestAck = serde_json::from_str(r#"{"accepted":0,"duplicates":0,"next_seq":9,"missing":4}"#).unwrap();
+        assert_eq!(new.missing, 4);
     }
 
     #[test]

@@ -156,8 +156,17 @@ impl Block {
     /// The readings from `skip` on, as a new block (used when a peer resends a block that is
     /// partly known already).
     pub fn tail(&self, skip: usize) -> Block {
+        self.sub_block(skip..self.entries.len())
+    }
+
+    /// The readings at indices `range` (clamped to the block), as a new block that interns only
+    /// the sensors they use. The log keeps the unlogged parts of a block this way, each with its
+    /// own first sequence number.
+    pub fn sub_block(&self, range: core::ops::Range<usize>) -> Block {
+        let end = range.end.min(self.entries.len());
+        let start = range.start.min(end);
         let mut builder = BlockBuilder::default();
-        for e in self.entries.iter().skip(skip) {
+        for e in &self.entries[start..end] {
             builder.push(self.sensor_of(e), e.ts, e.value);
         }
         builder.finish()
@@ -305,6 +314,18 @@ mod tests {
         b.push("ok", 1_764_000_000_000, 1.0);
         b.push("ok", 1_764_000_000_000, f64::NAN);
         assert!(matches!(b.finish().validate(), Err(BlockError::Reading { index: 1, .. })));
+    }
+
+    #[test]
+    fn sub_block_keeps_a_middle_run_and_only_its_sensors() {
+        let block = sample(10);
+        let middle = block.sub_block(3..5);
+        assert_eq!(middle.len(), 2);
+        assert_eq!(middle.readings().collect::<Vec<_>>(), block.readings().skip(3).take(2).collect::<Vec<_>>());
+        // Readings 3 and 4 are room1/temp and room2/temp: room1/humidity is not interned.
+        assert_eq!(middle.sensors, ["room1/temp", "room2/temp"]);
+        assert_eq!(Block::decode(&middle.encode()).unwrap(), middle);
+        assert!(block.sub_block(8..20).len() == 2 && block.sub_block(12..20).is_empty());
     }
 
     #[test]

@@ -226,14 +226,26 @@ impl Aggregator {
         scrape(self.port).await.get(key).copied().unwrap_or(0.0)
     }
 
-    /// `GET /api/v1/sensors` as id → count.
+    /// `GET /api/v1/sensors` as id → count, every page (following `Link: <...>; rel="next"`).
     pub async fn sensor_counts(&self) -> BTreeMap<String, u64> {
-        let (_, body) = self.get("/api/v1/sensors").await;
-        body.as_array()
-            .map(|sensors| {
-                sensors.iter().filter_map(|s| Some((s["id"].as_str()?.to_string(), s["count"].as_u64()?))).collect()
-            })
-            .unwrap_or_default()
+        let mut counts = BTreeMap::new();
+        let mut next = Some("/api/v1/sensors?limit=10000".to_string());
+        while let Some(path) = next.take() {
+            let Ok(response) = http().get(format!("{}{path}", self.url())).send().await else { break };
+            next = response
+                .headers()
+                .get("link")
+                .and_then(|link| link.to_str().ok())
+                .and_then(|link| Some(link.strip_prefix('<')?.split_once(">; rel=\"next\"")?.0.to_string()));
+            let body = response.bytes().await.ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            let body = body.unwrap_or(Value::Null);
+            for sensor in body.as_array().into_iter().flatten() {
+                if let (Some(id), Some(count)) = (sensor["id"].as_str(), sensor["count"].as_u64()) {
+                    counts.insert(id.to_string(), count);
+                }
+            }
+        }
+        counts
     }
 
     /// The sum of the sensor counts: every reading the API has processed.
@@ -447,4 +459,464 @@ pub async fn publish(port: u16, client_id: &str, messages: &[(String, Vec<u8>)])
         }
     })
     .await;
+}
+
+impl Agent {
+    /// Like [`Agent::start`], with extra environment variables for the agent process (started
+    /// through `env`, which execs it, so the pid and SIGKILL are the agent's own).
+    pub async fn start_with_env(
+        dir: &Path,
+        id: &str,
+        token: &str,
+        upstream: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let (http_port, mqtt_port) = (free_port(), free_port());
+        let data_dir = dir.join("agent-data");
+        let config = format!(
+            "agent_id = {id:?}\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+             [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\
+             [mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt_port}\"\n{extra}",
+            data_dir.display().to_string()
+        );
+        let config_path = dir.join("agent.toml");
+        fs::write(&config_path, config).expect("write agent.toml");
+        let mut args: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        args.push(bin("tributary-agent").display().to_string());
+        args.extend(["--config".to_string(), config_path.display().to_string()]);
+        let process = Process::spawn("agent", PathBuf::from("/usr/bin/env"), args, dir.join("agent.log"));
+        let mut agent = Agent { process, http_port, mqtt_port, data_dir, config_path };
+        agent.wait_healthy().await;
+        agent
+    }
+
+    /// Runs `tributary-agent --config <its config> <args>` to completion: (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(bin("tributary-agent"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .output()
+            .expect("run tributary-agent");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (output.status.success(), text(&output.stdout), text(&output.stderr))
+    }
+}
+
+/// How [`RefusingProxy`] answers while refusing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 413 with an HTML page, as nginx does past `client_max_body_size`.
+    TooLarge,
+    /// 400 with a plain-text body: a proxy's, not the aggregator's verdict on the data.
+    PlainBadRequest,
+    /// 502: the proxy cannot reach the aggregator.
+    BadGateway,
+}
+
+/// One request the proxy saw.
+#[derive(Debug, Clone)]
+pub struct ProxiedRequest {
+    pub at: Instant,
+    pub body_len: usize,
+    pub status: u16,
+    /// (first_seq, count) of each block of the batch, if it decoded.
+    pub blocks: Vec<(u64, u32)>,
+}
+
+#[derive(Default)]
+struct ProxyRules {
+    refusals: Vec<Refusal>,
+    next_refusal: usize,
+    max_body: Option<usize>,
+    refused_sensor: Option<String>,
+    seen: Vec<ProxiedRequest>,
+}
+
+/// A stand-in for a reverse proxy in front of the aggregator (nginx, a site's HTTP gateway), which
+/// cannot run here: it serves `<prefix>/api/v1/ingest` on loopback and forwards to a real
+/// aggregator, unless told to refuse. It can also stand in for the aggregator's
+/// `400 invalid_block` verdict, which an agent cannot be made to provoke with the blocks it encodes.
+pub struct RefusingProxy {
+    pub port: u16,
+    prefix: String,
+    rules: std::sync::Arc<std::sync::Mutex<ProxyRules>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RefusingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RefusingProxy {
+    /// Starts the proxy in front of the aggregator at `upstream`, under the path `prefix`
+    /// (e.g. `/tributary`, or `` for none).
+    pub async fn start(upstream: &str, prefix: &str) -> RefusingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let rules = std::sync::Arc::new(std::sync::Mutex::new(ProxyRules::default()));
+        let (state, path, upstream) = (rules.clone(), format!("{prefix}/api/v1/ingest"), upstream.to_string());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(proxy_one(stream, state.clone(), path.clone(), upstream.clone()));
+            }
+        });
+        RefusingProxy { port, prefix: prefix.to_string(), rules, task }
+    }
+
+    /// The base URL agents are configured with.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, self.prefix)
+    }
+
+    fn rules(&self) -> std::sync::MutexGuard<'_, ProxyRules> {
+        self.rules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers every request with these refusals in turn (none: forward).
+    pub fn refuse(&self, refusals: &[Refusal]) {
+        let mut rules = self.rules();
+        rules.refusals = refusals.to_vec();
+        rules.next_refusal = 0;
+    }
+
+    /// Answers 413 to bodies larger than this, always.
+    pub fn limit_body(&self, max: Option<usize>) {
+        self.rules().max_body = max;
+    }
+
+    /// Answers `400 invalid_block` for the first block holding a reading of a sensor whose id
+    /// starts with `prefix`, as the aggregator does for a block it refuses for good.
+    pub fn refuse_blocks_of_sensor(&self, prefix: Option<&str>) {
+        self.rules().refused_sensor = prefix.map(str::to_string);
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<ProxiedRequest> {
+        self.rules().seen.clone()
+    }
+}
+
+async fn proxy_one(
+    mut stream: tokio::net::TcpStream,
+    rules: std::sync::Arc<std::sync::Mutex<ProxyRules>>,
+    path: String,
+    upstream: String,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 8192];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 1 << 16 {
+            return;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.lines();
+    let target = lines.next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("").to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let length: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < length {
+        let mut chunk = vec![0u8; (length - body.len()).min(1 << 16)];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let batch = tributary_shared::Batch::from_postcard(&body).ok();
+    let blocks: Vec<(u64, u32)> =
+        batch.as_ref().map(|b| b.blocks.iter().map(|w| (w.first_seq, w.count)).collect()).unwrap_or_default();
+    let verdict = {
+        let mut r = rules.lock().unwrap_or_else(|p| p.into_inner());
+        if target != path {
+            Some((404, "text/plain", b"not found".to_vec()))
+        } else if r.max_body.is_some_and(|max| body.len() > max) {
+            Some((413, "text/html", b"<html><body><h1>413 Request Entity Too Large</h1></body></html>".to_vec()))
+        } else if !r.refusals.is_empty() {
+            let refusal = r.refusals[r.next_refusal % r.refusals.len()];
+            r.next_refusal += 1;
+            Some(match refusal {
+                Refusal::TooLarge => (413, "text/html", b"<html>413 Request Entity Too Large</html>".to_vec()),
+                Refusal::PlainBadRequest => (400, "text/plain", b"Bad Request".to_vec()),
+                Refusal::BadGateway => (502, "text/html", b"<html>502 Bad Gateway</html>".to_vec()),
+            })
+        } else {
+            r.refused_sensor.as_deref().and_then(|prefix| {
+                let batch = batch.as_ref()?;
+                batch.blocks.iter().enumerate().find_map(|(i, w)| {
+                    let block = w.decode().ok()?;
+                    block.sensors.iter().any(|s| s.starts_with(prefix)).then(|| {
+                        let answer = serde_json::json!({
+                            "error": "invalid_block",
+                            "detail": format!("block #{i}: sensor {prefix}...: refused (stand-in verdict)"),
+                            "block": i, "first_seq": w.first_seq, "permanent": true,
+                        });
+                        (400, "application/json", answer.to_string().into_bytes())
+                    })
+                })
+            })
+        }
+    };
+    let (status, content_type, answer) = match verdict {
+        Some(v) => v,
+        None => {
+            let mut request = http().post(format!("{upstream}/api/v1/ingest")).body(body.clone());
+            for name in ["authorization", "content-type"] {
+                if let Some(v) = header(name) {
+                    request = request.header(name, v);
+                }
+            }
+            match request.send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    (status, "application/json", response.bytes().await.map(|b| b.to_vec()).unwrap_or_default())
+                }
+                Err(_) => (502, "text/html", b"<html>502 Bad Gateway</html>".to_vec()),
+            }
+        }
+    };
+    rules.lock().unwrap_or_else(|p| p.into_inner()).seen.push(ProxiedRequest {
+        at: Instant::now(),
+        body_len: body.len(),
+        status,
+        blocks,
+    });
+    let head = format!(
+        "HTTP/1.1 {status} Stand-in\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        answer.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(&answer).await;
+    let _ = stream.shutdown().await;
+}
+/// One block of the aggregator's log, read from `log.db` itself.
+#[derive(Debug, Clone)]
+pub struct LoggedBlock {
+    pub first_offset: i64,
+    pub agent_id: String,
+    pub epoch: i64,
+    pub first_seq: i64,
+    pub count: i64,
+    pub data: Vec<u8>,
+}
+
+impl Aggregator {
+    fn open_log(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(self.data_dir.join("log.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open log.db")
+    }
+
+    /// Every block of the log in offset order (decode them with `tributary_shared::Block::decode`).
+    pub fn log_blocks(&self) -> Vec<LoggedBlock> {
+        let conn = self.open_log();
+        let mut stmt = conn
+            .prepare("SELECT first_offset, agent_id, epoch, first_seq, count, data FROM blocks ORDER BY first_offset")
+            .expect("query log.db");
+        stmt.query_map([], |r| {
+            Ok(LoggedBlock {
+                first_offset: r.get(0)?,
+                agent_id: r.get(1)?,
+                epoch: r.get(2)?,
+                first_seq: r.get(3)?,
+                count: r.get(4)?,
+                data: r.get(5)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .expect("read log.db")
+    }
+
+    /// Sequence numbers the aggregator recorded as never sent (the agent dropped them by policy).
+    pub fn log_gap_readings(&self) -> i64 {
+        self.open_log()
+            .query_row("SELECT coalesce(sum(to_seq - from_seq), 0) FROM gaps", [], |r| r.get(0))
+            .expect("query gaps in log.db")
+    }
+}
+
+/// A QoS-1 publisher that records which of its messages the broker acknowledged (PUBACK), by the
+/// id the caller gives each message. One task publishes, another polls the event loop (rumqttc
+/// deadlocks otherwise); packet ids are matched to messages in the order they go out.
+pub struct AckedPublisher {
+    client: AsyncClient,
+    state: std::sync::Arc<std::sync::Mutex<PublisherState>>,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct PublisherState {
+    /// Ids handed to the client, not yet sent as a PUBLISH packet.
+    queued: std::collections::VecDeque<u64>,
+    /// Packet id → message id, sent and not yet acknowledged.
+    inflight: HashMap<u16, u64>,
+    acked: Vec<u64>,
+    sent: u64,
+    error: Option<String>,
+}
+
+impl AckedPublisher {
+    pub fn connect(port: u16, client_id: &str) -> AckedPublisher {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(4 << 20, 4 << 20).set_inflight(100);
+        let (client, mut eventloop) = AsyncClient::new(options, 256);
+        let state = std::sync::Arc::new(std::sync::Mutex::new(PublisherState::default()));
+        let shared = state.clone();
+        let poller = tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await;
+                let mut s = shared.lock().expect("publisher state");
+                match event {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(id) = s.queued.pop_front() {
+                            s.inflight.insert(pkid, id);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(id) = s.inflight.remove(&ack.pkid) {
+                            s.acked.push(id);
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        // A reconnect would resend unacknowledged packets and blur the record: stop.
+                        s.error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        });
+        AckedPublisher { client, state, poller }
+    }
+
+    /// Queues message `id`; returns once the client has taken it (not when it is acknowledged).
+    pub async fn publish(&self, id: u64, topic: &str, payload: Vec<u8>) {
+        {
+            let mut s = self.state.lock().expect("publisher state");
+            if let Some(e) = &s.error {
+                panic!("MQTT publisher failed: {e}");
+            }
+            s.queued.push_back(id);
+            s.sent += 1;
+        }
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publish");
+    }
+
+    /// (sent, acknowledged) so far.
+    pub fn progress(&self) -> (u64, u64) {
+        let s = self.state.lock().expect("publisher state");
+        (s.sent, s.acked.len() as u64)
+    }
+
+    /// Waits (up to `timeout`) for every sent message to be acknowledged, disconnects, and returns
+    /// the acknowledged ids.
+    pub async fn finish(self, timeout: Duration) -> Vec<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (sent, acked) = self.progress();
+            let failed = self.state.lock().expect("publisher state").error.clone();
+            if let Some(e) = failed {
+                panic!("MQTT publisher failed: {e} ({acked}/{sent} acknowledged)");
+            }
+            if acked == sent {
+                break;
+            }
+            assert!(Instant::now() < deadline, "only {acked} of {sent} publishes acknowledged after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.poller).await;
+        std::mem::take(&mut self.state.lock().expect("publisher state").acked)
+    }
+}
+
+impl Process {
+    /// SIGTERM, then waits up to `wait` for the exit: its status, or `None` if it was still running
+    /// (it is SIGKILLed then).
+    pub fn terminate_within(&mut self, wait: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take().expect("process is running");
+        // SAFETY: kill(2) on a pid we own and have not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Aggregator {
+    /// Every reading in the log as (sensor, ts, value), decoded from the SQLite file itself.
+    pub fn logged_readings(&self) -> Vec<(String, i64, f64)> {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.data_dir.join("log.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open log.db");
+        let mut statement = conn.prepare("SELECT data FROM blocks ORDER BY first_offset").expect("query log.db");
+        let blobs: Vec<Vec<u8>> =
+            statement.query_map([], |r| r.get(0)).expect("query log.db").collect::<Result<_, _>>().expect("read");
+        let mut out = Vec::new();
+        for blob in blobs {
+            let block = tributary_shared::Block::decode(&blob).expect("a logged block decodes");
+            out.extend(block.readings().map(|(sensor, ts, value)| (sensor.to_string(), ts, value)));
+        }
+        out
+    }
+}
+
+/// One publish as a battery-powered device does it: connect, publish one QoS-1 message, wait for
+/// its PUBACK, disconnect. Whether the broker acknowledged it (a refused or dropped connection,
+/// or no PUBACK within 5 s, is `false`).
+pub async fn publish_once(port: u16, client_id: &str, topic: &str, payload: Vec<u8>) -> bool {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 4);
+    if client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_err() {
+        return false;
+    }
+    let acked = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if acked && client.try_disconnect().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Ok(e) = eventloop.poll().await {
+                if matches!(e, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    acked
 }

@@ -1,24 +1,56 @@
-//! The embedded MQTT broker (rumqttd): sensors publish to the agent itself, no broker to install.
+//! The embedded MQTT broker: sensors publish to the agent itself, no broker to install.
 //!
-//! rumqttd acknowledges a QoS-1 publish as soon as it has it in memory, before the agent has read
-//! it; the spool's group commit follows within `spool.commit_interval`. That interval is the only
-//! window in which a crash can lose an acknowledged reading.
+//! rumqttd's router (commit log, sessions, acks) runs on its own thread, but the agent owns the
+//! listening socket and every client connection, and moves packets between sockets and router
+//! itself, as rumqttd's own server does (`rumqttd::link::remote`). rumqttd's server cannot be
+//! stopped, and stopping is the reason: a clean stop must stop taking publishes, then take
+//! everything the router acknowledged, then end, in bounded time whatever the clients do.
+//!
+//! The stop, in order:
+//! 1. the listener closes and every connection stops reading its socket;
+//! 2. the gate closes: a connection hands packets to the router only while holding the gate open
+//!    (a read lock, once per batch), so once the gate is closed (write lock) nothing more reaches
+//!    the router, and nothing more can be acknowledged;
+//! 3. the agent publishes a marker through its own link: the router handles events in order, so
+//!    every publish it acknowledged is in the commit log before the marker;
+//! 4. the agent reads its link up to the marker into the spool;
+//! 5. connections write the acks still due (for at most [`ACK_FLUSH`]) and close.
+//!
+//! rumqttd acknowledges a QoS-1 publish as soon as it is in its in-memory log, before the agent has
+//! read it; the spool's group commit follows within `spool.commit_interval`. That interval is the
+//! only window in which a crash can lose an acknowledged reading. QoS 2 gets the same guarantee:
+//! connections hand QoS-2 publishes to the router as QoS 1 and answer PUBREC only once the router
+//! has logged the message (rumqttd itself would answer PUBREC first and log on PUBREL).
 //!
 //! The agent reads through a local link subscribed to `#` (one commit log inside the broker, however
 //! many topics), and matches topics against its own filters. rumqttd keeps a bounded in-memory log;
 //! if the agent fell so far behind that the broker evicted unread messages, the gap in the link's
 //! offsets is counted as `tributary_agent_broker_dropped_total`.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::{Broker, Config, ConnectionSettings, Meter, Notification, RouterConfig, ServerSettings};
-use tokio::sync::{oneshot, watch};
+use bytes::{Bytes, BytesMut};
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::v4::{self, V4};
+use rumqttd::protocol::{
+    self, ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, Protocol, PubComp,
+    PubCompReason, PubRec, PubRecReason, Publish,
+};
+use rumqttd::{Notification, Router, RouterConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{RwLock, Semaphore, watch};
+use tokio::time::Instant;
 
 use super::Intake;
 use crate::config::MqttConfig;
+use crate::metrics::Metrics;
 
 /// rumqttd's in-memory log per filter: segments of this size, this many kept, evicted oldest first
 /// whatever the agent has read. It only has to cover the agent's scheduling delays: the agent takes
@@ -28,12 +60,23 @@ use crate::config::MqttConfig;
 const SEGMENT_BYTES: usize = 64 * 1024;
 const SEGMENT_COUNT: usize = 8;
 
+/// Client connections at once (rumqttd's router refuses more anyway).
+const MAX_CONNECTIONS: usize = 10_000;
+/// A client that opened a connection must send CONNECT within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stop step 4: reading up to the marker only waits for the router to forward what it holds.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stop step 5: how long connections may take to write the acks due to their clients.
+const ACK_FLUSH: Duration = Duration::from_secs(1);
+/// A read asks the socket for at least this much room.
+const READ_CHUNK: usize = 8 * 1024;
+/// Reads smaller than this are framed from a copy (see [`Connection::frame`]).
+const SMALL_READ: usize = 2 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("mqtt.listen {addr}: cannot listen: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("mqtt.listen {addr}: the embedded broker did not start listening within 5 s")]
-    NotListening { addr: SocketAddr },
     #[error("embedded broker: {0}")]
     Setup(String),
     #[error("the embedded broker stopped: {0}")]
@@ -42,67 +85,56 @@ pub enum BrokerError {
     Spool(#[from] crate::spool::SpoolError),
 }
 
+/// Registers a connection with the router: (client id, clean session, last will).
+type NewLink = Arc<dyn Fn(&str, bool, Option<LastWill>) -> Result<Link, String> + Send + Sync>;
+type Link = (LinkTx, LinkRx, Notification);
+
 /// A running embedded broker and the agent's link into it.
 pub struct EmbeddedBroker {
-    _link_tx: LinkTx,
+    listener: TcpListener,
+    new_link: NewLink,
+    link_tx: LinkTx,
     link_rx: LinkRx,
-    meters: rumqttd::meters::MetersLink,
-    stopped: oneshot::Receiver<String>,
+    max_packet: usize,
 }
 
 impl EmbeddedBroker {
-    /// Starts rumqttd on its own threads and waits until it accepts connections.
+    /// Listens on `mqtt.listen` and starts rumqttd's router on its own thread.
     pub async fn start(config: &MqttConfig) -> Result<EmbeddedBroker, BrokerError> {
         let addr = config.listen;
-        // rumqttd only logs a failed bind from its server thread; check first, to fail with a reason.
-        std::net::TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
-
-        let mut broker = Broker::new(broker_config(config)?);
-        let (mut link_tx, link_rx) =
-            broker.link("tributary-agent-spool").map_err(|e| BrokerError::Setup(format!("local link: {e}")))?;
+        let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr, source })?;
+        let router_tx = Router::new(0, router_config()).spawn();
+        let new_link: NewLink = Arc::new(move |client_id, clean, will| {
+            let builder = LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).last_will(will);
+            builder.build().map_err(|e| e.to_string())
+        });
+        let (mut link_tx, link_rx, _) = new_link("tributary-agent-spool", true, None)
+            .map_err(|e| BrokerError::Setup(format!("local link: {e}")))?;
         link_tx.subscribe("#").map_err(|e| BrokerError::Setup(format!("subscribe: {e}")))?;
-        let meters = broker.meters().map_err(|e| BrokerError::Setup(format!("meters link: {e}")))?;
-
-        let (stopped_tx, stopped) = oneshot::channel();
-        std::thread::Builder::new()
-            .name("mqtt-broker".into())
-            .spawn(move || {
-                // `start` runs the servers and only returns when they have all ended.
-                let reason = match broker.start() {
-                    Ok(()) => "its server threads ended".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                let _ = stopped_tx.send(reason);
-            })
-            .map_err(|e| BrokerError::Setup(e.to_string()))?;
-
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if Instant::now() > deadline {
-                return Err(BrokerError::NotListening { addr });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         tracing::info!(%addr, "embedded MQTT broker listening");
-        Ok(EmbeddedBroker { _link_tx: link_tx, link_rx, meters, stopped })
+        Ok(EmbeddedBroker {
+            listener,
+            new_link,
+            link_tx,
+            link_rx,
+            // Payloads above max_payload_bytes still reach the agent, to be counted as rejected;
+            // only far larger packets make the broker drop the client.
+            max_packet: config.max_payload_bytes.saturating_mul(8),
+        })
     }
 
-    /// Reads messages until shutdown, then takes what the broker still holds for the agent.
-    pub async fn run(mut self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), BrokerError> {
-        let metrics = intake.metrics().clone();
-        let meters = self.meters;
-        let meter_task = tokio::spawn(async move {
-            while let Ok(meters) = meters.next().await {
-                for meter in meters {
-                    if let Meter::Router(_, router) = meter {
-                        metrics.broker_rejected.inc_by(router.failed_publishes as u64);
-                    }
-                }
-            }
-        });
+    /// Reads messages until shutdown, then stops as the module doc describes.
+    pub async fn run(self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), BrokerError> {
+        let EmbeddedBroker { listener, new_link, mut link_tx, link_rx, max_packet } = self;
+        let shared =
+            Arc::new(Shared { new_link, gate: RwLock::new(false), max_packet, metrics: intake.metrics().clone() });
+        let (phase_tx, phase) = watch::channel(Phase::Open);
+        // Every connection task holds a clone; recv() returns None once all have ended.
+        let (ended_tx, mut ended) = tokio::sync::mpsc::channel::<()>(1);
+        tokio::spawn(accept(listener, shared.clone(), phase, ended_tx));
 
         let spool = intake.sender();
-        let mut reader = LinkReader { link_rx: self.link_rx, last_offset: None };
+        let mut reader = LinkReader { link_rx, last_offset: None, marker: None };
         let result = loop {
             tokio::select! {
                 // The writer has room again: hand over what piled up meanwhile.
@@ -111,33 +143,563 @@ impl EmbeddedBroker {
                     Err(_) => break Err(BrokerError::Spool(crate::spool::SpoolError::Closed)),
                 },
                 n = reader.link_rx.next(), if !intake.is_full() => match n {
-                    Ok(Some(n)) => reader.handle(n, &mut intake).await?,
+                    Ok(Some(n)) => { reader.handle(n, &mut intake).await?; }
                     Ok(None) => {}
                     Err(e) => break Err(BrokerError::Stopped(format!("local link: {e}"))),
                 },
-                reason = &mut self.stopped => break Err(BrokerError::Stopped(reason.unwrap_or_default())),
                 _ = shutdown.changed() => break Ok(()),
             }
         };
+
+        // 1. Stop accepting connections and reading sockets. 2. Close the gate.
+        let _ = phase_tx.send(Phase::Stopping);
+        *shared.gate.write().await = true;
         if result.is_ok() {
-            // The broker has acknowledged these; take them into the spool before stopping.
-            while let Ok(Ok(Some(n))) = tokio::time::timeout(Duration::from_millis(100), reader.link_rx.next()).await {
-                reader.handle(n, &mut intake).await?;
+            // 3. The marker. 4. Everything before it into the spool.
+            let marker = Bytes::from(format!("tributary-agent/stop/{:016x}", fastrand::u64(..)));
+            reader.marker = Some(marker.clone());
+            link_tx.publish(marker, "stop").map_err(|e| BrokerError::Stopped(format!("local link: {e}")))?;
+            let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                loop {
+                    match reader.link_rx.next().await {
+                        Ok(Some(n)) => {
+                            if reader.handle(n, &mut intake).await? {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Err(BrokerError::Stopped(format!("local link: {e}"))),
+                    }
+                }
+            })
+            .await;
+            match drained {
+                Ok(r) => r?,
+                Err(_) => tracing::error!(
+                    "the embedded broker did not forward everything it acknowledged within {DRAIN_TIMEOUT:?}; \
+                     acknowledged messages may be lost"
+                ),
             }
             intake.flush().await?;
         }
-        meter_task.abort();
+        // 5. Connections write the acks due and close.
+        let _ = phase_tx.send(Phase::Closing);
+        let _ = tokio::time::timeout(ACK_FLUSH + Duration::from_secs(1), ended.recv()).await;
         result
+    }
+}
+
+/// Where the broker is in its life; connections and the acceptor watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// No new connections, no more reading from sockets; acks still go out.
+    Stopping,
+    /// Write the acks still due, then close.
+    Closing,
+}
+
+/// What every connection task shares.
+struct Shared {
+    new_link: NewLink,
+    /// `true` once closed: nothing more reaches the router (see the module doc).
+    gate: RwLock<bool>,
+    max_packet: usize,
+    metrics: Arc<Metrics>,
+}
+
+async fn accept(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<Phase>,
+    ended: tokio::sync::mpsc::Sender<()>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            _ = phase.wait_for(|p| *p != Phase::Open) => break,
+        };
+        let Ok(slot) = slot else { break };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = phase.wait_for(|p| *p != Phase::Open) => break,
+        };
+        match accepted {
+            Ok((socket, addr)) => {
+                backoff = Duration::from_millis(10);
+                let (shared, phase, ended) = (shared.clone(), phase.clone(), ended.clone());
+                tokio::spawn(async move {
+                    serve(socket, addr, &shared, phase).await;
+                    drop((slot, ended));
+                });
+            }
+            // Out of file descriptors, typically: wait instead of spinning.
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "embedded broker: cannot accept a connection");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+    // The listener closes here: new connections are refused from now on.
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT.
+    Goodbye,
+    /// The client closed the socket, or it failed.
+    Closed(Option<std::io::Error>),
+    KeepAlive,
+    /// The client sent something that is not MQTT 3.1.1.
+    Protocol(protocol::Error),
+    /// The router dropped the connection: it refused a packet, or a new connection took over the
+    /// client id. Nothing to tell it.
+    Router,
+    /// The broker is stopping.
+    Stopped,
+}
+
+/// One client: its socket and its buffers.
+struct Connection {
+    socket: TcpStream,
+    read: BytesMut,
+    write: BytesMut,
+    max_packet: usize,
+}
+
+/// A connection's QoS bookkeeping.
+#[derive(Default)]
+struct Session {
+    /// QoS-1/2 publishes handed to the router whose ack is not written yet.
+    acks_due: usize,
+    /// QoS-2 publishes handed to the router (as QoS 1), awaiting its ack to answer PUBREC.
+    qos2_logged: HashSet<u16>,
+    /// QoS-2 publishes answered with PUBREC, awaiting the client's PUBREL.
+    qos2_received: HashSet<u16>,
+}
+
+/// Packets read from the socket in one go.
+#[derive(Default)]
+struct Batch {
+    /// For the router.
+    packets: Vec<Packet>,
+    /// Of those, QoS-1/2 publishes (acks due once handed over).
+    acks: usize,
+    /// Of those, QoS-2 publishes by packet id.
+    qos2: Vec<u16>,
+    /// Answers the connection gives itself (PUBCOMP, repeated PUBREC).
+    replies: Vec<Packet>,
+    goodbye: bool,
+}
+
+async fn serve(socket: TcpStream, addr: SocketAddr, shared: &Shared, mut phase: watch::Receiver<Phase>) {
+    let _ = socket.set_nodelay(true);
+    let mut conn = Connection {
+        socket,
+        read: BytesMut::with_capacity(READ_CHUNK),
+        write: BytesMut::with_capacity(1024),
+        max_packet: shared.max_packet,
+    };
+    let first = tokio::select! {
+        r = tokio::time::timeout(CONNECT_TIMEOUT, conn.read_packet()) => r,
+        _ = phase.wait_for(|p| *p != Phase::Open) => return,
+    };
+    let (connect, will) = match first {
+        Ok(Ok(Packet::Connect(connect, _, will, _, _))) => (connect, will),
+        Ok(Ok(packet)) => return refuse(shared, addr, &format!("first packet is not CONNECT: {packet:?}")),
+        Ok(Err(End::Protocol(e))) => return refuse(shared, addr, &e.to_string()),
+        Ok(Err(_)) => return,
+        Err(_) => {
+            tracing::debug!(%addr, "no CONNECT within {CONNECT_TIMEOUT:?}");
+            return;
+        }
+    };
+    // rumqttd's own rules: a client must ping (a silent half-open connection would hold its slot
+    // for ever), and a persistent session needs an id. The router refuses ids with +, $, # or /.
+    if connect.keep_alive == 0 {
+        return refuse(shared, addr, "keep alive 0 is not supported");
+    }
+    if (connect.client_id.is_empty() && !connect.clean_session) || connect.client_id.contains(['+', '$', '#', '/']) {
+        let code = ConnectReturnCode::ClientIdentifierNotValid;
+        let _ = conn.write_packets(vec![Packet::ConnAck(ConnAck { session_present: false, code }, None)]).await;
+        tracing::debug!(%addr, client_id = connect.client_id, "client id refused");
+        return;
+    }
+    let client_id = match connect.client_id.is_empty() {
+        true => format!("tributary-assigned-{:016x}", fastrand::u64(..)),
+        false => connect.client_id.clone(),
+    };
+    // LinkBuilder::build waits for the router's answer on a blocking channel.
+    let new_link = shared.new_link.clone();
+    let (clean, id) = (connect.clean_session, client_id.clone());
+    let will_to_router = will.clone();
+    let link = tokio::task::spawn_blocking(move || new_link(&id, clean, will_to_router)).await;
+    let (mut link_tx, mut link_rx, connack) = match link {
+        Ok(Ok(link)) => link,
+        _ => {
+            let code = ConnectReturnCode::ServiceUnavailable;
+            let _ = conn.write_packets(vec![Packet::ConnAck(ConnAck { session_present: false, code }, None)]).await;
+            tracing::warn!(%addr, client_id, "the embedded broker's router refused the connection");
+            return;
+        }
+    };
+    let connack: Option<Packet> = connack.into();
+    let keep_alive = Duration::from_secs(connect.keep_alive as u64).mul_f32(1.5);
+    let mut session = Session::default();
+    let end = match conn.write_packets(connack.into_iter().collect()).await {
+        Ok(()) => conn.run(shared, &mut link_tx, &mut link_rx, &mut phase, &mut session, keep_alive).await,
+        Err(e) => End::Closed(Some(e)),
+    };
+
+    match &end {
+        End::Protocol(e) => refuse(shared, addr, &e.to_string()),
+        End::KeepAlive => tracing::debug!(%addr, client_id, "keep alive timed out"),
+        End::Closed(Some(e)) => tracing::debug!(%addr, client_id, error = %e, "connection failed"),
+        _ => tracing::trace!(%addr, client_id, ?end, "connection ended"),
+    }
+    // The client vanished without DISCONNECT: its will is due, and the router must forget it.
+    if matches!(end, End::Closed(_) | End::KeepAlive | End::Protocol(_)) {
+        let mut packets = Vec::new();
+        if let Some(will) = will {
+            packets.push(Packet::Publish(Publish::new(will.topic, will.message, false), None));
+        }
+        let disconnect = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
+        packets.push(Packet::Disconnect(disconnect, None));
+        let _ = hand_over(shared, &mut link_tx, packets).await;
+    }
+}
+
+/// Counts and logs a client the broker refuses (it closes the connection).
+fn refuse(shared: &Shared, addr: SocketAddr, reason: &str) {
+    shared.metrics.broker_rejected.inc();
+    tracing::warn!(%addr, reason, "embedded broker: refused a client's packet and closed its connection");
+}
+
+/// Hands packets to the router unless the gate is closed; `false` if it was.
+async fn hand_over(shared: &Shared, link_tx: &mut LinkTx, mut packets: Vec<Packet>) -> Result<bool, LinkError> {
+    let Some(last) = packets.pop() else { return Ok(true) };
+    // Held until the router has been told: the stop waits for it (see the module doc).
+    let sealed = shared.gate.read().await;
+    if *sealed {
+        return Ok(false);
+    }
+    link_tx.buffer().extend(packets);
+    // Pushes `last` and wakes the router (a blocking send: the router only ever waits on its own queue).
+    link_tx.send(last).await?;
+    Ok(true)
+}
+
+impl Connection {
+    /// Reads until one packet is complete (the CONNECT).
+    async fn read_packet(&mut self) -> Result<Packet, End> {
+        loop {
+            match V4.read_mut(&mut self.read, self.max_packet) {
+                Ok(packet) => return Ok(packet),
+                Err(protocol::Error::InsufficientBytes(n)) => self.fill(n).await?,
+                Err(e) => return Err(End::Protocol(e)),
+            }
+        }
+    }
+
+    async fn fill(&mut self, wanted: usize) -> Result<(), End> {
+        self.read.reserve(wanted.max(READ_CHUNK));
+        match self.socket.read_buf(&mut self.read).await {
+            Ok(0) => Err(End::Closed(None)),
+            Ok(_) => Ok(()),
+            Err(e) => Err(End::Closed(Some(e))),
+        }
+    }
+
+    /// Moves packets between the socket and the router until either side ends or the broker stops.
+    async fn run(
+        &mut self,
+        shared: &Shared,
+        link_tx: &mut LinkTx,
+        link_rx: &mut LinkRx,
+        phase: &mut watch::Receiver<Phase>,
+        session: &mut Session,
+        keep_alive: Duration,
+    ) -> End {
+        // A client may send packets right behind its CONNECT, without waiting for CONNACK.
+        if !self.read.is_empty() {
+            if let Err(end) = self.take_input(shared, link_tx, session).await {
+                return end;
+            }
+        }
+        let mut closing_by: Option<Instant> = None;
+        loop {
+            let reading = *phase.borrow() == Phase::Open;
+            tokio::select! {
+                biased;
+                changed = phase.changed() => {
+                    if changed.is_err() {
+                        return End::Stopped;
+                    }
+                    if *phase.borrow_and_update() == Phase::Closing {
+                        if session.acks_due == 0 {
+                            return End::Stopped;
+                        }
+                        closing_by = Some(Instant::now() + ACK_FLUSH);
+                    }
+                }
+                _ = tokio::time::sleep_until(closing_by.unwrap_or_else(Instant::now)), if closing_by.is_some() => {
+                    return End::Stopped;
+                }
+                n = link_rx.next() => {
+                    let first = match n {
+                        Ok(first) => first,
+                        Err(_) => return End::Router,
+                    };
+                    if let Err(end) = self.deliver(first, shared, link_rx, session).await {
+                        return end;
+                    }
+                    if closing_by.is_some() && session.acks_due == 0 {
+                        return End::Stopped;
+                    }
+                }
+                r = tokio::time::timeout(keep_alive, self.socket.read_buf(&mut self.read)), if reading => {
+                    match r {
+                        Err(_) => return End::KeepAlive,
+                        Ok(Ok(0)) => return End::Closed(None),
+                        Ok(Err(e)) => return End::Closed(Some(e)),
+                        Ok(Ok(_)) => {}
+                    }
+                    if let Err(end) = self.take_input(shared, link_tx, session).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands the complete packets read so far to the router, and answers what the connection
+    /// answers itself.
+    async fn take_input(&mut self, shared: &Shared, link_tx: &mut LinkTx, session: &mut Session) -> Result<(), End> {
+        let Batch { packets, acks, qos2, replies, goodbye } = self.frame(session).map_err(End::Protocol)?;
+        match hand_over(shared, link_tx, packets).await {
+            Ok(true) => {
+                session.acks_due += acks;
+                session.qos2_logged.extend(qos2);
+            }
+            // The broker is stopping: these go unacknowledged, the client sends them again.
+            Ok(false) => {}
+            Err(_) => return Err(End::Router),
+        }
+        self.write_packets(replies).await.map_err(|e| End::Closed(Some(e)))?;
+        match goodbye {
+            true => Err(End::Goodbye),
+            false => Ok(()),
+        }
+    }
+
+    /// Frames every complete packet in the read buffer; reserves room for the rest of a partial one.
+    fn frame(&mut self, session: &mut Session) -> Result<Batch, protocol::Error> {
+        // Frames share their buffer's allocation, and rumqttd's log holds them until evicted, which
+        // takes minutes when traffic is light: a lone 60-byte publish would pin a whole read buffer.
+        // A small read is framed from an exact-size copy; busy connections frame in place.
+        let (batch, wanted) = if self.read.len() < SMALL_READ {
+            let mut copy = BytesMut::from(&self.read[..]);
+            self.read.clear();
+            let framed = frame(&mut copy, self.max_packet, session)?;
+            self.read.extend_from_slice(&copy);
+            framed
+        } else {
+            frame(&mut self.read, self.max_packet, session)?
+        };
+        if self.read.capacity() - self.read.len() < wanted.max(READ_CHUNK / 2) {
+            self.read.reserve(wanted.max(READ_CHUNK));
+        }
+        Ok(batch)
+    }
+
+    /// Writes `first` and every other notification the router has queued for this client.
+    async fn deliver(
+        &mut self,
+        first: Option<Notification>,
+        shared: &Shared,
+        link_rx: &mut LinkRx,
+        session: &mut Session,
+    ) -> Result<(), End> {
+        let mut packets = Vec::new();
+        let mut unscheduled = false;
+        let mut next = first;
+        loop {
+            match next {
+                Some(Notification::Unschedule) => unscheduled = true,
+                // The router refused a packet (a non-UTF-8 topic, typically) and dropped the client.
+                Some(Notification::Disconnect(..)) => {
+                    let _ = self.write_packets(packets).await;
+                    refuse(shared, self.peer(), "the router refused a packet (e.g. a topic that is not UTF-8)");
+                    return Err(End::Router);
+                }
+                Some(n) => {
+                    if let Some(packet) = Option::<Packet>::from(n) {
+                        packets.push(session.outgoing(packet));
+                    }
+                }
+                None => {}
+            }
+            next = match ready(link_rx.next()) {
+                Some(Ok(Some(n))) => Some(n),
+                Some(Ok(None)) | None => break,
+                Some(Err(_)) => {
+                    let _ = self.write_packets(packets).await;
+                    return Err(End::Router);
+                }
+            };
+        }
+        self.write_packets(packets).await.map_err(|e| End::Closed(Some(e)))?;
+        if unscheduled {
+            link_rx.wake().await.map_err(|_| End::Router)?;
+        }
+        Ok(())
+    }
+
+    async fn write_packets(&mut self, packets: Vec<Packet>) -> std::io::Result<()> {
+        if packets.is_empty() {
+            return Ok(());
+        }
+        for packet in packets {
+            if let Err(e) = V4.write(without_properties(packet), &mut self.write) {
+                tracing::warn!(error = %e, "embedded broker: cannot encode a packet for a client");
+            }
+        }
+        let r = self.socket.write_all(&self.write).await;
+        self.write.clear();
+        r
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.socket.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+}
+
+/// Frames every complete packet in `buf`: the batch, and how many more bytes a partial packet needs.
+fn frame(buf: &mut BytesMut, max_packet: usize, session: &mut Session) -> Result<(Batch, usize), protocol::Error> {
+    let mut batch = Batch::default();
+    loop {
+        let header = match v4::check(buf.iter(), max_packet) {
+            Ok(header) => header,
+            Err(protocol::Error::InsufficientBytes(n)) => return Ok((batch, n)),
+            Err(e) => return Err(e),
+        };
+        let is_publish = header.byte1 >> 4 == 3;
+        let qos = (header.byte1 >> 1) & 0b11;
+        let mut qos2_pkid = None;
+        if is_publish && qos == 2 {
+            let pkid = qos2_packet_id(buf, header.fixed_header_len).ok_or(protocol::Error::MalformedPacket)?;
+            if session.qos2_received.contains(&pkid) {
+                // Sent again before our PUBREC arrived: it is logged already.
+                let _ = V4.read_mut(buf, max_packet)?;
+                batch.replies.push(pubrec(pkid));
+                continue;
+            }
+            // Logged as QoS 1; the router's PUBACK becomes our PUBREC.
+            buf[0] = (header.byte1 & !0b0110) | 0b0010;
+            qos2_pkid = Some(pkid);
+        }
+        match V4.read_mut(buf, max_packet)? {
+            Packet::PubRel(pubrel, _) => {
+                session.qos2_received.remove(&pubrel.pkid);
+                let pubcomp = PubComp { pkid: pubrel.pkid, reason: PubCompReason::Success };
+                batch.replies.push(Packet::PubComp(pubcomp, None));
+            }
+            // The router would refuse it too, but drop the client without saying why.
+            Packet::Publish(publish, _) if std::str::from_utf8(&publish.topic).is_err() => {
+                return Err(protocol::Error::TopicNotUtf8);
+            }
+            // rumqttd's topic matching slices the topic's first byte and panics (killing its
+            // router, and with it the broker) when that byte starts a multi-byte character.
+            Packet::Publish(publish, _) if publish.topic.first().is_some_and(|b| !b.is_ascii()) => {
+                tracing::warn!(
+                    topic = %String::from_utf8_lossy(&publish.topic),
+                    "embedded broker: topics must start with an ASCII character (a limit of rumqttd); refusing the client"
+                );
+                return Err(protocol::Error::TopicNotUtf8);
+            }
+            packet => {
+                if is_publish && qos > 0 {
+                    batch.acks += 1;
+                }
+                batch.qos2.extend(qos2_pkid);
+                batch.goodbye = matches!(packet, Packet::Disconnect(..));
+                batch.packets.push(packet);
+                if batch.goodbye {
+                    return Ok((batch, 0));
+                }
+            }
+        }
+    }
+}
+
+impl Session {
+    /// Accounts for a packet on its way to the client: the router's PUBACK of a QoS-2 publish
+    /// becomes PUBREC.
+    fn outgoing(&mut self, packet: Packet) -> Packet {
+        match packet {
+            Packet::PubAck(puback, props) => {
+                self.acks_due = self.acks_due.saturating_sub(1);
+                if self.qos2_logged.remove(&puback.pkid) {
+                    self.qos2_received.insert(puback.pkid);
+                    pubrec(puback.pkid)
+                } else {
+                    Packet::PubAck(puback, props)
+                }
+            }
+            packet => packet,
+        }
+    }
+}
+
+fn pubrec(pkid: u16) -> Packet {
+    Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None)
+}
+
+/// The packet id of a complete QoS-2 PUBLISH frame: after the fixed header and the topic.
+fn qos2_packet_id(frame: &[u8], fixed_header_len: usize) -> Option<u16> {
+    let topic_len = u16::from_be_bytes([*frame.get(fixed_header_len)?, *frame.get(fixed_header_len + 1)?]);
+    let at = fixed_header_len + 2 + topic_len as usize;
+    Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
+}
+
+/// MQTT 3.1.1 packets carry no properties; rumqttd's v4 encoder panics on any.
+fn without_properties(packet: Packet) -> Packet {
+    match packet {
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubAck(p, _) => Packet::PubAck(p, None),
+        Packet::PubRec(p, _) => Packet::PubRec(p, None),
+        Packet::PubRel(p, _) => Packet::PubRel(p, None),
+        Packet::PubComp(p, _) => Packet::PubComp(p, None),
+        Packet::SubAck(p, _) => Packet::SubAck(p, None),
+        Packet::UnsubAck(p, _) => Packet::UnsubAck(p, None),
+        Packet::Disconnect(p, _) => Packet::Disconnect(p, None),
+        packet => packet,
+    }
+}
+
+/// Polls a future once: its output if it is ready without waiting. Takes what a link already
+/// holds, so a burst of acks goes out in one write.
+fn ready<F: Future>(f: F) -> Option<F::Output> {
+    match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => None,
     }
 }
 
 struct LinkReader {
     link_rx: LinkRx,
     last_offset: Option<u64>,
+    /// The stop marker's topic, once published.
+    marker: Option<Bytes>,
 }
 
 impl LinkReader {
-    async fn handle(&mut self, notification: Notification, intake: &mut Intake) -> Result<(), BrokerError> {
+    /// Takes one notification; `true` if it was the stop marker.
+    async fn handle(&mut self, notification: Notification, intake: &mut Intake) -> Result<bool, BrokerError> {
         match notification {
             Notification::Forward(forward) => {
                 if let Some((_, offset)) = forward.cursor {
@@ -150,6 +712,9 @@ impl LinkReader {
                     }
                     self.last_offset = Some(offset);
                 }
+                if self.marker.as_ref().is_some_and(|m| *m == forward.publish.topic) {
+                    return Ok(true);
+                }
                 intake.take(&forward.publish.topic, &forward.publish.payload);
                 intake.try_flush()?;
             }
@@ -159,45 +724,16 @@ impl LinkReader {
             }
             _ => {}
         }
-        Ok(())
+        Ok(false)
     }
 }
 
-fn broker_config(mqtt: &MqttConfig) -> Result<Config, BrokerError> {
-    let connections = ConnectionSettings {
-        connection_timeout_ms: 60_000,
-        // Payloads above max_payload_bytes still reach the agent, to be counted as rejected;
-        // only far larger packets make the broker drop the client.
-        max_payload_size: mqtt.max_payload_bytes.saturating_mul(8),
-        max_inflight_count: 100,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: false,
-    };
-    let server = ServerSettings {
-        name: "mqtt".into(),
-        listen: mqtt.listen,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections,
-    };
-    // MetricSettings' fields are private; its serde form is the public way to build it. rumqttd's
-    // timer unwraps both intervals whichever is configured, so both must be.
-    let metrics = serde_json::from_value(serde_json::json!({
-        "meters": { "push_interval": 1 },
-        "alerts": { "push_interval": 3600 },
-    }))
-    .map_err(|e| BrokerError::Setup(format!("metrics settings: {e}")))?;
-    Ok(Config {
-        router: RouterConfig {
-            max_connections: 10_000,
-            max_outgoing_packet_count: 200,
-            max_segment_size: SEGMENT_BYTES,
-            max_segment_count: SEGMENT_COUNT,
-            ..RouterConfig::default()
-        },
-        v4: Some(HashMap::from([("1".to_string(), server)])),
-        metrics: Some(metrics),
-        ..Config::default()
-    })
+fn router_config() -> RouterConfig {
+    RouterConfig {
+        max_connections: MAX_CONNECTIONS + 1,
+        max_outgoing_packet_count: 200,
+        max_segment_size: SEGMENT_BYTES,
+        max_segment_count: SEGMENT_COUNT,
+        ..RouterConfig::default()
+    }
 }

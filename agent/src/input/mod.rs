@@ -1,6 +1,7 @@
 //! Where readings come from: the embedded MQTT broker ([`broker`]) or an existing broker joined as
 //! a client ([`mqtt`]). Both decode messages with [`Decoder`] into an [`Intake`], which hands
-//! chunks of readings to the spool.
+//! chunks of readings to the spool. Serial ports ([`serial`]) decode their own bytes and queue
+//! readings on an [`Intake`] of their own.
 
 pub mod broker;
 pub mod mqtt;
@@ -16,7 +17,9 @@ use crate::spool::{Chunk, Command, Spool, SpoolError, now_ms};
 
 /// Decodes messages into a pending [`Chunk`] and hands it to the spool writer whenever the
 /// writer's queue has room. While the writer is busy, the chunk grows, up to `max_pending`
-/// readings; past that the input waits (in client mode the broker then holds the messages).
+/// readings or their budget in bytes ([`READING_BYTES`] each, the chunk's copies of its sensor ids
+/// counted too, so a flood of long distinct ids cannot outgrow it); past that the input waits (in
+/// client mode the broker then holds the messages).
 ///
 /// Every message that yields readings gets an intake number; once [`Spool::committed`] reaches
 /// it, the message is durable (client mode acknowledges by it).
@@ -26,9 +29,17 @@ pub struct Intake {
     committed: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
     pending: Chunk,
+    /// Sensor ids interned in `pending`, and its size in bytes (estimated from what it holds).
+    pending_ids: usize,
+    pending_bytes: usize,
     last: u64,
     max_pending: usize,
 }
+
+/// What a reading costs in a chunk (sensor index, timestamp, value, with alignment).
+pub const READING_BYTES: usize = 24;
+/// What an interned sensor id costs in a chunk besides its text (held twice: list and index).
+const ID_OVERHEAD_BYTES: usize = 96;
 
 impl Intake {
     pub fn new(decoder: Decoder, spool: &Spool, metrics: Arc<Metrics>, max_pending: usize) -> Intake {
@@ -38,6 +49,8 @@ impl Intake {
             committed: spool.committed(),
             metrics,
             pending: Chunk::default(),
+            pending_ids: 0,
+            pending_bytes: 0,
             last: 0,
             max_pending,
         }
@@ -50,13 +63,21 @@ impl Intake {
     /// Decodes one message into the pending chunk. Returns the intake number to wait for before
     /// acknowledging the message: its own, or, if it held no readings, the previous message's.
     pub fn take(&mut self, topic: &[u8], payload: &[u8]) -> u64 {
-        let Intake { decoder, pending, metrics, .. } = self;
+        let Intake { decoder, pending, pending_ids, pending_bytes, metrics, .. } = self;
         metrics.messages.inc();
         let readings = decoder.decode(
             topic,
             payload,
             now_ms(),
-            |sensor, ts, value| pending.readings.push(sensor, ts, value),
+            |sensor, ts, value| {
+                let index = pending.readings.intern(sensor);
+                if index as usize == *pending_ids {
+                    *pending_ids += 1;
+                    *pending_bytes += ID_OVERHEAD_BYTES + 2 * sensor.len();
+                }
+                pending.readings.push_interned(index, ts, value);
+                *pending_bytes += READING_BYTES;
+            },
             |reason| {
                 tracing::debug!(topic = %String::from_utf8_lossy(topic), reason = reason.label(), "rejected");
                 metrics.reject(reason);
@@ -75,10 +96,12 @@ impl Intake {
         if self.pending.is_empty() {
             return Ok(());
         }
-        match self.tx.try_send(Command::Append(std::mem::take(&mut self.pending))) {
+        let (ids, bytes) = (self.pending_ids, self.pending_bytes);
+        let chunk = self.take_pending();
+        match self.tx.try_send(Command::Append(chunk)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(Command::Append(chunk))) => {
-                self.pending = chunk;
+                (self.pending, self.pending_ids, self.pending_bytes) = (chunk, ids, bytes);
                 Ok(())
             }
             Err(_) => Err(SpoolError::Closed),
@@ -92,7 +115,13 @@ impl Intake {
 
     /// The pending chunk is as large as allowed: take no more messages until it is handed over.
     pub fn is_full(&self) -> bool {
-        self.pending.len() >= self.max_pending
+        self.pending.len() >= self.max_pending || self.pending_bytes >= self.max_pending.saturating_mul(READING_BYTES)
+    }
+
+    fn take_pending(&mut self) -> Chunk {
+        self.pending_ids = 0;
+        self.pending_bytes = 0;
+        std::mem::take(&mut self.pending)
     }
 
     /// The writer's queue, to wait for room on (`reserve`) alongside other events.
@@ -102,7 +131,7 @@ impl Intake {
 
     /// Hands the pending chunk over with a reserved queue slot.
     pub fn send_with(&mut self, permit: mpsc::Permit<'_, Command>) {
-        permit.send(Command::Append(std::mem::take(&mut self.pending)));
+        permit.send(Command::Append(self.take_pending()));
     }
 
     /// Hands the pending chunk over, waiting for room (at shutdown).
@@ -110,7 +139,8 @@ impl Intake {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.tx.send(Command::Append(std::mem::take(&mut self.pending))).await.map_err(|_| SpoolError::Closed)
+        let chunk = self.take_pending();
+        self.tx.send(Command::Append(chunk)).await.map_err(|_| SpoolError::Closed)
     }
 
     /// The intake number of the last committed message.
@@ -122,7 +152,14 @@ impl Intake {
     /// Nothing acknowledges it, so it takes no intake number: its chunk carries the number already
     /// committed, so that committing it never moves [`Spool::committed`] past a message not yet durable.
     pub fn take_reading(&mut self, sensor: &str, ts: i64, value: f64) {
-        self.pending.readings.push(sensor, ts, value);
+        // Counted like `take`'s readings, so the byte budget of `is_full` bounds serial chunks too.
+        let index = self.pending.readings.intern(sensor);
+        if index as usize == self.pending_ids {
+            self.pending_ids += 1;
+            self.pending_bytes += ID_OVERHEAD_BYTES + 2 * sensor.len();
+        }
+        self.pending.readings.push_interned(index, ts, value);
+        self.pending_bytes += READING_BYTES;
         self.metrics.readings_accepted.inc();
         self.pending.through = self.pending.through.max(*self.committed.borrow());
     }

@@ -3,21 +3,52 @@
 //! are committed to the spool. Messages published while the agent is down wait in the broker's
 //! session and arrive when it returns.
 //!
-//! MQTT QoS 1 is at-least-once: if the agent dies between a spool commit and the PUBACK, the broker
-//! delivers that message again and it is spooled twice. Everything after the spool is exactly-once.
+//! MQTT QoS 1 is at-least-once: if the agent dies between a spool commit and the PUBACK, or the
+//! connection drops with PUBACKs still due, the broker delivers those messages again (flagged
+//! `dup`, counted as `tributary_agent_mqtt_redelivered_total`) and they are spooled twice.
+//! Everything after the spool is exactly-once.
+//!
+//! Memory is bounded in bytes: a message's payload is dropped once decoded (acks wait with its
+//! packet id only), the intake's pending chunk has a byte budget, and a packet may be at most
+//! [`incoming_limit`] bytes, with one exception that keeps good data flowing: rumqttc drops the
+//! connection on a larger packet, and the broker would redeliver it for ever; so the agent raises
+//! its limit to that packet's size for the next connection only, reads it, counts it as rejected
+//! (`too_large`) and acknowledges it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS, StateError, SubscribeReasonCode,
+};
 use tokio::sync::{mpsc, watch};
 
 use super::Intake;
 use crate::config::Config;
 
-/// Accept any packet the protocol allows: refusing a large one would drop the connection, and
-/// the broker would redeliver the same message for ever, blocking the good data behind it.
-/// Oversized payloads are read, counted as rejected, and acknowledged.
-const MAX_INCOMING_PACKET: usize = 268_435_455;
+/// The largest packet MQTT allows (its remaining length field's maximum).
+const MQTT_MAX_PACKET: usize = 268_435_455;
+/// Outgoing packets are only subscriptions, acks and pings.
+const MAX_OUTGOING_PACKET: usize = 64 * 1024;
+
+/// The largest packet read in normal operation: a payload 8 times `max_payload_bytes` (like the
+/// embedded broker's limit; anything above `max_payload_bytes` is rejected anyway), plus room for
+/// the longest topic.
+pub fn incoming_limit(max_payload_bytes: usize) -> usize {
+    max_payload_bytes.saturating_mul(8).saturating_add(64 * 1024 + 16).min(MQTT_MAX_PACKET)
+}
+
+/// An acknowledgement due once the spool has committed `intake_no`: only what the PUBACK needs,
+/// not the message, so acks waiting on a slow disk hold 24 bytes each.
+struct AckDue {
+    intake_no: u64,
+    /// The connection the message came on: acks of an earlier connection are not sent (the
+    /// broker redelivers those messages, and their packet ids may be reused by then).
+    connection: u64,
+    pkid: u16,
+    qos: QoS,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -41,7 +72,7 @@ impl MqttClient {
             .set_clean_session(false)
             .set_manual_acks(true)
             .set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(MAX_INCOMING_PACKET, 64 * 1024)
+            .set_max_packet_size(incoming_limit(config.mqtt.max_payload_bytes), MAX_OUTGOING_PACKET)
             .set_request_channel_capacity(1024)
             .set_inflight(100);
         if !url.username().is_empty() {
@@ -52,7 +83,9 @@ impl MqttClient {
 
     pub async fn run(self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
         let metrics = intake.metrics().clone();
+        let base_limit = self.options.max_packet_size();
         let (client, mut eventloop) = AsyncClient::new(self.options, 1024);
+        let connection = Arc::new(AtomicU64::new(0));
 
         // Acks go out in arrival order, each once the spool has committed its message (its intake
         // number). A message whose readings were all rejected waits only for the messages before it:
@@ -60,15 +93,29 @@ impl MqttClient {
         // The queue is unbounded on purpose: acks reach the broker only while this loop polls the
         // event loop, so this loop must never wait for the acker (a bounded queue deadlocks when a
         // broker sends more unacknowledged messages than it holds; Mosquitto does after a
-        // reconnect). Its length is bounded by the intake, which is what holds this loop back.
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, Publish)>();
+        // reconnect). Only QoS-1/2 messages wait in it, 24 bytes each, so the broker's inflight
+        // window bounds it.
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<AckDue>();
         let ack_client = client.clone();
         let mut committed = intake.committed();
+        let current = connection.clone();
         let mut acker = tokio::spawn(async move {
-            while let Some((intake_no, publish)) = ack_rx.recv().await {
-                if committed.wait_for(|c| *c >= intake_no).await.is_err() {
+            while let Some(due) = ack_rx.recv().await {
+                if committed.wait_for(|c| *c >= due.intake_no).await.is_err() {
                     break; // the spool stopped before committing: leave the rest to redelivery
                 }
+                if due.connection != current.load(Ordering::Acquire) {
+                    continue;
+                }
+                // rumqttc acks by packet id and QoS; topic and payload are long gone.
+                let publish = Publish {
+                    dup: false,
+                    qos: due.qos,
+                    retain: false,
+                    topic: String::new(),
+                    pkid: due.pkid,
+                    payload: Default::default(),
+                };
                 if ack_client.ack(&publish).await.is_err() {
                     break;
                 }
@@ -94,6 +141,8 @@ impl MqttClient {
                 Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                     metrics.mqtt_connected.set(1);
                     delay = Duration::from_millis(100);
+                    // A limit raised for one oversized message applies to this connection only.
+                    eventloop.mqtt_options.set_max_packet_size(base_limit, MAX_OUTGOING_PACKET);
                     tracing::info!(session_present = connack.session_present, "connected to the MQTT broker");
                     for topic in &self.topics {
                         // try_: never wait on the request channel from the task that polls the event loop.
@@ -108,15 +157,43 @@ impl MqttClient {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if publish.dup {
+                        metrics.mqtt_redelivered.inc();
+                    }
                     let intake_no = intake.take(publish.topic.as_bytes(), &publish.payload);
                     intake.try_flush()?;
-                    if ack_tx.send((intake_no, publish)).is_err() {
-                        break;
+                    if publish.qos != QoS::AtMostOnce {
+                        let due = AckDue {
+                            intake_no,
+                            connection: connection.load(Ordering::Relaxed),
+                            pkid: publish.pkid,
+                            qos: publish.qos,
+                        };
+                        if ack_tx.send(due).is_err() {
+                            break;
+                        }
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     metrics.mqtt_connected.set(0);
+                    connection.fetch_add(1, Ordering::AcqRel);
+                    if let ConnectionError::MqttState(StateError::Deserialization(
+                        rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+                    )) = &e
+                    {
+                        // Read it on the next connection, to reject and acknowledge it, rather than be
+                        // sent it again for ever (see the module doc).
+                        let raised = (size + 16).min(MQTT_MAX_PACKET);
+                        tracing::error!(
+                            size,
+                            limit = base_limit,
+                            "the broker sent a packet above the agent's limit (8 x mqtt.max_payload_bytes); reading it \
+                             once to reject it. Set the broker's message size limit (Mosquitto: message_size_limit) \
+                             to at most mqtt.max_payload_bytes to keep such messages away"
+                        );
+                        eventloop.mqtt_options.set_max_packet_size(raised, MAX_OUTGOING_PACKET);
+                    }
                     // rumqttc reconnects on the next poll at once; back off here instead of spinning.
                     let wait = delay.mul_f64(0.5 + fastrand::f64() / 2.0);
                     tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection lost");

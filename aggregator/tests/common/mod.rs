@@ -174,6 +174,17 @@ impl Response {
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`).
 pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> Response {
+    try_http(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// [`http`] that reports a refused or cut connection (e.g. a server killed mid-request) as an error.
+pub fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<Response> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -182,14 +193,26 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, String
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     head.push_str("\r\n");
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    stream.write_all(head.as_bytes()).unwrap();
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(head.as_bytes())?;
     // The server may answer (413) and close before reading the whole body.
     let _ = stream.write_all(body);
     let mut raw = Vec::new();
     let _ = stream.read_to_end(&mut raw);
-    parse_response(&raw)
+    if !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed without a response"));
+    }
+    Ok(parse_response(&raw))
+}
+
+/// POSTs a postcard batch as `AGENTS[agent]` to a server that may be killed meanwhile.
+pub fn try_ingest(addr: SocketAddr, agent: usize, body: &[u8]) -> std::io::Result<Response> {
+    let headers = [
+        ("Content-Type", "application/x-postcard".to_string()),
+        ("Authorization", format!("Bearer {}", AGENTS[agent].1)),
+    ];
+    try_http(addr, "POST", "/api/v1/ingest", &headers, body)
 }
 
 fn parse_response(raw: &[u8]) -> Response {
@@ -255,6 +278,40 @@ pub fn log_totals(data_dir: &Path) -> (i64, i64) {
         rusqlite::Connection::open_with_flags(data_dir.join("log.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();
     conn.query_row("SELECT COUNT(*), COALESCE(SUM(count), 0) FROM blocks", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap()
+}
+
+/// An empty batch: the agent's handshake, answered with the (agent, epoch)'s mark.
+pub fn handshake(agent_id: &str, epoch: u64) -> Vec<u8> {
+    Batch { agent_id, epoch, blocks: vec![] }.to_postcard()
+}
+
+/// (first_seq, count, data) of every logged block of an (agent, epoch), from `log.db` directly.
+pub fn logged_blocks(data_dir: &Path, agent_id: &str, epoch: i64) -> Vec<(u64, u32, Vec<u8>)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(data_dir.join("log.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT first_seq, count, data FROM blocks WHERE agent_id = ?1 AND epoch = ?2 ORDER BY first_offset")
+        .unwrap();
+    stmt.query_map(rusqlite::params![agent_id, epoch], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u32, r.get(2)?))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+/// The `gaps` rows (from_seq, to_seq) of an (agent, epoch).
+pub fn gap_rows(data_dir: &Path, agent_id: &str, epoch: i64) -> Vec<(u64, u64)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(data_dir.join("log.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt =
+        conn.prepare("SELECT from_seq, to_seq FROM gaps WHERE agent_id = ?1 AND epoch = ?2 ORDER BY from_seq").unwrap();
+    stmt.query_map(rusqlite::params![agent_id, epoch], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 /// Runs the binary with a config text and returns (exit status, stderr); the process must exit

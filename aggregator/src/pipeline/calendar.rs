@@ -1,0 +1,135 @@
+//! Where a timestamp's window starts and ends: fixed sizes aligned on the Unix epoch, or
+//! calendar days in an IANA time zone (a DST-change day is 23 or 25 hours long).
+
+use jiff::Timestamp;
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+
+/// The `size` code under which calendar days are stored (fixed sizes use their length in ms).
+pub const DAYS_CODE: i64 = -1;
+
+#[derive(Debug, Clone)]
+pub enum Calendar {
+    /// Windows of this many ms, the first starting at the Unix epoch.
+    Fixed(i64),
+    /// Calendar days in `tz`; window index = days since 1970-01-01 of the local date.
+    Days { tz: TimeZone, name: String },
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Calendar {
+    pub fn fixed(size_ms: i64) -> Calendar {
+        Calendar::Fixed(size_ms.max(1))
+    }
+
+    /// Calendar days in the IANA zone `name` (e.g. `Europe/Berlin`).
+    pub fn days(name: &str) -> Result<Calendar, String> {
+        let tz = TimeZone::get(name).map_err(|e| format!("unknown time zone {name:?}: {e}"))?;
+        Ok(Calendar::Days { tz, name: name.to_string() })
+    }
+
+    /// The code windows of this calendar are stored under.
+    pub fn code(&self) -> i64 {
+        match self {
+            Calendar::Fixed(size) => *size,
+            Calendar::Days { .. } => DAYS_CODE,
+        }
+    }
+
+    /// (window index, start, end) of the window holding `ts`.
+    pub fn bucket(&self, ts: i64) -> (i64, i64, i64) {
+        match self {
+            Calendar::Fixed(size) => {
+                let index = ts.div_euclid(*size);
+                let start = index.saturating_mul(*size);
+                (index, start, start.saturating_add(*size))
+            }
+            Calendar::Days { tz, .. } => {
+                let date = Timestamp::from_millisecond(ts)
+                    .map(|t| t.to_zoned(tz.clone()).date())
+                    .unwrap_or(Date::constant(1970, 1, 1));
+                let index = day_index(date);
+                (index, self.start_of(index), self.start_of(index + 1))
+            }
+        }
+    }
+
+    /// The start (Unix ms) of window `index`.
+    pub fn start_of(&self, index: i64) -> i64 {
+        match self {
+            Calendar::Fixed(size) => index.saturating_mul(*size),
+            Calendar::Days { tz, .. } => {
+                let date = match Timestamp::from_second(index.saturating_mul(86_400)) {
+                    Ok(t) => t.to_zoned(TimeZone::UTC).date(),
+                    Err(_) => return index.saturating_mul(DAY_MS),
+                };
+                // Local midnight; where a DST change skips midnight, the first instant of the day.
+                match date.to_zoned(tz.clone()) {
+                    Ok(z) => z.timestamp().as_millisecond(),
+                    Err(_) => index.saturating_mul(DAY_MS),
+                }
+            }
+        }
+    }
+
+    /// The index of the window holding `ts`.
+    pub fn index_of(&self, ts: i64) -> i64 {
+        self.bucket(ts).0
+    }
+
+    /// A name for messages and the API: `1m`, `days(Europe/Berlin)`.
+    pub fn label(&self) -> String {
+        match self {
+            Calendar::Fixed(size) => {
+                humantime::format_duration(std::time::Duration::from_millis(*size as u64)).to_string()
+            }
+            Calendar::Days { name, .. } => format!("days({name})"),
+        }
+    }
+}
+
+/// Days from 1970-01-01 to `date`.
+fn day_index(date: Date) -> i64 {
+    date.to_zoned(TimeZone::UTC).map(|z| z.timestamp().as_second().div_euclid(86_400)).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(s: &str) -> i64 {
+        s.parse::<Timestamp>().unwrap().as_millisecond()
+    }
+
+    #[test]
+    fn fixed_windows_align_on_the_epoch() {
+        let c = Calendar::fixed(60_000);
+        assert_eq!(c.bucket(119_999), (1, 60_000, 120_000));
+        assert_eq!(c.bucket(-1), (-1, -60_000, 0));
+        assert_eq!(c.start_of(2), 120_000);
+    }
+
+    #[test]
+    fn berlin_days_are_23_and_25_hours_long_at_the_dst_changes() {
+        let c = Calendar::days("Europe/Berlin").unwrap();
+        // 2026-03-29: clocks go from 02:00 to 03:00 CET -> CEST.
+        let (_, start, end) = c.bucket(ms("2026-03-29T12:00:00Z"));
+        assert_eq!(start, ms("2026-03-28T23:00:00Z"));
+        assert_eq!(end - start, 23 * 3_600_000);
+        // 2026-10-25: clocks go from 03:00 back to 02:00 CEST -> CET.
+        let (_, start, end) = c.bucket(ms("2026-10-25T12:00:00Z"));
+        assert_eq!(start, ms("2026-10-24T22:00:00Z"));
+        assert_eq!(end - start, 25 * 3_600_000);
+        // An ordinary winter day, and the edges of a day.
+        let (index, start, end) = c.bucket(ms("2026-01-15T22:59:59.999Z"));
+        assert_eq!((start, end - start), (ms("2026-01-14T23:00:00Z"), 24 * 3_600_000));
+        assert_eq!(c.bucket(ms("2026-01-15T23:00:00Z")).0, index + 1);
+        assert_eq!(c.start_of(index), start);
+    }
+
+    #[test]
+    fn unknown_zones_are_refused_with_their_name() {
+        assert!(Calendar::days("Mars/Olympus_Mons").unwrap_err().contains("Mars/Olympus_Mons"));
+    }
+}

@@ -1,0 +1,302 @@
+//! The stream processing pipeline: operators that fold the log, in log order, into the serving
+//! store.
+//!
+//! A [`Pipeline`] holds its operators, each with its own tables: one [`window::WindowOperator`]
+//! per configured window size, sensor and agent state ([`state`]), quarantine of readings whose
+//! time is ahead of the aggregator's clock, anomaly models ([`anomaly`]) and alert rules
+//! ([`alert`]). [`processor`] runs it on a thread: it reads blocks from its offset, folds them,
+//! and commits every operator's changes together with the new offset in one store transaction,
+//! so a crash neither loses nor double-counts.
+//!
+//! Event-time processing is deterministic: everything that goes into the tables comes from the
+//! log (readings, their order, the time each block was received), never from the wall clock or
+//! from how the log was cut into steps. Staleness, the one processing-time signal, is computed
+//! when it is read and is not stored.
+
+pub mod alert;
+pub mod anomaly;
+pub mod calendar;
+pub mod processor;
+pub mod sketch;
+pub mod state;
+pub mod stats;
+pub mod window;
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, params};
+use tributary_shared::Block;
+
+use self::alert::{AlertOperator, AlertRule, Transition};
+use self::anomaly::{AnomalyOperator, AnomalyRule};
+use self::calendar::Calendar;
+use self::state::{AgentOperator, SensorOperator};
+use self::window::{Point, WindowOperator};
+use crate::store::StoreError;
+
+/// What the pipeline computes, from `[pipeline]` in aggregator.toml.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    /// The window sizes precomputed, finest first.
+    pub calendars: Vec<Calendar>,
+    /// Readings stamped further than this ahead of the time their block was received are
+    /// quarantined, never folded in.
+    pub max_clock_skew_ms: i64,
+    pub anomaly: Vec<AnomalyRule>,
+    /// Event-time alert rules (staleness rules are processing time: [`crate::stale`]).
+    pub alerts: Vec<AlertRule>,
+}
+
+/// The agent id derived streams are appended to the log under.
+pub const DERIVED_AGENT: &str = "_pipeline";
+
+/// A reading the pipeline derives (an anomaly score, an alert transition), appended to the log
+/// as a reading of its own stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Derived {
+    pub sensor: String,
+    pub ts: i64,
+    pub value: f64,
+}
+
+/// A reading set aside instead of folded in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quarantined {
+    pub offset: u64,
+    pub series: u32,
+    pub ts: i64,
+    pub value: f64,
+    pub received_at: i64,
+    pub reason: &'static str,
+}
+
+/// A log block the processor left out: it does not decode or validate, its count lies, or the
+/// store refused it alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetAside {
+    pub first_offset: u64,
+    pub count: u64,
+    pub agent_id: String,
+    pub reason: String,
+}
+
+/// Sensor ids to small integers, persisted in the `series` table.
+#[derive(Debug, Default)]
+pub struct SeriesIndex {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+    /// Ids made since the last commit, to insert.
+    new_from: usize,
+}
+
+impl SeriesIndex {
+    pub fn open(conn: &Connection) -> Result<SeriesIndex, StoreError> {
+        let mut index = SeriesIndex::default();
+        let mut stmt = conn.prepare("SELECT id, name FROM series ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (id, name) = row?;
+            if id as usize != index.names.len() {
+                return Err(StoreError::Corrupt(format!("series ids are not dense at {id} ({name})")));
+            }
+            index.ids.insert(name.clone(), id as u32);
+            index.names.push(name);
+        }
+        index.new_from = index.names.len();
+        Ok(index)
+    }
+
+    pub fn intern(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(name.to_string());
+        self.ids.insert(name.to_string(), id);
+        id
+    }
+
+    pub fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map(String::as_str).unwrap_or("")
+    }
+
+    fn flush(&self, tx: &Connection) -> Result<(), StoreError> {
+        let mut stmt = tx.prepare_cached("INSERT INTO series (id, name) VALUES (?1, ?2)")?;
+        for (i, name) in self.names.iter().enumerate().skip(self.new_from) {
+            stmt.execute(params![i as i64, name])?;
+        }
+        Ok(())
+    }
+
+    fn committed(&mut self) {
+        self.new_from = self.names.len();
+    }
+}
+
+/// The operators and what they hold between commits.
+pub struct Pipeline {
+    pub spec: PipelineSpec,
+    pub series: SeriesIndex,
+    pub windows: Vec<WindowOperator>,
+    pub sensors: SensorOperator,
+    pub agents: AgentOperator,
+    pub anomalies: AnomalyOperator,
+    pub alerts: AlertOperator,
+    quarantine: Vec<Quarantined>,
+    /// Blocks set aside since the last commit.
+    pub set_aside: Vec<SetAside>,
+    /// Derived readings since the last commit, in order.
+    pub derived: Vec<Derived>,
+    /// Derived readings appended to the log so far: the next one's sequence number.
+    pub derived_seq: u64,
+    /// Readings folded since the last commit.
+    pub pending: u64,
+}
+
+impl Pipeline {
+    /// Loads each operator's state from the store.
+    pub fn open(spec: PipelineSpec, conn: &Connection) -> Result<Pipeline, StoreError> {
+        let windows =
+            spec.calendars.iter().map(|c| WindowOperator::open(c.clone(), conn)).collect::<Result<Vec<_>, _>>()?;
+        let derived_seq: Option<i64> = rusqlite::OptionalExtension::optional(conn.query_row(
+            "SELECT value FROM pipeline_meta WHERE key = 'derived_seq'",
+            [],
+            |r| r.get(0),
+        ))?;
+        Ok(Pipeline {
+            series: SeriesIndex::open(conn)?,
+            windows,
+            sensors: SensorOperator::open(conn)?,
+            agents: AgentOperator::open(conn)?,
+            anomalies: AnomalyOperator::new(spec.anomaly.clone()),
+            alerts: AlertOperator::open(spec.alerts.clone(), conn)?,
+            quarantine: Vec::new(),
+            set_aside: Vec::new(),
+            derived: Vec::new(),
+            derived_seq: derived_seq.unwrap_or(0).max(0) as u64,
+            pending: 0,
+            spec,
+        })
+    }
+
+    /// Folds one log block (its readings in order) into every operator.
+    pub fn fold_block(
+        &mut self,
+        conn: &Connection,
+        first_offset: u64,
+        agent_id: &str,
+        received_at: i64,
+        block: &Block,
+    ) -> Result<(), StoreError> {
+        let map: Vec<u32> = block.sensors.iter().map(|id| self.series.intern(id)).collect();
+        let horizon = received_at.saturating_add(self.spec.max_clock_skew_ms);
+        for (i, entry) in block.entries.iter().enumerate() {
+            let Some(&series) = map.get(entry.sensor as usize) else { continue };
+            let point = Point { series, ts: entry.ts, value: entry.value, received_at, block: first_offset };
+            if entry.ts > horizon {
+                self.sensors.quarantine(&point);
+                self.quarantine.push(Quarantined {
+                    offset: first_offset + i as u64,
+                    series,
+                    ts: entry.ts,
+                    value: entry.value,
+                    received_at,
+                    reason: "future",
+                });
+                continue;
+            }
+            for op in &mut self.windows {
+                op.add(conn, &point)?;
+            }
+            self.sensors.add(&point);
+            let offset = first_offset + i as u64;
+            let mut anomalous = false;
+            if !self.anomalies.is_empty() {
+                if let Some(a) = self.anomalies.add(conn, &block.sensors[entry.sensor as usize], &point, offset)? {
+                    anomalous = true;
+                    self.derived.push(Derived {
+                        sensor: format!("_anomaly/{}", self.series.name(series)),
+                        ts: a.ts,
+                        value: a.score,
+                    });
+                }
+            }
+            if !self.alerts.is_empty() {
+                let before = self.alerts.transitions().len();
+                self.alerts.add(conn, &block.sensors[entry.sensor as usize], &point, offset, anomalous)?;
+                for t in &self.alerts.transitions()[before..] {
+                    self.derived.push(Derived {
+                        sensor: format!("_alert/{}/{}", t.rule, self.series.name(series)),
+                        ts: t.ts,
+                        value: if t.state == "firing" { 1.0 } else { 0.0 },
+                    });
+                }
+            }
+        }
+        self.agents.add_block(agent_id, block.entries.len() as u64, received_at);
+        self.pending += block.entries.len() as u64;
+        Ok(())
+    }
+
+    /// Alert transitions since the last commit (to notify once it is durable).
+    pub fn transitions(&self) -> &[Transition] {
+        self.alerts.transitions()
+    }
+
+    /// Writes every operator's changes and `next_offset` as `name`'s offset in one transaction.
+    /// The caller appends [`Pipeline::derived`] to the log first, numbered from
+    /// [`Pipeline::derived_seq`]: a crash in between redoes the same appends, which the log
+    /// drops as duplicates.
+    pub fn commit(&mut self, conn: &mut Connection, name: &str, next_offset: u64) -> Result<(), StoreError> {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.series.flush(&tx)?;
+        for op in &mut self.windows {
+            op.flush(&tx)?;
+        }
+        self.sensors.flush(&tx)?;
+        self.agents.flush(&tx)?;
+        self.anomalies.flush(&tx)?;
+        self.alerts.flush(&tx)?;
+        tx.prepare_cached("INSERT OR REPLACE INTO pipeline_meta (key, value) VALUES ('derived_seq', ?1)")?
+            .execute([(self.derived_seq + self.derived.len() as u64) as i64])?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO quarantine (offset, series, ts, value, received_at, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for q in &self.quarantine {
+                stmt.execute(params![q.offset as i64, q.series as i64, q.ts, q.value, q.received_at, q.reason])?;
+            }
+        }
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO set_aside (first_offset, count, agent_id, reason, set_aside_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let now = crate::unix_ms();
+            for b in &self.set_aside {
+                stmt.execute(params![b.first_offset as i64, b.count as i64, b.agent_id, b.reason, now])?;
+            }
+        }
+        tx.prepare_cached(
+            "INSERT INTO processor_offsets (name, next_offset) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
+        )?
+        .execute(params![name, next_offset as i64])?;
+        tx.commit()?;
+        self.series.committed();
+        for op in &mut self.windows {
+            op.committed();
+        }
+        self.sensors.committed();
+        self.agents.committed();
+        self.anomalies.committed();
+        self.alerts.committed();
+        self.derived_seq += self.derived.len() as u64;
+        self.derived.clear();
+        self.quarantine.clear();
+        self.set_aside.clear();
+        self.pending = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,519 @@
+//! The processor thread: tails the log from its committed offset, folds blocks into the
+//! [`Pipeline`], and commits.
+//!
+//! Commits are grouped: the processor folds several reads of the log into memory and commits
+//! when it has [`COMMIT_READINGS`] readings pending, when it has caught up with the log's end,
+//! or after [`COMMIT_INTERVAL`]; so a replay writes each stored row about once, and live data is
+//! visible within a commit interval. A failed commit throws the in-memory state away, reloads it
+//! from the store and starts again from the committed offset.
+//!
+//! One bad block never stops the pipeline: a block that does not decode or validate, or whose
+//! count lies, is set aside (listed by `/api/v1/set-aside`). A commit that keeps failing is
+//! narrowed down, halving the blocks per commit, to the block that makes it fail; if the store
+//! then takes a commit without that block, the block is set aside too. If it takes no commit at
+//! all (a full disk, a locked file), nothing is set aside: the processor retries with backoff and
+//! [`ProcessorStatus`] reports the stall to `/healthz` and `/metrics`.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tokio::sync::watch;
+use tributary_shared::Block;
+
+use super::{DERIVED_AGENT, Pipeline, PipelineSpec, SetAside};
+use crate::Liveness;
+use crate::log::{self, LogError, LogHandle};
+use crate::metrics::Metrics;
+use crate::notify::{Notifier, REPLAY_AGE_MS};
+use crate::store::{self, StoreError};
+
+/// Readings read from the log per query.
+const READ_READINGS: u64 = 200_000;
+/// Blocks fetched per read at most (many tiny blocks when agents are idle).
+const READ_BLOCKS: i64 = 20_000;
+/// Readings folded before a commit at the latest.
+pub const COMMIT_READINGS: u64 = 2_000_000;
+/// Longest time between commits while the processor is behind.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+/// Shortest time between commits once caught up: live data is visible within it, and a busy
+/// log does not make the processor rewrite its hot rows at every append.
+pub const LIVE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// Fallback poll when no end-of-log notification arrives.
+const POLL: Duration = Duration::from_secs(1);
+/// The name the pipeline commits its offset under.
+pub const PROCESSOR_NAME: &str = "main";
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Pause between the steps of narrowing down a failing commit.
+const BISECT_PAUSE: Duration = Duration::from_millis(10);
+/// How long the processor fails without progress before `/healthz` says it is stalled.
+pub const STALL_AFTER: Duration = Duration::from_secs(5);
+
+/// Whether the processor is making progress, shared with `/healthz` and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessorStatus(Arc<Mutex<Option<Stall>>>);
+
+#[derive(Debug, Clone)]
+struct Stall {
+    offset: u64,
+    since: Instant,
+    error: String,
+}
+
+impl ProcessorStatus {
+    fn lock(&self) -> MutexGuard<'_, Option<Stall>> {
+        // The data is a plain value: a panic elsewhere cannot leave it half-written.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn failed(&self, offset: u64, error: String) {
+        let mut stall = self.lock();
+        match stall.as_mut() {
+            Some(stall) if stall.offset == offset => stall.error = error,
+            _ => *stall = Some(Stall { offset, since: Instant::now(), error }),
+        }
+    }
+
+    fn progressed(&self) {
+        *self.lock() = None;
+    }
+
+    /// Why the processor is stuck, once it has failed without progress for [`STALL_AFTER`]:
+    /// `processor stalled at offset N for 42 s: <error>`.
+    pub fn stalled(&self) -> Option<String> {
+        let stall = self.lock();
+        let stall = stall.as_ref()?;
+        let for_ = stall.since.elapsed();
+        (for_ >= STALL_AFTER)
+            .then(|| format!("processor stalled at offset {} for {} s: {}", stall.offset, for_.as_secs(), stall.error))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading the log: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot start the processor thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("appending derived readings to the log: {0}")]
+    Derived(String),
+}
+
+/// Where the processor sends what it derives: the log (anomaly and alert streams) and webhooks.
+#[derive(Clone)]
+pub struct Outputs {
+    pub log: LogHandle,
+    pub notifier: Notifier,
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Tells the processor thread to stop after its current step.
+#[derive(Clone)]
+pub struct StopSignal(Arc<watch::Sender<bool>>);
+
+impl StopSignal {
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// The running processor.
+pub struct ProcessorThread {
+    pub stop: StopSignal,
+    pub thread: JoinHandle<()>,
+    pub status: ProcessorStatus,
+}
+
+/// One block read from the log.
+pub struct LogBlock {
+    pub first_offset: u64,
+    pub count: u64,
+    pub agent_id: String,
+    pub received_at: i64,
+    pub data: Vec<u8>,
+}
+
+/// Reads blocks from `from` on: about `max_readings` readings, whole blocks, at most `max_blocks`.
+pub fn read_log(
+    log: &Connection,
+    from: u64,
+    max_readings: u64,
+    max_blocks: usize,
+) -> Result<Vec<LogBlock>, rusqlite::Error> {
+    let mut stmt = log.prepare_cached(
+        "SELECT first_offset, count, agent_id, received_at, data FROM blocks
+         WHERE first_offset >= ?1 ORDER BY first_offset LIMIT ?2",
+    )?;
+    let mut rows = stmt.query(rusqlite::params![from as i64, (max_blocks as i64).min(READ_BLOCKS)])?;
+    let (mut out, mut readings) = (Vec::new(), 0u64);
+    while let Some(row) = rows.next()? {
+        let block = LogBlock {
+            first_offset: row.get::<_, i64>(0)?.max(0) as u64,
+            count: row.get::<_, i64>(1)?.max(0) as u64,
+            agent_id: row.get(2)?,
+            received_at: row.get(3)?,
+            data: row.get(4)?,
+        };
+        readings += block.count;
+        out.push(block);
+        if readings >= max_readings {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+struct Processor {
+    log: Connection,
+    store: Connection,
+    pipeline: Pipeline,
+    /// Offset after the last folded block.
+    next_offset: u64,
+    /// Offset committed to the store.
+    committed: u64,
+    last_commit: Instant,
+    metrics: Arc<Metrics>,
+    outputs: Outputs,
+    status: ProcessorStatus,
+    /// Blocks folded since the last commit, and the first of them (to set aside if it alone fails).
+    cycle_blocks: usize,
+    cycle_first: Option<SetAside>,
+    /// While narrowing down a failing commit: at most this many blocks per commit, until the
+    /// committed offset passes the end of the range that failed.
+    limit: Option<(usize, u64)>,
+    /// Failed attempts since the last successful commit.
+    failures: u32,
+}
+
+/// Opens the store, resumes from its committed offset and starts the processor thread.
+pub fn start(
+    log_path: &Path,
+    store_path: &Path,
+    spec: PipelineSpec,
+    end: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+    alive: Liveness,
+    outputs: Outputs,
+) -> Result<ProcessorThread, ProcessError> {
+    let runtime = outputs.runtime.clone();
+    let store = store::open_write(store_path)?;
+    let next_offset = store::offset(&store, PROCESSOR_NAME)?;
+    let pipeline = Pipeline::open(spec, &store)?;
+    let log = log::open_read(log_path)?;
+    metrics.processor_offset.set(next_offset as i64);
+    let (set_aside_blocks, set_aside_readings) = store::set_aside_totals(&store)?;
+    metrics.set_aside_blocks.inc_by(set_aside_blocks);
+    metrics.set_aside_readings.inc_by(set_aside_readings);
+    tracing::info!(next_offset, set_aside_blocks, "processor resumes");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status = ProcessorStatus::default();
+    let processor = Processor {
+        log,
+        store,
+        pipeline,
+        next_offset,
+        committed: next_offset,
+        last_commit: Instant::now(),
+        metrics,
+        outputs,
+        status: status.clone(),
+        cycle_blocks: 0,
+        cycle_first: None,
+        limit: None,
+        failures: 0,
+    };
+    let guard = alive.guard();
+    let thread = std::thread::Builder::new()
+        .name("processor".into())
+        .spawn(move || {
+            let _alive = guard;
+            processor.run(end, stop_rx, runtime);
+        })
+        .map_err(ProcessError::Spawn)?;
+    Ok(ProcessorThread { stop: StopSignal(Arc::new(stop_tx)), thread, status })
+}
+
+/// Folds the log from the store's committed offset to the log's end, commits, and returns the
+/// readings folded: the offline form of the processor (benchmarks, `replay`).
+pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Result<u64, ProcessError> {
+    // Derived streams go to the log through a writer of its own: the aggregator must be stopped.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProcessError::Spawn)?;
+    let metrics = Arc::new(Metrics::new());
+    let writer = log::start(log_path, metrics.clone(), Liveness::default())?;
+    let outputs =
+        Outputs { log: writer.handle.clone(), notifier: Notifier::default(), runtime: runtime.handle().clone() };
+    let store = store::open_write(store_path)?;
+    let next_offset = store::offset(&store, PROCESSOR_NAME)?;
+    let pipeline = Pipeline::open(spec, &store)?;
+    let log = log::open_read(log_path)?;
+    let head = log::end_offset(&log)?;
+    let mut p = Processor {
+        log,
+        store,
+        pipeline,
+        next_offset,
+        committed: next_offset,
+        last_commit: Instant::now(),
+        metrics,
+        outputs,
+        status: ProcessorStatus::default(),
+        cycle_blocks: 0,
+        cycle_first: None,
+        limit: None,
+        failures: 0,
+    };
+    while p.next_offset < head {
+        let before = p.next_offset;
+        p.step(head)?;
+        if p.next_offset == before {
+            break;
+        }
+    }
+    if p.next_offset != p.committed {
+        p.commit()?;
+    }
+    let folded = p.committed - next_offset;
+    drop(p);
+    runtime.block_on(writer.handle.stop());
+    let _ = writer.thread.join();
+    Ok(folded)
+}
+
+impl Processor {
+    fn run(mut self, mut end: watch::Receiver<u64>, mut stop: watch::Receiver<bool>, runtime: tokio::runtime::Handle) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let head = *end.borrow_and_update();
+            // After a failure, wait out the backoff even if new data arrives meanwhile.
+            let mut wake_on_data = true;
+            let wait = match self.step(head) {
+                Ok(None) => {
+                    backoff = MIN_BACKOFF;
+                    continue;
+                }
+                Ok(Some(wait)) => wait,
+                Err(error) => {
+                    wake_on_data = false;
+                    match self.recover(&error) {
+                        Some(pause) => pause,
+                        None => {
+                            let wait = backoff;
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            wait
+                        }
+                    }
+                }
+            };
+            let stopped = runtime.block_on(async {
+                let end_moved = async {
+                    if end.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    _ = end_moved, if wake_on_data => false,
+                    changed = stop.changed() => changed.is_err() || *stop.borrow(),
+                    _ = tokio::time::sleep(wait) => false,
+                }
+            });
+            if stopped {
+                break;
+            }
+        }
+        if self.pipeline.pending > 0 || self.next_offset != self.committed {
+            if let Err(error) = self.commit() {
+                tracing::error!(%error, "last commit at stop failed; the next start redoes it");
+            }
+        }
+        tracing::info!(offset = self.committed, "processor stopped");
+    }
+
+    /// After a failed step: throws away what was folded, and decides how to go on. Returns the
+    /// pause before the next step, or `None` to back off.
+    fn recover(&mut self, error: &ProcessError) -> Option<Duration> {
+        self.metrics.processor_step_failures.inc();
+        tracing::error!(%error, offset = self.committed, "processor step failed");
+        self.status.failed(self.committed, error.to_string());
+        let (blocks, first, failed_end) = (self.cycle_blocks, self.cycle_first.take(), self.next_offset);
+        if let Err(error) = self.reload() {
+            tracing::error!(%error, "processor cannot reload its state from the store");
+            return None;
+        }
+        self.failures += 1;
+        if self.failures == 1 {
+            // Maybe passing (a busy file): the same again, after a backoff.
+            return None;
+        }
+        match (blocks, first) {
+            (0, _) | (_, None) => None,
+            (1, Some(block)) => {
+                // One block, failing twice: set it aside if the store takes a commit without it.
+                let end = block.first_offset + block.count;
+                let reason = format!("the store refused it: {error}");
+                self.pipeline.set_aside.push(SetAside { reason, ..block.clone() });
+                self.next_offset = end;
+                match self.commit() {
+                    Ok(()) => {
+                        tracing::warn!(first_offset = block.first_offset, "set aside a log block the store refuses");
+                        Some(BISECT_PAUSE)
+                    }
+                    Err(probe) => {
+                        tracing::error!(error = %probe, "the store takes no commit at all; retrying");
+                        self.status.failed(self.committed, probe.to_string());
+                        let _ = self.reload();
+                        None
+                    }
+                }
+            }
+            (n, Some(_)) => {
+                let until = self.limit.map_or(failed_end, |(_, end)| end.max(failed_end));
+                self.limit = Some(((n / 2).max(1), until));
+                tracing::warn!(
+                    blocks = n,
+                    offset = self.committed,
+                    "commits keep failing; narrowing down to the block that makes them fail"
+                );
+                Some(BISECT_PAUSE)
+            }
+        }
+    }
+
+    /// Folds what the log holds beyond `next_offset` and commits when due. Returns `None` if
+    /// there is more to do right away, else how long to wait at most for the log to move.
+    fn step(&mut self, head: u64) -> Result<Option<Duration>, ProcessError> {
+        let max_blocks = self.limit.map_or(usize::MAX, |(n, _)| n.saturating_sub(self.cycle_blocks).max(1));
+        if self.next_offset < head {
+            let blocks = read_log(&self.log, self.next_offset, READ_READINGS, max_blocks)?;
+            for b in &blocks {
+                if b.first_offset != self.next_offset {
+                    tracing::error!(
+                        expected = self.next_offset,
+                        found = b.first_offset,
+                        "hole in log offsets; continuing"
+                    );
+                }
+                let meta = SetAside {
+                    first_offset: b.first_offset,
+                    count: b.count,
+                    agent_id: b.agent_id.clone(),
+                    reason: String::new(),
+                };
+                if self.cycle_first.is_none() {
+                    self.cycle_first = Some(meta.clone());
+                }
+                self.cycle_blocks += 1;
+                let block = Block::decode(&b.data).map_err(|e| format!("does not decode: {e}")).and_then(|block| {
+                    if block.len() as u64 != b.count {
+                        return Err(format!("count says {} readings, the block holds {}", b.count, block.len()));
+                    }
+                    block.validate().map_err(|e| format!("does not validate: {e}"))?;
+                    Ok(block)
+                });
+                match block {
+                    Ok(block) => {
+                        self.pipeline.fold_block(&self.store, b.first_offset, &b.agent_id, b.received_at, &block)?
+                    }
+                    Err(reason) => {
+                        tracing::error!(first_offset = b.first_offset, %reason, "log block set aside");
+                        self.pipeline.set_aside.push(SetAside { reason, ..meta });
+                    }
+                }
+                self.next_offset = b.first_offset + b.count;
+            }
+        }
+        let caught_up = self.next_offset >= head;
+        let uncommitted = self.next_offset > self.committed;
+        let since = self.last_commit.elapsed();
+        let due = self.pipeline.pending >= COMMIT_READINGS
+            || (uncommitted && since >= COMMIT_INTERVAL)
+            || (uncommitted && caught_up && since >= LIVE_COMMIT_INTERVAL)
+            || (uncommitted && self.limit.is_some_and(|(n, _)| self.cycle_blocks >= n));
+        if due {
+            self.commit()?;
+        }
+        Ok(match (caught_up, self.next_offset > self.committed) {
+            (false, _) => None,
+            (true, true) => Some(LIVE_COMMIT_INTERVAL.saturating_sub(self.last_commit.elapsed())),
+            (true, false) => Some(POLL),
+        })
+    }
+
+    fn commit(&mut self) -> Result<(), ProcessError> {
+        self.append_derived()?;
+        let transitions = self.pipeline.transitions().to_vec();
+        let set_aside: (u64, u64) =
+            (self.pipeline.set_aside.len() as u64, self.pipeline.set_aside.iter().map(|b| b.count).sum());
+        self.pipeline.commit(&mut self.store, PROCESSOR_NAME, self.next_offset)?;
+        self.metrics.set_aside_blocks.inc_by(set_aside.0);
+        self.metrics.set_aside_readings.inc_by(set_aside.1);
+        self.cycle_blocks = 0;
+        self.cycle_first = None;
+        self.failures = 0;
+        self.status.progressed();
+        let now = crate::unix_ms();
+        for t in transitions {
+            if self.outputs.notifier.is_empty() {
+                break;
+            }
+            if now.saturating_sub(t.received_at) > REPLAY_AGE_MS {
+                // History being replayed (a restart far behind, a rebuild): stored, not sent.
+                self.metrics.notify("replayed");
+                continue;
+            }
+            let mut body = serde_json::to_value(&t).unwrap_or_default();
+            body["sensor"] = self.pipeline.series.name(t.series).into();
+            self.outputs.notifier.send(body);
+        }
+        self.committed = self.next_offset;
+        self.last_commit = Instant::now();
+        self.metrics.processor_offset.set(self.committed as i64);
+        if self.limit.is_some_and(|(_, until)| self.committed >= until) {
+            self.limit = None;
+        }
+        Ok(())
+    }
+
+    /// Appends the derived readings of the pending commit to the log, before the commit: after a
+    /// crash in between the same readings get the same sequence numbers, and the log drops them.
+    fn append_derived(&mut self) -> Result<(), ProcessError> {
+        if self.pipeline.derived.is_empty() {
+            return Ok(());
+        }
+        let mut blocks = Vec::new();
+        let mut seq = self.pipeline.derived_seq;
+        for chunk in self.pipeline.derived.chunks(10_000) {
+            let mut b = tributary_shared::BlockBuilder::default();
+            for d in chunk {
+                b.push(&d.sensor, d.ts, d.value);
+            }
+            let count = chunk.len() as u32;
+            blocks.push(log::LogBlock { first_seq: seq, count, data: bytes::Bytes::from(b.finish().encode()) });
+            seq += u64::from(count);
+        }
+        let log = self.outputs.log.clone();
+        self.outputs
+            .runtime
+            .block_on(log.append(DERIVED_AGENT, 0, blocks))
+            .map(|_| ())
+            .map_err(|e| ProcessError::Derived(e.to_string()))
+    }
+
+    fn reload(&mut self) -> Result<(), ProcessError> {
+        self.cycle_blocks = 0;
+        self.cycle_first = None;
+        self.pipeline = Pipeline::open(self.pipeline.spec.clone(), &self.store)?;
+        self.next_offset = store::offset(&self.store, PROCESSOR_NAME)?;
+        self.committed = self.next_offset;
+        Ok(())
+    }
+}

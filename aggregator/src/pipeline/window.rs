@@ -1,0 +1,339 @@
+//! Tumbling windows by event time: one operator per configured size, stored as rows.
+//!
+//! A row holds [`SLOTS`] consecutive windows of one sensor (an hour of 1-minute windows), so the
+//! store writes a row per sensor and hour touched per commit, not a row per window, and a query
+//! for a sensor-day reads a few rows (DESIGN.md, "The serving store: windows in blocks too").
+//! Rows being written live in memory; a row not in memory is loaded only if the store can have
+//! it (late data), which the operator knows from the highest row it stored per sensor.
+//!
+//! Late readings are never dropped: they update the window of their own event time, whose
+//! `revision` counts the log blocks that changed it after it had closed.
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use super::calendar::Calendar;
+use super::stats::Stats;
+use crate::store::StoreError;
+
+/// Windows per stored row.
+pub const SLOTS: i64 = 60;
+
+/// Rows kept in memory after a commit, per operator, beyond the newest row of each sensor.
+const KEEP_ROWS: usize = 4096;
+
+/// One window: its statistics, how often late data revised it, and when it last changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub stats: Stats,
+    /// Log blocks that changed this window after it had closed (late data).
+    pub revision: u32,
+    /// The latest `received_at` (aggregator clock, Unix ms) of a reading in it: from the log,
+    /// so replays reproduce it.
+    pub updated_at: i64,
+    /// The log block that last raised `revision` (not stored: a block never spans two commits).
+    bumped_by: Option<u64>,
+}
+
+impl Window {
+    pub fn new(stats: Stats, revision: u32, updated_at: i64) -> Window {
+        Window { stats, revision, updated_at, bumped_by: None }
+    }
+
+    /// Merges a later window's readings (for coarser views at query time).
+    pub fn merge(&mut self, other: &Window) {
+        self.stats.merge(&other.stats);
+        self.revision += other.revision;
+        self.updated_at = self.updated_at.max(other.updated_at);
+    }
+}
+
+/// A row of up to [`SLOTS`] windows of one sensor, sorted by slot.
+#[derive(Debug, Default, Clone)]
+pub struct Row {
+    pub windows: Vec<(u8, Window)>,
+    dirty: bool,
+    /// The commit in which the row was last changed (for eviction).
+    used: u64,
+}
+
+/// A reading as the operators see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Point {
+    pub series: u32,
+    pub ts: i64,
+    pub value: f64,
+    pub received_at: i64,
+    /// Offset of the log block the reading came in.
+    pub block: u64,
+}
+
+/// Folds readings into the windows of one size.
+pub struct WindowOperator {
+    pub calendar: Calendar,
+    rows: FxHashMap<(u32, i64), Row>,
+    /// Per sensor, the highest row index in the store: rows above it are new, no read needed.
+    stored_max: FxHashMap<u32, i64>,
+    commits: u64,
+    /// (index, start, end) of the last window a reading fell in: most readings fall in the same
+    /// one as the reading before, and a calendar-day lookup is not free.
+    last_bucket: (i64, i64, i64),
+}
+
+impl WindowOperator {
+    /// Loads what it needs to know of the store (the highest stored row per sensor).
+    pub fn open(calendar: Calendar, conn: &Connection) -> Result<WindowOperator, StoreError> {
+        let mut stored_max = FxHashMap::default();
+        let mut stmt = conn.prepare("SELECT series, MAX(row) FROM windows WHERE size = ?1 GROUP BY series")?;
+        let rows = stmt.query_map([calendar.code()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (series, max) = row?;
+            stored_max.insert(series as u32, max);
+        }
+        Ok(WindowOperator { calendar, rows: FxHashMap::default(), stored_max, commits: 0, last_bucket: (0, 0, 0) })
+    }
+
+    /// Adds one reading (in log order) to the window of its event time.
+    pub fn add(&mut self, conn: &Connection, p: &Point) -> Result<(), StoreError> {
+        let (index, start, end) = self.last_bucket;
+        let (index, end) = if start <= p.ts && p.ts < end {
+            (index, end)
+        } else {
+            self.last_bucket = self.calendar.bucket(p.ts);
+            (self.last_bucket.0, self.last_bucket.2)
+        };
+        let (row_index, slot) = (index.div_euclid(SLOTS), index.rem_euclid(SLOTS) as u8);
+        let key = (p.series, row_index);
+        if !self.rows.contains_key(&key) {
+            let row = match self.stored_max.get(&p.series) {
+                Some(max) if row_index <= *max => {
+                    load_row(conn, self.calendar.code(), p.series, row_index, &self.calendar)?.unwrap_or_default()
+                }
+                _ => Row::default(),
+            };
+            self.rows.insert(key, row);
+        }
+        let Some(row) = self.rows.get_mut(&key) else { return Ok(()) };
+        row.dirty = true;
+        row.used = self.commits;
+        match row.windows.binary_search_by_key(&slot, |(s, _)| *s) {
+            Ok(i) => {
+                let w = &mut row.windows[i].1;
+                w.stats.add(p.ts, p.value);
+                w.updated_at = w.updated_at.max(p.received_at);
+                if p.received_at >= end && w.bumped_by != Some(p.block) {
+                    w.revision += 1;
+                    w.bumped_by = Some(p.block);
+                }
+            }
+            Err(i) => {
+                // A window that is new when its readings arrive after it closed was also made
+                // by late data; it starts at revision 0 all the same: nothing was served before.
+                row.windows.insert(i, (slot, Window::new(Stats::of(p.ts, p.value), 0, p.received_at)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every changed row (inside the caller's transaction).
+    pub fn flush(&mut self, tx: &Connection) -> Result<usize, StoreError> {
+        let code = self.calendar.code();
+        let mut stmt =
+            tx.prepare_cached("INSERT OR REPLACE INTO windows (size, series, row, data) VALUES (?1, ?2, ?3, ?4)")?;
+        let mut written = 0;
+        let mut buf = Vec::new();
+        for ((series, row_index), row) in self.rows.iter_mut().filter(|(_, r)| r.dirty) {
+            buf.clear();
+            encode_row(&self.calendar, *row_index, row, &mut buf);
+            stmt.execute(params![code, *series as i64, *row_index, &buf])?;
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    /// After a successful commit: rows are clean, and rows untouched for a while leave memory.
+    pub fn committed(&mut self) {
+        let commits = self.commits;
+        for ((series, row_index), row) in self.rows.iter_mut() {
+            if row.dirty {
+                row.dirty = false;
+                let max = self.stored_max.entry(*series).or_insert(*row_index);
+                *max = (*max).max(*row_index);
+            }
+            for (_, w) in &mut row.windows {
+                w.bumped_by = None;
+            }
+        }
+        if self.rows.len() > KEEP_ROWS {
+            // Keep each sensor's newest row (live data lands there) and the most recently used.
+            let mut newest: HashMap<u32, i64> = HashMap::new();
+            for (series, row_index) in self.rows.keys() {
+                let e = newest.entry(*series).or_insert(*row_index);
+                *e = (*e).max(*row_index);
+            }
+            let mut by_age: Vec<(u64, (u32, i64))> =
+                self.rows.iter().filter(|(k, _)| newest.get(&k.0) != Some(&k.1)).map(|(k, r)| (r.used, *k)).collect();
+            by_age.sort_unstable();
+            let excess = self.rows.len().saturating_sub(KEEP_ROWS);
+            for (_, key) in by_age.into_iter().take(excess) {
+                self.rows.remove(&key);
+            }
+        }
+        self.commits = commits + 1;
+    }
+
+    /// Forgets everything in memory (after a failed commit, to reload from the store).
+    pub fn reset(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        *self = WindowOperator::open(self.calendar.clone(), conn)?;
+        Ok(())
+    }
+
+    /// Rows in memory (for metrics).
+    pub fn rows_in_memory(&self) -> usize {
+        self.rows.len()
+    }
+}
+
+/// Reads one stored row.
+pub fn load_row(
+    conn: &Connection,
+    code: i64,
+    series: u32,
+    row_index: i64,
+    calendar: &Calendar,
+) -> Result<Option<Row>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT data FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3")?;
+    let data: Option<Vec<u8>> = stmt.query_row(params![code, series as i64, row_index], |r| r.get(0)).optional()?;
+    match data {
+        None => Ok(None),
+        Some(data) => {
+            decode_row(calendar, row_index, &data).map(|windows| Some(Row { windows, dirty: false, used: 0 })).map_err(
+                |e| StoreError::Corrupt(format!("window row (size {code}, series {series}, row {row_index}): {e}")),
+            )
+        }
+    }
+}
+
+/// A window as stored: times as deltas from the window's start, and small windows as their
+/// values (their statistics are refolded on load, bit for bit as the processor folded them).
+#[derive(Serialize, Deserialize)]
+enum StoredWindow {
+    /// One reading.
+    One { slot: u8, ts: i64, value: f64, updated: i64, revision: u32 },
+    /// Up to the sketch's exact limit: the values in log order, and first/last by index.
+    Few { slot: u8, values: Vec<f64>, first: (i64, u8), last: (i64, u8), updated: i64, revision: u32 },
+    /// Everything else.
+    Many { slot: u8, stats: Stats, updated: i64, revision: u32 },
+}
+
+fn encode_row(calendar: &Calendar, row_index: i64, row: &Row, out: &mut Vec<u8>) {
+    let stored: Vec<StoredWindow> = row
+        .windows
+        .iter()
+        .map(|(slot, w)| {
+            let start = calendar.start_of(row_index * SLOTS + i64::from(*slot));
+            let updated = w.updated_at.saturating_sub(start);
+            let s = &w.stats;
+            match &s.sketch {
+                super::sketch::Sketch::Exact(values) if s.count == 1 => StoredWindow::One {
+                    slot: *slot,
+                    ts: s.first.0 - start,
+                    value: values[0],
+                    updated,
+                    revision: w.revision,
+                },
+                super::sketch::Sketch::Exact(values) if values.len() as u64 == s.count => {
+                    let index_of = |(ts, v): (i64, f64)| {
+                        let i = values.iter().position(|x| x.to_bits() == v.to_bits()).unwrap_or(0);
+                        (ts - start, i as u8)
+                    };
+                    StoredWindow::Few {
+                        slot: *slot,
+                        values: values.clone(),
+                        first: index_of(s.first),
+                        last: index_of(s.last),
+                        updated,
+                        revision: w.revision,
+                    }
+                }
+                _ => StoredWindow::Many { slot: *slot, stats: s.clone(), updated, revision: w.revision },
+            }
+        })
+        .collect();
+    // Serialising these types into a Vec cannot fail.
+    if let Ok(bytes) = postcard::to_allocvec(&stored) {
+        out.extend_from_slice(&bytes);
+    }
+}
+
+/// Decodes a stored row into its windows.
+pub fn decode_row(calendar: &Calendar, row_index: i64, data: &[u8]) -> Result<Vec<(u8, Window)>, String> {
+    let stored: Vec<StoredWindow> = postcard::from_bytes(data).map_err(|e| e.to_string())?;
+    let mut windows = Vec::with_capacity(stored.len());
+    for w in stored {
+        let (slot, window) = match w {
+            StoredWindow::One { slot, ts, value, updated, revision } => {
+                let start = calendar.start_of(row_index * SLOTS + i64::from(slot));
+                (slot, Window::new(Stats::of(start + ts, value), revision, start + updated))
+            }
+            StoredWindow::Few { slot, values, first, last, updated, revision } => {
+                let start = calendar.start_of(row_index * SLOTS + i64::from(slot));
+                let (Some(v0), Some(fv), Some(lv)) =
+                    (values.first(), values.get(first.1 as usize), values.get(last.1 as usize))
+                else {
+                    return Err(format!("slot {slot}: a window without its values"));
+                };
+                let mut stats = Stats::of(0, *v0);
+                for v in &values[1..] {
+                    stats.add(0, *v);
+                }
+                stats.first = (start + first.0, *fv);
+                stats.last = (start + last.0, *lv);
+                (slot, Window::new(stats, revision, start + updated))
+            }
+            StoredWindow::Many { slot, stats, updated, revision } => {
+                let start = calendar.start_of(row_index * SLOTS + i64::from(slot));
+                (slot, Window::new(stats, revision, start + updated))
+            }
+        };
+        if i64::from(slot) >= SLOTS {
+            return Err(format!("slot {slot} out of range"));
+        }
+        windows.push((slot, window));
+    }
+    Ok(windows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_trip_bit_for_bit() {
+        let calendar = Calendar::fixed(60_000);
+        let base = 1_764_547_200_000i64;
+        let (index, ..) = calendar.bucket(base);
+        let row_index = index.div_euclid(SLOTS);
+        let row_start = calendar.start_of(row_index * SLOTS);
+        let mut row = Row::default();
+        // one reading, a few, many
+        row.windows.push((0, Window::new(Stats::of(row_start + 5, 21.5), 0, row_start + 100)));
+        let mut few = Stats::of(row_start + 60_000 + 10, 1.0);
+        few.add(row_start + 60_000 + 5, 2.0);
+        few.add(row_start + 60_000 + 50, 1e308);
+        row.windows.push((1, Window::new(few, 2, row_start + 999_999)));
+        let mut many = Stats::of(row_start + 120_000, 0.5);
+        for i in 0..100 {
+            many.add(row_start + 120_000 + i, f64::from(i as u32) * 0.1);
+        }
+        row.windows.push((2, Window::new(many, 0, row_start + 130_000)));
+        let mut buf = Vec::new();
+        encode_row(&calendar, row_index, &row, &mut buf);
+        let decoded = decode_row(&calendar, row_index, &buf).unwrap();
+        assert_eq!(decoded, row.windows);
+        assert!(decode_row(&calendar, row_index, &buf[..buf.len() / 2]).is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! Blocks may arrive in any order and overlap (concurrent requests, retries after a timeout,
+//! clients other than the agent): the log keeps every sequence number exactly once, fills the
+//! holes late blocks cover, keeps that state through a kill -9, and bounds the holes it tracks.
+
+mod common;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::{AGENTS, Aggregator, T0, gap_rows, handshake, log_totals, logged_blocks, postcard_batch, try_ingest};
+use tributary_shared::Block;
+
+const AGENT: &str = "gw-1";
+const EPOCH: u64 = 5;
+
+/// A batch of blocks `[first, end)` whose readings carry their own sequence number as value, so
+/// the log can be checked reading by reading.
+fn batch(blocks: &[(u64, u64)]) -> Vec<u8> {
+    let owned: Vec<(u64, Vec<_>)> = blocks
+        .iter()
+        .map(|&(first, end)| {
+            let readings = (first..end)
+                .map(|s| (["o/a", "o/b", "o/c"][(s % 3) as usize], T0 + s as i64 * 1000, s as f64))
+                .collect();
+            (first, readings)
+        })
+        .collect();
+    let refs: Vec<(u64, common::Readings<'_>)> = owned.iter().map(|(first, r)| (*first, &r[..])).collect();
+    postcard_batch(AGENT, EPOCH, &refs)
+}
+
+/// Batches of one to three blocks covering `0..n` three times over, each time cut differently
+/// (so blocks overlap at either end and in the middle), with a tenth of them resent, shuffled.
+fn shuffled_batches(rng: &mut fastrand::Rng, n: u64) -> Vec<Vec<(u64, u64)>> {
+    let mut blocks = Vec::new();
+    for _ in 0..3 {
+        let mut first = 0;
+        while first < n {
+            let end = (first + rng.u64(1..600)).min(n);
+            blocks.push((first, end));
+            first = end;
+        }
+    }
+    rng.shuffle(&mut blocks);
+    let mut batches: Vec<Vec<(u64, u64)>> = Vec::new();
+    let mut rest = &blocks[..];
+    while !rest.is_empty() {
+        let (take, more) = rest.split_at(rng.usize(1..=3).min(rest.len()));
+        batches.push(take.to_vec());
+        rest = more;
+    }
+    let resent: Vec<_> = batches.iter().filter(|_| rng.u8(0..10) == 0).cloned().collect();
+    batches.extend(resent);
+    rng.shuffle(&mut batches);
+    batches
+}
+
+/// Every sequence number the log holds for (AGENT, EPOCH), sorted, duplicates kept; each
+/// reading's value must be its sequence number (first_seq + index).
+fn logged_seqs(agg: &Aggregator) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for (first_seq, count, data) in logged_blocks(&agg.data_dir, AGENT, EPOCH as i64) {
+        let block = Block::decode(&data).unwrap();
+        assert_eq!(block.len(), count as usize);
+        for (i, (_, _, value)) in block.readings().enumerate() {
+            assert_eq!(
+                value,
+                (first_seq + i as u64) as f64,
+                "the block logged at seq {first_seq} holds another reading"
+            );
+            seqs.push(value as u64);
+        }
+    }
+    seqs.sort_unstable();
+    seqs
+}
+
+/// Sends `batches` from `senders` threads at once, each taking the next batch from a shared queue.
+/// With `kill_at: Some((k, pid))` the sender that gets the k-th ack SIGKILLs the server at once,
+/// while the others have requests in flight. A sender stops at its first failed request (the
+/// server is gone). Returns the acks.
+fn send_concurrently(
+    agg: &Aggregator,
+    batches: &[Vec<(u64, u64)>],
+    senders: usize,
+    kill_at: Option<usize>,
+) -> Vec<serde_json::Value> {
+    let queue = Mutex::new(batches.iter());
+    let acks = Mutex::new(Vec::new());
+    let acked = AtomicUsize::new(0);
+    let (addr, pid) = (agg.addr, agg.child.id() as i32);
+    std::thread::scope(|s| {
+        for _ in 0..senders {
+            s.spawn(|| {
+                loop {
+                    let Some(blocks) = queue.lock().unwrap().next() else { return };
+                    match try_ingest(addr, 0, &batch(blocks)) {
+                        Ok(response) if response.status == 200 => {
+                            acks.lock().unwrap().push(response.json());
+                            if Some(acked.fetch_add(1, Ordering::SeqCst) + 1) == kill_at {
+                                // SAFETY: kill(2) on our own child's pid; it is reaped when `agg` drops.
+                                unsafe { libc::kill(pid, libc::SIGKILL) };
+                            }
+                        }
+                        Ok(response) => panic!("{blocks:?}: {} {}", response.status, response.text()),
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    acks.into_inner().unwrap()
+}
+
+fn handshake_ack(agg: &Aggregator) -> serde_json::Value {
+    agg.ingest_ok(0, &handshake(AGENT, EPOCH))
+}
+
+#[test]
+fn concurrent_overlapping_out_of_order_senders_log_every_reading_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    let n = 20_000;
+    let batches = shuffled_batches(&mut fastrand::Rng::with_seed(11), n);
+    let acks = send_concurrently(&agg, &batches, 4, None);
+    assert_eq!(acks.len(), batches.len(), "every request answered 200");
+    let accepted: u64 = acks.iter().map(|a| a["accepted"].as_u64().unwrap()).sum();
+    assert_eq!(accepted, n);
+    // Out of order for real: some batches arrived above a hole, and later ones filled it.
+    assert!(acks.iter().any(|a| a["missing"].as_u64() > Some(0)), "no ack ever saw a hole");
+    assert!(agg.metric("tributary_ingest_gap_filled_readings_total") > 0.0);
+
+    assert_eq!(logged_seqs(&agg), (0..n).collect::<Vec<_>>());
+    assert_eq!(gap_rows(&agg.data_dir, AGENT, EPOCH as i64), []);
+    assert_eq!(handshake_ack(&agg), serde_json::json!({"accepted": 0, "duplicates": 0, "next_seq": n, "missing": 0}));
+    agg.wait_processed();
+    let (_, sensors) = agg.get_json("/api/v1/sensors");
+    let counted: u64 = sensors.as_array().unwrap().iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, n);
+}
+
+#[test]
+fn out_of_order_ranges_survive_a_kill_9_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    let n = 20_000;
+    let mut rng = fastrand::Rng::with_seed(23);
+    let batches = shuffled_batches(&mut rng, n);
+    let kill_at = batches.len() / 3;
+    let acked = send_concurrently(&agg, &batches, 3, Some(kill_at)).len();
+    agg.kill();
+    assert!(acked >= kill_at && acked < batches.len(), "{acked} of {} acked", batches.len());
+
+    let agg = Aggregator::start(dir.path());
+    // What the restarted aggregator says it holds is exactly what its log holds.
+    let seqs = logged_seqs(&agg);
+    let mut unique = seqs.clone();
+    unique.dedup();
+    assert_eq!(seqs, unique, "a sequence number logged twice");
+    let mark = seqs.last().map_or(0, |s| s + 1);
+    let holes: Vec<(u64, u64)> = {
+        let mut holes = Vec::new();
+        let mut expected = 0;
+        for &s in &seqs {
+            if s > expected {
+                holes.push((expected, s));
+            }
+            expected = s + 1;
+        }
+        holes
+    };
+    assert!(!holes.is_empty(), "the kill left no hole; the test proves nothing");
+    assert_eq!(gap_rows(&agg.data_dir, AGENT, EPOCH as i64), holes);
+    assert_eq!(
+        handshake_ack(&agg),
+        serde_json::json!({"accepted": 0, "duplicates": 0, "next_seq": mark, "missing": mark - seqs.len() as u64})
+    );
+
+    // Everything again, in another order: only the unlogged readings are appended.
+    let mut again = batches.clone();
+    rng.shuffle(&mut again);
+    let acks = send_concurrently(&agg, &again, 3, None);
+    assert_eq!(acks.len(), again.len());
+    let accepted: u64 = acks.iter().map(|a| a["accepted"].as_u64().unwrap()).sum();
+    assert_eq!(accepted, n - seqs.len() as u64);
+    assert_eq!(logged_seqs(&agg), (0..n).collect::<Vec<_>>());
+    assert_eq!(gap_rows(&agg.data_dir, AGENT, EPOCH as i64), []);
+    assert_eq!(handshake_ack(&agg)["next_seq"], n);
+}
+
+#[test]
+fn a_client_sending_every_other_sequence_number_is_capped_with_too_many_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    let limit = 10_000u64;
+    let every_other: Vec<(u64, u64)> = (0..limit).map(|i| (2 * i + 1, 2 * i + 2)).collect();
+    let ack = agg.ingest_ok(0, &batch(&every_other));
+    assert_eq!(ack, serde_json::json!({"accepted": limit, "duplicates": 0, "next_seq": 2 * limit, "missing": limit}));
+    let before = log_totals(&agg.data_dir);
+
+    let one_more = batch(&[(2 * limit + 1, 2 * limit + 2)]);
+    let refused = agg.ingest(Some(AGENTS[0].1), "application/x-postcard", &one_more);
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    let body = refused.json();
+    assert_eq!(body["error"], "too_many_holes");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("10001 holes") && detail.contains("limit is 10000"), "{detail}");
+    assert_eq!(log_totals(&agg.data_dir), before, "a refused batch wrote something");
+    assert_eq!(gap_rows(&agg.data_dir, AGENT, EPOCH as i64).len(), limit as usize);
+
+    // Filling a hole is always accepted, and makes room for the refused batch.
+    let ack = agg.ingest_ok(0, &batch(&[(0, 1)]));
+    assert_eq!((ack["accepted"].as_u64(), ack["missing"].as_u64()), (Some(1), Some(limit - 1)));
+    assert_eq!(agg.ingest_ok(0, &one_more)["missing"], limit);
+}
