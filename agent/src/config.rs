@@ -27,6 +27,9 @@ pub struct Config {
     pub validation: ValidationConfig,
     #[serde(default)]
     pub spool: SpoolConfig,
+    /// Serial ports to read (`[[serial]]` tables, any number). Default: none.
+    #[serde(default)]
+    pub serial: Vec<SerialConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -161,6 +164,48 @@ pub enum Overflow {
     DropOldest,
     /// Keep what is stored; drop arriving readings that do not fit.
     DropNewest,
+}
+
+/// How a serial device writes its readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialFormat {
+    /// Binary frames with a CRC (`tributary_shared::frame`): corruption is detected.
+    Frames,
+    /// Text lines, `sensor=value[,sensor=value...]` or a bare number, ended by `\n` or `\r\n`.
+    Lines,
+}
+
+/// One serial port, read beside the MQTT input. Documented in `deploy/agent.toml` and the README.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// The device, e.g. `/dev/ttyUSB0`, or a stable `/dev/serial/by-id/...` link, which is
+    /// resolved again at every (re)open. Required. Its file name is the port's name in metrics.
+    pub path: PathBuf,
+    /// Baud rate. Default 115200.
+    #[serde(default = "default_serial_baud")]
+    pub baud: u32,
+    /// `frames` or `lines`; see [`SerialFormat`]. Required.
+    pub format: SerialFormat,
+    /// Sensor ids become `<sensor_prefix>/<id>`, and a bare number's id is the prefix itself.
+    /// Default: none (ids as the device sends them; a bare number's id is the port's name).
+    pub sensor_prefix: Option<String>,
+}
+
+impl SerialConfig {
+    /// The port's name: the file name of `path` as configured (a by-id link keeps its name
+    /// across re-enumeration, where the device it points to may not).
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
+}
+
+fn default_serial_baud() -> u32 {
+    115_200
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -348,6 +393,50 @@ impl Config {
                 "spool.commit_interval",
                 "at most 1s: the embedded broker has acknowledged readings that wait this long".into(),
             ));
+        }
+        self.check_serial()?;
+        Ok(())
+    }
+
+    /// `[[serial]]` rules: usable baud rates and ids, one input per port.
+    fn check_serial(&self) -> Result<(), (&'static str, String)> {
+        let mut names = std::collections::HashSet::new();
+        for (i, port) in self.serial.iter().enumerate() {
+            let at = format!("[[serial]] #{} ({})", i + 1, port.path.display());
+            if port.path.as_os_str().is_empty() {
+                return Err(("serial.path", format!("{at}: must not be empty")));
+            }
+            if port.baud == 0 || port.baud > 4_000_000 {
+                return Err(("serial.baud", format!("{at}: {} is not a baud rate (1 to 4000000)", port.baud)));
+            }
+            let name = port.name();
+            if !names.insert(name.clone()) {
+                return Err((
+                    "serial.path",
+                    format!("{at}: another port has the name {name:?}; port names (file names) must differ"),
+                ));
+            }
+            match &port.sensor_prefix {
+                Some(prefix) => {
+                    if let Err(e) = tributary_shared::reading::validate_sensor_id(prefix) {
+                        return Err((
+                            "serial.sensor_prefix",
+                            format!("{at}: {prefix:?} is not a usable sensor id: {e}"),
+                        ));
+                    }
+                }
+                None if port.format == SerialFormat::Lines => {
+                    if let Err(e) = tributary_shared::reading::validate_sensor_id(&name) {
+                        return Err((
+                            "serial.sensor_prefix",
+                            format!(
+                                "{at}: bare numbers would take the port name {name:?}, which is not a usable sensor id ({e}); set sensor_prefix"
+                            ),
+                        ));
+                    }
+                }
+                None => {}
+            }
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! readings on the [`spool`], which commits them to SQLite in blocks; the [`forward`]er sends the
 //! blocks to the aggregator and has the spool delete what was acknowledged. [`http`] serves health
 //! and [`metrics`]. [`run`] wires the parts together and stops them in order.
+//! Serial ports ([`input::serial`]) are read beside the MQTT input, into the same spool.
 
 pub mod config;
 pub mod decode;
@@ -26,6 +27,7 @@ use crate::forward::Forwarder;
 use crate::input::Intake;
 use crate::input::broker::{BrokerError, EmbeddedBroker};
 use crate::input::mqtt::{ClientError, MqttClient};
+use crate::input::serial::SerialInput;
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolError};
 
@@ -61,6 +63,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.validation.max_clock_skew.as_millis() as i64,
     );
     let decoder = decoder.with_caps(config.mqtt.max_readings_per_message, config.validation.max_new_sensors_per_minute);
+    // Each serial port reads into its own intake; the spool's group commit batches them all.
+    let mut serial_inputs = Vec::new();
+    for port in &config.serial {
+        let intake = Intake::new(decoder.clone(), &spool, metrics.clone(), config.spool.max_queued_readings);
+        let input = SerialInput::new(port, config.validation.max_clock_skew.as_millis() as i64, &metrics);
+        serial_inputs.push(tokio::spawn(input.run(intake, stop_rx.clone())));
+    }
     let intake = Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings);
     let mut input = match config.mqtt.mode {
         MqttMode::Embedded => {
@@ -102,6 +111,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(Ok(())) => Err(AgentError::Task("the input stopped on its own".into())),
         Some(Err(e)) => Err(e),
     };
+    // The serial inputs hand over what they read and end.
+    for serial in serial_inputs {
+        result = result.and(serial.await.map_err(|e| AgentError::Task(e.to_string())).and_then(|r| Ok(r?)));
+    }
     let _ = forwarder.await;
     match http_server.await {
         Ok(Err(e)) => result = result.and(Err(AgentError::Http(e))),

@@ -40,6 +40,18 @@ pub const FORWARD_OUTCOMES: [&str; 8] = [
     "unreachable",
 ];
 
+/// A serial port, by name (the file name of its configured path).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PortLabels {
+    pub port: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SerialRejectLabels {
+    pub port: String,
+    pub reason: &'static str,
+}
+
 /// Every metric of the agent. Cloning a metric shares it.
 pub struct Metrics {
     registry: Registry,
@@ -84,6 +96,16 @@ pub struct Metrics {
     /// Messages the broker delivered again (`dup` set; client mode): their first delivery was not
     /// acknowledged before the connection dropped or the agent stopped, so they may be spooled twice.
     pub mqtt_redelivered: Counter,
+    /// Bytes read from each serial port.
+    pub serial_bytes: Family<PortLabels, Counter>,
+    /// Readings each serial port delivered to the spool.
+    pub serial_readings: Family<PortLabels, Counter>,
+    /// Frames, lines or readings of a serial port not turned into readings, by reason.
+    pub serial_rejected: Family<SerialRejectLabels, Counter>,
+    /// 1 while a serial port is open.
+    pub serial_open: Family<PortLabels, Gauge>,
+    /// Times a serial port was opened (more than one: the device went away and came back).
+    pub serial_opens: Family<PortLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -116,6 +138,11 @@ impl Metrics {
             dead_letter_readings: Counter::default(),
             mqtt_connected: Gauge::default(),
             mqtt_redelivered: Counter::default(),
+            serial_bytes: Family::default(),
+            serial_readings: Family::default(),
+            serial_rejected: Family::default(),
+            serial_open: Family::default(),
+            serial_opens: Family::default(),
             registry: Registry::default(),
         };
         registry.register("mqtt_messages", "MQTT messages read from the broker", m.messages.clone());
@@ -194,6 +221,23 @@ impl Metrics {
             "Messages the broker delivered again (dup flag, client mode); they may be spooled twice",
             m.mqtt_redelivered.clone(),
         );
+        registry.register("serial_bytes", "Bytes read from each serial port", m.serial_bytes.clone());
+        registry.register(
+            "serial_readings",
+            "Readings each serial port handed to the spool",
+            m.serial_readings.clone(),
+        );
+        registry.register(
+            "serial_rejected",
+            "Frames, lines or readings of a serial port not turned into readings, by reason",
+            m.serial_rejected.clone(),
+        );
+        registry.register("serial_open", "1 while the serial port is open", m.serial_open.clone());
+        registry.register(
+            "serial_opens",
+            "Times the serial port was opened (more than once: the device went away and came back)",
+            m.serial_opens.clone(),
+        );
         // Make every reason visible from the start, so a dashboard sees 0 rather than nothing.
         for reason in Reject::ALL {
             let _ = m.rejected.get_or_create(&RejectLabels { reason });
@@ -230,6 +274,12 @@ mod tests {
         let m = Metrics::new();
         m.spool_commit_seconds.observe(0.003);
         m.forward_outcome("ok");
+        let port = || PortLabels { port: "ttyUSB0".into() };
+        m.serial_bytes.get_or_create(&port()).inc();
+        m.serial_readings.get_or_create(&port()).inc();
+        m.serial_open.get_or_create(&port()).set(1);
+        m.serial_opens.get_or_create(&port()).inc();
+        m.serial_rejected.get_or_create(&SerialRejectLabels { port: "ttyUSB0".into(), reason: "crc" }).inc();
         let text = m.render();
         for name in [
             "tributary_agent_mqtt_messages_total",
@@ -255,6 +305,11 @@ mod tests {
             "tributary_agent_mqtt_redelivered_total",
             "tributary_agent_rejected_total{reason=\"sensor_limit\"} 0",
             "tributary_agent_rejected_total{reason=\"too_many_readings\"} 0",
+            "tributary_agent_serial_bytes_total{port=\"ttyUSB0\"} 1",
+            "tributary_agent_serial_readings_total{port=\"ttyUSB0\"} 1",
+            "tributary_agent_serial_rejected_total{port=\"ttyUSB0\",reason=\"crc\"} 1",
+            "tributary_agent_serial_open{port=\"ttyUSB0\"} 1",
+            "tributary_agent_serial_opens_total{port=\"ttyUSB0\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -802,7 +802,14 @@ impl Writer {
             delay = (delay * 2).min(Duration::from_secs(5));
         }
         if let Some(through) = batch.through {
-            self.committed.send_replace(through);
+            // Keep the max: a serial chunk carries the number committed when it was read, so a batch
+            // of only serial readings can hold a lower number than an MQTT commit just published;
+            // moving back would make an ack waiter miss its message until the next commit.
+            self.committed.send_if_modified(|committed| {
+                let moved = through > *committed;
+                *committed = (*committed).max(through);
+                moved
+            });
         }
     }
 
@@ -1495,6 +1502,27 @@ mod tests {
         assert_eq!(block.sensors, ["s0", "s1", "s2"]);
         assert_eq!(block.readings().nth(30), Some(("s0", 1_764_000_000_100, 0.0)));
         assert_eq!(metrics.spool_commits.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_commit_carrying_an_older_intake_number_never_moves_committed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _thread) = Spool::open(dir.path(), &config(), Arc::new(Metrics::new())).unwrap();
+        let mut chunk = readings(3, 0);
+        chunk.through = 5;
+        spool.send(Command::Append(chunk)).await.unwrap();
+        spool.committed().wait_for(|c| *c >= 5).await.unwrap();
+        // Serial inputs' chunks carry the number committed when they were read, here older than 5.
+        // Two commits, one after the other: once the second is in `end`, the first has set `committed`.
+        let mut end = spool.end();
+        for through in [3, 4] {
+            let before = *end.borrow();
+            let mut chunk = readings(2, 100 * through as i64);
+            chunk.through = through;
+            spool.send(Command::Append(chunk)).await.unwrap();
+            end.wait_for(|e| *e >= before + 2).await.unwrap();
+        }
+        assert_eq!(*spool.committed().borrow(), 5, "message 5 was durable and must stay acknowledged");
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 use crate::load::{self, LoadArgs};
 use crate::mqtt::{self, MqttArgs};
+use crate::serial::{self, SerialArgs};
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, Parser)]
@@ -19,6 +20,9 @@ pub enum Command {
     Mqtt(MqttArgs),
     /// POST pre-encoded ingest batches to the aggregator and measure its rate.
     Load(LoadArgs),
+    /// Play simulated devices over a serial port (frames or lines), with injected faults;
+    /// prints what was sent when done or stopped.
+    Serial(SerialArgs),
 }
 
 /// Runs a command and prints its one-line result to stdout (logs go to stderr).
@@ -32,6 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Load(args) => println!("{}", load::run(&args).await?),
+        Command::Serial(args) => println!("{}", serial::run(&args, Shutdown::on_signals()).await?),
     }
     Ok(())
 }

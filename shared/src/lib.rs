@@ -4,6 +4,7 @@
 //! - [`block`]: a run of consecutive readings of one agent, encoded compactly (sensor ids interned,
 //!   timestamps as deltas, optionally zstd-compressed). The spool, the wire and the log all store blocks.
 //! - [`batch`]: what an agent POSTs to the aggregator (postcard by default, JSON accepted) and the ack.
+//! - [`frame`]: the serial frame format (postcard + CRC-32 + COBS) sensors send over a UART.
 //!
 //! - [`config_file`] (feature `config`): TOML configuration files whose errors name the file, the
 //!   key and the reason.
@@ -17,6 +18,7 @@ pub mod batch;
 pub mod block;
 #[cfg(feature = "config")]
 pub mod config_file;
+pub mod frame;
 pub mod reading;
 
 pub use batch::{Batch, IngestAck, JsonBatch, JsonBlock, WireBlock};

@@ -1,9 +1,11 @@
 //! Where readings come from: the embedded MQTT broker ([`broker`]) or an existing broker joined as
 //! a client ([`mqtt`]). Both decode messages with [`Decoder`] into an [`Intake`], which hands
-//! chunks of readings to the spool.
+//! chunks of readings to the spool. Serial ports ([`serial`]) decode their own bytes and queue
+//! readings on an [`Intake`] of their own.
 
 pub mod broker;
 pub mod mqtt;
+pub mod serial;
 
 use std::sync::Arc;
 
@@ -144,5 +146,21 @@ impl Intake {
     /// The intake number of the last committed message.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
+    }
+
+    /// Queues one validated reading that did not come in an MQTT message (a serial port's).
+    /// Nothing acknowledges it, so it takes no intake number: its chunk carries the number already
+    /// committed, so that committing it never moves [`Spool::committed`] past a message not yet durable.
+    pub fn take_reading(&mut self, sensor: &str, ts: i64, value: f64) {
+        // Counted like `take`'s readings, so the byte budget of `is_full` bounds serial chunks too.
+        let index = self.pending.readings.intern(sensor);
+        if index as usize == self.pending_ids {
+            self.pending_ids += 1;
+            self.pending_bytes += ID_OVERHEAD_BYTES + 2 * sensor.len();
+        }
+        self.pending.readings.push_interned(index, ts, value);
+        self.pending_bytes += READING_BYTES;
+        self.metrics.readings_accepted.inc();
+        self.pending.through = self.pending.through.max(*self.committed.borrow());
     }
 }
