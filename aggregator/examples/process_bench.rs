@@ -119,7 +119,8 @@ fn main() -> anyhow::Result<()> {
     let spec = config.pipeline_spec();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
-    let folded = pipeline::processor::catch_up(&dir.path().join("log.db"), &store_path, spec.clone())?;
+    let done = pipeline::processor::catch_up(&dir.path().join("log.db"), &store_path, spec.clone())?;
+    let folded = done.folded;
     let fold_s = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
 
@@ -127,6 +128,12 @@ fn main() -> anyhow::Result<()> {
     let exported = export(&store_path, &spec, &prefix, Path::new(&output))?;
     let log_bytes = std::fs::metadata(dir.path().join("log.db"))?.len();
     let store_bytes = std::fs::metadata(&store_path)?.len();
+    let rows: (i64, f64, i64, i64) = rusqlite::Connection::open(&store_path)?.query_row(
+        "SELECT (SELECT count(*) FROM windows), (SELECT avg(length(data)) FROM windows),
+                (SELECT page_count FROM pragma_page_count()), (SELECT freelist_count FROM pragma_freelist_count())",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
     println!(
         "RESULT {}",
         serde_json::json!({
@@ -139,9 +146,16 @@ fn main() -> anyhow::Result<()> {
             "fold_s": round(fold_s),
             "readings_per_s": (folded as f64 / fold_s).round(),
             "cpu_us_per_reading": round(cpu * 1e6 / folded as f64),
+            "fold_time_s": {
+                "read_and_decode": round(done.timings.read.as_secs_f64()),
+                "fold": round(done.timings.fold.as_secs_f64()),
+                "commit": round(done.timings.commit.as_secs_f64()),
+                "commits": done.timings.commits,
+            },
             "peak_rss_mib": round(peak_rss_kib() as f64 / 1024.0),
             "log_bytes_per_reading": round(log_bytes as f64 / folded as f64),
             "store_bytes_per_reading": round(store_bytes as f64 / folded as f64),
+            "store_window_rows": {"rows": rows.0, "avg_bytes": round(rows.1), "pages": rows.2, "free_pages": rows.3},
             "exported_windows": exported,
         })
     );

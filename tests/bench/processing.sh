@@ -24,8 +24,12 @@ DATA=$PEER/data
 [ -f "$DATA/readings_$N.csv" ] || "$PY" "$PEER/gen.py" -n "$N" -s 1000 >/dev/null
 [ -f "$DATA/readings_${N}_10k.csv" ] || "$PY" "$PEER/gen.py" -n "$N" -s 10000 --suffix _10k >/dev/null
 
-cargo build --release -p tributary-aggregator --example process_bench --quiet
-BENCH=$ROOT/target/release/examples/process_bench
+# PROCESS_BENCH=path uses an already built bench binary (e.g. one built without LTO, faster to build).
+BENCH=${PROCESS_BENCH:-}
+if [ -z "$BENCH" ]; then
+  cargo build --release -p tributary-aggregator --example process_bench --quiet
+  BENCH=$ROOT/target/release/examples/process_bench
+fi
 OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT
 
 echo "== DuckDB (batch limit), 1-minute windows, $N readings"

@@ -22,8 +22,6 @@ pub mod state;
 pub mod stats;
 pub mod window;
 
-use std::collections::HashMap;
-
 use rusqlite::{Connection, params};
 use tributary_shared::Block;
 
@@ -83,7 +81,7 @@ pub struct SetAside {
 /// Sensor ids to small integers, persisted in the `series` table.
 #[derive(Debug, Default)]
 pub struct SeriesIndex {
-    ids: HashMap<String, u32>,
+    ids: rustc_hash::FxHashMap<String, u32>,
     names: Vec<String>,
     /// Ids made since the last commit, to insert.
     new_from: usize,

@@ -190,6 +190,27 @@ struct Processor {
     limit: Option<(usize, u64)>,
     /// Failed attempts since the last successful commit.
     failures: u32,
+    /// Where the time goes: reading and folding the log, and committing to the store.
+    timings: Timings,
+}
+
+/// Time spent by a processor, for `catch_up`'s report (and benchmarks).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Reading blocks from the log, decoding and validating them.
+    pub read: Duration,
+    /// Folding readings into the operators (in memory, plus rows loaded for late data).
+    pub fold: Duration,
+    /// Committing: derived readings to the log, every operator's rows to the store.
+    pub commit: Duration,
+    pub commits: u64,
+}
+
+/// What [`catch_up`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct CatchUp {
+    pub folded: u64,
+    pub timings: Timings,
 }
 
 /// Opens the store, resumes from its committed offset and starts the processor thread.
@@ -228,6 +249,7 @@ pub fn start(
         cycle_first: None,
         limit: None,
         failures: 0,
+        timings: Timings::default(),
     };
     let guard = alive.guard();
     let thread = std::thread::Builder::new()
@@ -242,7 +264,7 @@ pub fn start(
 
 /// Folds the log from the store's committed offset to the log's end, commits, and returns the
 /// readings folded: the offline form of the processor (benchmarks, `replay`).
-pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Result<u64, ProcessError> {
+pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Result<CatchUp, ProcessError> {
     // Derived streams go to the log through a writer of its own: the aggregator must be stopped.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProcessError::Spawn)?;
     let metrics = Arc::new(Metrics::new());
@@ -268,6 +290,7 @@ pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Resul
         cycle_first: None,
         limit: None,
         failures: 0,
+        timings: Timings::default(),
     };
     while p.next_offset < head {
         let before = p.next_offset;
@@ -279,11 +302,11 @@ pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Resul
     if p.next_offset != p.committed {
         p.commit()?;
     }
-    let folded = p.committed - next_offset;
+    let done = CatchUp { folded: p.committed - next_offset, timings: p.timings };
     drop(p);
     runtime.block_on(writer.handle.stop());
     let _ = writer.thread.join();
-    Ok(folded)
+    Ok(done)
 }
 
 impl Processor {
@@ -393,7 +416,9 @@ impl Processor {
     fn step(&mut self, head: u64) -> Result<Option<Duration>, ProcessError> {
         let max_blocks = self.limit.map_or(usize::MAX, |(n, _)| n.saturating_sub(self.cycle_blocks).max(1));
         if self.next_offset < head {
+            let started = Instant::now();
             let blocks = read_log(&self.log, self.next_offset, READ_READINGS, max_blocks)?;
+            self.timings.read += started.elapsed();
             for b in &blocks {
                 if b.first_offset != self.next_offset {
                     tracing::error!(
@@ -412,6 +437,7 @@ impl Processor {
                     self.cycle_first = Some(meta.clone());
                 }
                 self.cycle_blocks += 1;
+                let started = Instant::now();
                 let block = Block::decode(&b.data).map_err(|e| format!("does not decode: {e}")).and_then(|block| {
                     if block.len() as u64 != b.count {
                         return Err(format!("count says {} readings, the block holds {}", b.count, block.len()));
@@ -419,9 +445,12 @@ impl Processor {
                     block.validate().map_err(|e| format!("does not validate: {e}"))?;
                     Ok(block)
                 });
+                let folding = Instant::now();
+                self.timings.read += folding - started;
                 match block {
                     Ok(block) => {
-                        self.pipeline.fold_block(&self.store, b.first_offset, &b.agent_id, b.received_at, &block)?
+                        self.pipeline.fold_block(&self.store, b.first_offset, &b.agent_id, b.received_at, &block)?;
+                        self.timings.fold += folding.elapsed();
                     }
                     Err(reason) => {
                         tracing::error!(first_offset = b.first_offset, %reason, "log block set aside");
@@ -449,6 +478,7 @@ impl Processor {
     }
 
     fn commit(&mut self) -> Result<(), ProcessError> {
+        let started = Instant::now();
         self.append_derived()?;
         let transitions = self.pipeline.transitions().to_vec();
         let set_aside: (u64, u64) =
@@ -477,6 +507,8 @@ impl Processor {
         }
         self.committed = self.next_offset;
         self.last_commit = Instant::now();
+        self.timings.commit += started.elapsed();
+        self.timings.commits += 1;
         self.metrics.processor_offset.set(self.committed as i64);
         if self.limit.is_some_and(|(_, until)| self.committed >= until) {
             self.limit = None;

@@ -12,9 +12,12 @@
 //! (tested below on skewed and narrow data).
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 /// Readings kept exactly before a window switches to buckets.
 pub const EXACT_MAX: usize = 16;
+/// Values an exact sketch holds without a heap allocation.
+pub const INLINE: usize = 4;
 /// DDSketch's α: a returned quantile is within this relative distance of the bucket's values.
 pub const RELATIVE_ACCURACY: f64 = 0.005;
 /// Magnitudes below this share the zero bucket (their logarithm would leave the key range).
@@ -28,21 +31,21 @@ fn gamma() -> (f64, f64) {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Sketch {
-    /// Every value, in the order added.
-    Exact(Vec<f64>),
+    /// Every value, in the order added (inline up to [`INLINE`]: most windows hold a few).
+    Exact(SmallVec<[f64; INLINE]>),
     /// Bucket counts: keys ascending, for positive values and for the magnitudes of negative ones.
     Buckets { zero: u64, pos: Vec<(i32, u64)>, neg: Vec<(i32, u64)> },
 }
 
 impl Default for Sketch {
     fn default() -> Self {
-        Sketch::Exact(Vec::new())
+        Sketch::Exact(SmallVec::new())
     }
 }
 
 impl Sketch {
     pub fn of(value: f64) -> Sketch {
-        Sketch::Exact(vec![value])
+        Sketch::Exact(smallvec::smallvec![value])
     }
 
     pub fn add(&mut self, value: f64) {

@@ -119,7 +119,13 @@ impl WindowOperator {
         let Some(row) = self.rows.get_mut(&key) else { return Ok(()) };
         row.dirty = true;
         row.used = self.commits;
-        match row.windows.binary_search_by_key(&slot, |(s, _)| *s) {
+        // Readings mostly arrive in event-time order: try the row's newest window before searching.
+        let found = match row.windows.last() {
+            Some((last, _)) if *last == slot => Ok(row.windows.len() - 1),
+            Some((last, _)) if *last < slot => Err(row.windows.len()),
+            _ => row.windows.binary_search_by_key(&slot, |(s, _)| *s),
+        };
+        match found {
             Ok(i) => {
                 let w = &mut row.windows[i].1;
                 w.stats.add(p.ts, p.value);
@@ -144,8 +150,10 @@ impl WindowOperator {
     /// Writes every changed row (inside the caller's transaction).
     pub fn flush(&mut self, tx: &Connection) -> Result<usize, StoreError> {
         let code = self.calendar.code();
-        let mut stmt =
-            tx.prepare_cached("INSERT OR REPLACE INTO windows (size, series, row, data) VALUES (?1, ?2, ?3, ?4)")?;
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO windows (size, series, row, data) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (size, series, row) DO UPDATE SET data = excluded.data",
+        )?;
         let mut written = 0;
         let mut buf = Vec::new();
         for ((series, row_index), row) in self.rows.iter_mut().filter(|(_, r)| r.dirty) {
@@ -232,8 +240,17 @@ enum StoredWindow {
     Many { slot: u8, stats: Stats, updated: i64, revision: u32 },
 }
 
+/// [`StoredWindow`] borrowed for writing: the same variants and fields in the same order, so
+/// postcard writes the same bytes without copying a window's values.
+#[derive(Serialize)]
+enum StoredWindowRef<'a> {
+    One { slot: u8, ts: i64, value: f64, updated: i64, revision: u32 },
+    Few { slot: u8, values: &'a [f64], first: (i64, u8), last: (i64, u8), updated: i64, revision: u32 },
+    Many { slot: u8, stats: &'a Stats, updated: i64, revision: u32 },
+}
+
 fn encode_row(calendar: &Calendar, row_index: i64, row: &Row, out: &mut Vec<u8>) {
-    let stored: Vec<StoredWindow> = row
+    let stored: Vec<StoredWindowRef<'_>> = row
         .windows
         .iter()
         .map(|(slot, w)| {
@@ -241,7 +258,7 @@ fn encode_row(calendar: &Calendar, row_index: i64, row: &Row, out: &mut Vec<u8>)
             let updated = w.updated_at.saturating_sub(start);
             let s = &w.stats;
             match &s.sketch {
-                super::sketch::Sketch::Exact(values) if s.count == 1 => StoredWindow::One {
+                super::sketch::Sketch::Exact(values) if s.count == 1 => StoredWindowRef::One {
                     slot: *slot,
                     ts: s.first.0 - start,
                     value: values[0],
@@ -253,22 +270,22 @@ fn encode_row(calendar: &Calendar, row_index: i64, row: &Row, out: &mut Vec<u8>)
                         let i = values.iter().position(|x| x.to_bits() == v.to_bits()).unwrap_or(0);
                         (ts - start, i as u8)
                     };
-                    StoredWindow::Few {
+                    StoredWindowRef::Few {
                         slot: *slot,
-                        values: values.clone(),
+                        values,
                         first: index_of(s.first),
                         last: index_of(s.last),
                         updated,
                         revision: w.revision,
                     }
                 }
-                _ => StoredWindow::Many { slot: *slot, stats: s.clone(), updated, revision: w.revision },
+                _ => StoredWindowRef::Many { slot: *slot, stats: s, updated, revision: w.revision },
             }
         })
         .collect();
     // Serialising these types into a Vec cannot fail.
-    if let Ok(bytes) = postcard::to_allocvec(&stored) {
-        out.extend_from_slice(&bytes);
+    if let Ok(bytes) = postcard::to_extend(&stored, std::mem::take(out)) {
+        *out = bytes;
     }
 }
 
