@@ -297,7 +297,8 @@ fn export(store_path: &Path, spec: &pipeline::PipelineSpec, prefix: &str, out: &
     let mut file = BufWriter::new(std::fs::File::create(out)?);
     writeln!(file, "sensor_id,window_start,count,min,max,mean")?;
     let mut n = 0;
-    for (series, name) in store::series_with_prefix(&conn, "")? {
+    // Derived streams (`_anomaly/...`, `_alert/...`) are not part of the workload's answer.
+    for (series, name) in store::series_with_prefix(&conn, prefix)? {
         let id = name.strip_prefix(prefix).unwrap_or(&name);
         for (index, w) in store::windows(&conn, calendar, series, i64::MIN / 120_000, i64::MAX / 120_000)? {
             let s = &w.stats;

@@ -75,7 +75,7 @@ pub struct AlertOperator {
     /// Per series: the indices of the rules matching it, once looked up.
     rules_of: Vec<Option<Vec<usize>>>,
     states: rustc_hash::FxHashMap<(usize, u32), RuleState>,
-    dirty: Vec<(usize, u32)>,
+    dirty: rustc_hash::FxHashSet<(usize, u32)>,
     transitions: Vec<Transition>,
     next_id: u64,
 }
@@ -87,7 +87,7 @@ impl AlertOperator {
             rules,
             rules_of: Vec::new(),
             states: Default::default(),
-            dirty: Vec::new(),
+            dirty: Default::default(),
             transitions: Vec::new(),
             next_id: max.map_or(1, |m| m as u64 + 1),
         })
@@ -119,8 +119,22 @@ impl AlertOperator {
             };
             self.rules_of[i] = Some(matching);
         }
-        let Some(matching) = self.rules_of[i].clone() else { return Ok(()) };
-        for k in matching {
+        // Taken out and put back rather than cloned: this runs for every reading.
+        let Some(matching) = self.rules_of[i].take() else { return Ok(()) };
+        let result = self.evaluate(conn, &matching, p, offset, anomalous);
+        self.rules_of[i] = Some(matching);
+        result
+    }
+
+    fn evaluate(
+        &mut self,
+        conn: &Connection,
+        matching: &[usize],
+        p: &Point,
+        offset: u64,
+        anomalous: bool,
+    ) -> Result<(), StoreError> {
+        for &k in matching {
             let key = (k, p.series);
             if !self.states.contains_key(&key) {
                 let stored = load_state(conn, &self.rules[k].name, p.series)?;
@@ -169,9 +183,7 @@ impl AlertOperator {
                 }
                 None => state.since = None,
             }
-            if !self.dirty.contains(&key) {
-                self.dirty.push(key);
-            }
+            self.dirty.insert(key);
             if let Some((id, what)) = transition {
                 self.transitions.push(Transition {
                     id,

@@ -83,12 +83,13 @@ impl Model {
                 if *seen < u64::from(warmup.max(1)) || recent.is_empty() {
                     return None;
                 }
-                let mut sorted = recent.clone();
-                sorted.sort_by(f64::total_cmp);
-                let median = median_of_sorted(&sorted);
-                let mut deviations: Vec<f64> = sorted.iter().map(|v| (v / 2.0 - median / 2.0).abs() * 2.0).collect();
-                deviations.sort_by(f64::total_cmp);
-                Some((median, median_of_sorted(&deviations) * MAD_SCALE))
+                // Selection, not sorting: this runs for every reading of a modelled sensor.
+                let mut scratch = recent.clone();
+                let median = median_in_place(&mut scratch);
+                for v in scratch.iter_mut() {
+                    *v = (*v / 2.0 - median / 2.0).abs() * 2.0;
+                }
+                Some((median, median_in_place(&mut scratch) * MAD_SCALE))
             }
             Model::Ewma { mean, var, seen } => {
                 (*seen >= u64::from(warmup.max(1))).then(|| (*mean, var.max(0.0).sqrt()))
@@ -127,9 +128,16 @@ impl Model {
     }
 }
 
-fn median_of_sorted(sorted: &[f64]) -> f64 {
-    let n = sorted.len();
-    if n % 2 == 1 { sorted[n / 2] } else { sorted[n / 2 - 1] / 2.0 + sorted[n / 2] / 2.0 }
+/// The median of `values` (reordered), the same value sorting would give; `values` is not empty.
+fn median_in_place(values: &mut [f64]) -> f64 {
+    let n = values.len();
+    let (below, upper, _) = values.select_nth_unstable_by(n / 2, f64::total_cmp);
+    let upper = *upper;
+    if n % 2 == 1 {
+        return upper;
+    }
+    let lower = below.iter().copied().max_by(f64::total_cmp).unwrap_or(upper);
+    lower / 2.0 + upper / 2.0
 }
 
 /// Scores `value` against (center, spread): |x − center| / spread, capped.
@@ -150,13 +158,19 @@ pub struct AnomalyOperator {
     /// Per series: the index of its rule (`None`: no rule matches), once looked up.
     rule_of: Vec<Option<Option<usize>>>,
     models: rustc_hash::FxHashMap<u32, Model>,
-    dirty: Vec<u32>,
+    dirty: rustc_hash::FxHashSet<u32>,
     found: Vec<Anomaly>,
 }
 
 impl AnomalyOperator {
     pub fn new(rules: Vec<AnomalyRule>) -> AnomalyOperator {
-        AnomalyOperator { rules, rule_of: Vec::new(), models: Default::default(), dirty: Vec::new(), found: Vec::new() }
+        AnomalyOperator {
+            rules,
+            rule_of: Vec::new(),
+            models: Default::default(),
+            dirty: Default::default(),
+            found: Vec::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -215,9 +229,7 @@ impl AnomalyOperator {
             })
         });
         model.add(p.value, rule.window);
-        if !self.dirty.contains(&p.series) {
-            self.dirty.push(p.series);
-        }
+        self.dirty.insert(p.series);
         Ok(match anomaly {
             Some(a) => {
                 self.found.push(a);
