@@ -13,8 +13,12 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 FIRST=${1:-10000000}; THEN=${2:-40000000}; SENSORS=${3:-1000}
 cd "$ROOT"
-cargo build --release --bins --quiet
-BIN=$ROOT/target/release
+# TRIBUTARY_BIN=dir uses binaries already built there (e.g. without LTO, faster to build).
+BIN=${TRIBUTARY_BIN:-}
+if [ -z "$BIN" ]; then
+  cargo build --release --bins --quiet
+  BIN=$ROOT/target/release
+fi
 TMP=$(mktemp -d); AGG=""
 cleanup() { [ -n "$AGG" ] && kill "$AGG" 2>/dev/null; rm -rf "$TMP"; }
 trap cleanup EXIT
