@@ -564,7 +564,7 @@ async fn multi_windows(
     let glob = parse_glob(&pattern).map_err(ApiError::BadRequest)?;
     let plan = plan(&app.layout, query.size.as_deref())?;
     let (from, to) = range(&query)?;
-    let prefix: String = pattern.chars().take_while(|c| !matches!(c, '*' | '?' | '[' | '{' | '\\')).collect();
+    let prefix = literal_prefix(&pattern);
     let result = app
         .store
         .read(move |conn| {
@@ -619,6 +619,12 @@ async fn list_quarantine(
     Ok(Json(rows))
 }
 
+/// The part of a glob before its first special character: every match starts with it, so the
+/// store can narrow the scan to ids with that prefix.
+fn literal_prefix(pattern: &str) -> String {
+    pattern.chars().take_while(|c| !matches!(c, '*' | '?' | '[' | '{' | '\\')).collect()
+}
+
 /// The series a `sensor=` parameter names: the sensor with that exact id, else every sensor the
 /// glob matches; all sensors when it is missing.
 fn sensors_named(
@@ -633,7 +639,7 @@ fn sensors_named(
         Ok(glob) => glob,
         Err(e) => return Ok(Err(e)),
     };
-    let prefix: String = pattern.chars().take_while(|c| !matches!(c, '*' | '?' | '[' | '{' | '\\')).collect();
+    let prefix = literal_prefix(pattern);
     let matching = store::series_with_prefix(conn, &prefix)?.into_iter().filter(|(_, name)| glob.is_match(name));
     Ok(Ok(Some(matching.map(|(series, _)| series).collect())))
 }

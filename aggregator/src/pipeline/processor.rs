@@ -235,22 +235,7 @@ pub fn start(
     tracing::info!(next_offset, set_aside_blocks, "processor resumes");
     let (stop_tx, stop_rx) = watch::channel(false);
     let status = ProcessorStatus::default();
-    let processor = Processor {
-        log,
-        store,
-        pipeline,
-        next_offset,
-        committed: next_offset,
-        last_commit: Instant::now(),
-        metrics,
-        outputs,
-        status: status.clone(),
-        cycle_blocks: 0,
-        cycle_first: None,
-        limit: None,
-        failures: 0,
-        timings: Timings::default(),
-    };
+    let processor = Processor::new(log, store, pipeline, next_offset, metrics, outputs, status.clone());
     let guard = alive.guard();
     let thread = std::thread::Builder::new()
         .name("processor".into())
@@ -276,22 +261,7 @@ pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Resul
     let pipeline = Pipeline::open(spec, &store)?;
     let log = log::open_read(log_path)?;
     let head = log::end_offset(&log)?;
-    let mut p = Processor {
-        log,
-        store,
-        pipeline,
-        next_offset,
-        committed: next_offset,
-        last_commit: Instant::now(),
-        metrics,
-        outputs,
-        status: ProcessorStatus::default(),
-        cycle_blocks: 0,
-        cycle_first: None,
-        limit: None,
-        failures: 0,
-        timings: Timings::default(),
-    };
+    let mut p = Processor::new(log, store, pipeline, next_offset, metrics, outputs, ProcessorStatus::default());
     while p.next_offset < head {
         let before = p.next_offset;
         p.step(head)?;
@@ -310,6 +280,33 @@ pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Resul
 }
 
 impl Processor {
+    fn new(
+        log: Connection,
+        store: Connection,
+        pipeline: Pipeline,
+        next_offset: u64,
+        metrics: Arc<Metrics>,
+        outputs: Outputs,
+        status: ProcessorStatus,
+    ) -> Processor {
+        Processor {
+            log,
+            store,
+            pipeline,
+            next_offset,
+            committed: next_offset,
+            last_commit: Instant::now(),
+            metrics,
+            outputs,
+            status,
+            cycle_blocks: 0,
+            cycle_first: None,
+            limit: None,
+            failures: 0,
+            timings: Timings::default(),
+        }
+    }
+
     fn run(mut self, mut end: watch::Receiver<u64>, mut stop: watch::Receiver<bool>, runtime: tokio::runtime::Handle) {
         let mut backoff = MIN_BACKOFF;
         loop {
