@@ -107,16 +107,19 @@ impl WindowOperator {
         };
         let (row_index, slot) = (index.div_euclid(SLOTS), index.rem_euclid(SLOTS) as u8);
         let key = (p.series, row_index);
-        if !self.rows.contains_key(&key) {
-            let row = match self.stored_max.get(&p.series) {
-                Some(max) if row_index <= *max => {
-                    load_row(conn, self.calendar.code(), p.series, row_index, &self.calendar)?.unwrap_or_default()
-                }
-                _ => Row::default(),
-            };
-            self.rows.insert(key, row);
-        }
-        let Some(row) = self.rows.get_mut(&key) else { return Ok(()) };
+        // One hash lookup for a row in memory (the common case), a second only to insert.
+        let row = match self.rows.entry(key) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let row = match self.stored_max.get(&p.series) {
+                    Some(max) if row_index <= *max => {
+                        load_row(conn, self.calendar.code(), p.series, row_index, &self.calendar)?.unwrap_or_default()
+                    }
+                    _ => Row::default(),
+                };
+                entry.insert(row)
+            }
+        };
         row.dirty = true;
         row.used = self.commits;
         // Readings mostly arrive in event-time order: try the row's newest window before searching.
