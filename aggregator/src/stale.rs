@@ -68,7 +68,7 @@ pub fn list(conn: &Connection, state: Option<&str>, limit: usize) -> Result<Page
         "SELECT id, rule, sensor, severity, state, fired_at, last_seen, resolved_at FROM stale_alerts
          WHERE ?1 IS NULL OR state = ?1 ORDER BY id DESC LIMIT ?2",
     )?;
-    let mut rows: Vec<StaleAlert> = stmt
+    let rows: Vec<StaleAlert> = stmt
         .query_map(params![state, limit.saturating_add(1) as i64], |r| {
             Ok(StaleAlert {
                 id: r.get::<_, i64>(0)?.max(0) as u64,
@@ -82,9 +82,7 @@ pub fn list(conn: &Connection, state: Option<&str>, limit: usize) -> Result<Page
             })
         })?
         .collect::<Result<_, _>>()?;
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    Ok(Page { rows, more })
+    Ok(Page::of(rows, limit))
 }
 
 /// The running checker; dropping `stop` ends it.

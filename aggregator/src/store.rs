@@ -256,14 +256,12 @@ pub fn sensors_page(
     ))?;
     // `>= after` then skip `after` itself: SQLite compares text by bytes, like the cursor.
     let from = after.unwrap_or(prefix).max(prefix);
-    let mut rows: Vec<SensorRow> = stmt
+    let rows: Vec<SensorRow> = stmt
         .query_map(params![from, prefix, (limit + 2) as i64], sensor_row)?
         .filter(|r| !matches!((r, after), (Ok(row), Some(a)) if row.id == a))
         .take(limit + 1)
         .collect::<Result<_, _>>()?;
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    Ok(Page { rows, more })
+    Ok(Page::of(rows, limit))
 }
 
 /// One sensor, if the store knows it.
@@ -362,6 +360,15 @@ pub struct Page<T> {
     pub more: bool,
 }
 
+impl<T> Page<T> {
+    /// The first `limit` of `rows`, read with a limit of `limit + 1` to learn whether more follow.
+    pub fn of(mut rows: Vec<T>, limit: usize) -> Page<T> {
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        Page { rows, more }
+    }
+}
+
 /// Up to `limit` set-aside blocks after log offset `after`, by offset.
 pub fn set_aside(conn: &Connection, after: Option<u64>, limit: usize) -> Result<Page<SetAsideRow>, StoreError> {
     let mut stmt = conn.prepare_cached(
@@ -369,7 +376,7 @@ pub fn set_aside(conn: &Connection, after: Option<u64>, limit: usize) -> Result<
          WHERE first_offset > ?1 ORDER BY first_offset LIMIT ?2",
     )?;
     let after = after.map_or(-1, |a| a.min(i64::MAX as u64) as i64);
-    let mut rows: Vec<SetAsideRow> = stmt
+    let rows: Vec<SetAsideRow> = stmt
         .query_map(params![after, limit.saturating_add(1) as i64], |r| {
             Ok(SetAsideRow {
                 first_offset: r.get::<_, i64>(0)?.max(0) as u64,
@@ -380,9 +387,7 @@ pub fn set_aside(conn: &Connection, after: Option<u64>, limit: usize) -> Result<
             })
         })?
         .collect::<Result<_, _>>()?;
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    Ok(Page { rows, more })
+    Ok(Page::of(rows, limit))
 }
 
 /// (blocks, readings) set aside so far.
@@ -470,9 +475,7 @@ pub fn anomalies(
             }
         }
     }
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    Ok(Page { rows, more })
+    Ok(Page::of(rows, limit))
 }
 
 /// An event-time alert (see [`crate::pipeline::alert`]): fired and maybe resolved by readings.
@@ -496,7 +499,7 @@ pub fn alerts(conn: &Connection, state: Option<&str>, limit: usize) -> Result<Pa
         "SELECT a.id, a.rule, s.name, a.severity, a.state, a.fired_ts, a.fired_value, a.resolved_ts, a.resolved_value
          FROM alerts a JOIN series s ON s.id = a.series WHERE ?1 IS NULL OR a.state = ?1 ORDER BY a.id DESC LIMIT ?2",
     )?;
-    let mut rows: Vec<AlertRow> = stmt
+    let rows: Vec<AlertRow> = stmt
         .query_map(params![state, limit.saturating_add(1) as i64], |r| {
             Ok(AlertRow {
                 id: r.get::<_, i64>(0)?.max(0) as u64,
@@ -511,7 +514,5 @@ pub fn alerts(conn: &Connection, state: Option<&str>, limit: usize) -> Result<Pa
             })
         })?
         .collect::<Result<_, _>>()?;
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    Ok(Page { rows, more })
+    Ok(Page::of(rows, limit))
 }
