@@ -351,6 +351,10 @@ impl Config {
                     return Err(invalid(key(k), "must be a finite number".into()));
                 }
             }
+            if a.stale.is_some_and(|d| d.is_zero()) {
+                // Zero would fire for every sensor between two readings.
+                return Err(invalid(key("stale"), "must be longer than 0s, e.g. \"10m\"".into()));
+            }
             if a.clear.is_some() && a.above.is_none() && a.below.is_none() {
                 return Err(invalid(key("clear"), "only applies to `above` and `below`".into()));
             }

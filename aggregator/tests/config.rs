@@ -62,6 +62,14 @@ fn empty_token_stops_start() {
 }
 
 #[test]
+fn alert_rules_that_cannot_work_stop_start() {
+    let rule = |body: &str| format!("data_dir = \"/tmp/x\"\n{AGENT}[[alerts]]\nname = \"r\"\nsensor = \"a/*\"\n{body}");
+    assert_refused(&rule("stale = \"0s\"\n"), "alerts[0].stale", "longer than 0s");
+    assert_refused(&rule("above = 1.0\nbelow = 0.0\n"), "alerts[0]", "exactly one condition");
+    assert_refused(&rule("anomaly = true\n"), "alerts[0].anomaly", "no [[anomaly]] model");
+}
+
+#[test]
 fn generate_config_prints_a_config_that_loads() {
     let output = std::process::Command::new(common::BIN).arg("generate-config").output().unwrap();
     assert!(output.status.success());
