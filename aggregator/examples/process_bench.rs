@@ -104,6 +104,11 @@ fn main() -> anyhow::Result<()> {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let visible_s = ingest_started.elapsed().as_secs_f64();
+        // PROCESS_BENCH_HOLD=seconds keeps the loaded aggregator up to profile its queries from outside.
+        if let Some(hold) = std::env::var("PROCESS_BENCH_HOLD").ok().and_then(|s| s.parse().ok()) {
+            eprintln!("holding {base} for {hold} s");
+            tokio::time::sleep(std::time::Duration::from_secs(hold)).await;
+        }
         anyhow::Ok((visible_s, time_queries(&client, &base, &readings, &prefix).await?))
     })?;
     let _ = stop_tx.send(());
@@ -185,6 +190,13 @@ async fn time_queries(
         (
             "all_sensors_last_hour_of_1m",
             format!("/api/v1/windows?sensor={prefix}*&size=1m&from={}&to={end}", end - 3_600_000),
+        ),
+        (
+            "all_sensors_last_hour_of_1m_chart_fields",
+            format!(
+                "/api/v1/windows?sensor={prefix}*&size=1m&from={}&to={end}&fields=start,min,max,mean",
+                end - 3_600_000
+            ),
         ),
         (
             "one_sensor_30_days_of_1h",

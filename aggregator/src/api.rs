@@ -23,7 +23,7 @@ use crate::pipeline::calendar::Calendar;
 use crate::pipeline::processor::ProcessorStatus;
 use crate::pipeline::window::Window;
 use crate::store::{self, SensorRow, SetAsideRow, StoreError, StoreReader};
-use crate::{Liveness, dashboard, ingest, unix_ms};
+use crate::{Liveness, dashboard, ingest, json, unix_ms};
 
 /// Most windows one request for one sensor returns (a week of 1-minute windows).
 pub const MAX_WINDOWS: usize = 10_000;
@@ -283,7 +283,7 @@ async fn sensor_path(
         Some(_) => {
             let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
             let row = find_sensor(&app, id).await?;
-            Ok(Json(sensor_windows(&app, &row, &query).await?).into_response())
+            Ok(json_response(sensor_windows(&app, &row, &query).await?))
         }
     }
 }
@@ -323,6 +323,8 @@ struct WindowQuery {
     from: Option<String>,
     to: Option<String>,
     sensor: Option<String>,
+    /// Which members of each window to return (`json::FIELDS`); all by default.
+    fields: Option<String>,
 }
 
 /// A window as the API serves it.
@@ -353,9 +355,10 @@ pub struct Point {
 }
 
 impl WindowView {
-    fn new(start: i64, end: i64, w: &Window) -> WindowView {
+    /// `quantiles`: compute p50/p95/p99 (else 0: the answer leaves them out).
+    fn new(start: i64, end: i64, w: &Window, quantiles: bool) -> WindowView {
         let s = &w.stats;
-        let q = |p| s.quantile(p).unwrap_or(s.mean());
+        let q = |p| if quantiles { s.quantile(p).unwrap_or(s.mean()) } else { 0.0 };
         WindowView {
             start,
             end,
@@ -469,6 +472,7 @@ fn read_windows(
     from: i64,
     to: i64,
     cap: usize,
+    quantiles: bool,
 ) -> Result<Vec<WindowView>, StoreError> {
     // Every event time is within 2000..9999 (shared::reading), so clamping the range there
     // loses nothing and keeps the index arithmetic far from overflow.
@@ -489,7 +493,7 @@ fn read_windows(
             Some((s, _, acc)) if *s == start => acc.merge(&window),
             _ => {
                 if let Some((s, e, w)) = current.take() {
-                    push_in_range(&mut out, s, e, &w, from, to);
+                    push_in_range(&mut out, s, e, &w, from, to, quantiles);
                 }
                 current = Some((start, end, window));
             }
@@ -499,14 +503,14 @@ fn read_windows(
         }
     }
     if let Some((s, e, w)) = current {
-        push_in_range(&mut out, s, e, &w, from, to);
+        push_in_range(&mut out, s, e, &w, from, to, quantiles);
     }
     Ok(out)
 }
 
-fn push_in_range(out: &mut Vec<WindowView>, start: i64, end: i64, w: &Window, from: i64, to: i64) {
+fn push_in_range(out: &mut Vec<WindowView>, start: i64, end: i64, w: &Window, from: i64, to: i64, quantiles: bool) {
     if from <= start && start < to {
-        out.push(WindowView::new(start, end, w));
+        out.push(WindowView::new(start, end, w, quantiles));
     }
 }
 
@@ -526,37 +530,42 @@ fn too_many(cap: usize, n: usize) -> ApiError {
     ))
 }
 
-async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery) -> Result<Vec<WindowView>, ApiError> {
+/// A JSON body written by [`crate::json`].
+fn json_response(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}
+
+async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery) -> Result<Vec<u8>, ApiError> {
     if query.sensor.is_some() {
         return Err(ApiError::BadRequest("`sensor` belongs to /api/v1/windows; here the sensor is in the path".into()));
     }
     let plan = plan(&app.layout, query.size.as_deref())?;
     let (from, to) = range(query)?;
+    let fields = json::Fields::parse(query.fields.as_deref()).map_err(ApiError::BadRequest)?;
     let id = row.id.clone();
-    let views = app
+    let result = app
         .store
-        .read(move |conn| match store::series_id(conn, &id)? {
-            Some(series) => read_windows(conn, &plan, series, from, to, MAX_WINDOWS),
-            None => Ok(Vec::new()),
+        .read(move |conn| {
+            let views = match store::series_id(conn, &id)? {
+                Some(series) => read_windows(conn, &plan, series, from, to, MAX_WINDOWS, fields.quantiles())?,
+                None => Vec::new(),
+            };
+            if views.len() > MAX_WINDOWS {
+                return Ok(Err(views.len()));
+            }
+            let mut body = Vec::with_capacity(views.len() * json::WINDOW_BYTES + 2);
+            json::windows(&mut body, &views, fields);
+            Ok(Ok(body))
         })
         .await?;
-    if views.len() > MAX_WINDOWS {
-        return Err(too_many(MAX_WINDOWS, views.len()));
-    }
-    Ok(views)
-}
-
-#[derive(Debug, Serialize)]
-struct SensorWindows {
-    sensor: String,
-    windows: Vec<WindowView>,
+    result.map_err(|n| too_many(MAX_WINDOWS, n))
 }
 
 /// `GET /api/v1/windows?sensor=<glob>&size=&from=&to=`: many sensors' windows in one request.
 async fn multi_windows(
     State(app): State<AppState>,
     query: Result<Query<WindowQuery>, QueryRejection>,
-) -> Result<Json<Vec<SensorWindows>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let pattern = query.sensor.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
         ApiError::BadRequest("sensor=<glob> is required, e.g. sensor=line1/* (* within a level, ** across)".into())
@@ -564,27 +573,35 @@ async fn multi_windows(
     let glob = parse_glob(&pattern).map_err(ApiError::BadRequest)?;
     let plan = plan(&app.layout, query.size.as_deref())?;
     let (from, to) = range(&query)?;
+    let fields = json::Fields::parse(query.fields.as_deref()).map_err(ApiError::BadRequest)?;
     let prefix = literal_prefix(&pattern);
     let result = app
         .store
         .read(move |conn| {
-            let mut out = Vec::new();
+            // `[{"sensor": ..., "windows": [...]}, ...]`, written as each sensor is read.
+            let mut body = vec![b'['];
             let mut total = 0usize;
             for (series, name) in store::series_with_prefix(conn, &prefix)? {
                 if !glob.is_match(&name) {
                     continue;
                 }
-                let windows = read_windows(conn, &plan, series, from, to, MAX_MULTI_WINDOWS - total)?;
+                let windows =
+                    read_windows(conn, &plan, series, from, to, MAX_MULTI_WINDOWS - total, fields.quantiles())?;
                 total += windows.len();
                 if total > MAX_MULTI_WINDOWS {
                     return Ok(Err(total));
                 }
-                out.push(SensorWindows { sensor: name, windows });
+                if body.len() > 1 {
+                    body.push(b',');
+                }
+                body.reserve(windows.len() * json::WINDOW_BYTES + name.len() + 32);
+                json::sensor_windows(&mut body, &name, &windows, fields);
             }
-            Ok(Ok(out))
+            body.push(b']');
+            Ok(Ok(body))
         })
         .await?;
-    result.map(Json).map_err(|n| too_many(MAX_MULTI_WINDOWS, n))
+    result.map(json_response).map_err(|n| too_many(MAX_MULTI_WINDOWS, n))
 }
 
 #[derive(Debug, Deserialize)]
@@ -846,12 +863,17 @@ mod tests {
 
     #[test]
     fn extreme_ranges_are_answered_not_overflowed() {
-        let q =
-            WindowQuery { size: None, from: Some(i64::MIN.to_string()), to: Some(i64::MAX.to_string()), sensor: None };
+        let q = WindowQuery {
+            size: None,
+            from: Some(i64::MIN.to_string()),
+            to: Some(i64::MAX.to_string()),
+            sensor: None,
+            fields: None,
+        };
         assert_eq!(range(&q).unwrap(), (i64::MIN, i64::MAX));
-        let q = WindowQuery { size: None, from: Some("10".into()), to: Some("5".into()), sensor: None };
+        let q = WindowQuery { size: None, from: Some("10".into()), to: Some("5".into()), sensor: None, fields: None };
         assert!(range(&q).is_err());
-        let q = WindowQuery { size: None, from: None, to: None, sensor: None };
+        let q = WindowQuery { size: None, from: None, to: None, sensor: None, fields: None };
         assert_eq!(range(&q).unwrap(), (i64::MIN, i64::MAX));
     }
 }

@@ -238,6 +238,7 @@ impl SeqRanges {
 /// Opens (creating if needed) `log.db` with the pragmas the guarantees need.
 pub fn open_write(path: &Path) -> Result<Connection, LogError> {
     let conn = Connection::open(path)?;
+    crate::store::plan_once(&conn)?;
     // WAL must be set outside a transaction; check it took (it cannot on some filesystems).
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -277,6 +278,7 @@ pub fn open_write(path: &Path) -> Result<Connection, LogError> {
 /// A read-only connection for the processor (and tests); the writer must have created the file.
 pub fn open_read(path: &Path) -> Result<Connection, LogError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    crate::store::plan_once(&conn)?;
     Ok(conn)
 }
 

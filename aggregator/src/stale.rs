@@ -44,6 +44,7 @@ pub struct StaleAlert {
 /// Opens (creating if needed) `stale.db`.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
+    crate::store::plan_once(&conn)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(
@@ -138,10 +139,12 @@ struct Checker {
 impl Checker {
     fn check(&mut self, now: i64) -> Result<(), StoreError> {
         if self.store.is_none() {
-            self.store = Some(Connection::open_with_flags(
+            let store = Connection::open_with_flags(
                 &self.store_path,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?);
+            )?;
+            crate::store::plan_once(&store)?;
+            self.store = Some(store);
         }
         let Some(store) = &self.store else { return Ok(()) };
         let mut stmt = store.prepare_cached(

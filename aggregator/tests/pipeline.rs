@@ -219,6 +219,37 @@ fn a_glob_reads_many_sensors_windows_in_one_request() {
     assert_eq!(prefixed.as_array().unwrap().len(), 3);
 }
 
+#[test]
+fn fields_narrow_each_window_to_the_members_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    let readings = [("line1/temp", T0, 1.0), ("line1/temp", T0 + 1_000, 3.0), ("line1/press", T0, 2.0)];
+    agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &readings)]));
+    agg.wait_processed();
+    let (status, all) = agg.get_json("/api/v1/windows?sensor=line1/*&size=1m");
+    assert_eq!(status, 200, "{all}");
+    let full = &all[1]["windows"][0];
+    assert_eq!(full.as_object().unwrap().len(), 14, "{full}");
+
+    let (status, narrow) = agg.get_json("/api/v1/windows?sensor=line1/*&size=1m&fields=max,start,p95");
+    assert_eq!(status, 200, "{narrow}");
+    let window = &narrow[1]["windows"][0];
+    assert_eq!(narrow[1]["sensor"], "line1/temp");
+    assert_eq!(window.as_object().unwrap().keys().collect::<Vec<_>>(), ["max", "p95", "start"]);
+    for key in ["max", "p95", "start"] {
+        assert_eq!(window[key], full[key], "{key}");
+    }
+    assert_eq!(window["max"], 3.0);
+
+    let (status, one) = agg.get_json("/api/v1/sensors/line1%2Ftemp/windows?size=2m&fields=count,mean");
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one[0], serde_json::json!({"count": 2, "mean": 2.0}));
+
+    let bad = agg.get("/api/v1/windows?sensor=line1/*&size=1m&fields=mean,avg");
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert!(bad.text().contains("avg"), "{}", bad.text());
+}
+
 /// A webhook receiver on loopback: records each JSON body; answers `fail_first` requests with 503.
 struct Receiver {
     url: String,
