@@ -36,10 +36,38 @@ fn main() -> anyhow::Result<()> {
     };
     let prefix = args.next().unwrap_or_else(|| "s-".into());
     let _ = rustls_free();
+    // PROCESS_BENCH_FOLD_LOG=path/log.db folds an existing log alone (to profile the fold), e.g.
+    // one kept by PROCESS_BENCH_KEEP=1 (which leaves the run's data directory in place).
+    if let Ok(log) = std::env::var("PROCESS_BENCH_FOLD_LOG") {
+        let dir = tempfile::tempdir()?;
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            http: HttpConfig { listen: "127.0.0.1:0".parse()? },
+            agents: Vec::new(),
+            pipeline: PipelineConfig { windows, ..PipelineConfig::default() },
+            anomaly: if full { full_rules()?.anomaly } else { Vec::new() },
+            alerts: if full { full_rules()?.alerts } else { Vec::new() },
+            notify: Vec::new(),
+        };
+        let started = Instant::now();
+        let done =
+            pipeline::processor::catch_up(Path::new(&log), &dir.path().join("store.db"), config.pipeline_spec())?;
+        let fold_s = started.elapsed().as_secs_f64();
+        println!(
+            "RESULT {}",
+            serde_json::json!({"readings": done.folded, "fold_s": round(fold_s),
+            "readings_per_s": (done.folded as f64 / fold_s).round()})
+        );
+        return Ok(());
+    }
 
     let readings = read_csv(Path::new(&input), &prefix)?;
     eprintln!("read {} readings from {input}", readings.len());
-    let dir = tempfile::tempdir()?;
+    let mut dir = tempfile::tempdir()?;
+    if std::env::var_os("PROCESS_BENCH_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
     let config = Config {
         data_dir: dir.path().to_path_buf(),
         http: HttpConfig { listen: "127.0.0.1:0".parse()? },

@@ -22,5 +22,7 @@ pub mod frame;
 pub mod reading;
 
 pub use batch::{Batch, IngestAck, JsonBatch, JsonBlock, WireBlock};
-pub use block::{Block, BlockBuilder, BlockError, Entry};
+#[cfg(feature = "std")]
+pub use block::BlockDecoder;
+pub use block::{Block, BlockBuilder, BlockError, BlockView, Entry};
 pub use reading::{MAX_SENSOR_ID_LEN, MAX_TS_MS, MIN_TS_MS, Reading, ReadingError};

@@ -8,7 +8,8 @@
 use proptest::prelude::*;
 use tributary_shared::batch::JsonBlock;
 use tributary_shared::{
-    Batch, Block, BlockBuilder, Entry, JsonBatch, MAX_SENSOR_ID_LEN, MAX_TS_MS, MIN_TS_MS, Reading, WireBlock,
+    Batch, Block, BlockBuilder, BlockDecoder, BlockView, Entry, JsonBatch, MAX_SENSOR_ID_LEN, MAX_TS_MS, MIN_TS_MS,
+    Reading, WireBlock,
 };
 
 /// Format bytes of the stored block (see `block.rs`).
@@ -105,6 +106,12 @@ fn same_block(a: &Block, b: &Block) -> bool {
 
 /// The zstd form of a block, made by hand so the compressed format is covered whatever
 /// `encode` decides pays.
+/// A borrowed decoding holds the same ids and readings (values by bits).
+fn same_view(view: &BlockView<'_>, block: &Block) -> bool {
+    view.sensors == block.sensors.iter().map(String::as_str).collect::<Vec<_>>()
+        && same_block(&Block { sensors: block.sensors.clone(), entries: view.entries.clone() }, block)
+}
+
 fn zstd_form(block: &Block) -> Vec<u8> {
     let raw = block.encode_postcard();
     let mut out = vec![FORMAT_POSTCARD_ZSTD];
@@ -120,6 +127,11 @@ proptest! {
         for format in [FORMAT_POSTCARD, FORMAT_POSTCARD_ZSTD] {
             let mut blob = vec![format];
             blob.extend_from_slice(&bytes);
+            // The borrowing decoder agrees with the owning one on every input.
+            let mut decoder = BlockDecoder::default();
+            let view = decoder.decode(&blob).map(|v| same_view(&v, &Block::decode(&blob).unwrap()));
+            prop_assert!(view.clone().unwrap_or(true), "decode_view differs from decode");
+            prop_assert_eq!(view.is_ok(), Block::decode(&blob).is_ok());
             if let Ok(block) = Block::decode(&blob) {
                 // Whatever decodes is internally consistent and re-encodes to itself.
                 prop_assert!(block.entries.iter().all(|e| (e.sensor as usize) < block.sensors.len()));
@@ -141,6 +153,9 @@ proptest! {
             }
             let _ = Block::decode(&blob);
             let _ = Block::decode(&blob[..cut.index(len)]);
+            let mut decoder = BlockDecoder::default();
+            let _ = decoder.decode(&blob);
+            let _ = decoder.decode(&blob[..cut.index(len)]);
         }
     }
 
@@ -153,6 +168,10 @@ proptest! {
             let decoded = decoded.unwrap();
             prop_assert!(same_block(&decoded, &block), "{form} form changed the block");
             prop_assert!(decoded.validate().is_ok());
+            let mut decoder = BlockDecoder::default();
+            let view = decoder.decode(&blob).unwrap();
+            prop_assert!(same_view(&view, &block), "{form} form changed the borrowed block");
+            prop_assert!(view.validate().is_ok());
         }
     }
 
@@ -212,6 +231,8 @@ proptest! {
         let with_bad = builder.finish();
         prop_assert!(with_bad.validate().is_err());
         prop_assert!(Block::decode(&with_bad.encode()).unwrap().validate().is_err());
+        let blob = with_bad.encode();
+        prop_assert!(BlockDecoder::default().decode(&blob).unwrap().validate().is_err());
     }
 }
 

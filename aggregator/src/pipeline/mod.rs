@@ -23,7 +23,7 @@ pub mod stats;
 pub mod window;
 
 use rusqlite::{Connection, params};
-use tributary_shared::Block;
+use tributary_shared::BlockView;
 
 use self::alert::{AlertOperator, AlertRule, Transition};
 use self::anomaly::{AnomalyOperator, AnomalyRule};
@@ -184,7 +184,7 @@ impl Pipeline {
         first_offset: u64,
         agent_id: &str,
         received_at: i64,
-        block: &Block,
+        block: &BlockView<'_>,
     ) -> Result<(), StoreError> {
         let map: Vec<u32> = block.sensors.iter().map(|id| self.series.intern(id)).collect();
         let horizon = received_at.saturating_add(self.spec.max_clock_skew_ms);
@@ -210,7 +210,7 @@ impl Pipeline {
             let offset = first_offset + i as u64;
             let mut anomalous = false;
             if !self.anomalies.is_empty() {
-                if let Some(a) = self.anomalies.add(conn, &block.sensors[entry.sensor as usize], &point, offset)? {
+                if let Some(a) = self.anomalies.add(conn, block.sensors[entry.sensor as usize], &point, offset)? {
                     anomalous = true;
                     self.derived.push(Derived {
                         sensor: format!("_anomaly/{}", self.series.name(series)),
@@ -221,7 +221,7 @@ impl Pipeline {
             }
             if !self.alerts.is_empty() {
                 let before = self.alerts.transitions().len();
-                self.alerts.add(conn, &block.sensors[entry.sensor as usize], &point, offset, anomalous)?;
+                self.alerts.add(conn, block.sensors[entry.sensor as usize], &point, offset, anomalous)?;
                 for t in &self.alerts.transitions()[before..] {
                     self.derived.push(Derived {
                         sensor: format!("_alert/{}/{}", t.rule, self.series.name(series)),

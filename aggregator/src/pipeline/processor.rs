@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::watch;
-use tributary_shared::Block;
+use tributary_shared::BlockDecoder;
 
 use super::{DERIVED_AGENT, Pipeline, PipelineSpec, SetAside};
 use crate::Liveness;
@@ -192,6 +192,7 @@ struct Processor {
     failures: u32,
     /// Where the time goes: reading and folding the log, and committing to the store.
     timings: Timings,
+    decoder: BlockDecoder,
 }
 
 /// Time spent by a processor, for `catch_up`'s report (and benchmarks).
@@ -304,6 +305,7 @@ impl Processor {
             limit: None,
             failures: 0,
             timings: Timings::default(),
+            decoder: BlockDecoder::default(),
         }
     }
 
@@ -435,13 +437,14 @@ impl Processor {
                 }
                 self.cycle_blocks += 1;
                 let started = Instant::now();
-                let block = Block::decode(&b.data).map_err(|e| format!("does not decode: {e}")).and_then(|block| {
-                    if block.len() as u64 != b.count {
-                        return Err(format!("count says {} readings, the block holds {}", b.count, block.len()));
-                    }
-                    block.validate().map_err(|e| format!("does not validate: {e}"))?;
-                    Ok(block)
-                });
+                let block =
+                    self.decoder.decode(&b.data).map_err(|e| format!("does not decode: {e}")).and_then(|block| {
+                        if block.len() as u64 != b.count {
+                            return Err(format!("count says {} readings, the block holds {}", b.count, block.len()));
+                        }
+                        block.validate().map_err(|e| format!("does not validate: {e}"))?;
+                        Ok(block)
+                    });
                 let folding = Instant::now();
                 self.timings.read += folding - started;
                 match block {
