@@ -1041,4 +1041,31 @@ mod tests {
             config_error("[[filter]]\nsensor = \"a\"\n[[filter]]\nsensor = \"b\"\nrange = { min = 2.0, max = 1.0 }\n");
         assert!(e.contains("filter[1].range: sensor \"b\""), "{e}");
     }
+
+    #[test]
+    fn the_example_sections_parse_with_their_documented_defaults() {
+        // deploy/agent.toml shows one [[filter]] table, commented out: uncommented, it must load.
+        let table: String = crate::config::EXAMPLE
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                ["[[filter]]", "sensor =", "range =", "spike =", "deadband =", "downsample ="]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(table.lines().count(), 6, "{table}");
+        let text = format!(
+            "agent_id = \"gw-1\"\ndata_dir = \"/tmp/x\"\n[upstream]\nurl = \"http://127.0.0.1:8080\"\ntoken = \"t\"\n{table}"
+        );
+        let config = crate::config::Config::parse(&text, std::path::Path::new("agent.toml")).unwrap();
+        let f = &config.filter[0];
+        let (spike, deadband, downsample) =
+            (f.spike.as_ref().unwrap(), f.deadband.as_ref().unwrap(), f.downsample.as_ref().unwrap());
+        assert_eq!(f.range.as_ref().unwrap().action, RangeAction::default());
+        assert_eq!(spike.max_hold, default_max_hold());
+        assert_eq!((deadband.relative, deadband.max_silence), (0.0, default_max_silence()));
+        assert_eq!(downsample.agg, Agg::default());
+    }
 }

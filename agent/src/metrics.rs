@@ -76,7 +76,7 @@ pub struct Metrics {
     registry: Registry,
     /// MQTT messages read from the broker.
     pub messages: Counter,
-    /// Readings decoded, validated and handed to the spool.
+    /// Readings decoded and validated, handed to the pre-filters (then the spool).
     pub readings_accepted: Counter,
     /// Messages or fields not turned into readings, by reason.
     pub rejected: Family<RejectLabels, Counter>,
@@ -188,7 +188,7 @@ impl Metrics {
         registry.register("mqtt_messages", "MQTT messages read from the broker", m.messages.clone());
         registry.register(
             "readings_accepted",
-            "Readings decoded, validated and handed to the spool",
+            "Readings decoded and validated, handed to the pre-filters (then the spool)",
             m.readings_accepted.clone(),
         );
         registry.register("rejected", "Messages or fields not turned into readings, by reason", m.rejected.clone());
