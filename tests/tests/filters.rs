@@ -101,7 +101,11 @@ async fn the_aggregator_holds_exactly_what_the_filters_pass() {
         ("plain/a", t, 1.0),      // no section matches: untouched
         ("plain/a", t + 1, 1.0),
     ];
-    publish(agent.mqtt_port, "sensors-1", &messages(&sequence)).await;
+    let mut all = messages(&sequence);
+    // Validation rejects non-finite values before the filters: nothing of them gets through.
+    all.push(("sensors/range/a".to_string(), b"NaN".to_vec()));
+    all.push(("sensors/clamp/a".to_string(), b"inf".to_vec()));
+    publish(agent.mqtt_port, "sensors-1", &all).await;
 
     let want: BTreeMap<String, Vec<(i64, f64)>> = [
         ("range/a", vec![(t + 1, 0.0), (t + 2, 100.0), (t + 4, 50.0)]),
@@ -127,6 +131,7 @@ async fn the_aggregator_holds_exactly_what_the_filters_pass() {
         (dropped("spike", "spike"), 1.0),
         (dropped("downsample", "aggregated"), 1.0),
         ("tributary_agent_filter_held_readings".to_string(), 0.0),
+        ("tributary_agent_rejected_total{reason=\"not_finite\"}".to_string(), 2.0),
         ("tributary_agent_readings_accepted_total".to_string(), sequence.len() as f64),
         ("tributary_agent_readings_spooled_total".to_string(), total as f64),
     ] {
