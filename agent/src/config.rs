@@ -30,6 +30,10 @@ pub struct Config {
     /// Serial ports to read (`[[serial]]` tables, any number). Default: none.
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
+    /// Pre-filters (`[[filter]]` tables, any number; the first whose `sensor` glob matches a
+    /// sensor applies to it). Default: none. See [`crate::filter`].
+    #[serde(default)]
+    pub filter: Vec<crate::filter::FilterConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -319,6 +323,7 @@ impl Config {
         let mut config: Config = config_file::load(path)?;
         config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
+        config.check_filters().map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
         Ok(config)
     }
 
@@ -327,6 +332,7 @@ impl Config {
         let mut config: Config = config_file::parse(text, file)?;
         config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
+        config.check_filters().map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
         Ok(config)
     }
 
@@ -396,6 +402,11 @@ impl Config {
         }
         self.check_serial()?;
         Ok(())
+    }
+
+    /// `[[filter]]` rules serde cannot express (min above max, zero intervals, ...).
+    fn check_filters(&self) -> Result<(), (String, String)> {
+        crate::filter::check(&self.filter)
     }
 
     /// `[[serial]]` rules: usable baud rates and ids, one input per port.

@@ -6,9 +6,11 @@
 //! blocks to the aggregator and has the spool delete what was acknowledged. [`http`] serves health
 //! and [`metrics`]. [`run`] wires the parts together and stops them in order.
 //! Serial ports ([`input::serial`]) are read beside the MQTT input, into the same spool.
+//! Every input's [`input::Intake`] runs the pre-[`filter`]s before the spool.
 
 pub mod config;
 pub mod decode;
+pub mod filter;
 pub mod forward;
 pub mod http;
 pub mod input;
@@ -66,11 +68,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Each serial port reads into its own intake; the spool's group commit batches them all.
     let mut serial_inputs = Vec::new();
     for port in &config.serial {
-        let intake = Intake::new(decoder.clone(), &spool, metrics.clone(), config.spool.max_queued_readings);
+        let intake = Intake::new(decoder.clone(), &spool, metrics.clone(), config.spool.max_queued_readings)
+            .with_filters(&config.filter);
         let input = SerialInput::new(port, config.validation.max_clock_skew.as_millis() as i64, &metrics);
         serial_inputs.push(tokio::spawn(input.run(intake, stop_rx.clone())));
     }
-    let intake = Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings);
+    let intake =
+        Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings).with_filters(&config.filter);
     let mut input = match config.mqtt.mode {
         MqttMode::Embedded => {
             let broker = EmbeddedBroker::start(&config.mqtt).await?;

@@ -40,10 +40,29 @@ pub const FORWARD_OUTCOMES: [&str; 8] = [
     "unreachable",
 ];
 
+/// Why the pre-filters drop readings, by filter: shown from the start, 0 until it happens.
+pub const FILTER_DROPS: [(&str, &str); 5] = [
+    ("range", "below_min"),
+    ("range", "above_max"),
+    ("spike", "spike"),
+    ("deadband", "unchanged"),
+    ("downsample", "aggregated"),
+];
+
+/// Why the pre-filters restart a sensor's state.
+pub const FILTER_RESETS: [(&str, &str); 2] = [("deadband", "clock_backwards"), ("downsample", "clock_backwards")];
+
 /// A serial port, by name (the file name of its configured path).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct PortLabels {
     pub port: String,
+}
+
+/// A pre-filter (`range`, `spike`, `deadband`, `downsample`) and why it acted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FilterLabels {
+    pub filter: &'static str,
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -57,7 +76,7 @@ pub struct Metrics {
     registry: Registry,
     /// MQTT messages read from the broker.
     pub messages: Counter,
-    /// Readings decoded, validated and handed to the spool.
+    /// Readings decoded and validated, handed to the pre-filters (then the spool).
     pub readings_accepted: Counter,
     /// Messages or fields not turned into readings, by reason.
     pub rejected: Family<RejectLabels, Counter>,
@@ -106,6 +125,20 @@ pub struct Metrics {
     pub serial_open: Family<PortLabels, Gauge>,
     /// Times a serial port was opened (more than one: the device went away and came back).
     pub serial_opens: Family<PortLabels, Counter>,
+    /// Readings the pre-filters dropped, by filter and reason (see [`crate::filter`]).
+    pub filter_dropped: Family<FilterLabels, Counter>,
+    /// Readings whose value the range filter clamped to a bound.
+    pub filter_clamped: Counter,
+    /// Readings the deadband passed only because `max_silence` had passed.
+    pub filter_heartbeats: Counter,
+    /// Times a filter restarted a sensor's state, by filter and reason (`clock_backwards`).
+    pub filter_resets: Family<FilterLabels, Counter>,
+    /// Readings of new sensors passed unfiltered because the filters hold state for the most sensors they may.
+    pub filter_state_full: Counter,
+    /// Readings the filters hold back: spike-held readings and open downsample intervals.
+    pub filter_held_readings: Gauge,
+    /// Sensors the filters keep state for.
+    pub filter_sensors: Gauge,
 }
 
 impl Default for Metrics {
@@ -143,12 +176,19 @@ impl Metrics {
             serial_rejected: Family::default(),
             serial_open: Family::default(),
             serial_opens: Family::default(),
+            filter_dropped: Family::default(),
+            filter_clamped: Counter::default(),
+            filter_heartbeats: Counter::default(),
+            filter_resets: Family::default(),
+            filter_state_full: Counter::default(),
+            filter_held_readings: Gauge::default(),
+            filter_sensors: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("mqtt_messages", "MQTT messages read from the broker", m.messages.clone());
         registry.register(
             "readings_accepted",
-            "Readings decoded, validated and handed to the spool",
+            "Readings decoded and validated, handed to the pre-filters (then the spool)",
             m.readings_accepted.clone(),
         );
         registry.register("rejected", "Messages or fields not turned into readings, by reason", m.rejected.clone());
@@ -238,6 +278,43 @@ impl Metrics {
             "Times the serial port was opened (more than once: the device went away and came back)",
             m.serial_opens.clone(),
         );
+        registry.register(
+            "filter_dropped",
+            "Readings the pre-filters dropped, by filter and reason",
+            m.filter_dropped.clone(),
+        );
+        registry.register(
+            "filter_clamped",
+            "Readings whose value the range filter clamped to a bound",
+            m.filter_clamped.clone(),
+        );
+        registry.register(
+            "filter_heartbeats",
+            "Readings the deadband filter passed only because max_silence had passed",
+            m.filter_heartbeats.clone(),
+        );
+        registry.register(
+            "filter_resets",
+            "Times a filter restarted a sensor's state, by filter and reason",
+            m.filter_resets.clone(),
+        );
+        registry.register(
+            "filter_state_full",
+            "Readings of new sensors passed unfiltered because the filters' sensor state was full",
+            m.filter_state_full.clone(),
+        );
+        registry.register(
+            "filter_held_readings",
+            "Readings the pre-filters hold back (spike-held readings, open downsample intervals)",
+            m.filter_held_readings.clone(),
+        );
+        registry.register("filter_sensors", "Sensors the pre-filters keep state for", m.filter_sensors.clone());
+        for (filter, reason) in FILTER_DROPS {
+            let _ = m.filter_dropped.get_or_create(&FilterLabels { filter, reason });
+        }
+        for (filter, reason) in FILTER_RESETS {
+            let _ = m.filter_resets.get_or_create(&FilterLabels { filter, reason });
+        }
         // Make every reason visible from the start, so a dashboard sees 0 rather than nothing.
         for reason in Reject::ALL {
             let _ = m.rejected.get_or_create(&RejectLabels { reason });
@@ -250,6 +327,16 @@ impl Metrics {
 
     pub fn reject(&self, reason: Reject) {
         self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    /// The counter of readings `filter` dropped for `reason`.
+    pub fn filter_drop_counter(&self, filter: &'static str, reason: &'static str) -> Counter {
+        self.filter_dropped.get_or_create(&FilterLabels { filter, reason }).clone()
+    }
+
+    /// The counter of `filter`'s state resets for `reason`.
+    pub fn filter_reset_counter(&self, filter: &'static str, reason: &'static str) -> Counter {
+        self.filter_resets.get_or_create(&FilterLabels { filter, reason }).clone()
     }
 
     pub fn forward_outcome(&self, outcome: &'static str) {
@@ -310,6 +397,14 @@ mod tests {
             "tributary_agent_serial_rejected_total{port=\"ttyUSB0\",reason=\"crc\"} 1",
             "tributary_agent_serial_open{port=\"ttyUSB0\"} 1",
             "tributary_agent_serial_opens_total{port=\"ttyUSB0\"} 1",
+            "tributary_agent_filter_dropped_total{filter=\"deadband\",reason=\"unchanged\"} 0",
+            "tributary_agent_filter_dropped_total{filter=\"range\",reason=\"below_min\"} 0",
+            "tributary_agent_filter_resets_total{filter=\"downsample\",reason=\"clock_backwards\"} 0",
+            "tributary_agent_filter_clamped_total 0",
+            "tributary_agent_filter_heartbeats_total 0",
+            "tributary_agent_filter_state_full_total 0",
+            "tributary_agent_filter_held_readings 0",
+            "tributary_agent_filter_sensors 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

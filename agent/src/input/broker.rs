@@ -135,8 +135,11 @@ impl EmbeddedBroker {
 
         let spool = intake.sender();
         let mut reader = LinkReader { link_rx, last_offset: None, marker: None };
+        let mut ticker = intake.ticker();
         let result = loop {
             tokio::select! {
+                // What the pre-filters held long enough goes out even when no message comes.
+                _ = ticker.tick() => if let Err(e) = intake.tick() { break Err(e.into()) },
                 // The writer has room again: hand over what piled up meanwhile.
                 permit = spool.reserve(), if intake.has_pending() => match permit {
                     Ok(permit) => intake.send_with(permit),
@@ -180,7 +183,8 @@ impl EmbeddedBroker {
                      acknowledged messages may be lost"
                 ),
             }
-            intake.flush().await?;
+            // With what the pre-filters still hold.
+            intake.finish().await?;
         }
         // 5. Connections write the acks due and close.
         let _ = phase_tx.send(Phase::Closing);

@@ -1,7 +1,10 @@
 //! Where readings come from: the embedded MQTT broker ([`broker`]) or an existing broker joined as
 //! a client ([`mqtt`]). Both decode messages with [`Decoder`] into an [`Intake`], which hands
 //! chunks of readings to the spool. Serial ports ([`serial`]) decode their own bytes and queue
-//! readings on an [`Intake`] of their own.
+//! readings on an [`Intake`] of their own. Either way every reading goes through the intake's
+//! pre-filters ([`crate::filter`]) before the spool, so what they drop never costs a flash write;
+//! each input's loop runs [`Intake::tick`] on [`Intake::ticker`] (to emit what a quiet sensor's
+//! filters hold) and ends with [`Intake::finish`] (to hand held readings over at a clean stop).
 
 pub mod broker;
 pub mod mqtt;
@@ -12,6 +15,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::decode::Decoder;
+use crate::filter::{FilterConfig, FilterCounters, Filters};
 use crate::metrics::Metrics;
 use crate::spool::{Chunk, Command, Spool, SpoolError, now_ms};
 
@@ -34,6 +38,7 @@ pub struct Intake {
     pending_bytes: usize,
     last: u64,
     max_pending: usize,
+    filters: Filters,
 }
 
 /// What a reading costs in a chunk (sensor index, timestamp, value, with alignment).
@@ -47,36 +52,48 @@ impl Intake {
             decoder,
             tx: spool.sender(),
             committed: spool.committed(),
-            metrics,
             pending: Chunk::default(),
             pending_ids: 0,
             pending_bytes: 0,
             last: 0,
             max_pending,
+            filters: Filters::new(&[], FilterCounters::new(&metrics)),
+            metrics,
         }
+    }
+
+    /// Runs `[[filter]]` rules on every reading before it is queued.
+    pub fn with_filters(mut self, config: &[FilterConfig]) -> Intake {
+        self.filters = Filters::new(config, FilterCounters::new(&self.metrics));
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
-    /// Decodes one message into the pending chunk. Returns the intake number to wait for before
-    /// acknowledging the message: its own, or, if it held no readings, the previous message's.
+    /// Decodes one message into the pending chunk, through the filters. Returns the intake number
+    /// to wait for before acknowledging the message: its own, or, if it queued no readings (all
+    /// rejected, or dropped or held by the filters), the previous message's.
     pub fn take(&mut self, topic: &[u8], payload: &[u8]) -> u64 {
-        let Intake { decoder, pending, pending_ids, pending_bytes, metrics, .. } = self;
+        let Intake { decoder, pending, pending_ids, pending_bytes, metrics, filters, .. } = self;
         metrics.messages.inc();
+        let now = now_ms();
+        let mut queued = 0usize;
+        let mut push = |sensor: &str, ts: i64, value: f64| {
+            queued += 1;
+            push_reading(pending, pending_ids, pending_bytes, sensor, ts, value);
+        };
         let readings = decoder.decode(
             topic,
             payload,
-            now_ms(),
+            now,
             |sensor, ts, value| {
-                let index = pending.readings.intern(sensor);
-                if index as usize == *pending_ids {
-                    *pending_ids += 1;
-                    *pending_bytes += ID_OVERHEAD_BYTES + 2 * sensor.len();
+                if filters.is_empty() {
+                    push(sensor, ts, value)
+                } else {
+                    filters.apply(sensor, ts, value, now, &mut push)
                 }
-                pending.readings.push_interned(index, ts, value);
-                *pending_bytes += READING_BYTES;
             },
             |reason| {
                 tracing::debug!(topic = %String::from_utf8_lossy(topic), reason = reason.label(), "rejected");
@@ -85,6 +102,10 @@ impl Intake {
         );
         if readings > 0 {
             metrics.readings_accepted.inc_by(readings as u64);
+        }
+        // A message whose readings were all filtered out takes no number: its ack must not wait
+        // for a commit that may not come for a while (client mode would stall its inflight window).
+        if queued > 0 {
             self.last += 1;
             self.pending.through = self.last;
         }
@@ -152,15 +173,68 @@ impl Intake {
     /// Nothing acknowledges it, so it takes no intake number: its chunk carries the number already
     /// committed, so that committing it never moves [`Spool::committed`] past a message not yet durable.
     pub fn take_reading(&mut self, sensor: &str, ts: i64, value: f64) {
-        // Counted like `take`'s readings, so the byte budget of `is_full` bounds serial chunks too.
-        let index = self.pending.readings.intern(sensor);
-        if index as usize == self.pending_ids {
-            self.pending_ids += 1;
-            self.pending_bytes += ID_OVERHEAD_BYTES + 2 * sensor.len();
-        }
-        self.pending.readings.push_interned(index, ts, value);
-        self.pending_bytes += READING_BYTES;
         self.metrics.readings_accepted.inc();
+        let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
+        let mut push =
+            |sensor: &str, ts: i64, value: f64| push_reading(pending, pending_ids, pending_bytes, sensor, ts, value);
+        if filters.is_empty() {
+            push(sensor, ts, value);
+        } else {
+            filters.apply(sensor, ts, value, now_ms(), &mut push);
+        }
         self.pending.through = self.pending.through.max(*self.committed.borrow());
     }
+
+    /// A timer for [`Intake::tick`]: as often as the filters need it (every second or faster),
+    /// hourly without filters (a no-op then). Late ticks are delayed, not bunched.
+    pub fn ticker(&self) -> tokio::time::Interval {
+        let period = self.filters.tick_period().unwrap_or(std::time::Duration::from_secs(3600));
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    }
+
+    /// Queues what the filters held long enough (a quiet sensor's downsample interval, a
+    /// spike-held reading past `max_hold`) and hands it over if the writer has room.
+    pub fn tick(&mut self) -> Result<(), SpoolError> {
+        if self.filters.is_empty() {
+            return Ok(());
+        }
+        let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
+        filters.tick(now_ms(), &mut |sensor, ts, value| {
+            push_reading(pending, pending_ids, pending_bytes, sensor, ts, value)
+        });
+        // Nothing acknowledges these readings: carry the number already committed (see take_reading).
+        self.pending.through = self.pending.through.max(*self.committed.borrow());
+        self.try_flush()
+    }
+
+    /// At a clean stop: queues everything the filters hold, then hands the chunk over.
+    pub async fn finish(&mut self) -> Result<(), SpoolError> {
+        let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
+        filters.finish(now_ms(), &mut |sensor, ts, value| {
+            push_reading(pending, pending_ids, pending_bytes, sensor, ts, value)
+        });
+        self.pending.through = self.pending.through.max(*self.committed.borrow());
+        self.flush().await
+    }
+}
+
+/// Appends a reading to the pending chunk, counting its bytes (and its sensor id's, the first time
+/// the chunk sees it) so that the byte budget of [`Intake::is_full`] bounds every input.
+fn push_reading(
+    pending: &mut Chunk,
+    pending_ids: &mut usize,
+    pending_bytes: &mut usize,
+    sensor: &str,
+    ts: i64,
+    value: f64,
+) {
+    let index = pending.readings.intern(sensor);
+    if index as usize == *pending_ids {
+        *pending_ids += 1;
+        *pending_bytes += ID_OVERHEAD_BYTES + 2 * sensor.len();
+    }
+    pending.readings.push_interned(index, ts, value);
+    *pending_bytes += READING_BYTES;
 }

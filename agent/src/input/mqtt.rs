@@ -124,8 +124,14 @@ impl MqttClient {
 
         let spool = intake.sender();
         let mut delay = Duration::from_millis(100);
+        let mut ticker = intake.ticker();
         loop {
             let event = tokio::select! {
+                // What the pre-filters held long enough goes out even when no message comes.
+                _ = ticker.tick() => {
+                    intake.tick()?;
+                    continue;
+                }
                 // The writer has room again: hand over what piled up meanwhile.
                 permit = spool.reserve(), if intake.has_pending() => {
                     match permit {
@@ -207,8 +213,9 @@ impl MqttClient {
         }
 
         // Shutdown: commit what was taken, let its acks go out, then disconnect. Messages that
-        // arrive meanwhile are not acknowledged; the broker keeps them for the next session.
-        intake.flush().await?;
+        // arrive meanwhile are not acknowledged; the broker keeps them for the next session. What the
+        // pre-filters hold goes too.
+        intake.finish().await?;
         drop(ack_tx);
         let drain = tokio::time::sleep(Duration::from_secs(2));
         tokio::pin!(drain);

@@ -431,7 +431,8 @@ impl SerialInput {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        intake.flush().await
+        // With what the pre-filters still hold.
+        intake.finish().await
     }
 
     /// Resolves the path (a by-id link may point elsewhere since the last open) and opens it.
@@ -452,8 +453,11 @@ impl SerialInput {
         let spool = intake.sender();
         let mut buf = vec![0u8; READ_BUFFER];
         let mut sent = false;
+        let mut ticker = intake.ticker();
         loop {
             tokio::select! {
+                // What the pre-filters held long enough goes out even when the device is quiet.
+                _ = ticker.tick() => intake.tick()?,
                 // The writer has room again: hand over what piled up meanwhile.
                 permit = spool.reserve(), if intake.has_pending() => match permit {
                     Ok(permit) => intake.send_with(permit),
