@@ -72,12 +72,21 @@ struct RuleState {
 
 pub struct AlertOperator {
     rules: Vec<AlertRule>,
-    /// Per series: the indices of the rules matching it, once looked up.
-    rules_of: Vec<Option<Vec<usize>>>,
-    states: rustc_hash::FxHashMap<(usize, u32), RuleState>,
-    dirty: rustc_hash::FxHashSet<(usize, u32)>,
+    /// Per series (by id): the rules matching it with their states, once looked up. Held by
+    /// series rather than in a map keyed by (rule, series): with ten rules on every sensor, the
+    /// map's lookups were most of the cost of a reading.
+    of_series: Vec<Option<SeriesRules>>,
+    /// Series whose states changed since the last commit.
+    dirty: Vec<u32>,
     transitions: Vec<Transition>,
     next_id: u64,
+}
+
+#[derive(Debug, Default)]
+struct SeriesRules {
+    /// (rule index, its state for the series).
+    states: Vec<(usize, RuleState)>,
+    dirty: bool,
 }
 
 impl AlertOperator {
@@ -85,9 +94,8 @@ impl AlertOperator {
         let max: Option<i64> = conn.query_row("SELECT max(id) FROM alerts", [], |r| r.get(0))?;
         Ok(AlertOperator {
             rules,
-            rules_of: Vec::new(),
-            states: Default::default(),
-            dirty: Default::default(),
+            of_series: Vec::new(),
+            dirty: Vec::new(),
             transitions: Vec::new(),
             next_id: max.map_or(1, |m| m as u64 + 1),
         })
@@ -107,41 +115,28 @@ impl AlertOperator {
         anomalous: bool,
     ) -> Result<(), StoreError> {
         let i = p.series as usize;
-        if i >= self.rules_of.len() {
-            self.rules_of.resize(i + 1, None);
+        if i >= self.of_series.len() {
+            self.of_series.resize_with(i + 1, || None);
         }
-        if self.rules_of[i].is_none() {
-            // Alerts about alerts would loop; anomalies of a sensor are matched through `anomaly`.
-            let matching = if name.starts_with("_alert/") {
-                Vec::new()
-            } else {
-                self.rules.iter().enumerate().filter(|(_, r)| r.sensor.is_match(name)).map(|(k, _)| k).collect()
-            };
-            self.rules_of[i] = Some(matching);
-        }
-        // Taken out and put back rather than cloned: this runs for every reading.
-        let Some(matching) = self.rules_of[i].take() else { return Ok(()) };
-        let result = self.evaluate(conn, &matching, p, offset, anomalous);
-        self.rules_of[i] = Some(matching);
-        result
-    }
-
-    fn evaluate(
-        &mut self,
-        conn: &Connection,
-        matching: &[usize],
-        p: &Point,
-        offset: u64,
-        anomalous: bool,
-    ) -> Result<(), StoreError> {
-        for &k in matching {
-            let key = (k, p.series);
-            if !self.states.contains_key(&key) {
-                let stored = load_state(conn, &self.rules[k].name, p.series)?;
-                self.states.insert(key, stored.unwrap_or_default());
+        let AlertOperator { rules, of_series, dirty, transitions, next_id } = self;
+        let series = match &mut of_series[i] {
+            Some(series) => series,
+            slot => {
+                let mut states = Vec::new();
+                // Alerts about alerts would loop; anomalies of a sensor are matched through `anomaly`.
+                if !name.starts_with("_alert/") {
+                    for (k, rule) in rules.iter().enumerate().filter(|(_, r)| r.sensor.is_match(name)) {
+                        states.push((k, load_state(conn, &rule.name, p.series)?.unwrap_or_default()));
+                    }
+                }
+                slot.insert(SeriesRules { states, dirty: false })
             }
-            let rule = &self.rules[k];
-            let Some(state) = self.states.get_mut(&key) else { continue };
+        };
+        if series.states.is_empty() {
+            return Ok(());
+        }
+        for (k, state) in &mut series.states {
+            let rule = &rules[*k];
             if state.last.is_some_and(|(ts, _)| p.ts < ts) {
                 continue;
             }
@@ -175,17 +170,20 @@ impl AlertOperator {
                 None if holds => {
                     let since = *state.since.get_or_insert(p.ts);
                     if p.ts.saturating_sub(since) >= rule.for_ms {
-                        let id = self.next_id;
-                        self.next_id += 1;
+                        let id = *next_id;
+                        *next_id += 1;
                         state.firing = Some(id);
                         transition = Some((id, "firing"));
                     }
                 }
                 None => state.since = None,
             }
-            self.dirty.insert(key);
+            if !series.dirty {
+                series.dirty = true;
+                dirty.push(p.series);
+            }
             if let Some((id, what)) = transition {
-                self.transitions.push(Transition {
+                transitions.push(Transition {
                     id,
                     rule: rule.name.clone(),
                     series: p.series,
@@ -209,8 +207,9 @@ impl AlertOperator {
     pub fn flush(&self, tx: &Connection) -> Result<(), StoreError> {
         let mut state =
             tx.prepare_cached("INSERT OR REPLACE INTO alert_states (rule, series, data) VALUES (?1, ?2, ?3)")?;
-        for (k, series) in &self.dirty {
-            if let Some(s) = self.states.get(&(*k, *series)) {
+        for series in &self.dirty {
+            let Some(Some(rules)) = self.of_series.get(*series as usize) else { continue };
+            for (k, s) in &rules.states {
                 let data = postcard::to_allocvec(s).unwrap_or_default();
                 state.execute(params![self.rules[*k].name, *series as i64, data])?;
             }
@@ -241,7 +240,11 @@ impl AlertOperator {
     }
 
     pub fn committed(&mut self) {
-        self.dirty.clear();
+        for series in self.dirty.drain(..) {
+            if let Some(Some(rules)) = self.of_series.get_mut(series as usize) {
+                rules.dirty = false;
+            }
+        }
         self.transitions.clear();
     }
 }
