@@ -22,8 +22,11 @@ use crate::store::StoreError;
 /// Windows per stored row.
 pub const SLOTS: i64 = 60;
 
-/// Rows kept in memory after a commit, per operator, beyond the newest row of each sensor.
-const KEEP_ROWS: usize = 4096;
+/// Memory for rows kept after a commit, per operator. Each sensor's newest row stays whatever it
+/// costs (live data lands there); older rows, kept for late data, leave least recently used first
+/// once the total is over. A count of rows bounded nothing: a full row is 11 KB, and 4,096 of them
+/// per window size were most of the aggregator's memory.
+const KEEP_BYTES: usize = 8 << 20;
 
 /// One window: its statistics, how often late data revised it, and when it last changed.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +83,11 @@ impl Row {
             row.at[usize::from(*slot)] = i as u8 + 1;
         }
         row
+    }
+
+    /// What the row holds in memory, roughly (sketches that spilled to the heap not counted).
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Row>() + self.windows.capacity() * std::mem::size_of::<(u8, Window)>()
     }
 
     /// The windows by slot.
@@ -204,7 +212,8 @@ impl WindowOperator {
                 w.bumped_by = None;
             }
         }
-        if self.rows.len() > KEEP_ROWS {
+        let bytes: usize = self.rows.values().map(Row::bytes).sum();
+        if bytes > KEEP_BYTES {
             // Keep each sensor's newest row (live data lands there) and the most recently used.
             let mut newest: HashMap<u32, i64> = HashMap::new();
             for (series, row_index) in self.rows.keys() {
@@ -214,9 +223,14 @@ impl WindowOperator {
             let mut by_age: Vec<(u64, (u32, i64))> =
                 self.rows.iter().filter(|(k, _)| newest.get(&k.0) != Some(&k.1)).map(|(k, r)| (r.used, *k)).collect();
             by_age.sort_unstable();
-            let excess = self.rows.len().saturating_sub(KEEP_ROWS);
-            for (_, key) in by_age.into_iter().take(excess) {
-                self.rows.remove(&key);
+            let mut excess = bytes - KEEP_BYTES;
+            for (_, key) in by_age {
+                if excess == 0 {
+                    break;
+                }
+                if let Some(row) = self.rows.remove(&key) {
+                    excess = excess.saturating_sub(row.bytes());
+                }
             }
         }
         self.commits = commits + 1;
