@@ -13,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod dashboard;
 pub mod ingest;
+pub mod inspect;
 pub mod json;
 pub mod log;
 pub mod metrics;
