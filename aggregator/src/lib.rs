@@ -10,11 +10,13 @@
 //! [`run`] wires it all up and shuts it down in that order.
 
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod dashboard;
 pub mod ingest;
 pub mod inspect;
 pub mod json;
+pub mod lock;
 pub mod log;
 pub mod metrics;
 pub mod notify;
@@ -46,6 +48,8 @@ pub enum Error {
     Process(#[from] pipeline::processor::ProcessError),
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Locked(#[from] lock::LockError),
 }
 
 /// Runs the aggregator until `shutdown` completes, then stops accepting requests, answers the
@@ -64,6 +68,8 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| Error::DataDir { path: data_dir.clone(), source })?;
+    // Held until this function returns: no second aggregator, no restore underneath this one.
+    let _lock = lock::DataDirLock::acquire(&data_dir)?;
     let log_path = data_dir.join("log.db");
     let store_path = data_dir.join("store.db");
 

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tributary_aggregator::Config;
 use tributary_aggregator::inspect::{self, Filter, Format, InspectError};
+use tributary_aggregator::{Config, backup};
 
 #[derive(Parser)]
 #[command(version, about = "Tributary's central service: ingest, immutable log, stream processing, dashboard API")]
@@ -29,6 +29,30 @@ enum Command {
     Log {
         #[command(subcommand)]
         command: LogCommand,
+    },
+    /// Copy the databases of data_dir into DIR, consistently, while the aggregator runs.
+    Backup {
+        /// The aggregator's configuration file (its data_dir is copied).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to write the backup (created if missing; must be empty unless --force).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Write into a non-empty DIR, replacing a backup there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Put a backup into data_dir (the aggregator must be stopped).
+    Restore {
+        /// The aggregator's configuration file (the backup goes into its data_dir).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// A directory written by `backup`.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Replace the databases of a non-empty data_dir.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -149,6 +173,20 @@ fn run_log(command: LogCommand) -> ExitCode {
     }
 }
 
+/// Prints the outcome of `backup`/`restore` and turns it into the exit code.
+fn report(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The message for an error, empty for a reader that went away.
 fn log_error(error: InspectError) -> String {
     match error {
@@ -165,6 +203,32 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::Log { command }) => return run_log(command),
+        Some(Command::Backup { config, to, force }) => {
+            return report(load_config(&config).and_then(|c| {
+                let m = backup::backup(&c.data_dir, &to, force).map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "backed up {} ({} readings, offsets {}..{}) into {}",
+                    m.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "),
+                    m.log_readings,
+                    m.log_first_offset,
+                    m.log_end_offset,
+                    to.display()
+                ))
+            }));
+        }
+        Some(Command::Restore { config, from, force }) => {
+            return report(load_config(&config).and_then(|c| {
+                let m = backup::restore(&c.data_dir, &from, force).map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "restored the backup of {} ({} readings, offsets {}..{}) into {}",
+                    m.created_at,
+                    m.log_readings,
+                    m.log_first_offset,
+                    m.log_end_offset,
+                    c.data_dir.display()
+                ))
+            }));
+        }
         None => {}
     }
     let Some(path) = cli.config else {

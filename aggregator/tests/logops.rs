@@ -274,3 +274,146 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert!(status.success() && stderr.is_empty(), "{sub}: {status} {stderr}");
     }
 }
+
+/// (offset, agent, seq, sensor, value) of every reading in the log of `config`, via `log inspect`.
+fn logged(config: &str) -> Vec<(u64, String, u64, String, f64)> {
+    cli_ok(&["log", "inspect", "--config", config, "--limit", "0", "--format", "jsonl"])
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["offset"].as_u64().unwrap(),
+                v["agent"].as_str().unwrap().to_string(),
+                v["seq"].as_u64().unwrap(),
+                v["sensor"].as_str().unwrap().to_string(),
+                v["value"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Batch `n` of an agent: 50 readings of its own sensor, seq 50n..50n+50.
+fn numbered_batch(agent: usize, n: u64) -> Vec<u8> {
+    let (id, sensor) = [("gw-1", "bk/one"), ("gw-2", "bk/two")][agent];
+    let readings: Vec<(&str, i64, f64)> =
+        (0..50).map(|i| (sensor, T0 + (n * 50 + i) as i64 * 1000, (n * 50 + i) as f64)).collect();
+    postcard_batch(id, 1, &[(n * 50, &readings)])
+}
+
+#[test]
+fn a_backup_taken_during_ingest_restores_every_acknowledged_reading_and_dedups_resends() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    let config = config_arg(dir.path());
+    for n in 0..10 {
+        agg.ingest_ok(0, &numbered_batch(0, n));
+        agg.ingest_ok(1, &numbered_batch(1, n));
+    }
+    // gw-1 keeps sending while the backup runs; `acked` counts its acknowledged batches.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(10));
+    let sender = {
+        let (stop, acked, addr) = (stop.clone(), acked.clone(), agg.addr);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let n = acked.load(Ordering::Relaxed);
+                let response = common::try_ingest(addr, 0, &numbered_batch(0, n)).unwrap();
+                assert_eq!(response.status, 200, "{}", response.text());
+                acked.store(n + 1, Ordering::Relaxed);
+            }
+        })
+    };
+    // Let it get going, then note what was acknowledged before the backup starts.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.load(Ordering::Relaxed) < 15 {
+        assert!(Instant::now() < deadline, "the sender is stuck");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let acked_before = acked.load(Ordering::Relaxed);
+    let backup_dir = dir.path().join("backup");
+    let backup_arg = backup_dir.display().to_string();
+    let done = cli_ok(&["backup", "--config", &config, "--to", &backup_arg]);
+    let acked_after = acked.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    assert!(done[0].starts_with("backed up store.db, log.db ("), "{done:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(backup_dir.join("backup.json")).unwrap()).unwrap();
+    let end = manifest["log_end_offset"].as_u64().unwrap();
+    assert_eq!(manifest["log_readings"].as_u64().unwrap(), end);
+
+    // Refusals: a non-empty backup dir, and a restore under the running aggregator.
+    let (ok, _, stderr) = cli(&["backup", "--config", &config, "--to", &backup_arg]);
+    assert!(!ok && stderr.contains("is not empty") && stderr.contains("--force"), "{stderr}");
+    let (ok, _, stderr) = cli(&["restore", "--config", &config, "--from", &backup_arg, "--force"]);
+    assert!(!ok && stderr.contains("locked by another process"), "{stderr}");
+
+    let original = logged(&config);
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::write(fresh.path().join("aggregator.toml"), common::config_text(&fresh.path().join("data"))).unwrap();
+    let fresh_config = config_arg(fresh.path());
+    let done = cli_ok(&["restore", "--config", &fresh_config, "--from", &backup_arg]);
+    assert!(done[0].starts_with("restored the backup of "), "{done:?}");
+    let (ok, _, stderr) = cli(&["restore", "--config", &fresh_config, "--from", &backup_arg]);
+    assert!(!ok && stderr.contains("is not empty"), "{stderr}");
+
+    // The restored log is exactly the original's first `end` readings (a consistent snapshot),
+    // and holds every batch acknowledged before the backup started.
+    let restored = logged(&fresh_config);
+    assert_eq!(restored.len() as u64, end);
+    assert_eq!(restored[..], original[..end as usize]);
+    let gw1_batches = restored.iter().filter(|r| r.1 == "gw-1").count() as u64 / 50;
+    eprintln!("gw-1 batches acked before the backup: {acked_before}, in it: {gw1_batches}, acked after: {acked_after}");
+    assert!(
+        gw1_batches >= acked_before && gw1_batches <= acked_after,
+        "{acked_before} <= {gw1_batches} <= {acked_after}"
+    );
+    assert_eq!(restored.iter().filter(|r| r.1 == "gw-2").count(), 500);
+
+    // The restored aggregator serves the restored data and dedups resends of backed-up batches.
+    drop(agg);
+    let restored_agg = Aggregator::start(fresh.path());
+    restored_agg.wait_processed();
+    let (_, sensor) = restored_agg.get_json("/api/v1/sensors/bk%2Fone");
+    assert_eq!(sensor["count"], gw1_batches * 50);
+    let again = restored_agg.ingest_ok(0, &numbered_batch(0, acked_before - 1));
+    assert_eq!((again["accepted"].as_u64(), again["duplicates"].as_u64()), (Some(0), Some(50)));
+    let next = restored_agg.ingest_ok(0, &numbered_batch(0, gw1_batches));
+    assert_eq!((next["accepted"].as_u64(), next["missing"].as_u64()), (Some(50), Some(0)));
+}
+
+#[test]
+fn restore_refuses_a_damaged_backup_and_leaves_the_data_dir_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    for n in 0..20 {
+        agg.ingest_ok(1, &numbered_batch(1, n));
+    }
+    let backup_dir = dir.path().join("backup");
+    cli_ok(&["backup", "--config", &config_arg(dir.path()), "--to", &backup_dir.display().to_string()]);
+    drop(agg);
+    // Stand-in for a bad disk: zeroes over the log copy's second page on.
+    let log_copy = backup_dir.join("log.db");
+    let mut bytes = std::fs::read(&log_copy).unwrap();
+    assert!(bytes.len() > 8192, "{}", bytes.len());
+    bytes[4096..8192].fill(0xa5);
+    std::fs::write(&log_copy, bytes).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::write(fresh.path().join("aggregator.toml"), common::config_text(&fresh.path().join("data"))).unwrap();
+    let (ok, _, stderr) =
+        cli(&["restore", "--config", &config_arg(fresh.path()), "--from", &backup_dir.display().to_string()]);
+    assert!(!ok && stderr.contains("log.db is damaged") && stderr.contains("nothing was restored"), "{stderr}");
+    assert!(!fresh.path().join("data/log.db").exists());
+}
+
+#[test]
+fn a_second_aggregator_on_the_same_data_dir_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let _running = Aggregator::start(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let (status, stderr, _) = common::run_with_config(other.path(), &common::config_text(&dir.path().join("data")));
+    assert!(!status.success() && stderr.contains("locked by another process"), "{stderr}");
+}
