@@ -8,6 +8,8 @@
 //! windows, sensor state, quarantine) → [`store`] (SQLite, results and offset committed together)
 //! → [`api`] (and [`dashboard`]). [`config`] reads the TOML file, [`metrics`] serves Prometheus text.
 //! [`run`] wires it all up and shuts it down in that order.
+//! [`inspect`] (`log inspect|tail|stats`) and [`backup`] (`backup`/`restore`) are the command-line
+//! tools over a data directory; [`lock`] keeps one process at a time on it.
 
 pub mod api;
 pub mod backup;
