@@ -8,12 +8,17 @@
 //! windows, sensor state, quarantine) → [`store`] (SQLite, results and offset committed together)
 //! → [`api`] (and [`dashboard`]). [`config`] reads the TOML file, [`metrics`] serves Prometheus text.
 //! [`run`] wires it all up and shuts it down in that order.
+//! [`inspect`] (`log inspect|tail|stats`) and [`backup`] (`backup`/`restore`) are the command-line
+//! tools over a data directory; [`lock`] keeps one process at a time on it.
 
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod dashboard;
 pub mod ingest;
+pub mod inspect;
 pub mod json;
+pub mod lock;
 pub mod log;
 pub mod metrics;
 pub mod notify;
@@ -45,6 +50,8 @@ pub enum Error {
     Process(#[from] pipeline::processor::ProcessError),
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Locked(#[from] lock::LockError),
 }
 
 /// Runs the aggregator until `shutdown` completes, then stops accepting requests, answers the
@@ -63,6 +70,8 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| Error::DataDir { path: data_dir.clone(), source })?;
+    // Held until this function returns: no second aggregator, no restore underneath this one.
+    let _lock = lock::DataDirLock::acquire(&data_dir)?;
     let log_path = data_dir.join("log.db");
     let store_path = data_dir.join("store.db");
 

@@ -1,12 +1,14 @@
 //! `tributary-aggregator --config aggregator.toml` runs the service;
-//! `tributary-aggregator generate-config` prints the commented default configuration.
+//! `tributary-aggregator generate-config` prints the commented default configuration;
+//! `log inspect|tail|stats` read the log, `backup` and `restore` copy the data directory.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tributary_aggregator::Config;
+use tributary_aggregator::inspect::{self, Filter, Format, InspectError};
+use tributary_aggregator::{Config, backup};
 
 #[derive(Parser)]
 #[command(version, about = "Tributary's central service: ingest, immutable log, stream processing, dashboard API")]
@@ -23,13 +25,211 @@ struct Cli {
 enum Command {
     /// Print the commented default configuration.
     GenerateConfig,
+    /// Read the log (read-only; safe while the aggregator runs).
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+    /// Copy the databases of data_dir into DIR, consistently, while the aggregator runs.
+    Backup {
+        /// The aggregator's configuration file (its data_dir is copied).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to write the backup (created if missing; must be empty unless --force).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Write into a non-empty DIR, replacing a backup there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Put a backup into data_dir (the aggregator must be stopped).
+    Restore {
+        /// The aggregator's configuration file (the backup goes into its data_dir).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// A directory written by `backup`.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Replace the databases of a non-empty data_dir.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Print readings from the log with their offsets, oldest first.
+    Inspect {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print at most N readings; 0 prints all.
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: u64,
+    },
+    /// Print the last readings of the log, and with --follow the new ones as they arrive.
+    Tail {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// How many of the last matching readings to print first.
+        #[arg(long, short = 'n', value_name = "N", default_value_t = 10)]
+        lines: u64,
+        /// Keep printing readings as they are appended, until Ctrl-C or SIGTERM.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Print the log's offsets, size, agents and time span (without decoding its blocks).
+    Stats {
+        /// The aggregator's configuration file (its data_dir holds the log).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct FilterArgs {
+    /// The aggregator's configuration file (its data_dir holds the log).
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// Only sensors matching this glob (`*` stays within one `/` level, `**` crosses them).
+    #[arg(long, value_name = "GLOB")]
+    sensor: Option<String>,
+    /// Only readings from this agent id.
+    #[arg(long, value_name = "ID")]
+    agent: Option<String>,
+    /// Start at this offset.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    from_offset: u64,
+    /// Stop before this offset (exclusive).
+    #[arg(long, value_name = "M")]
+    until_offset: Option<u64>,
+    /// Only readings received since TIME: RFC 3339 (2026-01-31T12:00:00Z) or a duration back from now (10m, 2h).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = FormatArg::Text)]
+    format: FormatArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    /// One line of key=value fields per reading.
+    Text,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+impl FilterArgs {
+    /// The data directory and the filter, or a message for the user.
+    fn resolve(&self) -> Result<(PathBuf, Filter, Format), String> {
+        let config = load_config(&self.config)?;
+        let sensor = self.sensor.as_deref().map(tributary_aggregator::config::parse_glob).transpose()?;
+        let since_ms = self.since.as_deref().map(|s| inspect::parse_since(s, now_ms())).transpose()?;
+        let filter = Filter {
+            sensor,
+            agent: self.agent.clone(),
+            from_offset: self.from_offset,
+            until_offset: self.until_offset,
+            since_ms,
+        };
+        let format = match self.format {
+            FormatArg::Text => Format::Text,
+            FormatArg::Jsonl => Format::Jsonl,
+        };
+        Ok((config.data_dir, filter, format))
+    }
+}
+
+fn load_config(path: &std::path::Path) -> Result<Config, String> {
+    // `{:#}` adds the cause, e.g. why the file cannot be read.
+    Config::load(path).map_err(|error| format!("{:#}", anyhow::Error::new(error)))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Runs a `log` subcommand; a closed output pipe (`| head`) ends it quietly.
+fn run_log(command: LogCommand) -> ExitCode {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = match command {
+        LogCommand::Inspect { filter, limit } => filter
+            .resolve()
+            .and_then(|(dir, f, format)| inspect::inspect(&dir, &f, limit, format, &mut out).map_err(log_error)),
+        LogCommand::Tail { filter, lines, follow } => filter
+            .resolve()
+            .and_then(|(dir, f, format)| inspect::tail(&dir, &f, lines, follow, format, &mut out).map_err(log_error)),
+        LogCommand::Stats { config } => {
+            load_config(&config).and_then(|c| inspect::stats(&c.data_dir, &mut out).map_err(log_error))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) if message.is_empty() => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints the outcome of `backup`/`restore` and turns it into the exit code.
+fn report(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The message for an error, empty for a reader that went away.
+fn log_error(error: InspectError) -> String {
+    match error {
+        InspectError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => String::new(),
+        other => other.to_string(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::GenerateConfig) = cli.command {
-        print!("{}", tributary_aggregator::config::EXAMPLE_CONFIG);
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::GenerateConfig) => {
+            print!("{}", tributary_aggregator::config::EXAMPLE_CONFIG);
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Log { command }) => return run_log(command),
+        Some(Command::Backup { config, to, force }) => {
+            return report(load_config(&config).and_then(|c| {
+                let m = backup::backup(&c.data_dir, &to, force).map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "backed up {} ({} readings, offsets {}..{}) into {}",
+                    m.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", "),
+                    m.log_readings,
+                    m.log_first_offset,
+                    m.log_end_offset,
+                    to.display()
+                ))
+            }));
+        }
+        Some(Command::Restore { config, from, force }) => {
+            return report(load_config(&config).and_then(|c| {
+                let m = backup::restore(&c.data_dir, &from, force).map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "restored the backup of {} ({} readings, offsets {}..{}) into {}",
+                    m.created_at,
+                    m.log_readings,
+                    m.log_first_offset,
+                    m.log_end_offset,
+                    c.data_dir.display()
+                ))
+            }));
+        }
+        None => {}
     }
     let Some(path) = cli.config else {
         eprintln!("error: --config FILE is required (or run `generate-config` to print an example)");
