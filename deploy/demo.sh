@@ -24,6 +24,9 @@ port_or_free() { # preferred port -> that port if free, else a free one
   python3 - "$1" <<'EOF'
 import socket, sys
 s = socket.socket()
+# As the servers bind (tokio sets SO_REUSEADDR): a port whose last connections are in TIME_WAIT,
+# after a restart within a minute, is free, not taken.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try:
     s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError:

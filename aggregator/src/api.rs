@@ -93,6 +93,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(dashboard::page))
+        .route("/favicon.ico", get(dashboard::icon))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/ingest", post(ingest::ingest))

@@ -72,6 +72,12 @@ fn health_metrics_and_dashboard_are_served() {
     let html = page.text();
     assert!(html.contains("/api/v1/sensors") && html.contains("/api/v1/agents"), "the page reads the API");
     assert!(!html.contains("http://") && !html.contains("https://"), "no CDN or external resource");
+    // Browsers ask for the icon on every load: it is served, not a 404 in every log.
+    assert!(html.contains(r#"rel="icon""#));
+    let icon = agg.get("/favicon.ico");
+    assert_eq!(icon.status, 200);
+    assert_eq!(icon.header("content-type"), Some("image/svg+xml"));
+    assert!(icon.text().starts_with("<svg"));
 }
 
 /// The `rel="next"` URL of a `Link` header, if any.
