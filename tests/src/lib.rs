@@ -920,3 +920,70 @@ pub async fn publish_once(port: u16, client_id: &str, topic: &str, payload: Vec<
     }
     acked
 }
+
+/// A socat pseudo-terminal pair standing in for a serial cable: the agent opens `agent_end`, the
+/// simulator `device_end`. Killing socat is unplugging the device.
+pub struct SerialLine {
+    socat: Process,
+    pub agent_end: PathBuf,
+    pub device_end: PathBuf,
+}
+
+impl SerialLine {
+    pub fn start(dir: &Path, name: &str) -> SerialLine {
+        let agent_end = dir.join(format!("{name}-agent"));
+        let device_end = dir.join(format!("{name}-device"));
+        let program = ["/usr/bin/socat", "/bin/socat"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("socat is not installed: `apt-get install socat` (.ci/run does)");
+        let pty = |link: &Path| format!("pty,raw,echo=0,link={}", link.display());
+        let socat = Process::spawn(
+            &format!("socat {name}"),
+            program,
+            vec!["-d".into(), "-d".into(), pty(&agent_end), pty(&device_end)],
+            dir.join(format!("socat-{name}.log")),
+        );
+        let mut line = SerialLine { socat, agent_end, device_end };
+        line.wait_for_links();
+        line
+    }
+
+    fn wait_for_links(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(self.agent_end.exists() && self.device_end.exists()) {
+            assert!(self.socat.is_running(), "socat exited:\n{}", self.socat.log_tail(10));
+            assert!(Instant::now() < deadline, "socat made no pty links:\n{}", self.socat.log_tail(10));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The device goes away: socat dies without cleaning up, as a yanked USB adapter would.
+    pub fn unplug(&mut self) {
+        self.socat.kill9();
+        // SIGKILL leaves the links dangling (or pointing at a pty someone else gets next).
+        let _ = std::fs::remove_file(&self.agent_end);
+        let _ = std::fs::remove_file(&self.device_end);
+    }
+
+    /// The device comes back, on the same link paths.
+    pub fn plug(&mut self) {
+        self.socat.start();
+        self.wait_for_links();
+    }
+
+    /// Writes bytes into the device's end, as a device would.
+    pub fn write(&self, bytes: &[u8]) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NOCTTY: the test process must not adopt the pty as its controlling terminal.
+        let mut tty = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&self.device_end)
+            .expect("open the device end");
+        tty.write_all(bytes).expect("write to the pty");
+        tty.flush().expect("flush the pty");
+    }
+}

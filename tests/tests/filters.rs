@@ -3,10 +3,9 @@
 //! `[[filter]]` sections, into the real aggregator, whose log must hold exactly what passed.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tributary_tests::{Agent, Aggregator, Mosquitto, MqttInput, Process, eventually, publish};
+use tributary_tests::{Agent, Aggregator, Mosquitto, MqttInput, SerialLine, eventually, publish};
 
 /// An hour ago, on a minute boundary: old enough for any interval, within validation's bounds.
 fn base_ts() -> i64 {
@@ -199,53 +198,6 @@ async fn client_mode_acknowledges_messages_whose_readings_the_deadband_drops() {
     let got = wait_logged(&aggregator, 2).await;
     assert_eq!(got.get("db/a"), Some(&vec![(t, 20.0), (t + 300, 25.0)]));
     assert_eq!(agent.metric(&dropped("deadband", "unchanged")).await, 299.0);
-}
-
-/// A socat pseudo-terminal pair standing in for a serial cable (as in tests/serial.rs).
-struct SerialLine {
-    _socat: Process,
-    agent_end: PathBuf,
-    device_end: PathBuf,
-}
-
-impl SerialLine {
-    fn start(dir: &Path, name: &str) -> SerialLine {
-        let agent_end = dir.join(format!("{name}-agent"));
-        let device_end = dir.join(format!("{name}-device"));
-        let program = ["/usr/bin/socat", "/bin/socat"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .expect("socat is not installed: `apt-get install socat` (.ci/run does)");
-        let pty = |link: &Path| format!("pty,raw,echo=0,link={}", link.display());
-        let mut socat = Process::spawn(
-            &format!("socat {name}"),
-            program,
-            vec!["-d".into(), "-d".into(), pty(&agent_end), pty(&device_end)],
-            dir.join(format!("socat-{name}.log")),
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(agent_end.exists() && device_end.exists()) {
-            assert!(socat.is_running(), "socat exited:\n{}", socat.log_tail(10));
-            assert!(Instant::now() < deadline, "socat made no pty links:\n{}", socat.log_tail(10));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        SerialLine { _socat: socat, agent_end, device_end }
-    }
-
-    /// Writes bytes into the device's end, as a device would.
-    fn write(&self, bytes: &[u8]) {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        // O_NOCTTY: the test process must not adopt the pty as its controlling terminal.
-        let mut tty = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOCTTY)
-            .open(&self.device_end)
-            .expect("open the device end");
-        tty.write_all(bytes).expect("write to the pty");
-        tty.flush().expect("flush the pty");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,64 +3,11 @@
 //! and what the aggregator's API shows is compared with what the simulator recorded it sent.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use serde_json::Value;
-use tributary_tests::{Agent, Aggregator, MqttInput, Process, bin, encode_path_segment, eventually};
-
-/// A socat pseudo-terminal pair standing in for a serial cable: the agent opens `agent_end`, the
-/// simulator `device_end`. Killing socat is unplugging the device.
-struct SerialLine {
-    socat: Process,
-    agent_end: PathBuf,
-    device_end: PathBuf,
-}
-
-impl SerialLine {
-    fn start(dir: &Path, name: &str) -> SerialLine {
-        let agent_end = dir.join(format!("{name}-agent"));
-        let device_end = dir.join(format!("{name}-device"));
-        let program = ["/usr/bin/socat", "/bin/socat"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .expect("socat is not installed: `apt-get install socat` (.ci/run does)");
-        let pty = |link: &Path| format!("pty,raw,echo=0,link={}", link.display());
-        let socat = Process::spawn(
-            &format!("socat {name}"),
-            program,
-            vec!["-d".into(), "-d".into(), pty(&agent_end), pty(&device_end)],
-            dir.join(format!("socat-{name}.log")),
-        );
-        let mut line = SerialLine { socat, agent_end, device_end };
-        line.wait_for_links();
-        line
-    }
-
-    fn wait_for_links(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(self.agent_end.exists() && self.device_end.exists()) {
-            assert!(self.socat.is_running(), "socat exited:\n{}", self.socat.log_tail(10));
-            assert!(Instant::now() < deadline, "socat made no pty links:\n{}", self.socat.log_tail(10));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The device goes away: socat dies without cleaning up, as a yanked USB adapter would.
-    fn unplug(&mut self) {
-        self.socat.kill9();
-        // SIGKILL leaves the links dangling (or pointing at a pty someone else gets next).
-        let _ = std::fs::remove_file(&self.agent_end);
-        let _ = std::fs::remove_file(&self.device_end);
-    }
-
-    /// The device comes back, on the same link paths.
-    fn plug(&mut self) {
-        self.socat.start();
-        self.wait_for_links();
-    }
-}
+use tributary_tests::{Agent, Aggregator, MqttInput, SerialLine, bin, encode_path_segment, eventually};
 
 /// A reading the simulator recorded sending.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,19 +131,6 @@ async fn wait_open(agent: &Agent, port: &str, open: bool) {
 }
 
 /// Writes bytes into the device's end of the line, as a device not playing by the rules would.
-fn write_raw(device_end: &Path, bytes: &[u8]) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    // O_NOCTTY: the test process must not adopt the pty as its controlling terminal.
-    let mut tty = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(device_end)
-        .expect("open the device end");
-    tty.write_all(bytes).expect("write to the pty");
-    tty.flush().expect("flush the pty");
-}
-
 fn serial_section(path: &Path, format: &str, extra: &str) -> String {
     format!("[[serial]]\npath = {:?}\nformat = {format:?}\n{extra}", path.display().to_string())
 }
@@ -282,7 +216,7 @@ async fn corrupt_and_lost_bytes_and_wrong_baud_garbage_are_counted_and_every_int
             if rng % 50 == 0 { 0 } else { (rng >> 32) as u8 }
         })
         .collect();
-    write_raw(&line.device_end, &garbage);
+    line.write(&garbage);
 
     let (report2, more) = play(dir.path(), &line.device_end, &[&args[..], &["--seed", "2"]].concat()).await;
     sent.extend(more);
@@ -340,7 +274,7 @@ async fn lines_and_bare_numbers_arrive_and_bad_lines_are_counted_by_reason() {
     let mut noise = b"hello world\r\ntemp=\r\ntemp=21.5,hum\r\nx=NaN\r\n\xff\xfe\r\n".to_vec();
     noise.extend(vec![b'7'; 5000]);
     noise.extend(b"\r\n");
-    write_raw(&line.device_end, &noise);
+    line.write(&noise);
     let (_, numbers) =
         play(dir.path(), &line.device_end, &["--format", "number", "--interval", "10ms", "--count", "25", "--unpaced"])
             .await;
