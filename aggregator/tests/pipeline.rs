@@ -220,6 +220,40 @@ fn a_glob_reads_many_sensors_windows_in_one_request() {
 }
 
 #[test]
+fn a_fleet_read_split_over_cores_keeps_sensor_order_every_reading_and_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    // 130 sensors: enough for the read to be split in parts (64 sensors or more per part).
+    let names: Vec<String> = (0..130).map(|i| format!("fleet/s{i:03}")).collect();
+    let readings: Vec<(&str, i64, f64)> =
+        names.iter().flat_map(|n| (0..770).map(move |k| (n.as_str(), T0 + k * 10_000, k as f64))).collect();
+    for (i, chunk) in readings.chunks(10_010).enumerate() {
+        agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[((i * 10_010) as u64, chunk)]));
+    }
+    agg.wait_processed();
+
+    let (status, hour) = agg.get_json("/api/v1/windows?sensor=fleet/*&size=1m&fields=count");
+    assert_eq!(status, 200, "{hour}");
+    let sensors: Vec<&str> = hour.as_array().unwrap().iter().map(|s| s["sensor"].as_str().unwrap()).collect();
+    assert_eq!(sensors, names.iter().map(String::as_str).collect::<Vec<_>>());
+    let counted: u64 = hour
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["windows"].as_array().unwrap().iter().map(|w| w["count"].as_u64().unwrap()))
+        .sum();
+    assert_eq!(counted, 130 * 770);
+
+    // 130 x 770 ten-second windows are 100,100: over the cap of 100,000, whichever part holds them.
+    let over = agg.get("/api/v1/windows?sensor=fleet/*&size=10s&fields=count");
+    assert_eq!(over.status, 400, "{}", over.text());
+    assert!(over.text().contains("100000"), "{}", over.text());
+    let (status, under) = agg.get_json("/api/v1/windows?sensor=fleet/s0*&size=10s&fields=count");
+    assert_eq!(status, 200);
+    assert_eq!(under.as_array().unwrap().len(), 100);
+}
+
+#[test]
 fn fields_narrow_each_window_to_the_members_asked_for() {
     let dir = tempfile::tempdir().unwrap();
     let agg = Aggregator::start(dir.path());
