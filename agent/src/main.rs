@@ -33,6 +33,12 @@ enum SpoolCommand {
     /// Blocks the aggregator refused for good (400 invalid_block), kept in the spool's dead_letters table.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// What the spool holds: pending blocks and readings, their sequence range, bytes, dead
+    /// letters. Reads only; the agent may be running.
+    Stats,
+    /// SQLite's integrity check and every pending block decoded against its count. Exits non-zero
+    /// naming each damaged block. Reads only; the agent may be running.
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -65,8 +71,11 @@ fn run() -> anyhow::Result<()> {
     }
     let path = cli.config.context("--config <file> is required (see `tributary-agent generate-config`)")?;
     let config = Config::load(&path)?;
-    if let Some(Command::Spool { command: SpoolCommand::DeadLetters(command) }) = cli.command {
-        return dead_letters(&config, command);
+    match cli.command {
+        Some(Command::Spool { command: SpoolCommand::DeadLetters(command) }) => return dead_letters(&config, command),
+        Some(Command::Spool { command: SpoolCommand::Stats }) => return spool_stats(&config),
+        Some(Command::Spool { command: SpoolCommand::Check }) => return spool_check(&config),
+        Some(Command::GenerateConfig) | None => {}
     }
 
     tracing_subscriber::fmt()
@@ -111,6 +120,39 @@ fn dead_letters(config: &Config, command: DeadLetterCommand) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+fn spool_stats(config: &Config) -> anyhow::Result<()> {
+    let s = spool::stats(&config.data_dir)?;
+    let range = match (s.first_seq, s.end_seq) {
+        (Some(first), Some(end)) => format!("{first}..{end}"),
+        _ => "-".into(),
+    };
+    println!("pending blocks:    {}", s.blocks);
+    println!("pending readings:  {}", s.readings);
+    println!("sequence range:    {range}");
+    println!("block data bytes:  {}", s.data_bytes);
+    println!("file bytes:        {} (spool.db and its WAL)", s.file_bytes);
+    if s.readings > 0 {
+        println!("bytes per reading: {:.1} (block data)", s.data_bytes as f64 / s.readings as f64);
+    }
+    println!("dead letters:      {}", s.dead_letters);
+    Ok(())
+}
+
+fn spool_check(config: &Config) -> anyhow::Result<()> {
+    let problems = spool::check(&config.data_dir)?;
+    if problems.is_empty() {
+        println!("spool ok: {}", config.data_dir.join(spool::SPOOL_FILE).display());
+        return Ok(());
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    anyhow::bail!(
+        "the spool has {} problem(s); stop the agent and move spool.db and spool.db-wal aside to start a fresh spool (the damaged blocks cannot be sent)",
+        problems.len()
+    )
 }
 
 /// Unix ms as `2026-01-31T12:00:00Z` (days to civil date: Howard Hinnant's algorithm).

@@ -1253,9 +1253,8 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// The dead letters of the spool in `dir`, oldest sequence first. Reads only: safe while the
-/// agent runs.
-pub fn list_dead_letters(dir: &Path) -> Result<Vec<DeadLetter>, SpoolError> {
+/// The spool in `dir`, opened read-only: safe while the agent runs.
+fn open_read_only(dir: &Path) -> Result<Connection, SpoolError> {
     let path = dir.join(SPOOL_FILE);
     if !path.exists() {
         return Err(SpoolError::NotFound { path: path.display().to_string() });
@@ -1263,6 +1262,90 @@ pub fn list_dead_letters(dir: &Path) -> Result<Vec<DeadLetter>, SpoolError> {
     let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|source| SpoolError::Open { path: path.display().to_string(), source })?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// What `tributary-agent spool stats` prints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolStats {
+    /// Blocks and readings waiting to be acknowledged by the aggregator.
+    pub blocks: u64,
+    pub readings: u64,
+    /// Sequence numbers of the pending readings: `[first_seq, end_seq)`.
+    pub first_seq: Option<u64>,
+    pub end_seq: Option<u64>,
+    /// Bytes of the pending blocks' data, and of the files (database and its WAL).
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub dead_letters: u64,
+}
+
+/// Counts what the spool in `dir` holds, from its tables alone (no block decoded). Reads only.
+pub fn stats(dir: &Path) -> Result<SpoolStats, SpoolError> {
+    let conn = open_read_only(dir)?;
+    let (blocks, readings, first, end, data): (i64, i64, Option<i64>, Option<i64>, i64) = conn.query_row(
+        "SELECT count(*), coalesce(sum(count), 0), min(first_seq), max(first_seq + count), coalesce(sum(length(data)), 0)
+         FROM blocks",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+    )?;
+    let has_dead: i64 =
+        conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'dead_letters'", [], |r| {
+            r.get(0)
+        })?;
+    let dead_letters: i64 =
+        if has_dead > 0 { conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))? } else { 0 };
+    let file_bytes = ["", "-wal"]
+        .iter()
+        .filter_map(|suffix| std::fs::metadata(dir.join(format!("{SPOOL_FILE}{suffix}"))).ok())
+        .map(|m| m.len())
+        .sum();
+    Ok(SpoolStats {
+        blocks: blocks.max(0) as u64,
+        readings: readings.max(0) as u64,
+        first_seq: first.map(|s| s.max(0) as u64),
+        end_seq: end.map(|s| s.max(0) as u64),
+        data_bytes: data.max(0) as u64,
+        file_bytes,
+        dead_letters: dead_letters.max(0) as u64,
+    })
+}
+
+/// Checks the spool in `dir`: SQLite's integrity check, then every pending block decoded and
+/// validated against its count. Returns what is wrong, empty when nothing is. Reads only.
+pub fn check(dir: &Path) -> Result<Vec<String>, SpoolError> {
+    let conn = open_read_only(dir)?;
+    let mut problems: Vec<String> = Vec::new();
+    let mut stmt = conn.prepare("PRAGMA integrity_check")?;
+    for line in stmt.query_map([], |r| r.get::<_, String>(0))? {
+        let line = line?;
+        if line != "ok" {
+            problems.push(format!("integrity: {line}"));
+        }
+    }
+    let mut stmt = conn.prepare("SELECT first_seq, count, data FROM blocks ORDER BY first_seq")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let (first_seq, count): (i64, i64) = (row.get(0)?, row.get(1)?);
+        let data = row.get_ref(2)?.as_blob().map_err(rusqlite::Error::from)?;
+        let verdict = Block::decode(data).map_err(|e| e.to_string()).and_then(|block| {
+            block.validate().map_err(|e| e.to_string())?;
+            match block.len() as i64 == count {
+                true => Ok(()),
+                false => Err(format!("holds {} readings, its count says {count}", block.len())),
+            }
+        });
+        if let Err(reason) = verdict {
+            problems.push(format!("block at seq {first_seq} ({count} readings): {reason}"));
+        }
+    }
+    Ok(problems)
+}
+
+/// The dead letters of the spool in `dir`, oldest sequence first. Reads only: safe while the
+/// agent runs.
+pub fn list_dead_letters(dir: &Path) -> Result<Vec<DeadLetter>, SpoolError> {
+    let conn = open_read_only(dir)?;
     let exists: i64 =
         conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'dead_letters'", [], |r| {
             r.get(0)
