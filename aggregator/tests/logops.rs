@@ -26,17 +26,7 @@ fn cli(args: &[&str]) -> (bool, String, String) {
         stdout.read_to_string(&mut text).unwrap();
         text
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("`{}` did not exit", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_exit(&mut child, Duration::from_secs(20), &format!("`{}`", args.join(" ")));
     let mut stderr = String::new();
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     (status.success(), reader.join().unwrap(), stderr)

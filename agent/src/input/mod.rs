@@ -88,13 +88,8 @@ impl Intake {
             topic,
             payload,
             now,
-            |sensor, ts, value| {
-                if filters.is_empty() {
-                    push(sensor, ts, value)
-                } else {
-                    filters.apply(sensor, ts, value, now, &mut push)
-                }
-            },
+            // Without filters, `apply` hands each reading straight to `push`.
+            |sensor, ts, value| filters.apply(sensor, ts, value, now, &mut push),
             |reason| {
                 tracing::debug!(topic = %String::from_utf8_lossy(topic), reason = reason.label(), "rejected");
                 metrics.reject(reason);
@@ -177,11 +172,7 @@ impl Intake {
         let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
         let mut push =
             |sensor: &str, ts: i64, value: f64| push_reading(pending, pending_ids, pending_bytes, sensor, ts, value);
-        if filters.is_empty() {
-            push(sensor, ts, value);
-        } else {
-            filters.apply(sensor, ts, value, now_ms(), &mut push);
-        }
+        filters.apply(sensor, ts, value, now_ms(), &mut push);
         self.pending.through = self.pending.through.max(*self.committed.borrow());
     }
 
