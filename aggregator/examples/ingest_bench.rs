@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let config = Config {
         data_dir: dir.path().to_path_buf(),
-        http: HttpConfig { listen: "127.0.0.1:0".parse()? },
+        http: HttpConfig { listen: "127.0.0.1:0".parse()?, ..HttpConfig::default() },
         agents: (0..agents).map(|i| AgentConfig { id: format!("gw-{i}"), token: format!("t-{i}") }).collect(),
         pipeline: Default::default(),
         anomaly: Vec::new(),

@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let config = Config {
             data_dir: dir.path().to_path_buf(),
-            http: HttpConfig { listen: "127.0.0.1:0".parse()? },
+            http: HttpConfig { listen: "127.0.0.1:0".parse()?, ..HttpConfig::default() },
             agents: Vec::new(),
             pipeline: PipelineConfig { windows, ..PipelineConfig::default() },
             anomaly: if full { full_rules()?.anomaly } else { Vec::new() },
@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
     }
     let config = Config {
         data_dir: dir.path().to_path_buf(),
-        http: HttpConfig { listen: "127.0.0.1:0".parse()? },
+        http: HttpConfig { listen: "127.0.0.1:0".parse()?, ..HttpConfig::default() },
         agents: (0..SENDERS).map(|i| AgentConfig { id: format!("gw-{i}"), token: format!("t-{i}") }).collect(),
         pipeline: PipelineConfig { windows: windows.clone(), ..PipelineConfig::default() },
         anomaly: if full { full_rules()?.anomaly } else { Vec::new() },

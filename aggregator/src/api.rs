@@ -11,7 +11,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,7 @@ use crate::pipeline::calendar::Calendar;
 use crate::pipeline::processor::ProcessorStatus;
 use crate::pipeline::window::Window;
 use crate::store::{self, SensorRow, SetAsideRow, StoreError, StoreReader};
-use crate::{Liveness, dashboard, ingest, json, unix_ms};
+use crate::{Liveness, access, dashboard, ingest, json, series, unix_ms};
 
 /// Most windows one request for one sensor returns (a week of 1-minute windows).
 pub const MAX_WINDOWS: usize = 10_000;
@@ -62,7 +62,7 @@ impl ApiLayout {
     }
 
     /// The sizes a query can ask for, for error messages.
-    fn sizes(&self) -> String {
+    pub(crate) fn sizes(&self) -> String {
         let names: Vec<String> = self
             .calendars
             .iter()
@@ -88,10 +88,13 @@ pub struct AppState {
     pub processor_status: ProcessorStatus,
     /// `stale.db`, when stale-sensor rules are configured.
     pub stale: Option<StoreReader>,
+    pub access: Arc<access::Access>,
+    pub cors_origins: Arc<[String]>,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let (access, cors) = (state.access.clone(), access::cors(&state.cors_origins));
+    let router = Router::new()
         .route("/", get(dashboard::page))
         .route("/favicon.ico", get(dashboard::icon))
         .route("/healthz", get(healthz))
@@ -100,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sensors", get(list_sensors))
         .route("/api/v1/sensors/{*rest}", get(sensor_path))
         .route("/api/v1/windows", get(multi_windows))
+        .route("/api/v1/latest", get(latest))
         .route("/api/v1/quarantine", get(list_quarantine))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/set-aside", get(list_set_aside))
@@ -108,6 +112,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(access, access::guard));
+    // Outermost, so a browser's preflight is answered before the read guard asks for a token.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,14 +222,14 @@ fn paged<T: Serialize>(rows: Vec<T>, next: Option<String>) -> Response {
 
 /// A sensor with its freshness.
 #[derive(Debug, Serialize)]
-struct SensorView {
+pub(crate) struct SensorView {
     #[serde(flatten)]
     row: SensorRow,
     /// `online`, or `stale` when nothing arrived for longer than its `stale_after`.
     status: &'static str,
 }
 
-fn view(layout: &ApiLayout, row: SensorRow, now: i64) -> SensorView {
+pub(crate) fn view(layout: &ApiLayout, row: SensorRow, now: i64) -> SensorView {
     let limit = layout.stale_after(&row.id).as_millis().min(i64::MAX as u128) as i64;
     let status = if now.saturating_sub(row.last_seen) > limit { "stale" } else { "online" };
     SensorView { row, status }
@@ -259,18 +269,52 @@ async fn list_sensors(
     Ok(paged(views, next))
 }
 
-/// `/api/v1/sensors/{id}` and `/api/v1/sensors/{id}/windows`, where the id may hold `/` as it
-/// is or percent-encoded. Read from the raw path: a last segment `windows` written as such names
-/// the sub-resource; a sensor whose own last level is `windows` is written `...%2Fwindows`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LatestQuery {
+    sensor: Option<String>,
+}
+
+/// `GET /api/v1/latest?sensor=<glob>`: the last value, freshness and status of every matching
+/// sensor (all without the filter), sorted by id; more than [`MAX_SENSORS_PAGE`] is a 400.
+async fn latest(
+    State(app): State<AppState>,
+    query: Result<Query<LatestQuery>, QueryRejection>,
+) -> Result<Json<Vec<SensorView>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let pattern = q.sensor.filter(|s| !s.is_empty()).unwrap_or_else(|| "**".into());
+    let glob = parse_glob(&pattern).map_err(ApiError::BadRequest)?;
+    let prefix = literal_prefix(&pattern);
+    let rows = app
+        .store
+        .read(move |conn| store::sensors_matching(conn, &prefix, |name| glob.is_match(name), MAX_SENSORS_PAGE))
+        .await?;
+    if rows.len() > MAX_SENSORS_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "{pattern:?} matches more than {MAX_SENSORS_PAGE} sensors (the limit); narrow the glob or page \
+             through /api/v1/sensors"
+        )));
+    }
+    let now = unix_ms();
+    Ok(Json(rows.into_iter().map(|r| view(&app.layout, r, now)).collect()))
+}
+
+/// `/api/v1/sensors/{id}`, `/api/v1/sensors/{id}/windows` and `.../series`, where the id may hold `/` as it
+/// is or percent-encoded. Read from the raw path: a last segment `windows` or `series` written as
+/// such names the sub-resource; a sensor whose own last level is one of those is written
+/// `...%2Fwindows`.
 async fn sensor_path(
     State(app): State<AppState>,
     uri: Uri,
+    headers: HeaderMap,
     query: Result<Query<WindowQuery>, QueryRejection>,
+    series_query: Result<Query<series::SeriesQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let raw = uri.path().strip_prefix("/api/v1/sensors/").unwrap_or_default();
-    let (raw_id, sub) = match raw.strip_suffix("/windows") {
-        Some(id) => (id, Some("windows")),
-        None => (raw, None),
+    let (raw_id, sub) = match (raw.strip_suffix("/windows"), raw.strip_suffix("/series")) {
+        (Some(id), _) => (id, Some("windows")),
+        (_, Some(id)) => (id, Some("series")),
+        _ => (raw, None),
     };
     let id = percent_decode(raw_id)?;
     if id.is_empty() {
@@ -280,6 +324,11 @@ async fn sensor_path(
         None => {
             let row = find_sensor(&app, id).await?;
             Ok(Json(view(&app.layout, row, unix_ms())).into_response())
+        }
+        Some("series") => {
+            let Query(query) = series_query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+            let row = find_sensor(&app, id).await?;
+            series::answer(&app, &row.id, &query, &headers).await
         }
         Some(_) => {
             let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -381,14 +430,14 @@ impl WindowView {
 
 /// How a `size=` is served: a stored calendar, or a multiple of a stored fixed size.
 #[derive(Clone)]
-struct Plan {
-    calendar: Calendar,
+pub(crate) struct Plan {
+    pub(crate) calendar: Calendar,
     /// Windows of the stored calendar merged per served window (1 = served as stored).
-    factor: i64,
+    pub(crate) factor: i64,
 }
 
 impl Plan {
-    fn served_size(&self) -> Option<i64> {
+    pub(crate) fn served_size(&self) -> Option<i64> {
         match self.calendar {
             Calendar::Fixed(size) => Some(size * self.factor),
             Calendar::Days { .. } => None,
@@ -396,7 +445,7 @@ impl Plan {
     }
 
     /// (start, end) of the served window holding `ts`.
-    fn bucket(&self, ts: i64) -> (i64, i64) {
+    pub(crate) fn bucket(&self, ts: i64) -> (i64, i64) {
         match self.served_size() {
             Some(size) => {
                 let start = ts.div_euclid(size).saturating_mul(size);
@@ -410,7 +459,7 @@ impl Plan {
     }
 }
 
-fn plan(layout: &ApiLayout, size: Option<&str>) -> Result<Plan, ApiError> {
+pub(crate) fn plan(layout: &ApiLayout, size: Option<&str>) -> Result<Plan, ApiError> {
     let text = size.map(str::trim).filter(|s| !s.is_empty());
     let Some(text) = text else {
         // The default: 1m if stored, else the finest size.
@@ -456,7 +505,7 @@ fn plan(layout: &ApiLayout, size: Option<&str>) -> Result<Plan, ApiError> {
 }
 
 /// An optional Unix-ms bound; `from=` (empty) means no bound, as in `?size=1m&from=&to=`.
-fn bound(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+pub(crate) fn bound(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
     match value.map(str::trim) {
         None | Some("") => Ok(None),
         Some(text) => text
@@ -467,7 +516,7 @@ fn bound(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
 }
 
 /// Reads and, for multiples, merges one sensor's windows with `from <= start < to`.
-fn read_windows(
+pub(crate) fn read_windows(
     conn: &rusqlite::Connection,
     plan: &Plan,
     series: u32,
@@ -533,7 +582,7 @@ fn too_many(cap: usize, n: usize) -> ApiError {
 }
 
 /// A JSON body written by [`crate::json`].
-fn json_response(body: Vec<u8>) -> Response {
+pub(crate) fn json_response(body: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
@@ -678,7 +727,7 @@ async fn list_quarantine(
 
 /// The part of a glob before its first special character: every match starts with it, so the
 /// store can narrow the scan to ids with that prefix.
-fn literal_prefix(pattern: &str) -> String {
+pub(crate) fn literal_prefix(pattern: &str) -> String {
     pattern.chars().take_while(|c| !matches!(c, '*' | '?' | '[' | '{' | '\\')).collect()
 }
 

@@ -228,11 +228,21 @@ pub struct HttpConfig {
     /// Default: `127.0.0.1:8080`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// When set, reading (the page, `/api/v1/*` but ingest, `/prometheus/*`) needs this token:
+    /// `Authorization: Bearer <token>`, or the cookie the page sets after `/?token=<token>`.
+    /// Agents' ingest tokens do not read, and this token does not ingest. `/healthz` and
+    /// `/metrics` stay open (load balancers and Prometheus). Default: none (reading is open).
+    #[serde(default)]
+    pub read_token: Option<String>,
+    /// Origins (`https://grafana.example.com`) whose pages may call the read API from a browser
+    /// (CORS). `["*"]` allows any origin. Default: none (same origin only).
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: default_listen() }
+        HttpConfig { listen: default_listen(), read_token: None, cors_origins: Vec::new() }
     }
 }
 
@@ -380,6 +390,33 @@ impl Config {
         for (i, n) in self.notify.iter().enumerate() {
             if !matches!(n.url.scheme(), "http" | "https") {
                 return Err(invalid(format!("notify[{i}].url"), "must be http or https".into()));
+            }
+        }
+        if let Some(token) = &self.http.read_token {
+            if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control() || c == ';') {
+                return Err(invalid(
+                    "http.read_token".into(),
+                    "must be non-empty, without spaces, `;` or control characters (it travels in a header and a \
+                     cookie)"
+                        .into(),
+                ));
+            }
+            if self.agents.iter().any(|a| &a.token == token) {
+                return Err(invalid(
+                    "http.read_token".into(),
+                    "is also an agent's token; give readers their own, so a dashboard link cannot ingest".into(),
+                ));
+            }
+        }
+        for (i, origin) in self.http.cors_origins.iter().enumerate() {
+            let valid = origin == "*"
+                || url::Url::parse(origin)
+                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.path() == "/" && !origin.ends_with('/'));
+            if !valid {
+                return Err(invalid(
+                    format!("http.cors_origins[{i}]"),
+                    format!("{origin:?} must be an origin like https://grafana.example.com (no path), or \"*\""),
+                ));
             }
         }
         let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -561,5 +598,21 @@ mod tests {
         );
         let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\n").unwrap_err().to_string();
         assert!(err.contains("token"), "{err}");
+    }
+
+    #[test]
+    fn read_tokens_and_cors_origins_are_checked() {
+        let base = "data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n";
+        let with = |http: &str| parse(&format!("{base}[http]\n{http}\n"));
+        let config = with("read_token = \"r\"\ncors_origins = [\"https://g.example.com\", \"*\"]").unwrap();
+        assert_eq!(config.http.read_token.as_deref(), Some("r"));
+        let err = with("read_token = \"t\"").unwrap_err().to_string();
+        assert!(err.contains("http.read_token") && err.contains("agent's token"), "{err}");
+        let err = with("read_token = \"a b\"").unwrap_err().to_string();
+        assert!(err.contains("http.read_token"), "{err}");
+        for bad in ["https://g.example.com/", "https://g.example.com/path", "g.example.com", "ftp://x"] {
+            let err = with(&format!("cors_origins = [{bad:?}]")).unwrap_err().to_string();
+            assert!(err.contains("http.cors_origins[0]"), "{bad}: {err}");
+        }
     }
 }

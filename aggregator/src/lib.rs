@@ -11,6 +11,7 @@
 //! [`inspect`] (`log inspect|tail|stats`) and [`backup`] (`backup`/`restore`) are the command-line
 //! tools over a data directory; [`lock`] keeps one process at a time on it.
 
+pub mod access;
 pub mod api;
 pub mod backup;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod series;
 pub mod stale;
 pub mod store;
 
@@ -127,6 +129,8 @@ pub async fn serve(
         writer_alive,
         processor_alive,
         processor_status: processor.status.clone(),
+        access: Arc::new(access::Access { read_token: config.http.read_token.clone() }),
+        cors_origins: config.http.cors_origins.clone().into(),
     };
     let local = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(data_dir = %data_dir.display(), agents = config.agents.len(), "listening on http://{local}");

@@ -278,6 +278,32 @@ pub fn sensors_page(
     Ok(Page::of(rows, limit))
 }
 
+/// Sensors whose id starts with `prefix` and passes `keep`, sorted by id, at most `limit` (one
+/// more when more match, so the caller can tell a full answer from a cut one).
+pub fn sensors_matching(
+    conn: &Connection,
+    prefix: &str,
+    keep: impl Fn(&str) -> bool,
+    limit: usize,
+) -> Result<Vec<SensorRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {SENSOR_COLUMNS} FROM series s LEFT JOIN sensors t ON t.series = s.id
+         WHERE s.name >= ?1 AND substr(s.name, 1, length(?1)) = ?1 ORDER BY s.name"
+    ))?;
+    let mut out = Vec::new();
+    let mut rows = stmt.query([prefix])?;
+    while let Some(row) = rows.next()? {
+        let name = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+        if keep(name) {
+            out.push(sensor_row(row)?);
+            if out.len() > limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// One sensor, if the store knows it.
 pub fn sensor(conn: &Connection, id: &str) -> Result<Option<SensorRow>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(

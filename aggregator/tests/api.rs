@@ -166,3 +166,202 @@ fn api_errors_are_json_with_a_code_and_a_detail() {
     let (status, set_aside) = agg.get_json("/api/v1/set-aside");
     assert_eq!((status, set_aside), (200, serde_json::json!([])));
 }
+
+#[test]
+fn a_series_has_every_bucket_with_nulls_where_nothing_was_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    // Minutes 0 and 3 have readings; 1 and 2 are a gap a chart must not draw across.
+    agg.ingest_ok(
+        0,
+        &postcard_batch(
+            "gw-1",
+            1,
+            &[(
+                0,
+                &[
+                    ("dev-1/temperature", T0, 1.0),
+                    ("dev-1/temperature", T0 + 30_000, 3.0),
+                    ("dev-1/temperature", T0 + 180_000, 10.0),
+                ],
+            )],
+        ),
+    );
+    agg.wait_processed();
+    let path = format!("/api/v1/sensors/dev-1/temperature/series?from={T0}&to={}&step=1m", T0 + 240_000);
+    let (status, series) = agg.get_json(&path);
+    assert_eq!(status, 200, "{series}");
+    assert_eq!(series["sensor"], "dev-1/temperature");
+    assert_eq!(series["step"], 60_000);
+    assert_eq!(series["time"], serde_json::json!([T0, T0 + 60_000, T0 + 120_000, T0 + 180_000]));
+    assert_eq!(series["mean"], serde_json::json!([2.0, null, null, 10.0]));
+    assert_eq!(series["min"], serde_json::json!([1.0, null, null, 10.0]));
+    assert_eq!(series["max"], serde_json::json!([3.0, null, null, 10.0]));
+    assert_eq!(series["count"], serde_json::json!([2, 0, 0, 1]));
+    // Percent-encoded id, other aggregates, a 5-minute step served from 1-minute windows.
+    let path = format!("/api/v1/sensors/dev-1%2Ftemperature/series?from={T0}&to={}&step=5m&agg=p95,last", T0 + 300_000);
+    let (status, series) = agg.get_json(&path);
+    assert_eq!(status, 200, "{series}");
+    assert_eq!(series["time"], serde_json::json!([T0]));
+    assert_eq!(series["last"], serde_json::json!([10.0]));
+    assert!(series["p95"][0].as_f64().is_some_and(|p| (3.0..=10.0).contains(&p)), "{series}");
+    assert!(series.get("mean").is_none(), "only the aggregates asked for: {series}");
+    // max_points picks the step; the answer never holds more buckets than asked.
+    let path = format!("/api/v1/sensors/dev-1/temperature/series?from={T0}&to={}&max_points=2", T0 + 240_000);
+    let (_, series) = agg.get_json(&path);
+    assert_eq!(series["step"], 120_000, "{series}");
+    assert_eq!(series["mean"], serde_json::json!([2.0, 10.0]));
+    // CSV, by parameter and by Accept header, with ISO-8601 times and empty cells for gaps.
+    let csv = agg.get(&format!(
+        "/api/v1/sensors/dev-1/temperature/series?from={T0}&to={}&step=1m&agg=mean,count&format=csv",
+        T0 + 120_000
+    ));
+    assert_eq!(csv.header("content-type"), Some("text/csv; charset=utf-8"));
+    assert_eq!(T0, 1_764_000_000_000);
+    assert_eq!(csv.text(), "time,mean,count\n2025-11-24T16:00:00.000+00:00,2,2\n2025-11-24T16:01:00.000+00:00,,0\n");
+    let by_accept = common::http(
+        agg.addr,
+        "GET",
+        &format!("/api/v1/sensors/dev-1/temperature/series?from={T0}&to={}&step=1m&agg=mean,count", T0 + 120_000),
+        &[("accept", "text/csv".to_string())],
+        &[],
+    );
+    assert_eq!(by_accept.text(), csv.text());
+}
+
+#[test]
+fn a_series_refuses_what_it_cannot_answer_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &steady("s", T0, 1))]));
+    agg.wait_processed();
+    let year = 365 * 86_400_000i64;
+    for (query, needle) in [
+        (format!("from={}&to={T0}", T0 + 1), "before"),
+        (format!("from={T0}&to={}&step=1m", T0 + year), "10000"),
+        (format!("from={T0}&to={}&max_points=100000", T0 + 1), "10000"),
+        (format!("from={T0}&to={}&step=7s", T0 + 1), "7s"),
+        (format!("from={T0}&to={}&agg=avg", T0 + 1), "p95"),
+        (format!("from={T0}&to={}&step=1m&max_points=5", T0 + 1), "not both"),
+        (format!("from={T0}&to={}&format=xml", T0 + 1), "csv"),
+    ] {
+        let response = agg.get(&format!("/api/v1/sensors/s/series?{query}"));
+        let body = response.json();
+        assert_eq!((response.status, body["error"].as_str()), (400, Some("bad_request")), "{query}: {body}");
+        assert!(body["detail"].as_str().is_some_and(|d| d.contains(needle)), "{query}: {body}");
+    }
+    // The widest valid range at the coarsest step is answered, not overflowed.
+    let (status, body) =
+        agg.get_json(&format!("/api/v1/sensors/s/series?from={}&to={}&max_points=10000", i64::MIN, i64::MAX));
+    assert_eq!(status, 200, "{body}");
+    assert!(body["time"].as_array().is_some_and(|t| !t.is_empty() && t.len() <= 10_000));
+    let unknown = agg.get("/api/v1/sensors/nope/series");
+    assert_eq!(unknown.status, 404);
+}
+
+#[test]
+fn latest_answers_many_sensors_by_glob() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    agg.ingest_ok(
+        0,
+        &postcard_batch(
+            "gw-1",
+            1,
+            &[(
+                0,
+                &[
+                    ("room1/temp", T0, 20.5),
+                    ("room1/hum", T0, 40.0),
+                    ("room2/temp", T0 + 1, 19.0),
+                    ("room1/temp", T0 + 2, 21.0),
+                ],
+            )],
+        ),
+    );
+    agg.wait_processed();
+    let (status, latest) = agg.get_json("/api/v1/latest?sensor=*/temp");
+    assert_eq!(status, 200, "{latest}");
+    let ids: Vec<&str> = latest.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["room1/temp", "room2/temp"]);
+    assert_eq!(latest[0]["last_value"], 21.0);
+    assert_eq!(latest[0]["last_ts"], T0 + 2);
+    assert_eq!(latest[0]["status"], "online");
+    let (_, all) = agg.get_json("/api/v1/latest");
+    assert_eq!(all.as_array().map(Vec::len), Some(3));
+    let bad = agg.get("/api/v1/latest?sensor=room[");
+    assert_eq!(bad.status, 400, "{}", bad.text());
+}
+
+#[test]
+fn a_read_token_guards_the_page_and_the_api_but_not_ingest_or_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with_http(dir.path(), "read_token = \"r3ad\"\n", "");
+    agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &steady("s", T0, 1))]));
+    agg.wait_processed();
+    let bearer = |t: &str| vec![("authorization", format!("Bearer {t}"))];
+    for path in ["/api/v1/sensors", "/api/v1/latest", "/api/v1/sensors/s/windows", "/api/v1/agents", "/api/v1/nothing"]
+    {
+        let refused = agg.get(path);
+        assert_eq!(refused.status, 401, "{path}");
+        assert_eq!(refused.json()["error"], "unauthorized", "{path}");
+        assert_eq!(refused.header("www-authenticate"), Some("Bearer"));
+        // An agent's ingest token is not a read token.
+        let agent = common::http(agg.addr, "GET", path, &bearer("secret-gw-1"), &[]);
+        assert_eq!(agent.status, 401, "{path}");
+    }
+    let allowed = common::http(agg.addr, "GET", "/api/v1/sensors", &bearer("r3ad"), &[]);
+    assert_eq!(allowed.status, 200);
+    assert_eq!(allowed.json()[0]["id"], "s");
+    // The read token does not ingest.
+    let ingest = common::http(agg.addr, "POST", "/api/v1/ingest", &bearer("r3ad"), b"x");
+    assert_eq!(ingest.status, 401);
+    assert_eq!(agg.get("/healthz").status, 200);
+    assert_eq!(agg.get("/metrics").status, 200);
+    // A browser: the page asks for the token, `/?token=` sets a cookie, the cookie reads.
+    let page = agg.get("/");
+    assert_eq!(page.status, 401);
+    assert!(page.text().contains("read token"), "{}", page.text());
+    assert_eq!(agg.get("/?token=wrong").status, 401);
+    let login = agg.get("/?token=r3ad");
+    assert_eq!((login.status, login.header("location")), (303, Some("/")));
+    let cookie = login.header("set-cookie").unwrap().to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let with_cookie = common::http(agg.addr, "GET", "/", &[("cookie", pair.clone())], &[]);
+    assert_eq!(with_cookie.status, 200);
+    let api = common::http(agg.addr, "GET", "/api/v1/latest", &[("cookie", format!("other=1; {pair}"))], &[]);
+    assert_eq!(api.status, 200);
+}
+
+#[test]
+fn every_answer_carries_security_headers_and_cors_is_per_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with_http(dir.path(), "cors_origins = [\"https://grafana.example.com\"]\n", "");
+    for path in ["/", "/api/v1/sensors", "/api/v1/nothing", "/healthz"] {
+        let response = agg.get(path);
+        assert_eq!(response.header("x-content-type-options"), Some("nosniff"), "{path}");
+        assert_eq!(response.header("x-frame-options"), Some("DENY"), "{path}");
+        assert!(response.header("content-security-policy").is_some_and(|c| c.contains("default-src 'self'")), "{path}");
+    }
+    let preflight = |origin: &str| {
+        common::http(
+            agg.addr,
+            "OPTIONS",
+            "/api/v1/sensors",
+            &[
+                ("origin", origin.to_string()),
+                ("access-control-request-method", "GET".to_string()),
+                ("access-control-request-headers", "authorization".to_string()),
+            ],
+            &[],
+        )
+    };
+    let allowed = preflight("https://grafana.example.com");
+    assert_eq!(allowed.header("access-control-allow-origin"), Some("https://grafana.example.com"));
+    let other = preflight("https://evil.example.net");
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    let read =
+        common::http(agg.addr, "GET", "/api/v1/sensors", &[("origin", "https://grafana.example.com".into())], &[]);
+    assert_eq!((read.status, read.header("access-control-allow-origin")), (200, Some("https://grafana.example.com")));
+}

@@ -42,9 +42,15 @@ impl Aggregator {
 
     /// [`Aggregator::start`] with `extra` TOML appended to the config (pipeline, rules, webhooks).
     pub fn start_with(dir: &Path, extra: &str) -> Aggregator {
+        Aggregator::start_with_http(dir, "", extra)
+    }
+
+    /// [`Aggregator::start_with`] with `http_keys` added to the `[http]` table (read_token, CORS).
+    pub fn start_with_http(dir: &Path, http_keys: &str, extra: &str) -> Aggregator {
         let data_dir = dir.join("data");
         let config = dir.join("aggregator.toml");
-        std::fs::write(&config, config_text(&data_dir) + extra).unwrap();
+        let text = config_text(&data_dir).replacen("[http]\n", &format!("[http]\n{http_keys}"), 1);
+        std::fs::write(&config, text + extra).unwrap();
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&config)
