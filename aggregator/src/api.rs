@@ -90,6 +90,7 @@ pub struct AppState {
     pub stale: Option<StoreReader>,
     pub access: Arc<access::Access>,
     pub cors_origins: Arc<[String]>,
+    pub live: crate::live::Hub,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -104,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sensors/{*rest}", get(sensor_path))
         .route("/api/v1/windows", get(multi_windows))
         .route("/api/v1/latest", get(latest))
+        .route("/api/v1/stream", get(crate::live::stream))
         .route("/api/v1/quarantine", get(list_quarantine))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/set-aside", get(list_set_aside))

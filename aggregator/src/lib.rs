@@ -19,6 +19,7 @@ pub mod dashboard;
 pub mod ingest;
 pub mod inspect;
 pub mod json;
+pub mod live;
 pub mod lock;
 pub mod log;
 pub mod metrics;
@@ -90,6 +91,7 @@ pub async fn serve(
         metrics.clone(),
         &tokio::runtime::Handle::current(),
     );
+    let live = live::Hub::new();
     let processor = match pipeline::processor::start(
         &log_path,
         &store_path,
@@ -101,6 +103,7 @@ pub async fn serve(
             log: writer.handle.clone(),
             notifier: notifier.clone(),
             runtime: tokio::runtime::Handle::current(),
+            live: live.clone(),
         },
     ) {
         Ok(processor) => processor,
@@ -131,6 +134,7 @@ pub async fn serve(
         processor_status: processor.status.clone(),
         access: Arc::new(access::Access { read_token: config.http.read_token.clone() }),
         cors_origins: config.http.cors_origins.clone().into(),
+        live,
     };
     let local = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(data_dir = %data_dir.display(), agents = config.agents.len(), "listening on http://{local}");

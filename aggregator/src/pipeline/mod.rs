@@ -149,6 +149,15 @@ pub struct Pipeline {
     pub derived_seq: u64,
     /// Readings folded since the last commit.
     pub pending: u64,
+    /// The readings folded since the last commit, while a live stream wants them.
+    pub live: Option<LiveReadings>,
+}
+
+/// Readings kept for the live stream (`crate::live`), at most [`crate::live::MAX_EVENT_READINGS`].
+#[derive(Debug, Default)]
+pub struct LiveReadings {
+    pub readings: Vec<(u32, i64, f64)>,
+    pub omitted: u64,
 }
 
 impl Pipeline {
@@ -173,6 +182,7 @@ impl Pipeline {
             derived: Vec::new(),
             derived_seq: derived_seq.unwrap_or(0).max(0) as u64,
             pending: 0,
+            live: None,
             spec,
         })
     }
@@ -207,6 +217,13 @@ impl Pipeline {
                 op.add(conn, &point)?;
             }
             self.sensors.add(&point);
+            if let Some(live) = &mut self.live {
+                if live.readings.len() < crate::live::MAX_EVENT_READINGS {
+                    live.readings.push((series, entry.ts, entry.value));
+                } else {
+                    live.omitted += 1;
+                }
+            }
             let offset = first_offset + i as u64;
             let mut anomalous = false;
             if !self.anomalies.is_empty() {

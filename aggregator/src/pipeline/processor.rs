@@ -23,7 +23,8 @@ use rusqlite::Connection;
 use tokio::sync::watch;
 use tributary_shared::BlockDecoder;
 
-use super::{DERIVED_AGENT, Pipeline, PipelineSpec, SetAside};
+use super::alert::Transition;
+use super::{DERIVED_AGENT, LiveReadings, Pipeline, PipelineSpec, SetAside};
 use crate::Liveness;
 use crate::log::{self, LogError, LogHandle};
 use crate::metrics::Metrics;
@@ -112,6 +113,8 @@ pub struct Outputs {
     pub log: LogHandle,
     pub notifier: Notifier,
     pub runtime: tokio::runtime::Handle,
+    /// The live stream's events.
+    pub live: crate::live::Hub,
 }
 
 /// Tells the processor thread to stop after its current step.
@@ -255,8 +258,12 @@ pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Resul
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProcessError::Spawn)?;
     let metrics = Arc::new(Metrics::new());
     let writer = log::start(log_path, metrics.clone(), Liveness::default())?;
-    let outputs =
-        Outputs { log: writer.handle.clone(), notifier: Notifier::default(), runtime: runtime.handle().clone() };
+    let outputs = Outputs {
+        log: writer.handle.clone(),
+        notifier: Notifier::default(),
+        runtime: runtime.handle().clone(),
+        live: crate::live::Hub::default(),
+    };
     let store = store::open_write(store_path)?;
     let next_offset = store::offset(&store, PROCESSOR_NAME)?;
     let pipeline = Pipeline::open(spec, &store)?;
@@ -415,6 +422,10 @@ impl Processor {
     fn step(&mut self, head: u64) -> Result<Option<Duration>, ProcessError> {
         let max_blocks = self.limit.map_or(usize::MAX, |(n, _)| n.saturating_sub(self.cycle_blocks).max(1));
         if self.next_offset < head {
+            // A client that connected since the last commit gets this commit's readings too.
+            if self.pipeline.live.is_none() && self.outputs.live.wanted() {
+                self.pipeline.live = Some(LiveReadings::default());
+            }
             let started = Instant::now();
             let blocks = read_log(&self.log, self.next_offset, READ_READINGS, max_blocks)?;
             self.timings.read += started.elapsed();
@@ -481,6 +492,7 @@ impl Processor {
         let started = Instant::now();
         self.append_derived()?;
         let transitions = self.pipeline.transitions().to_vec();
+        let live = self.pipeline.live.take().map(|readings| self.live_batch(readings, &transitions));
         let set_aside: (u64, u64) =
             (self.pipeline.set_aside.len() as u64, self.pipeline.set_aside.iter().map(|b| b.count).sum());
         self.pipeline.commit(&mut self.store, PROCESSOR_NAME, self.next_offset)?;
@@ -505,6 +517,10 @@ impl Processor {
             body["kind"] = "reading".into();
             self.outputs.notifier.send(body);
         }
+        if let Some(batch) = live {
+            self.outputs.live.publish(batch);
+        }
+        self.pipeline.live = self.outputs.live.wanted().then(LiveReadings::default);
         self.committed = self.next_offset;
         self.last_commit = Instant::now();
         self.timings.commit += started.elapsed();
@@ -514,6 +530,53 @@ impl Processor {
             self.limit = None;
         }
         Ok(())
+    }
+
+    /// What this commit changed, for the live stream: its readings, the finest window each
+    /// touched sensor's last reading is in, alert transitions and agents.
+    fn live_batch(&self, live: LiveReadings, transitions: &[Transition]) -> crate::live::Batch {
+        let mut batch = crate::live::Batch { omitted: live.omitted, ..Default::default() };
+        let mut index: rustc_hash::FxHashMap<u32, usize> = rustc_hash::FxHashMap::default();
+        let series = &self.pipeline.series;
+        let mut sensor = |id: u32, sensors: &mut Vec<String>| {
+            *index.entry(id).or_insert_with(|| {
+                sensors.push(series.name(id).to_string());
+                sensors.len() - 1
+            })
+        };
+        let mut last: Vec<(u32, i64)> = Vec::new();
+        for &(id, ts, value) in &live.readings {
+            let i = sensor(id, &mut batch.sensors);
+            let json = serde_json::to_string(&(&batch.sensors[i], ts, value)).unwrap_or_default();
+            batch.readings.push((i, json));
+            match last.get_mut(i) {
+                Some(entry) => *entry = (id, ts),
+                None => last.push((id, ts)),
+            }
+        }
+        if let Some(op) = self.pipeline.windows.first() {
+            for (i, &(id, ts)) in last.iter().enumerate() {
+                if let Some((start, end, w)) = op.window_at(id, ts) {
+                    let json = serde_json::json!({
+                        "sensor": batch.sensors[i], "size": op.calendar.code(), "start": start, "end": end,
+                        "count": w.stats.count, "min": w.stats.min, "max": w.stats.max, "mean": w.stats.mean(),
+                        "last": {"ts": w.stats.last.0, "value": w.stats.last.1},
+                    });
+                    batch.windows.push((i, json.to_string()));
+                }
+            }
+        }
+        for t in transitions {
+            let i = sensor(t.series, &mut batch.sensors);
+            let mut json = serde_json::to_value(t).unwrap_or_default();
+            json["sensor"] = batch.sensors[i].clone().into();
+            batch.alerts.push((i, json.to_string()));
+        }
+        for (id, state) in self.pipeline.agents.changed() {
+            let json = serde_json::json!({"id": id, "readings": state.readings, "last_seen": state.last_seen});
+            batch.agents.push(json.to_string());
+        }
+        batch
     }
 
     /// Appends the derived readings of the pending commit to the log, before the commit: after a

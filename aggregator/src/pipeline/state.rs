@@ -172,6 +172,11 @@ impl AgentOperator {
         Ok(())
     }
 
+    /// The agents changed since the last commit, with their state.
+    pub fn changed(&self) -> impl Iterator<Item = (&str, AgentState)> + '_ {
+        self.dirty.iter().filter_map(|id| self.states.get(id).map(|s| (id.as_str(), *s)))
+    }
+
     pub fn committed(&mut self) {
         self.dirty.clear();
     }

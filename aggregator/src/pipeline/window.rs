@@ -242,6 +242,14 @@ impl WindowOperator {
         Ok(())
     }
 
+    /// The window in memory that holds `ts` of `series`: (start, end, window).
+    pub fn window_at(&self, series: u32, ts: i64) -> Option<(i64, i64, &Window)> {
+        let (index, start, end) = self.calendar.bucket(ts);
+        let row = self.rows.get(&(series, index.div_euclid(SLOTS)))?;
+        let at = usize::from(row.at[index.rem_euclid(SLOTS) as usize]);
+        row.windows.get(at.checked_sub(1)?).map(|(_, w)| (start, end, w))
+    }
+
     /// Rows in memory (for metrics).
     pub fn rows_in_memory(&self) -> usize {
         self.rows.len()
