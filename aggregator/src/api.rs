@@ -98,6 +98,7 @@ pub fn router(state: AppState) -> Router {
     let router = Router::new()
         .route("/", get(dashboard::page))
         .route("/favicon.ico", get(dashboard::icon))
+        .route("/assets/{name}", get(dashboard::asset))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/ingest", post(ingest::ingest))

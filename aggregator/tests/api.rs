@@ -70,8 +70,18 @@ fn health_metrics_and_dashboard_are_served() {
     assert_eq!(page.status, 200);
     assert!(page.header("content-type").unwrap_or("").starts_with("text/html"));
     let html = page.text();
-    assert!(html.contains("/api/v1/sensors") && html.contains("/api/v1/agents"), "the page reads the API");
+    // Everything the page loads is served by the aggregator itself (no CDN: works offline).
+    for asset in ["/assets/app.js", "/assets/app.css", "/assets/uPlot.iife.min.js", "/assets/uPlot.min.css"] {
+        assert!(html.contains(asset), "{asset} not in the page");
+        let served = agg.get(asset);
+        assert_eq!(served.status, 200, "{asset}");
+        assert!(!served.text().contains("https://cdn"), "{asset} loads from a CDN");
+    }
     assert!(!html.contains("http://") && !html.contains("https://"), "no CDN or external resource");
+    let script = agg.get("/assets/app.js").text();
+    assert!(script.contains("/api/v1/stream") && script.contains("/api/v1/agents"), "the page reads the API");
+    assert!(agg.get("/assets/uPlot.LICENSE").text().contains("MIT"));
+    assert_eq!(agg.get("/assets/nope.js").status, 404);
     // Browsers ask for the icon on every load: it is served, not a 404 in every log.
     assert!(html.contains(r#"rel="icon""#));
     let icon = agg.get("/favicon.ico");

@@ -189,6 +189,11 @@ pub struct Aggregator {
 impl Aggregator {
     /// Starts an aggregator in `dir` that knows `agents` as (id, token).
     pub async fn start(dir: &Path, agents: &[(&str, &str)]) -> Aggregator {
+        Aggregator::start_with(dir, agents, "").await
+    }
+
+    /// [`Aggregator::start`] with `extra` appended to its configuration (e.g. `[[alerts]]`).
+    pub async fn start_with(dir: &Path, agents: &[(&str, &str)], extra: &str) -> Aggregator {
         let port = free_port();
         let data_dir = dir.join("aggregator-data");
         let mut config =
@@ -196,6 +201,7 @@ impl Aggregator {
         for (id, token) in agents {
             config.push_str(&format!("[[agents]]\nid = {id:?}\ntoken = {token:?}\n"));
         }
+        config.push_str(extra);
         let (process, _) = spawn_configured(dir, "aggregator", &config);
         let mut aggregator = Aggregator { process, port, data_dir };
         aggregator.wait_healthy().await;

@@ -1,0 +1,101 @@
+// Drives headless Chromium through the dashboard of a running aggregator, fed by the simulator
+// through an agent's MQTT broker. Run by tests/tests/dashboard_browser.rs:
+//   node tests/browser/dashboard.mjs <aggregator url> <agent's mqtt port> <screenshot dir>
+// Exits non-zero, saying what it did not see, on the first failed check. Screenshots are saved
+// for a person to look at.
+import { execFileSync } from "node:child_process";
+import { mkdirSync } from "node:fs";
+import { chromium } from "playwright-core";
+
+const [url, mqttPort, out] = process.argv.slice(2);
+mkdirSync(out, { recursive: true });
+const TOPIC = "sensors/probe";  // a device the simulator does not play: the test's own readings
+const PROBE = "probe";          // its sensor ids: the agent drops the topic's first level
+const publish = (payload) =>
+  execFileSync("mosquitto_pub", ["-h", "127.0.0.1", "-p", mqttPort, "-q", "1", "-t", TOPIC, "-m", JSON.stringify(payload)]);
+const step = (text) => console.log(`- ${text}`);
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const errors = [];
+let failed = false;
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+  page.on("pageerror", (e) => errors.push(String(e)));
+  page.setDefaultTimeout(20_000);
+
+  step("the fleet view lists the agent as online");
+  await page.goto(`${url}/#/fleet`);
+  await page.locator("#agents tr", { hasText: "gw-1" }).locator(".badge.online").waitFor();
+  await page.locator("#pipeline", { hasText: "processed" }).waitFor();
+  await page.screenshot({ path: `${out}/fleet.png`, fullPage: true });
+
+  step("the sensor list shows the simulated sensors");
+  publish({ temperature: 20 });
+  await page.goto(`${url}/#/sensors`);
+  await page.locator("#sensors tr", { hasText: "dev-1/temperature" }).waitFor();
+  const probeRow = page.locator("#sensors tr", { hasText: `${PROBE}/temperature` });
+  await probeRow.waitFor();
+  await page.screenshot({ path: `${out}/sensors.png`, fullPage: true });
+
+  step("a live reading appears without a reload");
+  await page.evaluate(() => { window.notReloaded = true; });
+  publish({ temperature: 77.77 });
+  await probeRow.locator("td", { hasText: "77.77" }).waitFor();
+  if (!(await page.evaluate(() => window.notReloaded === true))) throw new Error("the page reloaded to show the reading");
+
+  step("a sensor chart renders with data");
+  await page.locator("#sensors a", { hasText: "dev-1/temperature" }).click();
+  await page.waitForFunction(() => location.hash.startsWith("#/sensor/"));
+  await page.locator("#chart canvas").waitFor();
+  await page.locator("#chart-note", { hasText: "points of" }).waitFor();
+  const note = await page.locator("#chart-note").textContent();
+  if (note.includes("no readings")) throw new Error(`the chart has no data: ${note}`);
+  await page.locator("#ranges button", { hasText: "15m" }).click();
+  await page.waitForFunction(() => location.hash.includes("range=15m"));
+  await page.locator("#chart canvas").waitFor();
+  await page.screenshot({ path: `${out}/chart.png`, fullPage: true });
+
+  step("back goes back to the list");
+  await page.goBack();
+  await page.goBack();
+  await page.locator("#view-sensors:not([hidden])").waitFor();
+
+  step("an unknown sensor says so, not that the aggregator is unreachable");
+  await page.goto(`${url}/#/sensor/nope%2Fnothing`);
+  await page.locator("#error", { hasText: "no sensor" }).waitFor();
+
+  step("a firing alert appears live when a spike arrives");
+  await page.goto(`${url}/#/alerts`);
+  await page.locator("#alerts").waitFor();
+  publish({ temperature: 500 });
+  await page.locator("#alerts tr", { hasText: `${PROBE}/temperature` }).locator(".badge.firing").waitFor();
+  await page.screenshot({ path: `${out}/alerts.png`, fullPage: true });
+
+  step("a 390 px screen does not scroll sideways");
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.goto(`${url}/#/sensors`);
+  await page.locator("#sensors tr", { hasText: "dev-1/temperature" }).waitFor();
+  const width = await page.evaluate(() => document.documentElement.scrollWidth);
+  await page.screenshot({ path: `${out}/narrow.png`, fullPage: true });
+  if (width > 390) throw new Error(`the page is ${width} px wide on a 390 px screen`);
+
+  // The "no sensor" step's 404 is the one error the page itself asked for.
+  const unexpected = errors.filter((e) => !e.includes("404"));
+  if (unexpected.length) throw new Error(`console errors: ${unexpected.join(" | ")}`);
+  step("no console errors");
+} catch (e) {
+  failed = true;
+  console.error(`FAILED: ${e.message}`);
+  try {
+    const [page] = browser.contexts()[0]?.pages() ?? [];
+    if (page) await page.screenshot({ path: `${out}/failure.png`, fullPage: true });
+  } catch {}
+} finally {
+  await browser.close();
+}
+process.exit(failed ? 1 : 0);

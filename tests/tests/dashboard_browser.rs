@@ -1,0 +1,62 @@
+//! The dashboard in a real browser: Debian's Chromium, driven by playwright-core
+//! (`tests/browser/dashboard.mjs`), against the real aggregator, fed by `tributary-sim` through an
+//! agent's embedded broker. Screenshots land in `target/tmp/dashboard-screenshots/`.
+//!
+//! Needs `chromium`, `mosquitto-clients`, Node.js and `npm ci --prefix tests/browser` (`.ci/run`
+//! installs them); without them the test fails and says what is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tributary_tests::{Agent, Aggregator, MqttInput, Process, bin, eventually};
+
+const TOKEN: &str = "secret-gw-1";
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_fleet_sensors_charts_live_readings_and_alerts_in_chromium() {
+    let driver = browser_dir().join("node_modules/playwright-core");
+    assert!(
+        driver.exists(),
+        "{} is missing: run `npm ci --prefix tests/browser` (and `apt-get install chromium mosquitto-clients`)",
+        driver.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rule = "[[alerts]]\nname = \"too-hot\"\nsensor = \"*/temperature\"\nabove = 100.0\n";
+    let aggregator = Aggregator::start_with(dir.path(), &[("gw-1", TOKEN)], rule).await;
+    let agent = Agent::start(dir.path(), "gw-1", TOKEN, &aggregator.url(), MqttInput::Embedded, "").await;
+    let _sim = Process::spawn(
+        "sim",
+        bin("tributary-sim"),
+        ["mqtt", "--broker", &format!("127.0.0.1:{}", agent.mqtt_port), "--devices", "3", "--interval", "250ms"]
+            .map(String::from)
+            .to_vec(),
+        dir.path().join("sim.log"),
+    );
+    eventually("the simulator's readings at the aggregator", Duration::from_secs(30), || async {
+        (aggregator.total_readings().await > 0).then_some(())
+    })
+    .await;
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
+    let mqtt_port = agent.mqtt_port.to_string();
+    let url = aggregator.url();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(browser_dir().join("dashboard.mjs"))
+            .args([url.as_str(), mqtt_port.as_str()])
+            .arg(&shots)
+            .output()
+            .expect("run node (install Node.js)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "the browser run failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("no console errors"), "{stdout}");
+}
