@@ -23,7 +23,7 @@ use crate::pipeline::calendar::Calendar;
 use crate::pipeline::processor::ProcessorStatus;
 use crate::pipeline::window::Window;
 use crate::store::{self, SensorRow, SetAsideRow, StoreError, StoreReader};
-use crate::{Liveness, access, dashboard, ingest, json, series, unix_ms};
+use crate::{Liveness, access, dashboard, ingest, json, prometheus, series, unix_ms};
 
 /// Most windows one request for one sensor returns (a week of 1-minute windows).
 pub const MAX_WINDOWS: usize = 10_000;
@@ -107,6 +107,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/windows", get(multi_windows))
         .route("/api/v1/latest", get(latest))
         .route("/api/v1/stream", get(crate::live::stream))
+        .route("/prometheus/api/v1/query_range", get(prometheus::query_range).post(prometheus::query_range))
+        .route("/prometheus/api/v1/query", get(prometheus::query).post(prometheus::query))
+        .route("/prometheus/api/v1/series", get(prometheus::series).post(prometheus::series))
+        .route("/prometheus/api/v1/labels", get(prometheus::label_names).post(prometheus::label_names))
+        .route("/prometheus/api/v1/label/{name}/values", get(prometheus::label_values))
+        .route("/prometheus/api/v1/status/buildinfo", get(prometheus::buildinfo))
+        .route("/prometheus/api/v1/metadata", get(prometheus::metadata))
         .route("/api/v1/quarantine", get(list_quarantine))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/set-aside", get(list_set_aside))

@@ -25,6 +25,7 @@ pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod prometheus;
 pub mod series;
 pub mod stale;
 pub mod store;
