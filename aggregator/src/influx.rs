@@ -16,6 +16,7 @@
 //! at least once: a writer that retries after a lost answer writes its points again.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::io::Read;
 
 use axum::Json;
@@ -26,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
 use tributary_shared::reading::{validate_sensor_id, validate_ts};
-use tributary_shared::{BlockBuilder, ReadingError};
+use tributary_shared::{BlockBuilder, MAX_SENSOR_ID_LEN, ReadingError};
 
 use crate::api::AppState;
 use crate::config::AgentConfig;
@@ -222,21 +223,19 @@ impl<'a> Cursor<'a> {
             let tag_start = self.pos;
             let key = self.scan_name(b",= ");
             if self.peek() != Some(b'=') || key.is_empty() {
-                let text = String::from_utf8_lossy(&self.buf[tag_start..self.pos]).into_owned();
+                let text = sample(&self.buf[tag_start..self.pos]);
                 return self.fail(LineError::BadTag(text));
             }
             self.pos += 1;
             let value = self.scan_name(b", ");
             if value.is_empty() {
-                let text = String::from_utf8_lossy(&self.buf[tag_start..self.pos]).into_owned();
+                let text = sample(&self.buf[tag_start..self.pos]);
                 return self.fail(LineError::BadTag(text));
             }
-            let key = unescape(key, b",= ")?;
-            let value = unescape(value, b",= ")?;
-            if tags.iter().any(|(k, _)| *k == key) {
-                return self.fail(LineError::DuplicateTag(key.into_owned()));
-            }
-            tags.push((key, value));
+            tags.push((unescape(key, b",= ")?, unescape(value, b",= ")?));
+        }
+        if let Some(key) = first_repeated(tags.iter().map(|(k, _)| k.as_ref())) {
+            return self.fail(LineError::DuplicateTag(sample(key.as_bytes())));
         }
         if self.peek() != Some(b' ') {
             return self.fail(LineError::NoFields);
@@ -250,7 +249,7 @@ impl<'a> Cursor<'a> {
             let field_start = self.pos;
             let key = self.scan_name(b",= ");
             if self.peek() != Some(b'=') || key.is_empty() {
-                let text = String::from_utf8_lossy(&self.buf[field_start..self.pos]).into_owned();
+                let text = sample(&self.buf[field_start..self.pos]);
                 return self.fail(LineError::BadField(text));
             }
             let key = unescape(key, b",= ")?;
@@ -259,10 +258,8 @@ impl<'a> Cursor<'a> {
                 self.string_value(&key)?
             } else {
                 let token = self.scan_token(b", ");
-                parse_value(token).ok_or_else(|| {
-                    let value = String::from_utf8_lossy(token).into_owned();
-                    LineError::BadValue { field: key.to_string(), value }
-                })?
+                parse_value(token)
+                    .ok_or_else(|| LineError::BadValue { field: sample(key.as_bytes()), value: sample(token) })?
             };
             fields.push((key, value));
             if self.peek() == Some(b',') {
@@ -280,7 +277,7 @@ impl<'a> Cursor<'a> {
                 match text.and_then(|t| t.parse::<i64>().ok()) {
                     Some(ts) => timestamp = Some(ts),
                     None => {
-                        return self.fail(LineError::BadTimestamp(String::from_utf8_lossy(token).into_owned()));
+                        return self.fail(LineError::BadTimestamp(sample(token)));
                     }
                 }
                 self.skip_spaces();
@@ -290,7 +287,7 @@ impl<'a> Cursor<'a> {
         }
         if !self.at_line_end() {
             let rest = self.scan_token(b"");
-            return self.fail(LineError::TrailingText(String::from_utf8_lossy(rest).into_owned()));
+            return self.fail(LineError::TrailingText(sample(rest)));
         }
         self.pos += 1;
         Ok(Some(Line { measurement, tags, fields, timestamp }))
@@ -303,7 +300,7 @@ impl<'a> Cursor<'a> {
         let mut escaped = false;
         loop {
             match self.peek() {
-                None => return Err(LineError::UnterminatedString(key.to_string())),
+                None => return Err(LineError::UnterminatedString(sample(key.as_bytes()))),
                 Some(b'\\') if matches!(self.buf.get(self.pos + 1), Some(b'"' | b'\\')) => {
                     escaped = true;
                     self.pos += 2;
@@ -332,10 +329,35 @@ impl<'a> Cursor<'a> {
         };
         // A string ending the line must leave the cursor on a separator or the line's end.
         if !matches!(self.peek(), None | Some(b',' | b' ' | b'\n' | b'\r')) {
-            return self.fail(LineError::BadValue { field: key.to_string(), value: format!("\"{text}\"") });
+            let value = sample(format!("\"{text}\"").as_bytes());
+            return self.fail(LineError::BadValue { field: sample(key.as_bytes()), value });
         }
         Ok(FieldValue::String(text))
     }
+}
+
+/// The first key that occurs twice. Quadratic for the usual handful of keys (no allocation), sorted
+/// beyond that, so a hostile line of a million tags costs n log n, not n².
+fn first_repeated<'k>(mut keys: impl ExactSizeIterator<Item = &'k str> + Clone) -> Option<&'k str> {
+    if keys.len() <= 16 {
+        let mut rest = keys.clone();
+        return keys.find(|k| {
+            rest.next();
+            rest.clone().any(|other| other == *k)
+        });
+    }
+    let mut sorted: Vec<&str> = keys.collect();
+    sorted.sort_unstable();
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+}
+
+/// At most 64 bytes of `raw` for an error message (a bad line may be megabytes long).
+fn sample(raw: &[u8]) -> String {
+    const MAX: usize = 64;
+    if raw.len() <= MAX {
+        return String::from_utf8_lossy(raw).into_owned();
+    }
+    format!("{}...", String::from_utf8_lossy(&raw[..MAX]))
 }
 
 /// Removes the backslash of `\` followed by one of `escapable`; any other backslash is literal
@@ -473,11 +495,18 @@ pub fn line_readings(line: &Line<'_>, precision: Precision, now_ms: i64) -> Resu
     for (_, value) in &tags {
         prefix.push('/');
         prefix.push_str(value);
+        // Every id would be too long: say so before building any (a line may have a million tags).
+        if prefix.len() >= MAX_SENSOR_ID_LEN {
+            let id = format!("{prefix}/...");
+            let error = ReadingError::SensorIdTooLong { len: id.len() };
+            return Err(LineError::SensorId { id: sample(id.as_bytes()), error });
+        }
     }
+    // A field key given twice: the last one counts, as InfluxDB keeps it.
+    let superseded = superseded_fields(&line.fields);
     let mut out = LineReadings { ts_ms, ..LineReadings::default() };
     for (i, (key, value)) in line.fields.iter().enumerate() {
-        // A field key given twice: the last one counts, as InfluxDB keeps it.
-        if line.fields[i + 1..].iter().any(|(k, _)| k == key) {
+        if superseded.as_ref().is_some_and(|s| s[i]) {
             continue;
         }
         let number = match value {
@@ -494,13 +523,23 @@ pub fn line_readings(line: &Line<'_>, precision: Precision, now_ms: i64) -> Resu
             }
         };
         if !number.is_finite() {
-            return Err(LineError::NotFinite { field: key.to_string(), value: number.to_string() });
+            return Err(LineError::NotFinite { field: sample(key.as_bytes()), value: number.to_string() });
         }
         let id = format!("{prefix}/{key}");
-        validate_sensor_id(&id).map_err(|error| LineError::SensorId { id: id.clone(), error })?;
+        validate_sensor_id(&id).map_err(|error| LineError::SensorId { id: sample(id.as_bytes()), error })?;
         out.readings.push((id, number));
     }
     Ok(out)
+}
+
+/// Which fields a later field of the same key overrides; None when no key repeats.
+fn superseded_fields(fields: &[(Cow<'_, str>, FieldValue<'_>)]) -> Option<Vec<bool>> {
+    first_repeated(fields.iter().map(|(k, _)| k.as_ref()))?;
+    let mut last: HashMap<&str, usize> = HashMap::with_capacity(fields.len());
+    for (i, (key, _)) in fields.iter().enumerate() {
+        last.insert(key.as_ref(), i);
+    }
+    Some(fields.iter().enumerate().map(|(i, (key, _))| last.get(key.as_ref()) != Some(&i)).collect())
 }
 
 /// A parsed request, ready for the log.
@@ -911,6 +950,25 @@ mod tests {
             line_readings(&one("m v=1 -1"), Precision::Nanoseconds, 0).unwrap_err(),
             LineError::Timestamp { .. }
         ));
+    }
+
+    #[test]
+    fn a_line_of_100k_tags_or_fields_is_not_quadratic() {
+        // Quadratic duplicate checks or id building would make this 5 * 10^9 comparisons.
+        let tags: String = (0..100_000).map(|i| format!(",t{i}=v")).collect();
+        let fields: String = (0..100_000).map(|i| format!("f{i}=1,")).collect();
+        let fields = fields.trim_end_matches(',');
+        let parsed =
+            parse_write(format!("m{tags} v=1\nm {fields},f7=2 1764000000\n").as_bytes(), Precision::Seconds, 0);
+        assert_eq!((parsed.lines, parsed.rejected, parsed.readings), (2, 1, 100_000));
+        assert!(
+            matches!(&parsed.reasons[0].1, LineError::SensorId { id, .. } if id.len() < 100),
+            "{:?}",
+            parsed.reasons
+        );
+        let repeated: String = (0..100).map(|i| format!(",t{i}=v")).collect();
+        let parsed = parse_write(format!("m{repeated},t42=w v=1").as_bytes(), Precision::Seconds, 0);
+        assert!(matches!(&parsed.reasons[0].1, LineError::DuplicateTag(k) if k == "t42"), "{:?}", parsed.reasons);
     }
 
     #[test]
