@@ -202,7 +202,12 @@ fn authenticate<'a>(agents: &'a [AgentConfig], headers: &HeaderMap) -> Option<&'
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;
     }
-    let token = token.trim().as_bytes();
+    agent_for_token(agents, token.trim().as_bytes())
+}
+
+/// The agent whose token is `token`, compared in constant time against every configured token
+/// (also used by `POST /write`, which takes the token in several places).
+pub(crate) fn agent_for_token<'a>(agents: &'a [AgentConfig], token: &[u8]) -> Option<&'a AgentConfig> {
     let mut found = None;
     for agent in agents {
         let matches = bool::from(agent.token.as_bytes().ct_eq(token));
@@ -223,7 +228,7 @@ fn content_format(headers: &HeaderMap) -> Result<Format, IngestError> {
     }
 }
 
-async fn read_body(body: Body) -> Result<Bytes, IngestError> {
+pub(crate) async fn read_body(body: Body) -> Result<Bytes, IngestError> {
     match Limited::new(body, BODY_LIMIT).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(IngestError::TooLarge),

@@ -55,6 +55,9 @@ pub enum AppendError {
     TooManyHoles { agent: String, epoch: i64, holes: usize },
 }
 
+/// Sequence numbers are stored as SQLite integers (i64).
+const MAX_SEQ: u64 = i64::MAX as u64;
+
 /// One validated block of a batch, its bytes as the agent encoded them.
 #[derive(Debug, Clone)]
 pub struct LogBlock {
@@ -67,6 +70,10 @@ struct AppendRequest {
     agent_id: String,
     epoch: i64,
     blocks: Vec<LogBlock>,
+    /// The client sends no sequence numbers (`POST /write`): the blocks are numbered from 0 within
+    /// the request and the writer places them at the (agent, epoch)'s mark when it plans the group,
+    /// so concurrent such requests never collide and never dedup each other.
+    assign_seq: bool,
     reply: oneshot::Sender<Result<IngestAck, AppendError>>,
 }
 
@@ -87,7 +94,22 @@ impl LogHandle {
     /// batch writes nothing and is answered with the (agent, epoch)'s current mark.
     pub async fn append(&self, agent_id: &str, epoch: i64, blocks: Vec<LogBlock>) -> Result<IngestAck, AppendError> {
         let (reply, answer) = oneshot::channel();
-        let request = AppendRequest { agent_id: agent_id.to_string(), epoch, blocks, reply };
+        let request = AppendRequest { agent_id: agent_id.to_string(), epoch, blocks, assign_seq: false, reply };
+        self.tx.send(Command::Append(request)).await.map_err(|_| AppendError::Unavailable)?;
+        answer.await.map_err(|_| AppendError::Unavailable)?
+    }
+
+    /// Appends blocks of a client that has no sequence numbers: `blocks` are numbered from 0
+    /// within this call (consecutive, as [`LogBlock::first_seq`] says), and the writer adds the
+    /// (agent, epoch)'s mark at commit time. Nothing is ever a duplicate: a resend is logged again.
+    pub async fn append_assigned(
+        &self,
+        agent_id: &str,
+        epoch: i64,
+        blocks: Vec<LogBlock>,
+    ) -> Result<IngestAck, AppendError> {
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest { agent_id: agent_id.to_string(), epoch, blocks, assign_seq: true, reply };
         self.tx.send(Command::Append(request)).await.map_err(|_| AppendError::Unavailable)?;
         answer.await.map_err(|_| AppendError::Unavailable)?
     }
@@ -528,7 +550,26 @@ impl WriterState {
         }
         let mut ranges = current.cloned().unwrap_or_default();
         let (next_before, holes_before, missing_before) = (ranges.next, ranges.hole_count(), ranges.missing);
-        for block in &request.blocks {
+        let placed: Vec<LogBlock>;
+        let blocks = if request.assign_seq {
+            // Numbered from the mark as it stands after the group's earlier requests.
+            placed = request
+                .blocks
+                .iter()
+                .map(|b| match b.first_seq.checked_add(ranges.next) {
+                    Some(first_seq) if first_seq.checked_add(u64::from(b.count)).is_some_and(|e| e <= MAX_SEQ) => {
+                        Ok(LogBlock { first_seq, ..b.clone() })
+                    }
+                    _ => {
+                        Err(AppendError::Storage(format!("sequence numbers of epoch {} are exhausted", request.epoch)))
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            &placed
+        } else {
+            &request.blocks
+        };
+        for block in blocks {
             let parts = ranges.insert(block.first_seq, block.first_seq + u64::from(block.count), &mut plan.changes);
             let mut decoded: Option<Block> = None;
             let mut new = 0u32;
@@ -812,7 +853,7 @@ mod tests {
 
     fn request_for(agent: &str, blocks: Vec<LogBlock>) -> (AppendRequest, Reply) {
         let (reply, rx) = oneshot::channel();
-        (AppendRequest { agent_id: agent.into(), epoch: 1, blocks, reply }, rx)
+        (AppendRequest { agent_id: agent.into(), epoch: 1, blocks, assign_seq: false, reply }, rx)
     }
 
     fn request(blocks: Vec<LogBlock>) -> (AppendRequest, Reply) {
@@ -1036,6 +1077,39 @@ mod tests {
         assert!(!state.ranges.contains_key(&("gw-new".to_string(), 1)));
         let marks: i64 = state.conn.query_row("SELECT COUNT(*) FROM agent_sequences", [], |r| r.get(0)).unwrap();
         assert_eq!(marks, 1);
+    }
+
+    #[test]
+    fn assigned_requests_are_numbered_from_the_mark_in_group_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = writer(&dir.path().join("log.db"));
+        let assigned = |blocks: Vec<LogBlock>| {
+            let (reply, rx) = oneshot::channel();
+            (AppendRequest { agent_id: "gw".into(), epoch: -1, blocks, assign_seq: true, reply }, rx)
+        };
+        // Numbered from 0 within each request; the same numbers again are new data, not duplicates.
+        let (a, mut a_rx) = assigned(vec![block(0, 3), block(3, 2)]);
+        let (b, mut b_rx) = assigned(vec![block(0, 4)]);
+        state.commit_group(vec![a, b]);
+        assert_eq!(a_rx.try_recv().unwrap().unwrap(), ack(5, 0, 5, 0));
+        assert_eq!(b_rx.try_recv().unwrap().unwrap(), ack(4, 0, 9, 0));
+        let (c, mut c_rx) = assigned(vec![block(0, 4)]);
+        state.commit_group(vec![c]);
+        assert_eq!(c_rx.try_recv().unwrap().unwrap(), ack(4, 0, 13, 0));
+        let rows: Vec<(i64, i64, i64)> = state
+            .conn
+            .prepare("SELECT epoch, first_seq, count FROM blocks ORDER BY first_offset")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [(-1, 0, 3), (-1, 3, 2), (-1, 5, 4), (-1, 9, 4)]);
+        assert!(gap_rows(&state.conn).is_empty());
+        // The mark survives a restart, so numbering goes on after it.
+        drop(state);
+        let state = writer(&dir.path().join("log.db"));
+        assert_eq!(state.ranges[&("gw".to_string(), -1)].next(), 13);
     }
 
     #[test]

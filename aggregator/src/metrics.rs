@@ -30,6 +30,12 @@ pub struct Metrics {
     pub processor_step_failures: Counter,
     pub set_aside_blocks: Counter,
     pub set_aside_readings: Counter,
+    influx_requests: Family<StatusLabel, Counter>,
+    /// Line-protocol lines refused by `POST /write` (bad syntax, id, value or timestamp).
+    pub influx_lines_rejected: Counter,
+    /// Line-protocol fields that are not numbers, skipped by `POST /write`.
+    pub influx_fields_skipped_string: Counter,
+    pub influx_fields_skipped_boolean: Counter,
 }
 
 impl Metrics {
@@ -104,7 +110,34 @@ impl Metrics {
             "Readings in the set-aside log blocks, as the log counts them",
             set_aside_readings.clone(),
         );
+        let influx_requests = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "tributary_influx_requests",
+            "Line-protocol writes (POST /write) by HTTP status",
+            influx_requests.clone(),
+        );
+        for status in [204, 400, 401, 413] {
+            let _ = influx_requests.get_or_create(&StatusLabel { status: status.to_string() });
+        }
+        let influx_lines_rejected = Counter::default();
+        registry.register(
+            "tributary_influx_lines_rejected",
+            "Line-protocol lines refused by POST /write (syntax, sensor id, value or timestamp); the others were written",
+            influx_lines_rejected.clone(),
+        );
+        let skipped = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "tributary_influx_fields_skipped",
+            "Line-protocol string and boolean fields, which are not readings and are skipped",
+            skipped.clone(),
+        );
+        let influx_fields_skipped_string = skipped.get_or_create(&vec![("kind".into(), "string".into())]).clone();
+        let influx_fields_skipped_boolean = skipped.get_or_create(&vec![("kind".into(), "boolean".into())]).clone();
         Metrics {
+            influx_requests,
+            influx_lines_rejected,
+            influx_fields_skipped_string,
+            influx_fields_skipped_boolean,
             notifications,
             registry,
             ingest_requests,
@@ -130,6 +163,11 @@ impl Metrics {
     /// Counts one ingest request by its response status.
     pub fn ingest_request(&self, status: u16) {
         self.ingest_requests.get_or_create(&StatusLabel { status: status.to_string() }).inc();
+    }
+
+    /// Counts one `POST /write` request by its response status.
+    pub fn influx_request(&self, status: u16) {
+        self.influx_requests.get_or_create(&StatusLabel { status: status.to_string() }).inc();
     }
 
     /// The metrics in the Prometheus text format (0.0.4).
@@ -175,6 +213,10 @@ mod tests {
             "tributary_processor_step_failures_total 0",
             "tributary_processor_set_aside_blocks_total 0",
             "tributary_processor_set_aside_readings_total 0",
+            "tributary_influx_requests_total{status=\"204\"} 0",
+            "tributary_influx_lines_rejected_total 0",
+            "tributary_influx_fields_skipped_total{kind=\"string\"} 0",
+            "tributary_influx_fields_skipped_total{kind=\"boolean\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
