@@ -143,6 +143,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("the serving store cannot be read now ({0}); try again shortly")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -152,7 +154,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ApiError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Store(_) | ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }
 }

@@ -31,6 +31,8 @@ pub const RING_BYTES: usize = 16 << 20;
 /// Readings one `reading` event carries at most; a commit of more (a catch-up after downtime)
 /// says how many it left out. Its windows are still sent.
 pub const MAX_EVENT_READINGS: usize = 20_000;
+/// Most clients at once; one more gets 503 (each holds a connection and a task).
+pub const MAX_CLIENTS: usize = 1_000;
 /// How long recording goes on after the last client left.
 pub const LINGER: Duration = Duration::from_secs(60);
 
@@ -311,7 +313,12 @@ pub async fn stream(
             Err(_) => 0,
         },
     };
-    hub.clients.fetch_add(1, Ordering::Relaxed);
+    if hub.clients.fetch_add(1, Ordering::Relaxed) >= MAX_CLIENTS {
+        hub.clients.fetch_sub(1, Ordering::Relaxed);
+        return Err(ApiError::Unavailable(format!(
+            "{MAX_CLIENTS} clients are following the stream already (the limit); try again later"
+        )));
+    }
     let client =
         Client { hub: hub.clone(), latest, next, glob, kinds, queue: VecDeque::new(), _guard: ClientGuard(hub) };
     let events = futures_util::stream::unfold(client, |mut client| async move {

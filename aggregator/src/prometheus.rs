@@ -29,6 +29,9 @@ pub const METRIC: &str = "tributary_reading";
 pub const MAX_POINTS: usize = 11_000;
 /// Most series one query may select.
 pub const MAX_SERIES: usize = 1_000;
+/// Most stored windows one query reads per series, and merges in all.
+pub const MAX_WINDOWS_READ: usize = 200_000;
+pub const MAX_WINDOWS_MERGED: usize = 2_000_000;
 /// A bare selector's lookback, as Prometheus' default.
 const LOOKBACK_MS: i64 = 300_000;
 
@@ -396,6 +399,19 @@ async fn run(
     let (Some(&first), Some(&last)) = (times.first(), times.last()) else { return Ok(Vec::new()) };
     let range = expr.range_ms.unwrap_or(LOOKBACK_MS);
     let calendar = calendar_for(app, &[range, step, first])?;
+    if let Calendar::Fixed(size) = calendar {
+        // Bounded work: windows read per series, and windows merged over all steps.
+        let read = (i128::from(last) - i128::from(first) + i128::from(range)) / i128::from(size);
+        let merged = (range / size) as i128 * times.len() as i128;
+        if read > MAX_WINDOWS_READ as i128 || merged > MAX_WINDOWS_MERGED as i128 {
+            return Err(PromError::bad(format!(
+                "the query needs {read} {}-windows per series ({merged} merges), more than {MAX_WINDOWS_READ} \
+                 ({MAX_WINDOWS_MERGED}); use a range and step that are multiples of a coarser stored size, or a \
+                 shorter time range",
+                calendar.label()
+            )));
+        }
+    }
     let series = select(app, &expr.matchers).await?;
     let func = expr.func;
     let results = app
