@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         };
         let started = Instant::now();
         let done =
-            pipeline::processor::catch_up(Path::new(&log), &dir.path().join("store.db"), config.pipeline_spec())?;
+            pipeline::processor::catch_up(Path::new(&log), &dir.path().join("store.db"), config.pipeline_spec(), 0)?;
         let fold_s = started.elapsed().as_secs_f64();
         println!(
             "RESULT {}",
@@ -150,7 +150,7 @@ fn main() -> anyhow::Result<()> {
     let spec = config.pipeline_spec();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
-    let done = pipeline::processor::catch_up(&dir.path().join("log.db"), &store_path, spec.clone())?;
+    let done = pipeline::processor::catch_up(&dir.path().join("log.db"), &store_path, spec.clone(), 0)?;
     let folded = done.folded;
     let fold_s = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;

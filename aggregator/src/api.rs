@@ -20,7 +20,6 @@ use crate::config::{AgentConfig, parse_glob, parse_window_size};
 use crate::log::LogHandle;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::calendar::Calendar;
-use crate::pipeline::processor::ProcessorStatus;
 use crate::pipeline::window::Window;
 use crate::store::{self, SensorRow, SetAsideRow, StoreError, StoreReader};
 use crate::{Liveness, access, dashboard, ingest, json, prometheus, series, unix_ms};
@@ -81,16 +80,31 @@ pub struct AppState {
     pub agents: Arc<[AgentConfig]>,
     pub log: LogHandle,
     pub store: StoreReader,
-    pub layout: Arc<ApiLayout>,
     pub metrics: Arc<Metrics>,
     pub writer_alive: Liveness,
-    pub processor_alive: Liveness,
-    pub processor_status: ProcessorStatus,
+    /// Pipeline versions: which one serves, the serving processor's health, replay progress.
+    pub versions: Arc<crate::versions::Versions>,
     /// `stale.db`, when stale-sensor rules are configured.
     pub stale: Option<StoreReader>,
     pub access: Arc<access::Access>,
     pub cors_origins: Arc<[String]>,
     pub live: crate::live::Hub,
+}
+
+/// `GET /api/v1/pipeline`: the serving version and every version's state, progress and checksum.
+async fn pipeline(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let versions = app.versions.clone();
+    let (serving, list) = tokio::task::spawn_blocking(move || versions.status())
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the pipeline status failed: {e}")))?;
+    Ok(Json(serde_json::json!({ "serving": serving, "versions": list })))
+}
+
+impl AppState {
+    /// The serving version's layout (its window sizes; staleness settings).
+    pub fn layout(&self) -> Arc<ApiLayout> {
+        self.versions.layout()
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -106,6 +120,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sensors/{*rest}", get(sensor_path))
         .route("/api/v1/windows", get(multi_windows))
         .route("/api/v1/latest", get(latest))
+        .route("/api/v1/pipeline", get(pipeline))
         .route("/api/v1/stream", get(crate::live::stream))
         .route("/prometheus/api/v1/query_range", get(prometheus::query_range).post(prometheus::query_range))
         .route("/prometheus/api/v1/query", get(prometheus::query).post(prometheus::query))
@@ -181,10 +196,10 @@ async fn healthz(State(app): State<AppState>) -> Response {
     if !app.writer_alive.is_alive() {
         return (StatusCode::SERVICE_UNAVAILABLE, "log writer is not running").into_response();
     }
-    if !app.processor_alive.is_alive() {
+    if !app.versions.processor_alive() {
         return (StatusCode::SERVICE_UNAVAILABLE, "processor is not running").into_response();
     }
-    match app.processor_status.stalled() {
+    match app.versions.processor_stalled() {
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
         None => (StatusCode::OK, "ok").into_response(),
     }
@@ -194,7 +209,7 @@ async fn metrics_text(State(app): State<AppState>) -> Response {
     // Derived at scrape time, so they are current even while the processor waits out a backoff.
     let metrics = &app.metrics;
     metrics.processor_lag_readings.set((metrics.log_end_offset.get() - metrics.processor_offset.get()).max(0));
-    metrics.processor_stalled.set(i64::from(app.processor_status.stalled().is_some()));
+    metrics.processor_stalled.set(i64::from(app.versions.processor_stalled().is_some()));
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], metrics.encode()).into_response()
 }
 
@@ -280,7 +295,7 @@ async fn list_sensors(
         _ => None,
     };
     let now = unix_ms();
-    let views: Vec<SensorView> = page.rows.into_iter().map(|r| view(&app.layout, r, now)).collect();
+    let views: Vec<SensorView> = page.rows.into_iter().map(|r| view(&app.layout(), r, now)).collect();
     Ok(paged(views, next))
 }
 
@@ -311,7 +326,7 @@ async fn latest(
         )));
     }
     let now = unix_ms();
-    Ok(Json(rows.into_iter().map(|r| view(&app.layout, r, now)).collect()))
+    Ok(Json(rows.into_iter().map(|r| view(&app.layout(), r, now)).collect()))
 }
 
 /// `/api/v1/sensors/{id}`, `/api/v1/sensors/{id}/windows` and `.../series`, where the id may hold `/` as it
@@ -338,7 +353,7 @@ async fn sensor_path(
     match sub {
         None => {
             let row = find_sensor(&app, id).await?;
-            Ok(Json(view(&app.layout, row, unix_ms())).into_response())
+            Ok(Json(view(&app.layout(), row, unix_ms())).into_response())
         }
         Some("series") => {
             let Query(query) = series_query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -605,7 +620,7 @@ async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery) ->
     if query.sensor.is_some() {
         return Err(ApiError::BadRequest("`sensor` belongs to /api/v1/windows; here the sensor is in the path".into()));
     }
-    let plan = plan(&app.layout, query.size.as_deref())?;
+    let plan = plan(&app.layout(), query.size.as_deref())?;
     let (from, to) = range(query)?;
     let fields = json::Fields::parse(query.fields.as_deref()).map_err(ApiError::BadRequest)?;
     let id = row.id.clone();
@@ -637,7 +652,7 @@ async fn multi_windows(
         ApiError::BadRequest("sensor=<glob> is required, e.g. sensor=line1/* (* within a level, ** across)".into())
     })?;
     let glob = parse_glob(&pattern).map_err(ApiError::BadRequest)?;
-    let plan = plan(&app.layout, query.size.as_deref())?;
+    let plan = plan(&app.layout(), query.size.as_deref())?;
     let (from, to) = range(&query)?;
     let fields = json::Fields::parse(query.fields.as_deref()).map_err(ApiError::BadRequest)?;
     let prefix = literal_prefix(&pattern);

@@ -3,7 +3,8 @@
 //!
 //! Each database is copied with SQLite's online backup API in a single step, i.e. inside one read
 //! transaction: a consistent snapshot, and in WAL mode the writer goes on committing meanwhile.
-//! The serving store (`store.db`) and the stale-alert state (`stale.db`) are copied *before* the
+//! The version registry (`pipeline.json`) goes first, then the serving stores (`store.db`, and
+//! `store-v<N>.db` of later pipeline versions) and the stale-alert state (`stale.db`), *before* the
 //! log, so the store's committed offset is never ahead of the copied log: the restored processor
 //! continues where the store stopped instead of rebuilding from offset 0 (the store can always be
 //! rebuilt from the log, but on a large log that takes a while). Copies are written in rollback
@@ -23,8 +24,30 @@ use crate::lock::{DataDirLock, LOCK_FILE, LockError};
 /// The manifest's file name inside a backup directory.
 pub const MANIFEST: &str = "backup.json";
 
-/// The databases of a data directory, in the order they are copied (the log last, see above).
+/// The databases of a data directory, in the order they are copied (the log last, see above);
+/// the stores of pipeline versions after the first (`store-v<N>.db`) go with `store.db`.
 const DATABASES: [&str; 3] = ["store.db", "stale.db", "log.db"];
+
+/// A version's store beyond the first: `store-v<N>.db`.
+fn is_version_store(name: &str) -> bool {
+    name.strip_prefix("store-v")
+        .and_then(|rest| rest.strip_suffix(".db"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What `backup` copies from `data_dir`, in order: the version registry, the stores, the log.
+fn files_of(data_dir: &Path) -> Result<Vec<String>, BackupError> {
+    let mut versions: Vec<String> = std::fs::read_dir(data_dir)
+        .map_err(io(data_dir))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| is_version_store(name))
+        .collect();
+    versions.sort();
+    let mut files = vec![crate::versions::REGISTRY_FILE.to_string(), DATABASES[0].to_string()];
+    files.extend(versions);
+    files.extend(DATABASES[1..].iter().map(|s| s.to_string()));
+    Ok(files)
+}
 
 /// How often a busy step is retried (a checkpoint holding a lock), 50 ms apart.
 const BUSY_RETRIES: u32 = 200;
@@ -107,15 +130,20 @@ pub fn backup(data_dir: &Path, to: &Path, force: bool) -> Result<Manifest, Backu
     remove_if_present(&to.join(MANIFEST))?;
     let created_at_ms = crate::unix_ms();
     let mut files = Vec::new();
-    for name in DATABASES {
-        let source = data_dir.join(name);
+    for name in files_of(data_dir)? {
+        let source = data_dir.join(&name);
         if !source.is_file() {
             continue;
         }
-        let target = to.join(name);
-        copy_online(&source, &target)?;
+        let target = to.join(&name);
+        if name == crate::versions::REGISTRY_FILE {
+            // Written whole by rename: a plain read is a consistent copy.
+            write_durably(&target, &std::fs::read(&source).map_err(io(&source))?)?;
+        } else {
+            copy_online(&source, &target)?;
+        }
         let bytes = std::fs::metadata(&target).map_err(io(&target))?.len();
-        files.push(ManifestFile { name: name.to_string(), bytes });
+        files.push(ManifestFile { name, bytes });
     }
     let stats = inspect::open_log(to)?.stats()?;
     let manifest = Manifest {
@@ -209,7 +237,9 @@ pub fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
     if !manifest.files.iter().any(|f| f.name == "log.db") {
         return Err(not_a_backup("it lists no log.db".into()));
     }
-    if let Some(odd) = manifest.files.iter().find(|f| !DATABASES.contains(&f.name.as_str())) {
+    let known =
+        |name: &str| DATABASES.contains(&name) || is_version_store(name) || name == crate::versions::REGISTRY_FILE;
+    if let Some(odd) = manifest.files.iter().find(|f| !known(&f.name)) {
         return Err(not_a_backup(format!("it lists an unknown file {:?}", odd.name)));
     }
     Ok(manifest)
@@ -230,7 +260,16 @@ fn integrity(path: &Path) -> Result<(), String> {
 pub fn restore(data_dir: &Path, from: &Path, force: bool) -> Result<Manifest, BackupError> {
     let manifest = read_manifest(from)?;
     for file in &manifest.files {
-        integrity(&from.join(&file.name)).map_err(|report| BackupError::Damaged { file: file.name.clone(), report })?;
+        let path = from.join(&file.name);
+        let checked = if file.name == crate::versions::REGISTRY_FILE {
+            std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| serde_json::from_slice::<crate::versions::Registry>(&text).map_err(|e| e.to_string()))
+                .map(|_| ())
+        } else {
+            integrity(&path)
+        };
+        checked.map_err(|report| BackupError::Damaged { file: file.name.clone(), report })?;
     }
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let _lock = DataDirLock::acquire(data_dir)?;
@@ -239,14 +278,17 @@ pub fn restore(data_dir: &Path, from: &Path, force: bool) -> Result<Manifest, Ba
     }
     // Every database and its WAL goes, also one the backup lacks: a store or a WAL left from the
     // old data would not match the restored log.
-    for name in DATABASES {
+    let mut old = files_of(data_dir)?;
+    old.retain(|name| name != crate::versions::REGISTRY_FILE);
+    remove_if_present(&data_dir.join(crate::versions::REGISTRY_FILE))?;
+    for name in old {
         for suffix in ["", "-wal", "-shm", "-journal"] {
             remove_if_present(&data_dir.join(format!("{name}{suffix}")))?;
         }
     }
     for file in &manifest.files {
         let (source, target) = (from.join(&file.name), data_dir.join(&file.name));
-        let partial = target.with_extension("db.partial");
+        let partial = data_dir.join(format!("{}.partial", file.name));
         std::fs::copy(&source, &partial).map_err(io(&source))?;
         File::open(&partial).and_then(|f| f.sync_all()).map_err(io(&partial))?;
         std::fs::rename(&partial, &target).map_err(io(&target))?;

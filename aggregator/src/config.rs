@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tributary_shared::config_file;
 
 /// The commented example configuration, printed by `generate-config`.
@@ -41,7 +41,7 @@ pub struct Config {
 }
 
 /// `[[anomaly]]`: an anomaly model for the sensors matching `sensor`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AnomalyConfig {
     /// Sensor id glob. Required.
@@ -63,7 +63,7 @@ pub struct AnomalyConfig {
 
 /// `[[alerts]]`: one alert rule. Exactly one condition: `above`, `below`, `rate_above`,
 /// `rate_below`, `anomaly = true` or `stale`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertConfig {
     /// The rule's name, unique. Required.
@@ -131,7 +131,7 @@ fn default_notify_attempts() -> u32 {
 }
 
 /// `[pipeline]`: what the processor computes from the log.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     /// Tumbling window sizes precomputed by event time, each a whole number of seconds.
@@ -153,10 +153,21 @@ pub struct PipelineConfig {
     /// `after = "1h"`; the first matching entry wins. Default: none.
     #[serde(default)]
     pub stale: Vec<StaleOverride>,
+    /// The processing version. Everything the pipeline computes is stored under it; raising it
+    /// (with new windows, rules or models) and restarting replays the log from offset 0 into the
+    /// new version's tables in the background, while the API serves the old version, and switches
+    /// to the new one once it has caught up. Changing what the pipeline computes without raising
+    /// it is refused at start. Default 1.
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// How long a replaced version's tables are kept for `tributary-aggregator pipeline rollback`.
+    /// Default 24 hours.
+    #[serde(default = "default_keep_previous", with = "humantime_serde")]
+    pub keep_previous: Duration,
 }
 
 /// `[pipeline] days = { tz = "..." }`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaysConfig {
     /// IANA time zone name, e.g. `Europe/Berlin`. Required.
@@ -164,7 +175,7 @@ pub struct DaysConfig {
 }
 
 /// `[[pipeline.stale]]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaleOverride {
     /// Sensor id glob (`*` within a level, `**` across levels). Required.
@@ -182,6 +193,8 @@ impl Default for PipelineConfig {
             max_clock_skew: default_max_clock_skew(),
             stale_after: default_stale_after(),
             stale: Vec::new(),
+            version: default_version(),
+            keep_previous: default_keep_previous(),
         }
     }
 }
@@ -196,6 +209,14 @@ fn default_max_clock_skew() -> Duration {
 
 fn default_stale_after() -> Duration {
     Duration::from_secs(300)
+}
+
+fn default_version() -> u32 {
+    1
+}
+
+fn default_keep_previous() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// Parses a window size: a duration that is a whole number of seconds, at least one.
@@ -310,6 +331,12 @@ impl Config {
         }
         if let Some(days) = &self.pipeline.days {
             crate::pipeline::calendar::Calendar::days(&days.tz).map_err(|e| invalid("pipeline.days.tz".into(), e))?;
+        }
+        if self.pipeline.version == 0 || self.pipeline.version > crate::versions::MAX_VERSION {
+            return Err(invalid(
+                "pipeline.version".into(),
+                format!("must be from 1 to {}", crate::versions::MAX_VERSION),
+            ));
         }
         for (i, stale) in self.pipeline.stale.iter().enumerate() {
             parse_glob(&stale.sensor).map_err(|e| invalid(format!("pipeline.stale[{i}].sensor"), e))?;
@@ -456,7 +483,55 @@ impl Config {
     }
 }
 
+/// What a pipeline version computes, recorded with it in `pipeline.json`: while a new version
+/// replays, the serving one goes on with its own settings, not the file's new ones.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelineSettings {
+    pub pipeline: PipelineConfig,
+    pub anomaly: Vec<AnomalyConfig>,
+    pub alerts: Vec<AlertConfig>,
+}
+
 impl Config {
+    pub fn pipeline_settings(&self) -> serde_json::Value {
+        let settings = PipelineSettings {
+            pipeline: self.pipeline.clone(),
+            anomaly: self.anomaly.clone(),
+            alerts: self.alerts.clone(),
+        };
+        serde_json::to_value(settings).unwrap_or_default()
+    }
+
+    /// This configuration with a recorded version's pipeline settings instead of its own.
+    pub fn with_pipeline_settings(&self, settings: &serde_json::Value) -> Result<Config, String> {
+        let settings: PipelineSettings = serde_json::from_value(settings.clone()).map_err(|e| e.to_string())?;
+        Ok(Config { pipeline: settings.pipeline, anomaly: settings.anomaly, alerts: settings.alerts, ..self.clone() })
+    }
+
+    /// A digest of every setting that changes what the pipeline stores (windows, clock skew,
+    /// anomaly models, event-time alert rules), in a form independent of the file's layout: a
+    /// version's tables were computed under exactly one fingerprint.
+    pub fn pipeline_fingerprint(&self) -> String {
+        use sha2::Digest;
+        let spec = self.pipeline_spec();
+        let event_alerts: Vec<&AlertConfig> = self.alerts.iter().filter(|a| a.stale.is_none()).collect();
+        let text = format!(
+            "calendars={:?}\nmax_clock_skew_ms={}\nanomaly={:?}\nalerts={:?}",
+            spec.calendars
+                .iter()
+                .map(|c| match c {
+                    crate::pipeline::calendar::Calendar::Fixed(ms) => format!("{ms}ms"),
+                    crate::pipeline::calendar::Calendar::Days { name, .. } => format!("days:{name}"),
+                })
+                .collect::<Vec<_>>(),
+            spec.max_clock_skew_ms,
+            self.anomaly,
+            event_alerts
+        );
+        let digest = sha2::Sha256::digest(text.as_bytes());
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
     /// What the pipeline computes: the window calendars, finest first, then calendar days.
     /// The `[[alerts]]` rules with `stale`: processing time, checked apart from the pipeline.
     pub fn stale_rules(&self) -> Vec<crate::stale::StaleRule> {

@@ -31,6 +31,7 @@ pub mod prometheus;
 pub mod series;
 pub mod stale;
 pub mod store;
+pub mod versions;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -58,6 +59,10 @@ pub enum Error {
     Serve(std::io::Error),
     #[error(transparent)]
     Locked(#[from] lock::LockError),
+    #[error(transparent)]
+    Version(#[from] versions::VersionError),
+    #[error("the recorded settings of pipeline version {version} in pipeline.json do not load: {detail}")]
+    Settings { version: u32, detail: String },
 }
 
 /// Runs the aggregator until `shutdown` completes, then stops accepting requests, answers the
@@ -79,11 +84,31 @@ pub async fn serve(
     // Held until this function returns: no second aggregator, no restore underneath this one.
     let _lock = lock::DataDirLock::acquire(&data_dir)?;
     let log_path = data_dir.join("log.db");
-    let store_path = data_dir.join("store.db");
+    let now = unix_ms();
+    let (mut registry, plan) = versions::plan(
+        &data_dir,
+        config.pipeline.version,
+        &config.pipeline_fingerprint(),
+        &config.pipeline_settings(),
+        now,
+    )?;
+    versions::drop_expired(&data_dir, &mut registry, config.pipeline.keep_previous, now);
+    versions::save(&data_dir, &registry)?;
+    let (serving_version, replay_version) = match plan {
+        versions::Plan::Serve(v) => (v, None),
+        versions::Plan::Replay { serving, new } => (serving, Some(new)),
+    };
+    // The serving version goes on with the settings it was computed with while a new one replays.
+    let serving_config = match registry.get(serving_version).and_then(|r| r.settings.as_ref()) {
+        Some(settings) if serving_version != config.pipeline.version => config
+            .with_pipeline_settings(settings)
+            .map_err(|detail| Error::Settings { version: serving_version, detail })?,
+        _ => config.clone(),
+    };
+    let store_path = versions::store_path(&data_dir, serving_version);
 
     let metrics = Arc::new(metrics::Metrics::new());
     let writer_alive = Liveness::default();
-    let processor_alive = Liveness::default();
     let writer = log::start(&log_path, metrics.clone(), writer_alive.clone())?;
     let notifier = notify::Notifier::start(
         config
@@ -95,46 +120,96 @@ pub async fn serve(
         &tokio::runtime::Handle::current(),
     );
     let live = live::Hub::new();
-    let processor = match pipeline::processor::start(
-        &log_path,
-        &store_path,
-        config.pipeline_spec(),
-        writer.end.clone(),
-        metrics.clone(),
-        processor_alive.clone(),
-        pipeline::processor::Outputs {
-            log: writer.handle.clone(),
-            notifier: notifier.clone(),
-            runtime: tokio::runtime::Handle::current(),
-            live: live.clone(),
-        },
-    ) {
-        Ok(processor) => processor,
+    let start_version = |version: u32, config: &Config, serving: bool| {
+        let (spec, layout) = (config.pipeline_spec(), Arc::new(api::ApiLayout::from_config(config)));
+        let alive = Liveness::default();
+        let serving = Arc::new(AtomicBool::new(serving));
+        let store_path = versions::store_path(&data_dir, version);
+        let thread = pipeline::processor::start(
+            &log_path,
+            &store_path,
+            spec,
+            writer.end.clone(),
+            metrics.clone(),
+            alive.clone(),
+            pipeline::processor::Outputs {
+                log: writer.handle.clone(),
+                notifier: notifier.clone(),
+                runtime: tokio::runtime::Handle::current(),
+                live: live.clone(),
+                derived_epoch: versions::derived_epoch(version),
+                serving: serving.clone(),
+            },
+        )?;
+        let from = *thread.committed.borrow();
+        Ok::<_, pipeline::processor::ProcessError>(versions::Running {
+            version,
+            thread,
+            alive,
+            serving,
+            started: std::time::Instant::now(),
+            from,
+            layout,
+        })
+    };
+    let started = start_version(serving_version, &serving_config, true).and_then(|serving| {
+        let replay = match replay_version {
+            Some(version) => {
+                tracing::info!(
+                    version,
+                    serving = serving_version,
+                    "replaying the log into a new pipeline version; the API serves version {serving_version} until \
+                     it has caught up"
+                );
+                match start_version(version, &config, false) {
+                    Ok(replay) => Some(replay),
+                    Err(error) => {
+                        stop_processor(serving);
+                        return Err(error);
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok((serving, replay))
+    });
+    let (serving, replay) = match started {
+        Ok(started) => started,
         Err(error) => {
             stop_writer(writer).await;
             return Err(error.into());
         }
     };
 
+    let store = store::StoreReader::new(&store_path);
     let stale_path = data_dir.join("stale.db");
     // The checker reads the store the processor has just created.
-    let stale = match stale::start(config.stale_rules(), &store_path, &stale_path, notifier) {
+    let stale = match stale::start(config.stale_rules(), store.clone(), &stale_path, notifier) {
         Ok(stale) => stale,
         Err(error) => {
             tracing::error!(%error, "stale-sensor alerts are off");
             None
         }
     };
+    let versions = Arc::new(versions::Versions::new(&data_dir, registry, serving.layout.clone(), writer.end.clone()));
+    let (supervisor_stop, supervisor_stopped) = tokio::sync::watch::channel(false);
+    let supervisor = tokio::spawn(versions::supervise(
+        versions.clone(),
+        store.clone(),
+        serving,
+        replay,
+        config.pipeline.keep_previous,
+        metrics.clone(),
+        supervisor_stopped,
+    ));
     let state = api::AppState {
         agents: config.agents.clone().into(),
         log: writer.handle.clone(),
-        store: store::StoreReader::new(&store_path),
+        store,
         stale: stale.is_some().then(|| store::StoreReader::new(&stale_path)),
-        layout: Arc::new(api::ApiLayout::from_config(&config)),
         metrics,
         writer_alive,
-        processor_alive,
-        processor_status: processor.status.clone(),
+        versions,
         access: Arc::new(access::Access { read_token: config.http.read_token.clone() }),
         cors_origins: config.http.cors_origins.clone().into(),
         live,
@@ -171,11 +246,21 @@ pub async fn serve(
         drop(stale.stop);
         let _ = tokio::task::spawn_blocking(move || stale.thread.join()).await;
     }
-    processor.stop.stop();
-    let thread = processor.thread;
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    let _ = supervisor_stop.send(true);
+    if let Ok(running) = supervisor.await {
+        for r in &running {
+            r.thread.stop.stop();
+        }
+        let _ = tokio::task::spawn_blocking(move || running.into_iter().for_each(stop_processor)).await;
+    }
     tracing::info!("stopped");
     served.map_err(Error::Serve)
+}
+
+/// Stops a processor and waits for its last commit (a blocking join).
+fn stop_processor(running: versions::Running) {
+    running.thread.stop.stop();
+    let _ = running.thread.thread.join();
 }
 
 async fn stop_writer(writer: log::LogWriter) {

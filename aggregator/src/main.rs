@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tributary_aggregator::inspect::{self, Filter, Format, InspectError};
-use tributary_aggregator::{Config, backup};
+use tributary_aggregator::{Config, backup, lock, versions};
 
 #[derive(Parser)]
 #[command(version, about = "Tributary's central service: ingest, immutable log, stream processing, dashboard API")]
@@ -42,6 +42,11 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Pipeline versions: see which serves, or go back to the previous one.
+    Pipeline {
+        #[command(subcommand)]
+        command: PipelineCommand,
+    },
     /// Put a backup into data_dir (the aggregator must be stopped).
     Restore {
         /// The aggregator's configuration file (the backup goes into its data_dir).
@@ -53,6 +58,21 @@ enum Command {
         /// Replace the databases of a non-empty data_dir.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Print pipeline.json: which version serves, and every version's state.
+    Status {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Serve the previous version again (its tables are kept for [pipeline] keep_previous after
+    /// a switch). The aggregator must be stopped; start it again with that version's settings.
+    Rollback {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
     },
 }
 
@@ -203,6 +223,25 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::Log { command }) => return run_log(command),
+        Some(Command::Pipeline { command: PipelineCommand::Status { config } }) => {
+            return report(load_config(&config).and_then(|c| {
+                match versions::load(&c.data_dir).map_err(|e| e.to_string())? {
+                    Some(registry) => serde_json::to_string_pretty(&registry).map_err(|e| e.to_string()),
+                    None => Ok(format!("no pipeline.json in {} yet: version 1 serves", c.data_dir.display())),
+                }
+            }));
+        }
+        Some(Command::Pipeline { command: PipelineCommand::Rollback { config } }) => {
+            return report(load_config(&config).and_then(|c| {
+                let _lock = lock::DataDirLock::acquire(&c.data_dir).map_err(|e| e.to_string())?;
+                let (from, to) = versions::rollback(&c.data_dir, now_ms()).map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "version {to} serves again (version {from} is rolled back). Set [pipeline] version = {to} with its \
+                     settings before starting the aggregator; it catches up with the log from where version {to} \
+                     stopped."
+                ))
+            }));
+        }
         Some(Command::Backup { config, to, force }) => {
             return report(load_config(&config).and_then(|c| {
                 let m = backup::backup(&c.data_dir, &to, force).map_err(|e| e.to_string())?;

@@ -36,6 +36,10 @@ pub struct Metrics {
     /// Line-protocol fields that are not numbers, skipped by `POST /write`.
     pub influx_fields_skipped_string: Counter,
     pub influx_fields_skipped_boolean: Counter,
+    /// The pipeline version the API serves.
+    pub pipeline_serving_version: Gauge,
+    /// The offset a version being replayed has committed (0 when none replays).
+    pub replay_offset: Gauge,
 }
 
 impl Metrics {
@@ -65,6 +69,18 @@ impl Metrics {
             "tributary_ingest_gap_filled_readings",
             "Sequence numbers recorded as gaps that arrived later (out of order) and filled them",
             gap_filled_readings.clone(),
+        );
+        let pipeline_serving_version = Gauge::default();
+        registry.register(
+            "tributary_pipeline_serving_version",
+            "The pipeline version the API serves ([pipeline] version)",
+            pipeline_serving_version.clone(),
+        );
+        let replay_offset = Gauge::default();
+        registry.register(
+            "tributary_replay_offset",
+            "Log offset a new pipeline version being replayed has reached (0 when none replays)",
+            replay_offset.clone(),
         );
         let log_end_offset = Gauge::default();
         registry.register("tributary_log_end_offset", "Readings in the log (the next offset)", log_end_offset.clone());
@@ -138,6 +154,8 @@ impl Metrics {
             influx_lines_rejected,
             influx_fields_skipped_string,
             influx_fields_skipped_boolean,
+            pipeline_serving_version,
+            replay_offset,
             notifications,
             registry,
             ingest_requests,

@@ -326,7 +326,7 @@ async fn select(app: &AppState, matchers: &[Matcher]) -> Result<Vec<(u32, String
 
 /// The coarsest stored fixed size dividing every one of `values`.
 fn calendar_for(app: &AppState, values: &[i64]) -> Result<Calendar, PromError> {
-    app.layout
+    app.layout()
         .calendars
         .iter()
         .rev()
@@ -335,7 +335,7 @@ fn calendar_for(app: &AppState, values: &[i64]) -> Result<Calendar, PromError> {
         .ok_or_else(|| {
             PromError::bad(format!(
                 "the range, step and start must be multiples of a stored window size ({}); windows cannot be split",
-                app.layout.sizes()
+                app.layout().sizes()
             ))
         })
 }
@@ -495,7 +495,7 @@ async fn answer_instant(app: &AppState, p: &[(String, String)]) -> Result<Respon
     };
     // Evaluated at the last boundary of the finest stored size at or before `time`.
     let finest = app
-        .layout
+        .layout()
         .calendars
         .iter()
         .filter_map(|c| match c {

@@ -226,7 +226,7 @@ pub async fn answer(
         Some(other) => return Err(ApiError::BadRequest(format!("format {other:?} must be json or csv"))),
     };
     let aggs = parse_aggs(query.agg.as_deref()).map_err(ApiError::BadRequest)?;
-    let grid = grid(&app.layout, query, crate::unix_ms())?;
+    let grid = grid(&app.layout(), query, crate::unix_ms())?;
     let (Some(&first), Some(&last)) = (grid.starts.first(), grid.starts.last()) else {
         return Err(ApiError::BadRequest("the range holds no bucket".into()));
     };

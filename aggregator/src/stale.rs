@@ -98,10 +98,11 @@ fn tick(rules: &[StaleRule]) -> Duration {
     (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
 
-/// Starts checking `rules` against the sensors in `store_path`; `None` without stale rules.
+/// Starts checking `rules` against the sensors in the serving store (it follows a switch of
+/// pipeline version); `None` without stale rules.
 pub fn start(
     rules: Vec<StaleRule>,
-    store_path: &Path,
+    serving: crate::store::StoreReader,
     stale_path: &Path,
     notifier: Notifier,
 ) -> Result<Option<StaleChecker>, StoreError> {
@@ -109,12 +110,12 @@ pub fn start(
         return Ok(None);
     }
     let conn = open(stale_path)?;
-    let store_path = store_path.to_path_buf();
+    let store_path = serving.path();
     let (stop, stopped) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("stale-alerts".into())
         .spawn(move || {
-            let mut checker = Checker { rules, conn, store: None, store_path, notifier };
+            let mut checker = Checker { rules, conn, store: None, store_path, serving: Some(serving), notifier };
             let every = tick(&checker.rules);
             while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                 if let Err(error) = checker.check(crate::unix_ms()) {
@@ -133,11 +134,18 @@ struct Checker {
     conn: Connection,
     store: Option<Connection>,
     store_path: std::path::PathBuf,
+    serving: Option<crate::store::StoreReader>,
     notifier: Notifier,
 }
 
 impl Checker {
     fn check(&mut self, now: i64) -> Result<(), StoreError> {
+        if let Some(path) = self.serving.as_ref().map(crate::store::StoreReader::path) {
+            if path != self.store_path {
+                self.store_path = path;
+                self.store = None;
+            }
+        }
         if self.store.is_none() {
             let store = Connection::open_with_flags(
                 &self.store_path,
@@ -233,6 +241,7 @@ mod tests {
             conn: open(&dir.path().join("stale.db")).unwrap(),
             store: None,
             store_path,
+            serving: None,
             notifier: Notifier::default(),
         };
         let states = |c: &Checker| -> Vec<(String, String)> {

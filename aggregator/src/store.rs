@@ -194,17 +194,42 @@ pub struct QuarantineRow {
     pub reason: String,
 }
 
-/// Read-only access for the API, off the async runtime, with a few pooled connections.
+/// Read-only access for the API, off the async runtime, with a few pooled connections. The
+/// serving version's store: [`StoreReader::switch`] moves every later read to another file (a
+/// pipeline version being promoted), while reads in flight finish on the one they started on.
 #[derive(Clone)]
 pub struct StoreReader {
+    current: Arc<std::sync::RwLock<Arc<ReadPool>>>,
+}
+
+struct ReadPool {
     path: PathBuf,
-    pool: Arc<Mutex<Vec<Connection>>>,
+    conns: Mutex<Vec<Connection>>,
 }
 
 impl StoreReader {
     /// `path` must already exist (the processor creates it at start).
     pub fn new(path: &Path) -> StoreReader {
-        StoreReader { path: path.to_path_buf(), pool: Arc::new(Mutex::new(Vec::new())) }
+        StoreReader { current: Arc::new(std::sync::RwLock::new(Self::pool(path))) }
+    }
+
+    fn pool(path: &Path) -> Arc<ReadPool> {
+        Arc::new(ReadPool { path: path.to_path_buf(), conns: Mutex::new(Vec::new()) })
+    }
+
+    fn current(&self) -> Arc<ReadPool> {
+        // A plain pointer swap: a panic elsewhere cannot leave it half-written.
+        self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// The file reads go to.
+    pub fn path(&self) -> PathBuf {
+        self.current().path.clone()
+    }
+
+    /// Sends every read from now on to `path`.
+    pub fn switch(&self, path: &Path) {
+        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Self::pool(path);
     }
 
     /// Runs `query` on a pooled read-only connection in a blocking thread.
@@ -213,9 +238,9 @@ impl StoreReader {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let reader = self.clone();
+        let reader = self.current();
         tokio::task::spawn_blocking(move || {
-            let pooled = reader.pool.lock().ok().and_then(|mut pool| pool.pop());
+            let pooled = reader.conns.lock().ok().and_then(|mut pool| pool.pop());
             let conn = match pooled {
                 Some(conn) => conn,
                 None => {
@@ -228,7 +253,7 @@ impl StoreReader {
                 }
             };
             let result = query(&conn);
-            if let Ok(mut pool) = reader.pool.lock() {
+            if let Ok(mut pool) = reader.conns.lock() {
                 if pool.len() < READ_POOL {
                     pool.push(conn);
                 }

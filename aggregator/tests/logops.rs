@@ -329,7 +329,7 @@ fn a_backup_taken_during_ingest_restores_every_acknowledged_reading_and_dedups_r
     let acked_after = acked.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();
-    assert!(done[0].starts_with("backed up store.db, log.db ("), "{done:?}");
+    assert!(done[0].starts_with("backed up pipeline.json, store.db, log.db ("), "{done:?}");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(backup_dir.join("backup.json")).unwrap()).unwrap();
     let end = manifest["log_end_offset"].as_u64().unwrap();

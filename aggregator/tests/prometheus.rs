@@ -127,6 +127,8 @@ fn what_cannot_be_answered_exactly_is_a_prometheus_error() {
         (r#"avg_over_time(tributary_reading{sensor="room1/temp"}[1m])"#, "7", "multiples"),
         (r#"avg_over_time(tributary_reading{sensor=~"("}[1m])"#, "60", "regular expression"),
         (r#"avg_over_time(tributary_reading{sensor="room1/temp"}[1m])"#, "0.001", "11000"),
+        // 173 days of 1-minute windows behind every point: bounded work, refused.
+        (r#"avg_over_time(tributary_reading{sensor="room1/temp"}[250001m])"#, "60", "more than 200000"),
     ] {
         let body = format!("query={}&start={}&end={}&step={step}", enc(query), T0 / 1000, (T0 + 3_600_000) / 1000);
         let (status, answer) = form(&agg, "/prometheus/api/v1/query_range", &body);

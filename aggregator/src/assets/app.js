@@ -145,6 +145,17 @@ function Fleet() {
       $("pipeline").textContent = `processed ${done.toLocaleString("en")} of ${end.toLocaleString("en")} readings in the log (${pct.toFixed(1)} %)`;
       $("pipeline-bar").style.width = pct.toFixed(1) + "%";
     }
+    // Versions: which one serves, and a replay of a new one while it runs.
+    const versions = await api("/api/v1/pipeline").then((r) => r.body).catch(() => null);
+    if (!versions) return;
+    const replay = versions.versions.find((v) => v.state === "replaying");
+    $("versions").textContent = `version ${versions.serving} serves` + (replay
+      ? `; version ${replay.version} is replaying the log: ${(replay.offset || 0).toLocaleString("en")} of ${replay.head.toLocaleString("en")}` +
+        (replay.rate ? ` at ${Math.round(replay.rate).toLocaleString("en")} readings/s` : "") +
+        (replay.eta_s != null ? `, about ${Math.ceil(replay.eta_s)} s to go` : "")
+      : "");
+    $("replay").hidden = !replay;
+    if (replay) $("replay-bar").style.width = (replay.head > 0 ? (100 * (replay.offset || 0)) / replay.head : 100).toFixed(1) + "%";
   };
   let lastPipeline = 0;
   const tick = setInterval(draw, 1000);  // relative times only; no request

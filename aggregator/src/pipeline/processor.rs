@@ -15,6 +15,7 @@
 //! [`ProcessorStatus`] reports the stall to `/healthz` and `/metrics`.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -115,6 +116,18 @@ pub struct Outputs {
     pub runtime: tokio::runtime::Handle,
     /// The live stream's events.
     pub live: crate::live::Hub,
+    /// The log epoch this version's derived readings go under ([`crate::versions::derived_epoch`]);
+    /// other versions' derived blocks are skipped.
+    pub derived_epoch: i64,
+    /// Whether this version serves: only the serving version notifies webhooks, feeds the live
+    /// stream and reports its offset in /metrics (a version being replayed does none of these).
+    pub serving: Arc<AtomicBool>,
+}
+
+impl Outputs {
+    fn serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
 }
 
 /// Tells the processor thread to stop after its current step.
@@ -132,6 +145,8 @@ pub struct ProcessorThread {
     pub stop: StopSignal,
     pub thread: JoinHandle<()>,
     pub status: ProcessorStatus,
+    /// The offset committed to the store, after each commit.
+    pub committed: watch::Receiver<u64>,
 }
 
 /// One block read from the log.
@@ -139,6 +154,7 @@ pub struct LogBlock {
     pub first_offset: u64,
     pub count: u64,
     pub agent_id: String,
+    pub epoch: i64,
     pub received_at: i64,
     pub data: Vec<u8>,
 }
@@ -151,7 +167,7 @@ pub fn read_log(
     max_blocks: usize,
 ) -> Result<Vec<LogBlock>, rusqlite::Error> {
     let mut stmt = log.prepare_cached(
-        "SELECT first_offset, count, agent_id, received_at, data FROM blocks
+        "SELECT first_offset, count, agent_id, epoch, received_at, data FROM blocks
          WHERE first_offset >= ?1 ORDER BY first_offset LIMIT ?2",
     )?;
     let mut rows = stmt.query(rusqlite::params![from as i64, (max_blocks as i64).min(READ_BLOCKS)])?;
@@ -161,8 +177,9 @@ pub fn read_log(
             first_offset: row.get::<_, i64>(0)?.max(0) as u64,
             count: row.get::<_, i64>(1)?.max(0) as u64,
             agent_id: row.get(2)?,
-            received_at: row.get(3)?,
-            data: row.get(4)?,
+            epoch: row.get(3)?,
+            received_at: row.get(4)?,
+            data: row.get(5)?,
         };
         readings += block.count;
         out.push(block);
@@ -196,6 +213,7 @@ struct Processor {
     /// Where the time goes: reading and folding the log, and committing to the store.
     timings: Timings,
     decoder: BlockDecoder,
+    committed_tx: watch::Sender<u64>,
 }
 
 /// Time spent by a processor, for `catch_up`'s report (and benchmarks).
@@ -232,14 +250,17 @@ pub fn start(
     let next_offset = store::offset(&store, PROCESSOR_NAME)?;
     let pipeline = Pipeline::open(spec, &store)?;
     let log = log::open_read(log_path)?;
-    metrics.processor_offset.set(next_offset as i64);
     let (set_aside_blocks, set_aside_readings) = store::set_aside_totals(&store)?;
-    metrics.set_aside_blocks.inc_by(set_aside_blocks);
-    metrics.set_aside_readings.inc_by(set_aside_readings);
-    tracing::info!(next_offset, set_aside_blocks, "processor resumes");
+    if outputs.serving() {
+        metrics.processor_offset.set(next_offset as i64);
+        metrics.set_aside_blocks.inc_by(set_aside_blocks);
+        metrics.set_aside_readings.inc_by(set_aside_readings);
+    }
+    tracing::info!(next_offset, set_aside_blocks, derived_epoch = outputs.derived_epoch, "processor resumes");
     let (stop_tx, stop_rx) = watch::channel(false);
     let status = ProcessorStatus::default();
     let processor = Processor::new(log, store, pipeline, next_offset, metrics, outputs, status.clone());
+    let committed = processor.committed_tx.subscribe();
     let guard = alive.guard();
     let thread = std::thread::Builder::new()
         .name("processor".into())
@@ -248,12 +269,17 @@ pub fn start(
             processor.run(end, stop_rx, runtime);
         })
         .map_err(ProcessError::Spawn)?;
-    Ok(ProcessorThread { stop: StopSignal(Arc::new(stop_tx)), thread, status })
+    Ok(ProcessorThread { stop: StopSignal(Arc::new(stop_tx)), thread, status, committed })
 }
 
 /// Folds the log from the store's committed offset to the log's end, commits, and returns the
 /// readings folded: the offline form of the processor (benchmarks, `replay`).
-pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Result<CatchUp, ProcessError> {
+pub fn catch_up(
+    log_path: &Path,
+    store_path: &Path,
+    spec: PipelineSpec,
+    derived_epoch: i64,
+) -> Result<CatchUp, ProcessError> {
     // Derived streams go to the log through a writer of its own: the aggregator must be stopped.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProcessError::Spawn)?;
     let metrics = Arc::new(Metrics::new());
@@ -263,6 +289,8 @@ pub fn catch_up(log_path: &Path, store_path: &Path, spec: PipelineSpec) -> Resul
         notifier: Notifier::default(),
         runtime: runtime.handle().clone(),
         live: crate::live::Hub::default(),
+        derived_epoch,
+        serving: Arc::new(AtomicBool::new(false)),
     };
     let store = store::open_write(store_path)?;
     let next_offset = store::offset(&store, PROCESSOR_NAME)?;
@@ -313,6 +341,7 @@ impl Processor {
             failures: 0,
             timings: Timings::default(),
             decoder: BlockDecoder::default(),
+            committed_tx: watch::Sender::new(next_offset),
         }
     }
 
@@ -423,7 +452,7 @@ impl Processor {
         let max_blocks = self.limit.map_or(usize::MAX, |(n, _)| n.saturating_sub(self.cycle_blocks).max(1));
         if self.next_offset < head {
             // A client that connected since the last commit gets this commit's readings too.
-            if self.pipeline.live.is_none() && self.outputs.live.wanted() {
+            if self.pipeline.live.is_none() && self.outputs.serving() && self.outputs.live.wanted() {
                 self.pipeline.live = Some(LiveReadings::default());
             }
             let started = Instant::now();
@@ -447,6 +476,11 @@ impl Processor {
                     self.cycle_first = Some(meta.clone());
                 }
                 self.cycle_blocks += 1;
+                if b.agent_id == DERIVED_AGENT && b.epoch != self.outputs.derived_epoch {
+                    // Another pipeline version's anomalies and alerts: not this version's input.
+                    self.next_offset = b.first_offset + b.count;
+                    continue;
+                }
                 let started = Instant::now();
                 let block =
                     self.decoder.decode(&b.data).map_err(|e| format!("does not decode: {e}")).and_then(|block| {
@@ -496,15 +530,18 @@ impl Processor {
         let set_aside: (u64, u64) =
             (self.pipeline.set_aside.len() as u64, self.pipeline.set_aside.iter().map(|b| b.count).sum());
         self.pipeline.commit(&mut self.store, PROCESSOR_NAME, self.next_offset)?;
-        self.metrics.set_aside_blocks.inc_by(set_aside.0);
-        self.metrics.set_aside_readings.inc_by(set_aside.1);
+        let serving = self.outputs.serving();
+        if serving {
+            self.metrics.set_aside_blocks.inc_by(set_aside.0);
+            self.metrics.set_aside_readings.inc_by(set_aside.1);
+        }
         self.cycle_blocks = 0;
         self.cycle_first = None;
         self.failures = 0;
         self.status.progressed();
         let now = crate::unix_ms();
         for t in transitions {
-            if self.outputs.notifier.is_empty() {
+            if self.outputs.notifier.is_empty() || !serving {
                 break;
             }
             if now.saturating_sub(t.received_at) > REPLAY_AGE_MS {
@@ -517,15 +554,18 @@ impl Processor {
             body["kind"] = "reading".into();
             self.outputs.notifier.send(body);
         }
-        if let Some(batch) = live {
+        if let Some(batch) = live.filter(|_| serving) {
             self.outputs.live.publish(batch);
         }
-        self.pipeline.live = self.outputs.live.wanted().then(LiveReadings::default);
+        self.pipeline.live = (serving && self.outputs.live.wanted()).then(LiveReadings::default);
         self.committed = self.next_offset;
         self.last_commit = Instant::now();
         self.timings.commit += started.elapsed();
         self.timings.commits += 1;
-        self.metrics.processor_offset.set(self.committed as i64);
+        if serving {
+            self.metrics.processor_offset.set(self.committed as i64);
+        }
+        self.committed_tx.send_replace(self.committed);
         if self.limit.is_some_and(|(_, until)| self.committed >= until) {
             self.limit = None;
         }
@@ -599,7 +639,7 @@ impl Processor {
         let log = self.outputs.log.clone();
         self.outputs
             .runtime
-            .block_on(log.append(DERIVED_AGENT, 0, blocks))
+            .block_on(log.append(DERIVED_AGENT, self.outputs.derived_epoch, blocks))
             .map(|_| ())
             .map_err(|e| ProcessError::Derived(e.to_string()))
     }

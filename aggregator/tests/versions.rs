@@ -1,0 +1,223 @@
+//! Pipeline versions (Kappa reprocessing): raising `[pipeline] version` replays the log into the
+//! new version's tables in the background while the old version serves and ingest goes on, then
+//! switches; the result equals what a fresh aggregator given only the new version computes from
+//! the same log (same checksum, also after SIGKILLs during the replay); the same version with
+//! other settings is refused; `pipeline rollback` serves the previous version again.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Aggregator, BIN, T0, postcard_batch, run_with_config};
+use serde_json::Value;
+
+const V1: &str = "[pipeline]\nwindows = [\"1m\", \"1h\"]\n\
+    [[alerts]]\nname = \"hot\"\nsensor = \"line*/temp\"\nabove = 85.0\nclear = 80.0\n";
+/// Another window size and another threshold: a new version.
+const V2: &str = "[pipeline]\nversion = 2\nwindows = [\"10s\", \"1m\", \"1h\"]\n\
+    [[alerts]]\nname = \"hot\"\nsensor = \"line*/temp\"\nabove = 75.0\nclear = 70.0\n";
+const SENSORS: [&str; 3] = ["line1/temp", "line2/temp", "pump/1"];
+const PER_BATCH: u64 = 1_000;
+
+/// Batch `n`: readings one second apart, values swinging between 60 and 90.
+fn batch(n: u64) -> Vec<u8> {
+    let readings: Vec<(&str, i64, f64)> = (0..PER_BATCH)
+        .map(|i| {
+            let k = n * PER_BATCH + i;
+            (SENSORS[(k % 3) as usize], T0 + k as i64 * 1_000, 75.0 + 15.0 * (k as f64 / 700.0).sin())
+        })
+        .collect();
+    postcard_batch("gw-1", 1, &[(n * PER_BATCH, &readings)])
+}
+
+/// Readings of real sensors (not the derived `_alert/...` streams) in the 1-minute windows.
+fn counted(body: &Value) -> u64 {
+    body.as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| !s["sensor"].as_str().unwrap().starts_with('_'))
+        .flat_map(|s| s["windows"].as_array().unwrap())
+        .map(|w| w["count"].as_u64().unwrap())
+        .sum()
+}
+
+/// What the API serves for the real sensors, minus what depends on the wall clock.
+fn snapshot(agg: &Aggregator, sizes: &[&str]) -> Value {
+    let mut out = serde_json::Map::new();
+    for size in sizes {
+        let (status, body) = agg.get_json(&format!("/api/v1/windows?sensor=**&size={size}"));
+        assert_eq!(status, 200, "{body}");
+        out.insert(format!("windows {size}"), body);
+    }
+    let (_, mut sensors) = agg.get_json("/api/v1/sensors?limit=10000");
+    for s in sensors.as_array_mut().unwrap() {
+        s.as_object_mut().unwrap().remove("status");
+    }
+    out.insert("sensors".into(), sensors);
+    out.insert("alerts".into(), agg.get_json("/api/v1/alerts?limit=10000").1);
+    Value::Object(out)
+}
+
+fn pipeline(agg: &Aggregator) -> Value {
+    let (status, body) = agg.get_json("/api/v1/pipeline");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn version(pipeline: &Value, v: u64) -> &Value {
+    pipeline["versions"].as_array().unwrap().iter().find(|r| r["version"] == v).unwrap_or(&Value::Null)
+}
+
+/// The checksum of `v` once it covers everything the processor has committed.
+fn checksum(agg: &Aggregator, v: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let p = pipeline(agg);
+        let r = version(&p, v);
+        if r["checksum"].is_string() && r["checksum_offset"] == r["offset"] && r["offset"] == r["head"] {
+            return r["checksum"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no settled checksum for version {v}: {p}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn copy_log(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("data")).unwrap();
+    for file in ["log.db", "log.db-wal"] {
+        let source = from.join("data").join(file);
+        if source.exists() {
+            std::fs::copy(&source, to.join("data").join(file)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with(dir.path(), V1);
+    for n in 0..150 {
+        agg.ingest_ok(0, &batch(n));
+    }
+    agg.wait_processed();
+    let v1 = snapshot(&agg, &["1m", "1h"]);
+    assert_eq!(pipeline(&agg)["serving"], 1);
+    assert_eq!(agg.terminate().code(), Some(0));
+
+    // Version 2: the old version serves while the new one replays; ingest goes on meanwhile, and
+    // a probe polls throughout.
+    let agg = Aggregator::start_with(dir.path(), V2);
+    let p = pipeline(&agg);
+    assert_eq!(p["serving"], 1, "{p}");
+    assert_eq!(version(&p, 2)["state"], "replaying", "{p}");
+    let done = Arc::new(AtomicBool::new(false));
+    let probe = {
+        let (addr, done) = (agg.addr, done.clone());
+        std::thread::spawn(move || {
+            let (mut answers, mut last, mut versions_seen) = (0, 0u64, Vec::new());
+            while !done.load(Ordering::Relaxed) {
+                let r = common::http(addr, "GET", "/api/v1/windows?sensor=**&size=1m", &[], &[]);
+                assert_eq!(r.status, 200, "{}", r.text());
+                let count = counted(&serde_json::from_slice(&r.body).unwrap());
+                assert!(count >= last, "the served count went back from {last} to {count}: a partial answer");
+                assert!(count >= 150 * PER_BATCH, "an answer without readings already served: {count}");
+                last = count;
+                let p: Value =
+                    serde_json::from_slice(&common::http(addr, "GET", "/api/v1/pipeline", &[], &[]).body).unwrap();
+                let serving = p["serving"].as_u64().unwrap();
+                if versions_seen.last() != Some(&serving) {
+                    versions_seen.push(serving);
+                }
+                answers += 1;
+            }
+            (answers, versions_seen)
+        })
+    };
+    for n in 150..180 {
+        agg.ingest_ok(0, &batch(n));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pipeline(&agg)["serving"] != 2 {
+        assert!(Instant::now() < deadline, "version 2 was never promoted:\n{}", agg.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for n in 180..200 {
+        agg.ingest_ok(0, &batch(n));
+    }
+    agg.wait_processed();
+    done.store(true, Ordering::Relaxed);
+    let (answers, versions_seen) = probe.join().unwrap();
+    assert!(answers >= 3, "the probe ran {answers} times");
+    // (On a fast machine the replay may be over before the probe's first look.)
+    assert!(
+        versions_seen == [1, 2] || versions_seen == [2],
+        "the serving version as the probe saw it: {versions_seen:?}"
+    );
+    eprintln!("probe: {answers} answers, saw versions {versions_seen:?}");
+    let p = pipeline(&agg);
+    assert_eq!(version(&p, 1)["state"], "retired", "{p}");
+    assert_eq!(version(&p, 2)["state"], "serving", "{p}");
+    let switched = snapshot(&agg, &["10s", "1m", "1h"]);
+    assert_eq!(counted(&switched["windows 1m"]), 200 * PER_BATCH);
+    // The new threshold is what the alerts now show.
+    assert_ne!(switched["alerts"], v1["alerts"]);
+    assert!(switched["alerts"].as_array().unwrap().len() > v1["alerts"].as_array().unwrap().len());
+    let switched_sum = checksum(&agg, 2);
+    assert_eq!(agg.terminate().code(), Some(0));
+
+    // A fresh aggregator given only version 2 computes the same from the same log, also when it
+    // is SIGKILLed several times during its replay.
+    let fresh_dir = tempfile::tempdir().unwrap();
+    copy_log(dir.path(), fresh_dir.path());
+    let mut rng = fastrand::Rng::with_seed(11);
+    for _ in 0..4 {
+        let agg = Aggregator::start_with(fresh_dir.path(), V2);
+        std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
+        agg.kill();
+    }
+    let fresh = Aggregator::start_with(fresh_dir.path(), V2);
+    fresh.wait_processed();
+    assert_eq!(pipeline(&fresh)["serving"], 2);
+    assert_eq!(snapshot(&fresh, &["10s", "1m", "1h"]), switched);
+    assert_eq!(checksum(&fresh, 2), switched_sum, "same log, same version: same tables");
+    drop(fresh);
+
+    // Rollback: version 1 serves again, with its own windows (no 10 s).
+    let config = dir.path().join("aggregator.toml");
+    let out = Command::new(BIN).args(["pipeline", "rollback", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 1 serves again"));
+    let (status, stderr, _) = run_with_config(dir.path(), &(common::config_text(&dir.path().join("data")) + V2));
+    assert!(!status.success());
+    assert!(stderr.contains("rolled back") && stderr.contains("raise it to 3"), "{stderr}");
+    let agg = Aggregator::start_with(dir.path(), V1);
+    agg.wait_processed();
+    let p = pipeline(&agg);
+    assert_eq!(p["serving"], 1, "{p}");
+    assert_eq!(version(&p, 2)["state"], "rolled_back", "{p}");
+    assert_eq!(agg.get("/api/v1/sensors/line1%2Ftemp/windows?size=10s").status, 400);
+    // Version 1 caught up with what arrived while version 2 served.
+    let back = snapshot(&agg, &["1m", "1h"]);
+    assert_eq!(counted(&back["windows 1m"]), 200 * PER_BATCH);
+}
+
+#[test]
+fn the_same_version_with_other_settings_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with(dir.path(), V1);
+    agg.ingest_ok(0, &batch(0));
+    agg.wait_processed();
+    assert_eq!(agg.terminate().code(), Some(0));
+    let changed = V1.replace("above = 85.0", "above = 95.0");
+    let (status, stderr, _) = run_with_config(dir.path(), &(common::config_text(&dir.path().join("data")) + &changed));
+    assert!(!status.success());
+    assert!(stderr.contains("raise [pipeline] version to 2"), "{stderr}");
+    // The unchanged settings start again, and so does a layout-only change of the file.
+    let reordered = V1.replace("windows = [\"1m\", \"1h\"]", "windows = [\"1h\", \"1m\"]");
+    let agg = Aggregator::start_with(dir.path(), &reordered);
+    assert_eq!(pipeline(&agg)["serving"], 1);
+}
