@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Aggregator, T0, postcard_batch};
+use common::{Aggregator, Receiver, T0, postcard_batch};
 use serde_json::Value;
 use tributary_shared::Block;
 
@@ -282,56 +282,6 @@ fn fields_narrow_each_window_to_the_members_asked_for() {
     let bad = agg.get("/api/v1/windows?sensor=line1/*&size=1m&fields=mean,avg");
     assert_eq!(bad.status, 400, "{}", bad.text());
     assert!(bad.text().contains("avg"), "{}", bad.text());
-}
-
-/// A webhook receiver on loopback: records each JSON body; answers `fail_first` requests with 503.
-struct Receiver {
-    url: String,
-    bodies: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Receiver {
-    fn start(fail_first: usize) -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let sink = bodies.clone();
-        std::thread::spawn(move || {
-            let mut seen = 0;
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let mut reader = BufReader::new(stream);
-                let mut length = 0usize;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                    if line == "\r\n" {
-                        break;
-                    }
-                }
-                let mut body = vec![0; length];
-                let _ = reader.read_exact(&mut body);
-                seen += 1;
-                let status = if seen <= fail_first { "503 Service Unavailable" } else { "200 OK" };
-                if seen > fail_first {
-                    sink.lock().unwrap().push(serde_json::from_slice(&body).unwrap_or(Value::Null));
-                }
-                let _ = reader.get_mut().write_all(
-                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
-                );
-            }
-        });
-        Receiver { url, bodies }
-    }
-
-    fn bodies(&self) -> Vec<Value> {
-        self.bodies.lock().unwrap().clone()
-    }
 }
 
 /// A webhook that accepts connections and never answers.

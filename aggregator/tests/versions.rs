@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Aggregator, BIN, T0, postcard_batch, run_with_config};
+use common::{Aggregator, BIN, Receiver, T0, postcard_batch, run_with_config};
 use serde_json::Value;
 
 const V1: &str = "[pipeline]\nwindows = [\"1m\", \"1h\"]\n\
@@ -99,7 +99,11 @@ fn copy_log(from: &Path, to: &Path) {
 #[test]
 fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = Aggregator::start_with(dir.path(), V1);
+    // Alert transitions of readings received now are sent; a replay's are not.
+    let hook = Receiver::start(0);
+    let notify = format!("[[notify]]\nurl = \"{}\"\n", hook.url);
+    let (v1_config, v2_config) = (format!("{V1}{notify}"), format!("{V2}{notify}"));
+    let agg = Aggregator::start_with(dir.path(), &v1_config);
     for n in 0..150 {
         agg.ingest_ok(0, &batch(n));
     }
@@ -107,10 +111,12 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
     let v1 = snapshot(&agg, &["1m", "1h"]);
     assert_eq!(pipeline(&agg)["serving"], 1);
     assert_eq!(agg.terminate().code(), Some(0));
+    let notified_before = hook.bodies().len();
+    assert!(notified_before > 0, "version 1 notified its alerts");
 
     // Version 2: the old version serves while the new one replays; ingest goes on meanwhile, and
     // a probe polls throughout.
-    let agg = Aggregator::start_with(dir.path(), V2);
+    let agg = Aggregator::start_with(dir.path(), &v2_config);
     let p = pipeline(&agg);
     assert_eq!(p["serving"], 1, "{p}");
     assert_eq!(version(&p, 2)["state"], "replaying", "{p}");
@@ -168,6 +174,15 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
     assert!(switched["alerts"].as_array().unwrap().len() > v1["alerts"].as_array().unwrap().len());
     let switched_sum = checksum(&agg, 2);
     assert_eq!(agg.terminate().code(), Some(0));
+    // Since the restart, only transitions of readings sent since: none of version 2's replay of
+    // the first 150 batches.
+    std::thread::sleep(Duration::from_millis(500));
+    let restart_ts = T0 + 150 * PER_BATCH as i64 * 1_000;
+    let since = hook.bodies()[notified_before..].to_vec();
+    assert!(!since.is_empty(), "live alerts after the restart were sent");
+    for body in &since {
+        assert!(body["ts"].as_i64().unwrap() >= restart_ts, "a replayed transition was sent: {body}");
+    }
 
     // A fresh aggregator given only version 2 computes the same from the same log, also when it
     // is SIGKILLed several times during its replay.
