@@ -245,16 +245,6 @@ pub fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
     Ok(manifest)
 }
 
-/// `PRAGMA integrity_check` on one copied database; "ok" or the first problems.
-fn integrity(path: &Path) -> Result<(), String> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| e.to_string())?;
-    let mut stmt = conn.prepare("PRAGMA integrity_check(10)").map_err(|e| e.to_string())?;
-    let report: Vec<String> =
-        stmt.query_map([], |r| r.get::<_, String>(0)).and_then(|rows| rows.collect()).map_err(|e| e.to_string())?;
-    if report == ["ok"] { Ok(()) } else { Err(report.join("; ")) }
-}
-
 /// Puts a backup into `data_dir`: checks every file, then replaces the databases, while holding
 /// the data directory's lock (so no aggregator can be running on it).
 pub fn restore(data_dir: &Path, from: &Path, force: bool) -> Result<Manifest, BackupError> {
@@ -267,7 +257,7 @@ pub fn restore(data_dir: &Path, from: &Path, force: bool) -> Result<Manifest, Ba
                 .and_then(|text| serde_json::from_slice::<crate::versions::Registry>(&text).map_err(|e| e.to_string()))
                 .map(|_| ())
         } else {
-            integrity(&path)
+            crate::store::check_file(&path, "integrity_check")
         };
         checked.map_err(|report| BackupError::Damaged { file: file.name.clone(), report })?;
     }

@@ -61,6 +61,13 @@ pub enum Error {
     Locked(#[from] lock::LockError),
     #[error(transparent)]
     Version(#[from] versions::VersionError),
+    #[error(
+        "{} is damaged ({report}). The log is the only copy of the readings, so it is not rebuilt: restore the \
+         last backup with `tributary-aggregator restore --config FILE --from DIR --force` (agents then resend what \
+         they still spool), or move the file away to start with an empty log",
+        path.display()
+    )]
+    DamagedLog { path: PathBuf, report: String },
     #[error("the recorded settings of pipeline version {version} in pipeline.json do not load: {detail}")]
     Settings { version: u32, detail: String },
 }
@@ -84,6 +91,12 @@ pub async fn serve(
     // Held until this function returns: no second aggregator, no restore underneath this one.
     let _lock = lock::DataDirLock::acquire(&data_dir)?;
     let log_path = data_dir.join("log.db");
+    // A torn tail (a crash mid-append) is SQLite's to recover: a WAL frame without its checksum
+    // is not part of the file. Damage beyond that is found here, before anything writes.
+    if log_path.exists() {
+        store::check_file(&log_path, "quick_check")
+            .map_err(|report| Error::DamagedLog { path: log_path.clone(), report })?;
+    }
     let now = unix_ms();
     let (mut registry, plan) = versions::plan(
         &data_dir,
@@ -106,6 +119,19 @@ pub async fn serve(
         _ => config.clone(),
     };
     let store_path = versions::store_path(&data_dir, serving_version);
+    // Stores can be rebuilt from the log: a damaged one is set aside and replayed.
+    for path in [Some(store_path.clone()), replay_version.map(|v| versions::store_path(&data_dir, v))]
+        .into_iter()
+        .flatten()
+        .chain([data_dir.join("stale.db")])
+    {
+        if !path.exists() {
+            continue;
+        }
+        if let Err(report) = store::check_file(&path, "quick_check") {
+            set_aside_damaged(&path, &report, now);
+        }
+    }
 
     let metrics = Arc::new(metrics::Metrics::new());
     let writer_alive = Liveness::default();
@@ -255,6 +281,27 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     served.map_err(Error::Serve)
+}
+
+/// Moves a damaged store (and its WAL) to `<name>.damaged-<ms>`, for a look later; the processor
+/// then rebuilds it from the log.
+fn set_aside_damaged(path: &std::path::Path, report: &str, now: i64) {
+    let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let aside = path.with_file_name(format!("{file}.damaged-{now}"));
+    for suffix in ["", "-wal", "-shm"] {
+        let from = path.with_file_name(format!("{file}{suffix}"));
+        if from.exists() {
+            if let Err(error) = std::fs::rename(&from, aside.with_file_name(format!("{file}.damaged-{now}{suffix}"))) {
+                tracing::error!(%error, path = %from.display(), "cannot move a damaged file aside");
+            }
+        }
+    }
+    tracing::error!(
+        path = %path.display(),
+        report,
+        moved_to = %aside.display(),
+        "damaged serving store set aside; rebuilding it from the log (the API serves less until it has caught up)"
+    );
 }
 
 /// Stops a processor and waits for its last commit (a blocking join).

@@ -194,6 +194,17 @@ pub struct QuarantineRow {
     pub reason: String,
 }
 
+/// Runs `PRAGMA <check>` (`integrity_check` or the faster `quick_check`) on a database file:
+/// `Ok` if it reports "ok", else the first problems it names (or why the file does not open).
+pub fn check_file(path: &Path, check: &str) -> Result<(), String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| e.to_string())?;
+    let mut stmt = conn.prepare(&format!("PRAGMA {check}(10)")).map_err(|e| e.to_string())?;
+    let report: Vec<String> =
+        stmt.query_map([], |r| r.get::<_, String>(0)).and_then(|rows| rows.collect()).map_err(|e| e.to_string())?;
+    if report == ["ok"] { Ok(()) } else { Err(report.join("; ")) }
+}
+
 /// Read-only access for the API, off the async runtime, with a few pooled connections. The
 /// serving version's store: [`StoreReader::switch`] moves every later read to another file (a
 /// pipeline version being promoted), while reads in flight finish on the one they started on.
