@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         anomaly: Vec::new(),
         alerts: Vec::new(),
         notify: Vec::new(),
+        log: Default::default(),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;

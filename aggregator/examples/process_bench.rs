@@ -48,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             anomaly: if full { full_rules()?.anomaly } else { Vec::new() },
             alerts: if full { full_rules()?.alerts } else { Vec::new() },
             notify: Vec::new(),
+            log: Default::default(),
         };
         let started = Instant::now();
         let done =
@@ -76,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         anomaly: if full { full_rules()?.anomaly } else { Vec::new() },
         alerts: if full { full_rules()?.alerts } else { Vec::new() },
         notify: Vec::new(),
+        log: Default::default(),
     };
 
     // 1. Ingest through HTTP into a running aggregator.

@@ -38,6 +38,59 @@ pub struct Config {
     /// Webhooks every alert transition is POSTed to (`[[notify]]`). Default: none.
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
+    /// The log. Default: see [`LogConfig`].
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// How much of the log to keep: an age (`"30d"`, by the time blocks were received) or a size
+    /// (`"50GB"`, `"500MiB"`); the oldest blocks go first, and only blocks the serving pipeline
+    /// has processed. Dropped ranges are recorded (`log stats`). Default: none (keep everything).
+    pub retain: Option<String>,
+}
+
+/// `[log] retain`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retain {
+    Age(Duration),
+    Bytes(u64),
+}
+
+/// Parses `[log] retain`: a size with a unit (`B`, `kB`, `MB`, `GB`, `TB`, `KiB`, `MiB`, `GiB`,
+/// `TiB`) or a duration (`30d`, `12h`).
+pub fn parse_retain(text: &str) -> Result<Retain, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = (&text[..split], text[split..].trim());
+    let scale = match unit {
+        "B" => Some(1.0),
+        "kB" | "KB" => Some(1e3),
+        "MB" => Some(1e6),
+        "GB" => Some(1e9),
+        "TB" => Some(1e12),
+        "KiB" => Some(1024.0),
+        "MiB" => Some(1024.0 * 1024.0),
+        "GiB" => Some(1024.0 * 1024.0 * 1024.0),
+        "TiB" => Some(1024.0 * 1024.0 * 1024.0 * 1024.0),
+        _ => None,
+    };
+    if let Some(scale) = scale {
+        let bytes = number.parse::<f64>().map(|n| n * scale).unwrap_or(f64::NAN);
+        if !(1024.0 * 1024.0..1e18).contains(&bytes) {
+            return Err(format!("{text:?}: a size must be from 1MiB to 1000PB, e.g. \"50GB\""));
+        }
+        return Ok(Retain::Bytes(bytes as u64));
+    }
+    let age = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is neither a size like \"50GB\" nor an age like \"30d\": {e}"))?;
+    if age < Duration::from_secs(1) {
+        return Err(format!("{text:?}: an age must be at least 1s"));
+    }
+    Ok(Retain::Age(age))
 }
 
 /// `[[anomaly]]`: an anomaly model for the sensors matching `sensor`.
@@ -332,6 +385,9 @@ impl Config {
         if let Some(days) = &self.pipeline.days {
             crate::pipeline::calendar::Calendar::days(&days.tz).map_err(|e| invalid("pipeline.days.tz".into(), e))?;
         }
+        if let Some(retain) = &self.log.retain {
+            parse_retain(retain).map_err(|e| invalid("log.retain".into(), e))?;
+        }
         if self.pipeline.version == 0 || self.pipeline.version > crate::versions::MAX_VERSION {
             return Err(invalid(
                 "pipeline.version".into(),
@@ -613,6 +669,20 @@ mod tests {
         let config = parse(EXAMPLE_CONFIG).unwrap();
         assert_eq!(config.http.listen, default_listen());
         assert_eq!(config.agents[0].id, "gw-1");
+    }
+
+    #[test]
+    fn retain_is_an_age_or_a_size_with_its_unit() {
+        assert_eq!(parse_retain("30d"), Ok(Retain::Age(Duration::from_secs(30 * 86_400))));
+        assert_eq!(parse_retain("50GB"), Ok(Retain::Bytes(50_000_000_000)));
+        assert_eq!(parse_retain("512MiB"), Ok(Retain::Bytes(512 << 20)));
+        assert_eq!(parse_retain(" 1.5 TB "), Ok(Retain::Bytes(1_500_000_000_000)));
+        for bad in ["", "10", "0s", "500ms", "12KB", "1e30GB", "-5GB", "a week"] {
+            assert!(parse_retain(bad).is_err(), "{bad:?} was taken");
+        }
+        let text = "data_dir = \"/d\"\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n[log]\nretain = \"forever\"\n";
+        let error = Config::parse(text, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(error.contains("log.retain") && error.contains("\"30d\""), "{error}");
     }
 
     #[test]

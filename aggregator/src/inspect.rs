@@ -27,6 +27,11 @@ pub enum InspectError {
     Sqlite { path: PathBuf, source: rusqlite::Error },
     #[error("writing the output: {0}")]
     Output(std::io::Error),
+    #[error(
+        "offsets {from}..{first} were dropped by log retention ([log] retain); the log starts at offset {first}: \
+         ask from there (--from-offset {first})"
+    )]
+    Dropped { from: u64, first: u64 },
 }
 
 /// How readings are printed.
@@ -231,6 +236,19 @@ impl LogFile {
     }
 
     /// The figures `log stats` prints, from the blocks table without decoding blocks.
+    /// Readings dropped by retention, and the end of the dropped prefix (0 when none was).
+    pub fn dropped(&self) -> Result<(u64, u64), InspectError> {
+        // A log from before retention existed has no such table: nothing was dropped.
+        self.conn
+            .query_row("SELECT COALESCE(SUM(readings), 0), COALESCE(MAX(end_offset), 0) FROM dropped", [], |r| {
+                Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?.max(0) as u64))
+            })
+            .or_else(|e| match e {
+                rusqlite::Error::SqliteFailure(_, Some(ref m)) if m.contains("no such table") => Ok((0, 0)),
+                e => Err(InspectError::Sqlite { path: self.path.clone(), source: e }),
+            })
+    }
+
     pub fn stats(&self) -> Result<LogStats, InspectError> {
         let (blocks, readings, first, end, data_bytes, oldest, newest) = self
             .conn
@@ -383,6 +401,10 @@ pub fn inspect(
     out: &mut dyn Write,
 ) -> Result<(), InspectError> {
     let log = open_log(data_dir)?;
+    let (_, dropped_end) = log.dropped()?;
+    if filter.from_offset < dropped_end {
+        return Err(InspectError::Dropped { from: filter.from_offset, first: dropped_end });
+    }
     log.scan(filter, limit, &mut |line| write_line(out, line, format).map_err(InspectError::Output))?;
     out.flush().map_err(InspectError::Output)
 }
@@ -471,6 +493,10 @@ pub fn stats(data_dir: &Path, out: &mut dyn Write) -> Result<(), InspectError> {
         time(s.newest_received),
         s.agents.len(),
     );
+    let (dropped, dropped_end) = log.dropped()?;
+    if dropped > 0 {
+        text.push_str(&format!("dropped by retention: {dropped} readings, offsets 0..{dropped_end}\n"));
+    }
     for a in &s.agents {
         let highest = a.next_seq.checked_sub(1).map_or_else(|| "-".to_string(), |h| h.to_string());
         text.push_str(&format!(

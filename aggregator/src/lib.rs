@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod prometheus;
+pub mod retention;
 pub mod series;
 pub mod stale;
 pub mod store;
@@ -207,6 +208,16 @@ pub async fn serve(
         }
     };
 
+    let retention = match config.log.retain.as_deref().map(config::parse_retain) {
+        Some(Ok(retain)) => match retention::start(&log_path, retain, metrics.clone()) {
+            Ok(retention) => Some(retention),
+            Err(error) => {
+                tracing::error!(%error, "log retention is off");
+                None
+            }
+        },
+        _ => None,
+    };
     let store = store::StoreReader::new(&store_path);
     let stale_path = data_dir.join("stale.db");
     // The checker reads the store the processor has just created.
@@ -271,6 +282,10 @@ pub async fn serve(
     if let Some(stale) = stale {
         drop(stale.stop);
         let _ = tokio::task::spawn_blocking(move || stale.thread.join()).await;
+    }
+    if let Some(retention) = retention {
+        drop(retention.stop);
+        let _ = tokio::task::spawn_blocking(move || retention.thread.join()).await;
     }
     let _ = supervisor_stop.send(true);
     if let Ok(running) = supervisor.await {

@@ -292,7 +292,16 @@ pub fn open_write(path: &Path) -> Result<Connection, LogError> {
             detected_at INTEGER NOT NULL
         );
         -- A hole is found by its start when a late block fills it.
-        CREATE INDEX IF NOT EXISTS gaps_by_start ON gaps (agent_id, epoch, from_seq);",
+        CREATE INDEX IF NOT EXISTS gaps_by_start ON gaps (agent_id, epoch, from_seq);
+        -- Ranges of offsets dropped by retention ([log] retain).
+        CREATE TABLE IF NOT EXISTS dropped (
+            first_offset INTEGER NOT NULL,
+            end_offset INTEGER NOT NULL,
+            blocks INTEGER NOT NULL,
+            readings INTEGER NOT NULL,
+            dropped_at INTEGER NOT NULL,
+            reason TEXT NOT NULL
+        );",
     )?;
     Ok(conn)
 }
@@ -325,6 +334,8 @@ pub fn start(path: &Path, metrics: Arc<Metrics>, alive: Liveness) -> Result<LogW
     let ranges = load_ranges(&mut conn)?;
     let end_offset = end_offset(&conn)?;
     metrics.log_end_offset.set(end_offset as i64);
+    let first: i64 = conn.query_row("SELECT COALESCE(MIN(first_offset), 0) FROM blocks", [], |r| r.get(0))?;
+    metrics.log_first_offset.set(first);
     let (end_tx, end_rx) = watch::channel(end_offset);
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let holes: usize = ranges.values().map(SeqRanges::hole_count).sum();

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub pipeline_serving_version: Gauge,
     /// The offset a version being replayed has committed (0 when none replays).
     pub replay_offset: Gauge,
+    /// The log's first offset (above 0 once retention has dropped blocks).
+    pub log_first_offset: Gauge,
+    /// Readings dropped by log retention.
+    pub log_dropped_readings: Counter,
 }
 
 impl Metrics {
@@ -81,6 +85,18 @@ impl Metrics {
             "tributary_replay_offset",
             "Log offset a new pipeline version being replayed has reached (0 when none replays)",
             replay_offset.clone(),
+        );
+        let log_first_offset = Gauge::default();
+        registry.register(
+            "tributary_log_first_offset",
+            "The log's first offset: readings before it were dropped by retention ([log] retain)",
+            log_first_offset.clone(),
+        );
+        let log_dropped_readings = Counter::default();
+        registry.register(
+            "tributary_log_dropped_readings",
+            "Readings dropped from the log by retention ([log] retain)",
+            log_dropped_readings.clone(),
         );
         let log_end_offset = Gauge::default();
         registry.register("tributary_log_end_offset", "Readings in the log (the next offset)", log_end_offset.clone());
@@ -156,6 +172,8 @@ impl Metrics {
             influx_fields_skipped_boolean,
             pipeline_serving_version,
             replay_offset,
+            log_first_offset,
+            log_dropped_readings,
             notifications,
             registry,
             ingest_requests,

@@ -460,10 +460,12 @@ impl Processor {
             self.timings.read += started.elapsed();
             for b in &blocks {
                 if b.first_offset != self.next_offset {
-                    tracing::error!(
+                    // Before the log's first block: dropped by retention (a new version replaying
+                    // starts at the oldest block kept). Elsewhere it would be a hole.
+                    tracing::warn!(
                         expected = self.next_offset,
                         found = b.first_offset,
-                        "hole in log offsets; continuing"
+                        "offsets missing from the log (dropped by [log] retain, or a hole); continuing after them"
                     );
                 }
                 let meta = SetAside {
