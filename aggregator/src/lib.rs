@@ -9,7 +9,7 @@
 //! → [`api`] (and [`dashboard`]). [`config`] reads the TOML file, [`metrics`] serves Prometheus text.
 //! [`run`] wires it all up and shuts it down in that order.
 //! [`influx`] (`POST /write`, InfluxDB 1.x line protocol, for Telegraf) feeds the same log as ingest.
-//! [`inspect`] (`log inspect|tail|stats`) and [`backup`] (`backup`/`restore`) are the command-line
+//! [`inspect`] (`log inspect|tail|stats`), [`backup`] (`backup`/`restore`) and [`import`] are the command-line
 //! tools over a data directory; [`lock`] keeps one process at a time on it.
 
 pub mod access;
@@ -17,6 +17,7 @@ pub mod api;
 pub mod backup;
 pub mod config;
 pub mod dashboard;
+pub mod import;
 pub mod influx;
 pub mod ingest;
 pub mod inspect;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tributary_aggregator::inspect::{self, Filter, Format, InspectError};
-use tributary_aggregator::{Config, backup, lock, versions};
+use tributary_aggregator::{Config, backup, import, lock, versions};
 
 #[derive(Parser)]
 #[command(version, about = "Tributary's central service: ingest, immutable log, stream processing, dashboard API")]
@@ -46,6 +46,21 @@ enum Command {
     Pipeline {
         #[command(subcommand)]
         command: PipelineCommand,
+    },
+    /// Append a history (CSV `sensor,ts,value` or JSON Lines) to the log as agent ID; importing the
+    /// same file again appends nothing. The aggregator must be stopped; it processes the history
+    /// when it starts.
+    Import {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The agent id the readings are logged under.
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        /// `csv` or `jsonl`; by default from the file name (.jsonl, .ndjson, .json: JSON Lines).
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
+        /// The file to import.
+        file: PathBuf,
     },
     /// Put a backup into data_dir (the aggregator must be stopped).
     Restore {
@@ -223,6 +238,39 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::Log { command }) => return run_log(command),
+        Some(Command::Import { config, agent, format, file }) => {
+            return report(load_config(&config).and_then(|c| {
+                let format = match format.as_deref() {
+                    None => import::Format::of(&file),
+                    Some("csv") => import::Format::Csv,
+                    Some("jsonl") => import::Format::Jsonl,
+                    Some(other) => return Err(format!("--format {other:?}: use csv or jsonl")),
+                };
+                std::fs::create_dir_all(&c.data_dir).map_err(|e| format!("{}: {e}", c.data_dir.display()))?;
+                let _lock = lock::DataDirLock::acquire(&c.data_dir).map_err(|e| e.to_string())?;
+                let r = import::import(&c.data_dir, &agent, &file, format).map_err(|e| e.to_string())?;
+                let mut text = format!(
+                    "imported {}: {} lines, {} readings: {} appended, {} already in the log, {} lines rejected; \
+                     agent {agent} epoch {}; {:.2} s ({:.0} readings/s)",
+                    file.display(),
+                    r.lines,
+                    r.readings,
+                    r.appended,
+                    r.duplicates,
+                    r.rejected,
+                    r.epoch,
+                    r.seconds,
+                    r.readings as f64 / r.seconds.max(1e-9)
+                );
+                for rejection in &r.rejections {
+                    text.push_str(&format!("\n  rejected {rejection}"));
+                }
+                if r.rejected > r.rejections.len() as u64 {
+                    text.push_str(&format!("\n  ... and {} more", r.rejected - r.rejections.len() as u64));
+                }
+                Ok(text)
+            }));
+        }
         Some(Command::Pipeline { command: PipelineCommand::Status { config } }) => {
             return report(load_config(&config).and_then(|c| {
                 match versions::load(&c.data_dir).map_err(|e| e.to_string())? {
