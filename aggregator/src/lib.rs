@@ -88,6 +88,28 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    serve_with_reload(config, listener, shutdown, None).await
+}
+
+/// [`run`] that also takes configurations read again while it runs (SIGHUP): a raised
+/// `[pipeline] version` starts its replay without a restart; other changes wait for one.
+pub async fn run_with_reload(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: tokio::sync::mpsc::Receiver<Config>,
+) -> Result<(), Error> {
+    let addr = config.http.listen;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    serve_with_reload(config, listener, shutdown, Some(reload)).await
+}
+
+/// [`serve`] with [`run_with_reload`]'s reloads.
+pub async fn serve_with_reload(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Option<tokio::sync::mpsc::Receiver<Config>>,
+) -> Result<(), Error> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| Error::DataDir { path: data_dir.clone(), source })?;
     // Held until this function returns: no second aggregator, no restore underneath this one.
@@ -148,38 +170,17 @@ pub async fn serve(
         &tokio::runtime::Handle::current(),
     );
     let live = live::Hub::new();
-    let start_version = |version: u32, config: &Config, serving: bool| {
-        let (spec, layout) = (config.pipeline_spec(), Arc::new(api::ApiLayout::from_config(config)));
-        let alive = Liveness::default();
-        let serving = Arc::new(AtomicBool::new(serving));
-        let store_path = versions::store_path(&data_dir, version);
-        let thread = pipeline::processor::start(
-            &log_path,
-            &store_path,
-            spec,
-            writer.end.clone(),
-            metrics.clone(),
-            alive.clone(),
-            pipeline::processor::Outputs {
-                log: writer.handle.clone(),
-                notifier: notifier.clone(),
-                runtime: tokio::runtime::Handle::current(),
-                live: live.clone(),
-                derived_epoch: versions::derived_epoch(version),
-                serving: serving.clone(),
-            },
-        )?;
-        let from = *thread.committed.borrow();
-        Ok::<_, pipeline::processor::ProcessError>(versions::Running {
-            version,
-            thread,
-            alive,
-            serving,
-            started: std::time::Instant::now(),
-            from,
-            layout,
-        })
+    let starter = versions::Starter {
+        data_dir: data_dir.clone(),
+        log_path: log_path.clone(),
+        end: writer.end.clone(),
+        metrics: metrics.clone(),
+        log: writer.handle.clone(),
+        notifier: notifier.clone(),
+        live: live.clone(),
+        runtime: tokio::runtime::Handle::current(),
     };
+    let start_version = |version: u32, config: &Config, serving: bool| starter.start(version, config, serving);
     let started = start_version(serving_version, &serving_config, true).and_then(|serving| {
         let replay = match replay_version {
             Some(version) => {
@@ -232,12 +233,10 @@ pub async fn serve(
     let versions = Arc::new(versions::Versions::new(&data_dir, registry, serving.layout.clone(), writer.end.clone()));
     let (supervisor_stop, supervisor_stopped) = tokio::sync::watch::channel(false);
     let supervisor = tokio::spawn(versions::supervise(
-        versions.clone(),
-        store.clone(),
+        versions::Supervised { versions: versions.clone(), store: store.clone(), starter, reload },
         serving,
         replay,
         config.pipeline.keep_previous,
-        metrics.clone(),
         supervisor_stopped,
     ));
     let state = api::AppState {

@@ -340,7 +340,7 @@ fn main() -> ExitCode {
         .init();
     // reqwest (webhooks) is built without a default TLS provider, as in the agent: ring it is.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match serve(config) {
+    match serve(config, path) {
         Ok(()) => ExitCode::SUCCESS,
         // The library's errors spell out their causes in their own message; `{:#}` would repeat them.
         Err(error) => {
@@ -350,14 +350,47 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("aggregator")
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(tributary_aggregator::run(config, shutdown_signal()))?;
+    runtime.block_on(async {
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        // Installed before the server listens: a SIGHUP from then on never kills the process.
+        #[cfg(unix)]
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangup) => {
+                tokio::spawn(reload_on_sighup(path, hangup, reload_tx));
+            }
+            Err(error) => tracing::error!(%error, "cannot listen for SIGHUP; configuration changes need a restart"),
+        }
+        #[cfg(not(unix))]
+        let _ = (path, reload_tx);
+        tributary_aggregator::run_with_reload(config, shutdown_signal(), reload_rx).await
+    })?;
     Ok(())
+}
+
+/// Reads the configuration again on each SIGHUP and hands it over; a file that does not load
+/// changes nothing.
+#[cfg(unix)]
+async fn reload_on_sighup(
+    path: PathBuf,
+    mut hangup: tokio::signal::unix::Signal,
+    reload: tokio::sync::mpsc::Sender<Config>,
+) {
+    while hangup.recv().await.is_some() {
+        match Config::load(&path) {
+            Ok(config) => {
+                if reload.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => tracing::error!("SIGHUP: {:#}; nothing changed", anyhow::Error::new(error)),
+        }
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM (what systemd sends).

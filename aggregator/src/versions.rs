@@ -567,18 +567,74 @@ impl Versions {
     }
 }
 
+/// What starts a processor for a version: the log, where its outputs go.
+#[derive(Clone)]
+pub struct Starter {
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    pub end: watch::Receiver<u64>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub log: crate::log::LogHandle,
+    pub notifier: crate::notify::Notifier,
+    pub live: crate::live::Hub,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl Starter {
+    /// Starts `version`'s processor on its store, computing what `config` says.
+    pub fn start(
+        &self,
+        version: u32,
+        config: &crate::Config,
+        serving: bool,
+    ) -> Result<Running, crate::pipeline::processor::ProcessError> {
+        let (spec, layout) = (config.pipeline_spec(), Arc::new(crate::api::ApiLayout::from_config(config)));
+        let alive = crate::Liveness::default();
+        let serving = Arc::new(AtomicBool::new(serving));
+        let thread = crate::pipeline::processor::start(
+            &self.log_path,
+            &store_path(&self.data_dir, version),
+            spec,
+            self.end.clone(),
+            self.metrics.clone(),
+            alive.clone(),
+            crate::pipeline::processor::Outputs {
+                log: self.log.clone(),
+                notifier: self.notifier.clone(),
+                runtime: self.runtime.clone(),
+                live: self.live.clone(),
+                derived_epoch: derived_epoch(version),
+                serving: serving.clone(),
+            },
+        )?;
+        let from = *thread.committed.borrow();
+        Ok(Running { version, thread, alive, serving, started: Instant::now(), from, layout })
+    }
+}
+
+/// What the supervisor works with.
+pub struct Supervised {
+    pub versions: Arc<Versions>,
+    /// The API's reader of the serving store.
+    pub store: crate::store::StoreReader,
+    pub starter: Starter,
+    /// Configurations read again (SIGHUP).
+    pub reload: Option<tokio::sync::mpsc::Receiver<crate::Config>>,
+}
+
 /// Runs the versions: promotes the replaying one once it has folded as much of the log as the
-/// serving one, deletes retired stores after `keep`, and when `stop` turns true returns the
-/// processors still running (the caller stops them after the log writer).
+/// serving one, starts the replay of a version a reloaded configuration raises, deletes retired
+/// stores after `keep`, and when `stop` turns true returns the processors still running (the
+/// caller stops them after the log writer).
 pub async fn supervise(
-    versions: Arc<Versions>,
-    store: crate::store::StoreReader,
+    supervised: Supervised,
     mut serving: Running,
     mut replay: Option<Running>,
     keep: Duration,
-    metrics: Arc<crate::metrics::Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> Vec<Running> {
+    let Supervised { versions, store, starter, mut reload } = supervised;
+    let metrics = starter.metrics.clone();
     versions.set_serving_processor(&serving);
     versions.track(&serving);
     metrics.pipeline_serving_version.set(i64::from(serving.version));
@@ -589,9 +645,24 @@ pub async fn supervise(
     let mut last_report = Instant::now();
     let mut last_expiry: Option<Instant> = None;
     loop {
+        let reloaded = async {
+            match reload.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => {}
+            config = reloaded => match config {
+                Some(config) => {
+                    if let Some(new) = reload_config(&versions, &starter, &config, replay.as_ref()) {
+                        versions.track(&new);
+                        replay = Some(new);
+                    }
+                }
+                None => reload = None,
+            },
         }
         if *stop.borrow() {
             break;
@@ -654,6 +725,57 @@ pub async fn supervise(
     let mut running = vec![serving];
     running.extend(replay);
     running
+}
+
+/// A configuration read again: a raised version starts replaying; anything else is reported.
+fn reload_config(
+    versions: &Versions,
+    starter: &Starter,
+    config: &crate::Config,
+    replaying: Option<&Running>,
+) -> Option<Running> {
+    tracing::info!("configuration read again: a new [pipeline] version applies now, other changes at the next restart");
+    if let Some(r) = replaying {
+        if r.version != config.pipeline.version {
+            tracing::error!(
+                replaying = r.version,
+                configured = config.pipeline.version,
+                "a replay is running; reload again once version {} serves",
+                r.version
+            );
+        }
+        return None;
+    }
+    let planned = plan(
+        &versions.data_dir,
+        config.pipeline.version,
+        &config.pipeline_fingerprint(),
+        &config.pipeline_settings(),
+        crate::unix_ms(),
+    );
+    let (registry, new) = match planned {
+        Ok((registry, Plan::Replay { new, .. })) => (registry, new),
+        Ok((_, Plan::Serve(_))) => return None,
+        Err(error) => {
+            tracing::error!(%error, "the reloaded configuration is not applied");
+            return None;
+        }
+    };
+    if let Err(error) = save(&versions.data_dir, &registry) {
+        tracing::error!(%error, "cannot record the new pipeline version; not replaying it");
+        return None;
+    }
+    *lock(&versions.registry) = registry;
+    match starter.start(new, config, false) {
+        Ok(running) => {
+            tracing::info!(version = new, "replaying the log into a new pipeline version (reloaded configuration)");
+            Some(running)
+        }
+        Err(error) => {
+            tracing::error!(%error, version = new, "cannot start the new pipeline version");
+            None
+        }
+    }
 }
 
 /// Switches the API, the stale checker and the notifications from `old` to `new`. The registry

@@ -236,3 +236,44 @@ fn the_same_version_with_other_settings_is_refused_with_what_to_do() {
     let agg = Aggregator::start_with(dir.path(), &reordered);
     assert_eq!(pipeline(&agg)["serving"], 1);
 }
+
+#[test]
+fn sighup_with_a_raised_version_replays_and_switches_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with(dir.path(), V1);
+    for n in 0..20 {
+        agg.ingest_ok(0, &batch(n));
+    }
+    agg.wait_processed();
+    let config = dir.path().join("aggregator.toml");
+    let reload = |text: &str| {
+        std::fs::write(&config, common::config_text(&dir.path().join("data")) + text).unwrap();
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(agg.child.id() as i32, libc::SIGHUP) };
+    };
+    // A file that does not load, or the same version with other settings: nothing changes.
+    // (One at a time: signals sent close together may arrive as one.)
+    let logged = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agg.stderr.lock().unwrap().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in:\n{}", agg.stderr.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    reload("[pipeline]\nwindows = [\"1m\"\n");
+    logged("SIGHUP:");
+    reload(&V1.replace("above = 85.0", "above = 99.0"));
+    logged("raise [pipeline] version to 2");
+    assert_eq!(pipeline(&agg)["serving"], 1);
+
+    reload(V2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pipeline(&agg)["serving"] != 2 {
+        assert!(Instant::now() < deadline, "version 2 never served:\n{}", agg.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agg.ingest_ok(0, &batch(20));
+    agg.wait_processed();
+    assert_eq!(counted(&snapshot(&agg, &["10s"])["windows 10s"]), 21 * PER_BATCH);
+    // All through one process on one port: a restart would have picked another port.
+}
