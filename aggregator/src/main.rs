@@ -62,6 +62,22 @@ enum Command {
         /// The file to import.
         file: PathBuf,
     },
+    /// Reprocess the log offline into a pipeline version's store (the aggregator must be stopped):
+    /// a raised [pipeline] version is computed ahead, so that the next start switches to it as
+    /// soon as it has caught up with what arrived since.
+    Replay {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The version to compute with the file's settings. Default: the file's [pipeline] version.
+        #[arg(long, value_name = "N")]
+        version: Option<u32>,
+        /// Start a version that has processed nothing yet at this offset (what is before is left out).
+        #[arg(long, value_name = "N")]
+        from_offset: Option<u64>,
+        /// Stop at the first block boundary at or after this offset. Default: the log's end.
+        #[arg(long, value_name = "N")]
+        until_offset: Option<u64>,
+    },
     /// Put a backup into data_dir (the aggregator must be stopped).
     Restore {
         /// The aggregator's configuration file (the backup goes into its data_dir).
@@ -208,6 +224,74 @@ fn run_log(command: LogCommand) -> ExitCode {
     }
 }
 
+/// `replay`: records the version as `pipeline plan` would at start, then folds the log into its
+/// store with a progress bar on a terminal and a line every 5 s otherwise.
+fn replay(config: &Config, from: Option<u64>, until: Option<u64>) -> Result<String, String> {
+    use tributary_aggregator::pipeline::processor;
+    let data_dir = &config.data_dir;
+    if !data_dir.join("log.db").is_file() {
+        return Err(format!("no log in {}: nothing to replay", data_dir.display()));
+    }
+    let _lock = lock::DataDirLock::acquire(data_dir).map_err(|e| e.to_string())?;
+    let version = config.pipeline.version;
+    let (registry, plan) =
+        versions::plan(data_dir, version, &config.pipeline_fingerprint(), &config.pipeline_settings(), now_ms())
+            .map_err(|e| e.to_string())?;
+    versions::save(data_dir, &registry).map_err(|e| e.to_string())?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} replaying version {msg} [{bar:40}] {pos}/{len} offsets, {per_sec}, {eta} left",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(version.to_string());
+        bar
+    });
+    let started = std::time::Instant::now();
+    let mut last_line = started;
+    let mut progress = |offset: u64, head: u64| match &bar {
+        Some(bar) => {
+            bar.set_length(head);
+            bar.set_position(offset);
+        }
+        None if last_line.elapsed() >= std::time::Duration::from_secs(5) => {
+            last_line = std::time::Instant::now();
+            eprintln!(
+                "replaying version {version}: offset {offset} of {head}, {:.0} readings/s",
+                offset as f64 / started.elapsed().as_secs_f64().max(1e-9)
+            );
+        }
+        None => {}
+    };
+    let done = processor::catch_up_range(
+        &data_dir.join("log.db"),
+        &versions::store_path(data_dir, version),
+        config.pipeline_spec(),
+        versions::derived_epoch(version),
+        from,
+        until,
+        &mut progress,
+    )
+    .map_err(|e| e.to_string())?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let next = match plan {
+        versions::Plan::Replay { serving, .. } => format!(
+            "version {serving} still serves: start the aggregator with this configuration to switch once version {version} has caught up with what arrived since"
+        ),
+        versions::Plan::Serve(_) => format!("version {version} serves"),
+    };
+    Ok(format!(
+        "replayed {} readings into version {version} in {secs:.2} s ({:.0} readings/s); {next}",
+        done.folded,
+        done.folded as f64 / secs.max(1e-9)
+    ))
+}
+
 /// Prints the outcome of `backup`/`restore` and turns it into the exit code.
 fn report(result: Result<String, String>) -> ExitCode {
     match result {
@@ -269,6 +353,14 @@ fn main() -> ExitCode {
                     text.push_str(&format!("\n  ... and {} more", r.rejected - r.rejections.len() as u64));
                 }
                 Ok(text)
+            }));
+        }
+        Some(Command::Replay { config, version, from_offset, until_offset }) => {
+            return report(load_config(&config).and_then(|mut c| {
+                if let Some(version) = version {
+                    c.pipeline.version = version;
+                }
+                replay(&c, from_offset, until_offset)
             }));
         }
         Some(Command::Pipeline { command: PipelineCommand::Status { config } }) => {

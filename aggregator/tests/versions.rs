@@ -277,3 +277,51 @@ fn sighup_with_a_raised_version_replays_and_switches_without_a_restart() {
     assert_eq!(counted(&snapshot(&agg, &["10s"])["windows 10s"]), 21 * PER_BATCH);
     // All through one process on one port: a restart would have picked another port.
 }
+
+#[test]
+fn an_offline_replay_computes_a_new_version_ahead_of_the_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with(dir.path(), V1);
+    for n in 0..30 {
+        agg.ingest_ok(0, &batch(n));
+    }
+    agg.wait_processed();
+    assert_eq!(agg.terminate().code(), Some(0));
+    let config = dir.path().join("aggregator.toml");
+    std::fs::write(&config, common::config_text(&dir.path().join("data")) + V2).unwrap();
+    let replay = |args: &[&str]| {
+        let out = Command::new(BIN).args(["replay", "--config"]).arg(&config).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let folded = |stdout: &str| -> u64 {
+        assert!(stdout.starts_with("replayed ") && stdout.contains(" readings into version 2 "), "{stdout}");
+        stdout.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    // The log holds version 1's alert transitions too: blocks do not end on round offsets.
+    let logged = common::log_totals(&dir.path().join("data")).1 as u64;
+    let (ok, stdout, stderr) = replay(&["--until-offset", "10000"]);
+    assert!(ok, "{stderr}");
+    let first = folded(&stdout);
+    assert!((10_000..11_100).contains(&first), "stops at the block boundary after 10000: {stdout}");
+    assert!(stdout.contains("version 1 still serves"), "{stdout}");
+    let (ok, _, stderr) = replay(&["--from-offset", "5"]);
+    assert!(!ok);
+    assert!(stderr.contains(&format!("already holds the log up to offset {first}")), "{stderr}");
+    let (ok, stdout, stderr) = replay(&[]);
+    assert!(ok, "{stderr}");
+    // Everything logged before, and version 2's own alert transitions the first run appended.
+    assert!(first + folded(&stdout) > logged, "{stdout}");
+
+    let agg = Aggregator::start_with(dir.path(), V2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pipeline(&agg)["serving"] != 2 {
+        assert!(Instant::now() < deadline, "version 2 never served:\n{}", agg.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agg.wait_processed();
+    assert_eq!(counted(&snapshot(&agg, &["10s"])["windows 10s"]), 30 * PER_BATCH);
+}

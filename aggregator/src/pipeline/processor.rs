@@ -106,6 +106,8 @@ pub enum ProcessError {
     Spawn(std::io::Error),
     #[error("appending derived readings to the log: {0}")]
     Derived(String),
+    #[error("{0}")]
+    Range(String),
 }
 
 /// Where the processor sends what it derives: the log (anomaly and alert streams) and webhooks.
@@ -159,18 +161,21 @@ pub struct LogBlock {
     pub data: Vec<u8>,
 }
 
-/// Reads blocks from `from` on: about `max_readings` readings, whole blocks, at most `max_blocks`.
+/// Reads blocks starting in `from..until`: about `max_readings` readings, whole blocks, at most
+/// `max_blocks`.
 pub fn read_log(
     log: &Connection,
     from: u64,
+    until: u64,
     max_readings: u64,
     max_blocks: usize,
 ) -> Result<Vec<LogBlock>, rusqlite::Error> {
     let mut stmt = log.prepare_cached(
         "SELECT first_offset, count, agent_id, epoch, received_at, data FROM blocks
-         WHERE first_offset >= ?1 ORDER BY first_offset LIMIT ?2",
+         WHERE first_offset >= ?1 AND first_offset < ?3 ORDER BY first_offset LIMIT ?2",
     )?;
-    let mut rows = stmt.query(rusqlite::params![from as i64, (max_blocks as i64).min(READ_BLOCKS)])?;
+    let until = until.min(i64::MAX as u64) as i64;
+    let mut rows = stmt.query(rusqlite::params![from as i64, (max_blocks as i64).min(READ_BLOCKS), until])?;
     let (mut out, mut readings) = (Vec::new(), 0u64);
     while let Some(row) = rows.next()? {
         let block = LogBlock {
@@ -280,6 +285,21 @@ pub fn catch_up(
     spec: PipelineSpec,
     derived_epoch: i64,
 ) -> Result<CatchUp, ProcessError> {
+    catch_up_range(log_path, store_path, spec, derived_epoch, None, None, &mut |_, _| {})
+}
+
+/// [`catch_up`] over part of the log: an empty store starts at `from` (the readings before it are
+/// left out), and folding stops at the first block boundary at or after `until`. `progress` gets
+/// (offset reached, offset to reach) after each step.
+pub fn catch_up_range(
+    log_path: &Path,
+    store_path: &Path,
+    spec: PipelineSpec,
+    derived_epoch: i64,
+    from: Option<u64>,
+    until: Option<u64>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CatchUp, ProcessError> {
     // Derived streams go to the log through a writer of its own: the aggregator must be stopped.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProcessError::Spawn)?;
     let metrics = Arc::new(Metrics::new());
@@ -293,14 +313,35 @@ pub fn catch_up(
         serving: Arc::new(AtomicBool::new(false)),
     };
     let store = store::open_write(store_path)?;
-    let next_offset = store::offset(&store, PROCESSOR_NAME)?;
+    let mut next_offset = store::offset(&store, PROCESSOR_NAME)?;
     let pipeline = Pipeline::open(spec, &store)?;
     let log = log::open_read(log_path)?;
-    let head = log::end_offset(&log)?;
+    let mut head = log::end_offset(&log)?;
+    if let Some(from) = from {
+        if next_offset > 0 {
+            return Err(ProcessError::Range(format!(
+                "{} already holds the log up to offset {next_offset}; --from-offset starts a version that has \
+                 processed nothing yet",
+                store_path.display()
+            )));
+        }
+        let first: i64 = log.query_row("SELECT COALESCE(MIN(first_offset), 0) FROM blocks", [], |r| r.get(0))?;
+        if from < first.max(0) as u64 {
+            return Err(ProcessError::Range(format!(
+                "offsets before {first} are no longer in the log (dropped by [log] retain); replay from \
+                 --from-offset {first} or later"
+            )));
+        }
+        next_offset = from;
+    }
+    if let Some(until) = until {
+        head = head.min(until);
+    }
     let mut p = Processor::new(log, store, pipeline, next_offset, metrics, outputs, ProcessorStatus::default());
     while p.next_offset < head {
         let before = p.next_offset;
         p.step(head)?;
+        progress(p.next_offset, head);
         if p.next_offset == before {
             break;
         }
@@ -308,7 +349,7 @@ pub fn catch_up(
     if p.next_offset != p.committed {
         p.commit()?;
     }
-    let done = CatchUp { folded: p.committed - next_offset, timings: p.timings };
+    let done = CatchUp { folded: p.committed.saturating_sub(next_offset), timings: p.timings };
     drop(p);
     runtime.block_on(writer.handle.stop());
     let _ = writer.thread.join();
@@ -456,7 +497,7 @@ impl Processor {
                 self.pipeline.live = Some(LiveReadings::default());
             }
             let started = Instant::now();
-            let blocks = read_log(&self.log, self.next_offset, READ_READINGS, max_blocks)?;
+            let blocks = read_log(&self.log, self.next_offset, head, READ_READINGS, max_blocks)?;
             self.timings.read += started.elapsed();
             for b in &blocks {
                 if b.first_offset != self.next_offset {
