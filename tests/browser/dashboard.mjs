@@ -36,6 +36,14 @@ try {
 
   step("the sensor list shows the simulated sensors");
   publish({ temperature: 20 });
+  // The list is read when the view opens: wait until the agent has forwarded the probe's reading
+  // (seconds on a busy machine), so that the check is of the page, not of the agent's timing.
+  for (let i = 0; ; i++) {
+    const latest = await fetch(`${url}/api/v1/latest?sensor=${PROBE}/*`).then((r) => r.json()).catch(() => []);
+    if (Array.isArray(latest) && latest.length > 0) break;
+    if (i > 300) throw new Error("the probe's reading never reached the aggregator");
+    await new Promise((done) => setTimeout(done, 100));
+  }
   await page.goto(`${url}/#/sensors`);
   await page.locator("#sensors tr", { hasText: "dev-1/temperature" }).waitFor();
   const probeRow = page.locator("#sensors tr", { hasText: `${PROBE}/temperature` });
