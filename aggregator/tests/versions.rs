@@ -72,20 +72,6 @@ fn version(pipeline: &Value, v: u64) -> &Value {
     pipeline["versions"].as_array().unwrap().iter().find(|r| r["version"] == v).unwrap_or(&Value::Null)
 }
 
-/// The checksum of `v` once it covers everything the processor has committed.
-fn checksum(agg: &Aggregator, v: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let p = pipeline(agg);
-        let r = version(&p, v);
-        if r["checksum"].is_string() && r["checksum_offset"] == r["offset"] && r["offset"] == r["head"] {
-            return r["checksum"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "no settled checksum for version {v}: {p}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn copy_log(from: &Path, to: &Path) {
     std::fs::create_dir_all(to.join("data")).unwrap();
     for file in ["log.db", "log.db-wal"] {
@@ -172,7 +158,7 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
     // The new threshold is what the alerts now show.
     assert_ne!(switched["alerts"], v1["alerts"]);
     assert!(switched["alerts"].as_array().unwrap().len() > v1["alerts"].as_array().unwrap().len());
-    let switched_sum = checksum(&agg, 2);
+    let switched_sum = common::settled_checksum(&agg, 2);
     assert_eq!(agg.terminate().code(), Some(0));
     // Since the restart, only transitions of readings sent since: none of version 2's replay of
     // the first 150 batches.
@@ -198,7 +184,7 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
     fresh.wait_processed();
     assert_eq!(pipeline(&fresh)["serving"], 2);
     assert_eq!(snapshot(&fresh, &["10s", "1m", "1h"]), switched);
-    assert_eq!(checksum(&fresh, 2), switched_sum, "same log, same version: same tables");
+    assert_eq!(common::settled_checksum(&fresh, 2), switched_sum, "same log, same version: same tables");
     drop(fresh);
 
     // Rollback: version 1 serves again, with its own windows (no 10 s).

@@ -413,3 +413,20 @@ impl Receiver {
         self.bodies.lock().unwrap().clone()
     }
 }
+
+/// The checksum `/api/v1/pipeline` gives pipeline version `v`'s tables, once it covers everything
+/// in the log.
+pub fn settled_checksum(agg: &Aggregator, v: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (_, p) = agg.get_json("/api/v1/pipeline");
+        let r = p["versions"].as_array().and_then(|l| l.iter().find(|r| r["version"] == v)).cloned();
+        if let Some(r) = r.filter(|r| r["checksum"].is_string()) {
+            if r["checksum_offset"] == r["offset"] && r["offset"] == r["head"] {
+                return r["checksum"].as_str().unwrap().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "no settled checksum for version {v}: {p}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
