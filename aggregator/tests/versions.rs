@@ -311,3 +311,45 @@ fn an_offline_replay_computes_a_new_version_ahead_of_the_switch() {
     agg.wait_processed();
     assert_eq!(counted(&snapshot(&agg, &["10s"])["windows 10s"]), 30 * PER_BATCH);
 }
+
+#[test]
+fn replays_cut_into_different_steps_compute_the_same_tables() {
+    // No alert rules: a version's derived readings are stamped with the time they were appended,
+    // so two runs that each append their own would differ by that time alone.
+    const PLAIN: &str = "[pipeline]\nwindows = [\"1m\"]\n";
+    const NEXT: &str = "[pipeline]\nversion = 2\nwindows = [\"10s\", \"1m\", \"1h\"]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with(dir.path(), PLAIN);
+    for n in 0..40 {
+        agg.ingest_ok(0, &batch(n));
+    }
+    agg.wait_processed();
+    assert_eq!(agg.terminate().code(), Some(0));
+
+    let mut sums = Vec::new();
+    for steps in [vec![], vec![1, 2_500, 2_501, 9_999, 17_000, 33_333]] {
+        let copy = tempfile::tempdir().unwrap();
+        copy_log(dir.path(), copy.path());
+        std::fs::copy(dir.path().join("data/store.db"), copy.path().join("data/store.db")).unwrap();
+        std::fs::copy(dir.path().join("data/pipeline.json"), copy.path().join("data/pipeline.json")).unwrap();
+        let config = copy.path().join("aggregator.toml");
+        std::fs::write(&config, common::config_text(&copy.path().join("data")) + NEXT).unwrap();
+        for until in steps.iter().map(|s| Some(s.to_string())).chain([None]) {
+            let mut cmd = Command::new(BIN);
+            cmd.args(["replay", "--config"]).arg(&config);
+            if let Some(until) = &until {
+                cmd.args(["--until-offset", until]);
+            }
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let agg = Aggregator::start_with(copy.path(), NEXT);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pipeline(&agg)["serving"] != 2 {
+            assert!(Instant::now() < deadline, "version 2 never served:\n{}", agg.stderr.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sums.push(common::settled_checksum(&agg, 2));
+    }
+    assert_eq!(sums[0], sums[1], "one replay in one go, one in seven steps");
+}
