@@ -15,6 +15,7 @@ pub mod forward;
 pub mod http;
 pub mod input;
 pub mod metrics;
+pub mod salvage;
 pub mod spool;
 
 use std::future::Future;

@@ -39,6 +39,10 @@ enum SpoolCommand {
     /// SQLite's integrity check and every pending block decoded against its count. Exits non-zero
     /// naming each damaged block. Reads only; the agent may be running.
     Check,
+    /// Move the spool aside and write a fresh one with every block that can still be read, under
+    /// the same epoch and sequence numbers (the agent does this by itself at start when the file
+    /// is damaged). The agent must be stopped.
+    Salvage,
 }
 
 #[derive(Subcommand)]
@@ -75,6 +79,21 @@ fn run() -> anyhow::Result<()> {
         Some(Command::Spool { command: SpoolCommand::DeadLetters(command) }) => return dead_letters(&config, command),
         Some(Command::Spool { command: SpoolCommand::Stats }) => return spool_stats(&config),
         Some(Command::Spool { command: SpoolCommand::Check }) => return spool_check(&config),
+        Some(Command::Spool { command: SpoolCommand::Salvage }) => {
+            let s = tributary_agent::salvage::salvage(&config.data_dir)?;
+            println!(
+                "salvaged {} block(s), {} reading(s), into a fresh spool (epoch {}); lost {} block(s), {} reading(s){}; \
+                 the old file is {}",
+                s.blocks,
+                s.readings,
+                s.epoch.map_or_else(|| "new: the old one was unreadable".to_string(), |e| e.to_string()),
+                s.lost_blocks,
+                s.lost_readings,
+                s.unreadable.map(|u| format!(", and the rest was unreadable ({u})")).unwrap_or_default(),
+                s.damaged.display()
+            );
+            return Ok(());
+        }
         Some(Command::GenerateConfig) | None => {}
     }
 

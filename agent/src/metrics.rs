@@ -104,6 +104,9 @@ pub struct Metrics {
     pub spool_rewinds: Counter,
     /// Readings renumbered past the aggregator's mark after a rewind.
     pub spool_renumbered_readings: Counter,
+    /// Readings a damaged spool gave back at start, and readings it could not.
+    pub spool_salvaged_readings: Counter,
+    pub spool_salvage_lost_readings: Counter,
     /// Readings the aggregator acknowledged.
     pub readings_forwarded: Counter,
     /// Forward requests by outcome (see [`FORWARD_OUTCOMES`]).
@@ -166,6 +169,8 @@ impl Metrics {
             spool_disk_full: Counter::default(),
             spool_rewinds: Counter::default(),
             spool_renumbered_readings: Counter::default(),
+            spool_salvaged_readings: Counter::default(),
+            spool_salvage_lost_readings: Counter::default(),
             readings_forwarded: Counter::default(),
             forward_requests: Family::default(),
             dead_letter_readings: Counter::default(),
@@ -239,6 +244,16 @@ impl Metrics {
             "spool_renumbered_readings",
             "Readings renumbered past the aggregator's mark after a rewind",
             m.spool_renumbered_readings.clone(),
+        );
+        registry.register(
+            "spool_salvaged_readings",
+            "Readings a damaged spool gave back at start (moved into a fresh spool)",
+            m.spool_salvaged_readings.clone(),
+        );
+        registry.register(
+            "spool_salvage_lost_readings",
+            "Readings of a damaged spool that could not be decoded (gaps at the aggregator)",
+            m.spool_salvage_lost_readings.clone(),
         );
         registry.register(
             "readings_forwarded",
@@ -384,6 +399,7 @@ mod tests {
             "tributary_agent_spool_disk_full_total",
             "tributary_agent_spool_rewinds_total",
             "tributary_agent_spool_renumbered_readings_total",
+            "tributary_agent_spool_salvaged_readings_total",
             "tributary_agent_forward_requests_total{outcome=\"too_large\"} 0",
             "tributary_agent_readings_forwarded_total",
             "tributary_agent_forward_requests_total{outcome=\"ok\"} 1",

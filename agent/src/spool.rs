@@ -235,6 +235,25 @@ impl Spool {
             .map_err(|source| SpoolError::CreateDir { path: dir.display().to_string(), source })?;
         let lock = lock_dir(dir)?;
         let path = dir.join(SPOOL_FILE);
+        // A damaged file (a bad SD card, a cut-off write, a deleted WAL) does not stop the agent:
+        // what can be read goes into a fresh spool, and new readings are taken at once.
+        if let Some(reason) = path.exists().then(|| crate::salvage::damage(&path)).flatten() {
+            tracing::error!(path = %path.display(), reason, "the spool is damaged; salvaging what can be read");
+            let s = crate::salvage::salvage_locked(dir, now_ms())?;
+            metrics.spool_salvaged_readings.inc_by(s.readings);
+            metrics.spool_salvage_lost_readings.inc_by(s.lost_readings);
+            tracing::warn!(
+                damaged = %s.damaged.display(),
+                blocks = s.blocks,
+                readings = s.readings,
+                lost_blocks = s.lost_blocks,
+                lost_readings = s.lost_readings,
+                unreadable = s.unreadable.as_deref().unwrap_or("-"),
+                epoch_kept = s.epoch.is_some(),
+                end_known = s.end_known,
+                "spool salvaged: the damaged file is kept beside it; lost sequence numbers become gaps at the aggregator"
+            );
+        }
         let open_err = |source| SpoolError::Open { path: path.display().to_string(), source };
         let conn = Connection::open(&path).map_err(open_err)?;
         if let Some(pages) = max_pages {
@@ -378,7 +397,7 @@ impl Spool {
 
 /// Takes `dir/spool.lock` for as long as the returned file is open. The kernel drops the lock
 /// when the process dies, kill -9 included.
-fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
     let path = dir.join(LOCK_FILE);
     let lock_err = |source| SpoolError::Lock { path: path.display().to_string(), source };
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(lock_err)?;
@@ -540,7 +559,7 @@ fn init_schema(conn: &Connection, sync: SyncMode) -> rusqlite::Result<Opened> {
     })
 }
 
-fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
+pub(crate) fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS blocks (first_seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL);",
