@@ -50,8 +50,13 @@ pub struct UpstreamConfig {
     /// Base URL of the aggregator, e.g. `http://127.0.0.1:8080` or, behind a reverse proxy,
     /// `https://host/tributary` (a path is kept: requests go to `<url>/api/v1/ingest`). Required.
     pub url: url::Url,
-    /// Bearer token the aggregator knows this agent by. Required.
+    /// Bearer token the aggregator knows this agent by. Required, here or in `token_file`.
+    /// `${NAME}` in it is replaced by the environment variable NAME (e.g. `token = "${TRIBUTARY_TOKEN}"`).
+    #[serde(default)]
     pub token: String,
+    /// A file holding the token (surrounding whitespace ignored), e.g. a systemd credential;
+    /// relative to the configuration file. Instead of `token`.
+    pub token_file: Option<std::path::PathBuf>,
     /// Most readings sent in one request. Default 50,000.
     #[serde(default = "default_batch_max_readings")]
     pub batch_max_readings: usize,
@@ -321,6 +326,7 @@ impl Config {
     /// Reads, parses and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = config_file::load(path)?;
+        config.resolve_secrets(path).map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
         config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
         config.check_filters().map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
@@ -330,6 +336,7 @@ impl Config {
     /// Parses and checks configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = config_file::parse(text, file)?;
+        config.resolve_secrets(file).map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
         config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
         config.check_filters().map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
@@ -338,6 +345,25 @@ impl Config {
 
     /// `upstream.url` is a base: without a trailing slash, joining `api/v1/ingest` would replace
     /// its last path segment (`http://host/tributary` would post to `http://host/api/v1/ingest`).
+    /// Reads `token_file` and replaces `${NAME}` in the token by the environment's values, so
+    /// that the secret need not sit in the file itself.
+    fn resolve_secrets(&mut self, file: &Path) -> Result<(), (&'static str, String)> {
+        if let Some(token_file) = &self.upstream.token_file {
+            if !self.upstream.token.is_empty() {
+                return Err(("upstream.token_file", "set `token` or `token_file`, not both".into()));
+            }
+            let path = file.parent().map_or_else(|| token_file.clone(), |dir| dir.join(token_file));
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ("upstream.token_file", format!("cannot read {}: {e}", path.display())))?;
+            self.upstream.token = text.trim().to_string();
+            if self.upstream.token.is_empty() {
+                return Err(("upstream.token_file", format!("{} is empty", path.display())));
+            }
+        }
+        self.upstream.token = expand_env(&self.upstream.token).map_err(|e| ("upstream.token", e))?;
+        Ok(())
+    }
+
     fn normalise(&mut self) {
         if !self.upstream.url.path().ends_with('/') {
             let path = format!("{}/", self.upstream.url.path());
@@ -351,7 +377,7 @@ impl Config {
             return Err(("agent_id", format!("not a usable id: {e}")));
         }
         if self.upstream.token.is_empty() {
-            return Err(("upstream.token", "must not be empty".into()));
+            return Err(("upstream.token", "required: the aggregator's token for this agent, or `token_file`".into()));
         }
         if !matches!(self.upstream.url.scheme(), "http" | "https") {
             return Err(("upstream.url", format!("scheme must be http or https, not {}", self.upstream.url.scheme())));
@@ -458,6 +484,24 @@ impl Config {
     }
 }
 
+/// Replaces every `${NAME}` by the environment variable NAME; a variable that is not set is an
+/// error naming it.
+fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| format!("`${{` without a closing `}}` in {text:?}"))?;
+        let name = &after[..end];
+        let value = std::env::var(name).map_err(|_| format!("the environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,6 +516,25 @@ token = "t"
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(text, Path::new("/etc/agent.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_token_can_come_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "  from-a-file\n").unwrap();
+        let file = dir.path().join("agent.toml");
+        let with_file = MINIMAL.replace("token = \"t\"", "token_file = \"token\"");
+        assert_eq!(Config::parse(&with_file, &file).unwrap().upstream.token, "from-a-file");
+        let both = MINIMAL.replace("token = \"t\"", "token = \"t\"\ntoken_file = \"token\"");
+        assert!(Config::parse(&both, &file).unwrap_err().to_string().contains("not both"));
+        let missing = MINIMAL.replace("token = \"t\"", "token_file = \"nope\"");
+        assert!(Config::parse(&missing, &file).unwrap_err().to_string().contains("cannot read"));
+        // SAFETY: a variable no other test reads, set before it is read.
+        unsafe { std::env::set_var("TRIBUTARY_TEST_TOKEN_A", "from-env") };
+        let with_env = MINIMAL.replace("token = \"t\"", "token = \"${TRIBUTARY_TEST_TOKEN_A}\"");
+        assert_eq!(parse(&with_env).unwrap().upstream.token, "from-env");
+        let unset = MINIMAL.replace("token = \"t\"", "token = \"${TRIBUTARY_TEST_TOKEN_UNSET}\"");
+        assert!(parse(&unset).unwrap_err().contains("TRIBUTARY_TEST_TOKEN_UNSET is not set"));
     }
 
     #[test]

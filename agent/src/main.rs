@@ -13,6 +13,10 @@ struct Cli {
     /// Configuration file (TOML). `generate-config` prints a commented example.
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    /// Check a configuration file and say what it sets up, without starting anything: exit 0 if
+    /// the agent can use it, else 1 with the key and the reason.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -71,6 +75,25 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::GenerateConfig) = cli.command {
         print!("{EXAMPLE}");
+        return Ok(());
+    }
+    if let Some(path) = cli.check_config {
+        let config = Config::load(&path)?;
+        println!("{}: ok", path.display());
+        println!("  agent {} forwards to {}", config.agent_id, config.upstream.url);
+        match config.mqtt.mode {
+            tributary_agent::config::MqttMode::Embedded => {
+                println!("  MQTT: embedded broker on {}, topics {:?}", config.mqtt.listen, config.mqtt.topics)
+            }
+            tributary_agent::config::MqttMode::Client => println!(
+                "  MQTT: client of {}, topics {:?}",
+                config.mqtt.url.as_ref().map_or_else(|| "-".to_string(), |u| u.to_string()),
+                config.mqtt.topics
+            ),
+        }
+        println!("  serial ports: {}, filter tables: {}", config.serial.len(), config.filter.len());
+        println!("  spool in {} (at most {} bytes)", config.data_dir.display(), config.spool.max_bytes);
+        println!("  /healthz and /metrics on {}", config.http.listen);
         return Ok(());
     }
     let path = cli.config.context("--config <file> is required (see `tributary-agent generate-config`)")?;

@@ -61,7 +61,7 @@ fn a_missing_required_key_stops_the_agent() {
     let config = GOOD.replace("agent_id = \"gw-1\"\n", "");
     assert_refused(&config, "agent_id", "missing field `agent_id`");
     let config = GOOD.replace("token = \"secret-gw-1\"\n", "");
-    assert_refused(&config, "upstream", "missing field `token`");
+    assert_refused(&config, "upstream.token", "or `token_file`");
 }
 
 #[test]
@@ -102,4 +102,33 @@ fn a_missing_config_file_is_named_with_the_reason() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/agent.toml: cannot read the configuration file: No such file"), "{stderr}");
+}
+
+#[test]
+fn check_config_says_what_a_file_sets_up_or_why_not_without_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(dir.path().join("token"), "secret-from-file\n").unwrap();
+    let text = GOOD
+        .replace("DATA", &dir.path().join("data").display().to_string())
+        .replace("token = \"secret-gw-1\"", "token_file = \"token\"");
+    std::fs::write(&path, &text).unwrap();
+    let check = |path: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tributary-agent")).arg("--check-config").arg(path).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = check(&path);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(": ok") && stdout.contains("agent gw-1 forwards to http://127.0.0.1:9/"), "{stdout}");
+    assert!(!stdout.contains("secret-from-file"), "the token is not printed: {stdout}");
+    assert!(!dir.path().join("data").exists(), "nothing was started or created");
+
+    std::fs::write(&path, text.replace("token_file = \"token\"", "token_file = \"missing\"")).unwrap();
+    let (code, _, stderr) = check(&path);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("upstream.token_file") && stderr.contains("cannot read"), "{stderr}");
 }
