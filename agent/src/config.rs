@@ -27,6 +27,8 @@ pub struct Config {
     pub validation: ValidationConfig,
     #[serde(default)]
     pub spool: SpoolConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Serial ports to read (`[[serial]]` tables, any number). Default: none.
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
@@ -215,6 +217,26 @@ impl SerialConfig {
 
 fn default_serial_baud() -> u32 {
     115_200
+}
+
+/// `[health]`: the gateway's own health as readings (see [`crate::health`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How often `_agent/<id>/cpu`, `rss_bytes`, `disk_free_bytes`, `spool_bytes`,
+    /// `spool_readings` and `clock_synced` are sampled; `"0s"` turns them off. Default 60 s.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { interval: default_health_interval() }
+    }
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_http_listen() -> SocketAddr {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod decode;
 pub mod filter;
 pub mod forward;
+pub mod health;
 pub mod http;
 pub mod input;
 pub mod metrics;
@@ -74,6 +75,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let input = SerialInput::new(port, config.validation.max_clock_skew.as_millis() as i64, &metrics);
         serial_inputs.push(tokio::spawn(input.run(intake, stop_rx.clone())));
     }
+    let health = (!config.health.interval.is_zero()).then(|| {
+        let intake = Intake::new(decoder.clone(), &spool, metrics.clone(), config.spool.max_queued_readings)
+            .with_filters(&config.filter);
+        let health = health::Health {
+            agent_id: config.agent_id.clone(),
+            data_dir: config.data_dir.clone(),
+            interval: config.health.interval,
+            metrics: metrics.clone(),
+        };
+        tokio::spawn(health.run(intake, stop_rx.clone()))
+    });
     let intake =
         Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings).with_filters(&config.filter);
     let mut input = match config.mqtt.mode {
@@ -116,6 +128,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(Ok(())) => Err(AgentError::Task("the input stopped on its own".into())),
         Some(Err(e)) => Err(e),
     };
+    if let Some(health) = health {
+        result = result.and(health.await.map_err(|e| AgentError::Task(e.to_string())).and_then(|r| Ok(r?)));
+    }
     // The serial inputs hand over what they read and end.
     for serial in serial_inputs {
         result = result.and(serial.await.map_err(|e| AgentError::Task(e.to_string())).and_then(|r| Ok(r?)));

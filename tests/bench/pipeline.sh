@@ -59,6 +59,9 @@ listen = "127.0.0.1:$HP"
 url = "http://127.0.0.1:$AP"
 token = "secret-gw-1"
 retry_max = "1s"
+# The agent's own health readings would be counted with the load.
+[health]
+interval = "0s"
 [mqtt]
 mode = "embedded"
 listen = "127.0.0.1:$MP"

@@ -57,6 +57,9 @@ listen = "127.0.0.1:$HP"
 [upstream]
 url = "http://127.0.0.1:$AP"
 token = "secret-gw-1"
+# The agent's own health readings would be counted with the load.
+[health]
+interval = "0s"
 [mqtt]
 listen = "127.0.0.1:$MP"
 [spool]

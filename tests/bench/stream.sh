@@ -74,6 +74,9 @@ listen = "127.0.0.1:$(free_port)"
 [upstream]
 url = "http://127.0.0.1:$PORT"
 token = "secret-gw-1"
+# The agent's own health readings would be counted with the load.
+[health]
+interval = "0s"
 [mqtt]
 mode = "embedded"
 listen = "127.0.0.1:$mqtt"

@@ -300,6 +300,12 @@ pub enum MqttInput {
     Client { port: u16 },
 }
 
+/// The agent's own health readings (`_agent/<id>/...`) are off unless a test's `extra` sets
+/// `[health]`: most tests count exactly the readings they sent.
+fn health_off(extra: &str) -> &'static str {
+    if extra.contains("[health]") { "" } else { "[health]\ninterval = \"0s\"\n" }
+}
+
 /// A running `tributary-agent`.
 pub struct Agent {
     pub process: Process,
@@ -330,8 +336,9 @@ impl Agent {
         };
         let config = format!(
             "agent_id = {id:?}\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
-             [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{mqtt}{extra}",
-            data_dir.display().to_string()
+             [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{mqtt}{}{extra}",
+            data_dir.display().to_string(),
+            health_off(extra)
         );
         let (process, config_path) = spawn_configured(dir, "agent", &config);
         let mut agent = Agent { process, http_port, mqtt_port, data_dir, config_path };
@@ -483,8 +490,9 @@ impl Agent {
         let config = format!(
             "agent_id = {id:?}\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
              [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\
-             [mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt_port}\"\n{extra}",
-            data_dir.display().to_string()
+             [mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt_port}\"\n{}{extra}",
+            data_dir.display().to_string(),
+            health_off(extra)
         );
         let config_path = dir.join("agent.toml");
         fs::write(&config_path, config).expect("write agent.toml");
