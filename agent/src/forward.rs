@@ -366,6 +366,15 @@ impl Forwarder {
             .post(url.clone())
             .bearer_auth(&self.config.token)
             .header(CONTENT_TYPE, POSTCARD_CONTENT_TYPE)
+            // What is still waiting in the spool, for the aggregator's fleet view (catching up).
+            .header(
+                tributary_shared::batch::BACKLOG_HEADER,
+                format!(
+                    "readings={}, bytes={}",
+                    self.metrics.spool_readings.get().max(0),
+                    self.metrics.spool_bytes.get().max(0)
+                ),
+            )
             .body(body);
         let (label, outcome) = match request.send().await {
             Ok(response) => {

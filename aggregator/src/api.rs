@@ -89,6 +89,8 @@ pub struct AppState {
     pub access: Arc<access::Access>,
     pub cors_origins: Arc<[String]>,
     pub live: crate::live::Hub,
+    /// Each agent's last contact and spool backlog.
+    pub fleet: Arc<crate::fleet::Fleet>,
 }
 
 /// `GET /api/v1/pipeline`: the serving version and every version's state, progress and checksum.
@@ -892,7 +894,14 @@ async fn list_alerts(
 #[derive(Debug, Serialize)]
 struct AgentView {
     id: String,
+    /// `online`, `catching_up` (its spool holds a backlog), `offline` (silent for a minute) or
+    /// `never_seen`.
+    state: &'static str,
     last_seen: Option<i64>,
+    /// Its last request (this aggregator's life), and what its spool held then.
+    last_contact: Option<i64>,
+    backlog_readings: Option<u64>,
+    backlog_bytes: Option<u64>,
     readings: u64,
 }
 
@@ -927,14 +936,21 @@ async fn list_set_aside(
 
 async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
     let seen = app.store.read(store::agents).await?;
+    let now = unix_ms();
     let mut agents: Vec<AgentView> = app
         .agents
         .iter()
         .map(|agent| {
             let row = seen.iter().find(|row| row.id == agent.id);
+            let contact = app.fleet.get(&agent.id);
+            let last_seen = row.map(|r| r.last_seen);
             AgentView {
                 id: agent.id.clone(),
-                last_seen: row.map(|r| r.last_seen),
+                state: crate::fleet::state(contact, last_seen, now),
+                last_seen,
+                last_contact: contact.map(|c| c.at),
+                backlog_readings: contact.and_then(|c| c.backlog_readings),
+                backlog_bytes: contact.and_then(|c| c.backlog_bytes),
                 readings: row.map_or(0, |r| r.readings),
             }
         })

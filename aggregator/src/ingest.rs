@@ -174,6 +174,10 @@ pub async fn ingest(State(app): State<AppState>, headers: HeaderMap, body: Body)
 
 async fn handle(app: &AppState, headers: &HeaderMap, body: Body) -> Result<tributary_shared::IngestAck, IngestError> {
     let agent = authenticate(&app.agents, headers).ok_or(IngestError::Unauthorized)?;
+    let contact = app.fleet.contact(&agent.id, headers, crate::unix_ms());
+    if let Some(backlog) = contact.backlog_readings {
+        app.metrics.agent_backlog(&agent.id, backlog);
+    }
     let format = content_format(headers)?;
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());

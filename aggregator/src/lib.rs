@@ -17,6 +17,7 @@ pub mod api;
 pub mod backup;
 pub mod config;
 pub mod dashboard;
+pub mod fleet;
 pub mod import;
 pub mod influx;
 pub mod ingest;
@@ -250,6 +251,7 @@ pub async fn serve_with_reload(
         access: Arc::new(access::Access { read_token: config.http.read_token.clone() }),
         cors_origins: config.http.cors_origins.clone().into(),
         live,
+        fleet: Arc::new(fleet::Fleet::default()),
     };
     let local = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(data_dir = %data_dir.display(), agents = config.agents.len(), "listening on http://{local}");

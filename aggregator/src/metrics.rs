@@ -44,6 +44,7 @@ pub struct Metrics {
     pub log_first_offset: Gauge,
     /// Readings dropped by log retention.
     pub log_dropped_readings: Counter,
+    agent_backlog: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -85,6 +86,12 @@ impl Metrics {
             "tributary_replay_offset",
             "Log offset a new pipeline version being replayed has reached (0 when none replays)",
             replay_offset.clone(),
+        );
+        let agent_backlog = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "tributary_agent_backlog_readings",
+            "Readings an agent's spool still held at its last batch (it says so in a header)",
+            agent_backlog.clone(),
         );
         let log_first_offset = Gauge::default();
         registry.register(
@@ -174,6 +181,7 @@ impl Metrics {
             replay_offset,
             log_first_offset,
             log_dropped_readings,
+            agent_backlog,
             notifications,
             registry,
             ingest_requests,
@@ -189,6 +197,13 @@ impl Metrics {
             set_aside_blocks,
             set_aside_readings,
         }
+    }
+
+    /// What `agent`'s spool held at its last batch.
+    pub fn agent_backlog(&self, agent: &str, readings: u64) {
+        self.agent_backlog
+            .get_or_create(&vec![("agent".to_string(), agent.to_string())])
+            .set(readings.min(i64::MAX as u64) as i64);
     }
 
     /// Counts one webhook notification outcome.

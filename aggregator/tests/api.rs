@@ -41,7 +41,43 @@ fn agents_lists_every_configured_agent_seen_or_not() {
     assert_eq!(agents[0]["id"], "gw-1");
     assert_eq!(agents[0]["readings"], 7);
     assert!(agents[0]["last_seen"].as_i64().is_some());
-    assert_eq!(agents[1], serde_json::json!({"id": "gw-2", "last_seen": null, "readings": 0}));
+    assert_eq!(agents[0]["state"], "online");
+    assert_eq!(
+        agents[1],
+        serde_json::json!({"id": "gw-2", "state": "never_seen", "last_seen": null, "last_contact": null,
+            "backlog_readings": null, "backlog_bytes": null, "readings": 0})
+    );
+}
+
+#[test]
+fn an_agent_with_a_backlog_is_catching_up_until_it_has_sent_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    let send = |seq: u64, backlog: &str| {
+        let headers = vec![
+            ("Content-Type", "application/x-postcard".to_string()),
+            ("Authorization", "Bearer secret-gw-1".to_string()),
+            ("x-tributary-backlog", backlog.to_string()),
+        ];
+        let body = postcard_batch("gw-1", 1, &[(seq, &steady("s", T0 + seq as i64 * 1_000, 5))]);
+        let r = common::http(agg.addr, "POST", "/api/v1/ingest", &headers, &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    send(0, "readings=250000, bytes=4000000");
+    let (_, agents) = agg.get_json("/api/v1/agents");
+    assert_eq!(agents[0]["state"], "catching_up", "{agents}");
+    assert_eq!(
+        (agents[0]["backlog_readings"].as_u64(), agents[0]["backlog_bytes"].as_u64()),
+        (Some(250_000), Some(4_000_000))
+    );
+    assert_eq!(agg.metric("tributary_agent_backlog_readings{agent=\"gw-1\"}"), 250_000.0);
+    // A header that does not parse is ignored, not an error.
+    send(5, "lots");
+    assert_eq!(agg.get_json("/api/v1/agents").1[0]["backlog_readings"], serde_json::Value::Null);
+    send(10, "readings=3, bytes=120");
+    let (_, agents) = agg.get_json("/api/v1/agents");
+    assert_eq!(agents[0]["state"], "online", "{agents}");
+    assert_eq!(agents[0]["backlog_readings"], 3);
 }
 
 #[test]

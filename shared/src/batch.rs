@@ -14,6 +14,9 @@ use crate::reading::Reading;
 
 pub const POSTCARD_CONTENT_TYPE: &str = "application/x-postcard";
 pub const JSON_CONTENT_TYPE: &str = "application/json";
+/// Request header by which an agent tells what its spool still holds beyond the batch:
+/// `readings=<n>, bytes=<n>`. Optional; older agents do not send it.
+pub const BACKLOG_HEADER: &str = "x-tributary-backlog";
 
 /// A postcard batch. Blocks borrow from the request body, so decoding copies nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

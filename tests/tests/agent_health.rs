@@ -1,6 +1,6 @@
 //! The gateway's own health as readings: `_agent/<id>/cpu`, `rss_bytes`, `disk_free_bytes`,
 //! `spool_bytes`, `spool_readings`, `clock_synced` reach the aggregator like any sensor, and an
-//! alert rule on them fires there.
+//! alert rule on them fires there; the agent's batches tell the aggregator its spool's backlog.
 
 use std::time::Duration;
 
@@ -33,6 +33,10 @@ async fn the_agent_reports_its_own_health_as_sensors_the_aggregator_alerts_on() 
     assert!(rss > 1e6 && rss < 1e9, "the agent's RSS: {rss}");
     let (_, synced) = aggregator.get("/api/v1/sensors/_agent%2Fgw-1%2Fclock_synced").await;
     assert!([0.0, 1.0].contains(&synced["last_value"].as_f64().unwrap()), "{synced}");
+    // Its batches carry what its spool still holds: the fleet view shows the backlog and state.
+    let (_, agents) = aggregator.get("/api/v1/agents").await;
+    assert!(agents[0]["backlog_readings"].is_u64(), "{agents}");
+    assert_eq!(agents[0]["state"], "online", "{agents}");
     eventually("the disk alert firing", Duration::from_secs(20), || async {
         let (_, alerts) = aggregator.get("/api/v1/alerts?state=firing").await;
         alerts

@@ -125,16 +125,29 @@ function Fleet() {
   const agents = new Map();  // id -> {readings, last_seen, rate, sample: [t, readings]}
   const draw = () => {
     const rows = [...agents.values()].map((a) => {
-      const state = a.last_seen == null ? "never" : Date.now() - a.last_seen > OFFLINE_MS ? "offline" : "online";
-      const label = state === "never" ? "never seen" : state;
+      const heard = Math.max(a.last_seen || 0, a.last_contact || 0);
+      // The server says whether an agent is catching up (its spool's backlog); silence is local.
+      const state = !heard ? "never" : Date.now() - heard > OFFLINE_MS ? "offline" : a.state === "catching_up" ? "catching_up" : "online";
+      const label = { never: "never seen", catching_up: "catching up" }[state] || state;
       return el("tr", {},
         el("td", {}, a.id),
         el("td", {}, el("span", { class: "badge " + state }, label)),
         el("td", { class: "num" }, a.readings.toLocaleString("en")),
+        el("td", { class: "num", title: a.backlog_bytes == null ? "" : `${a.backlog_bytes.toLocaleString("en")} bytes` },
+          a.backlog_readings == null ? "—" : a.backlog_readings.toLocaleString("en")),
         el("td", { class: "num wide" }, a.rate == null ? "—" : a.rate.toFixed(1)),
         el("td", { title: fmtTime(a.last_seen) }, fmtAgo(a.last_seen)));
     });
-    $("agents").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { class: "empty", colSpan: 5 }, "no agents configured"))]));
+    $("agents").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { class: "empty", colSpan: 6 }, "no agents configured"))]));
+  };
+  // State and backlog come with the agent list, not with the live events: refreshed with the pipeline.
+  const refresh = async () => {
+    const { body } = await api("/api/v1/agents").catch(() => ({ body: [] }));
+    for (const a of body) {
+      const known = agents.get(a.id);
+      if (known) agents.set(a.id, { ...known, state: a.state, last_contact: a.last_contact, backlog_readings: a.backlog_readings, backlog_bytes: a.backlog_bytes });
+    }
+    draw();
   };
   const pipeline = async () => {
     const text = await fetch("/metrics").then((r) => r.text()).catch(() => "");
@@ -181,7 +194,7 @@ function Fleet() {
         agents.set(a.id, { ...known, readings: a.readings, last_seen: a.last_seen });
       }
       draw();
-      if (now - lastPipeline > 2000) { lastPipeline = now; pipeline(); }
+      if (now - lastPipeline > 2000) { lastPipeline = now; pipeline(); refresh(); }
     },
     close() { clearInterval(tick); },
   };
