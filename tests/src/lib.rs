@@ -301,7 +301,8 @@ pub enum MqttInput {
 }
 
 /// The agent's own health readings (`_agent/<id>/...`) are off unless a test's `extra` sets
-/// `[health]`: most tests count exactly the readings they sent.
+/// `[health]`: most tests count exactly the readings they sent. Placed before the first table, as
+/// `extra` may go on with the keys of the last one.
 fn health_off(extra: &str) -> &'static str {
     if extra.contains("[health]") { "" } else { "[health]\ninterval = \"0s\"\n" }
 }
@@ -335,8 +336,8 @@ impl Agent {
             ),
         };
         let config = format!(
-            "agent_id = {id:?}\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
-             [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{mqtt}{}{extra}",
+            "agent_id = {id:?}\ndata_dir = {:?}\n{}[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+             [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{mqtt}{extra}",
             data_dir.display().to_string(),
             health_off(extra)
         );
@@ -488,9 +489,9 @@ impl Agent {
         let (http_port, mqtt_port) = (free_port(), free_port());
         let data_dir = dir.join("agent-data");
         let config = format!(
-            "agent_id = {id:?}\ndata_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+            "agent_id = {id:?}\ndata_dir = {:?}\n{}[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
              [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\
-             [mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt_port}\"\n{}{extra}",
+             [mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt_port}\"\n{extra}",
             data_dir.display().to_string(),
             health_off(extra)
         );
