@@ -93,6 +93,11 @@ pub struct AppState {
     pub fleet: Arc<crate::fleet::Fleet>,
 }
 
+/// `GET /api/v1/openapi.json`.
+async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document()).into_response()
+}
+
 /// `GET /api/v1/pipeline`: the serving version and every version's state, progress and checksum.
 async fn pipeline(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let versions = app.versions.clone();
@@ -123,6 +128,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/windows", get(multi_windows))
         .route("/api/v1/latest", get(latest))
         .route("/api/v1/pipeline", get(pipeline))
+        .route("/api/v1/openapi.json", get(openapi_json))
         .route("/api/v1/stream", get(crate::live::stream))
         .route("/prometheus/api/v1/query_range", get(prometheus::query_range).post(prometheus::query_range))
         .route("/prometheus/api/v1/query", get(prometheus::query).post(prometheus::query))
@@ -253,7 +259,7 @@ fn paged<T: Serialize>(rows: Vec<T>, next: Option<String>) -> Response {
 }
 
 /// A sensor with its freshness.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct SensorView {
     #[serde(flatten)]
     row: SensorRow,
@@ -267,9 +273,10 @@ pub(crate) fn view(layout: &ApiLayout, row: SensorRow, now: i64) -> SensorView {
     SensorView { row, status }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct SensorsQuery {
+pub(crate) struct SensorsQuery {
     prefix: Option<String>,
     after: Option<String>,
     limit: Option<String>,
@@ -301,9 +308,10 @@ async fn list_sensors(
     Ok(paged(views, next))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct LatestQuery {
+pub(crate) struct LatestQuery {
     sensor: Option<String>,
 }
 
@@ -398,9 +406,10 @@ async fn find_sensor(app: &AppState, id: String) -> Result<SensorRow, ApiError> 
         .ok_or_else(|| ApiError::NotFound(format!("no sensor `{id}` (yet): nothing from it has been processed")))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct WindowQuery {
+pub(crate) struct WindowQuery {
     size: Option<String>,
     from: Option<String>,
     to: Option<String>,
@@ -410,7 +419,7 @@ struct WindowQuery {
 }
 
 /// A window as the API serves it.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct WindowView {
     pub start: i64,
     pub end: i64,
@@ -430,7 +439,7 @@ pub struct WindowView {
     pub updated_at: i64,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Point {
     pub ts: i64,
     pub value: f64,
@@ -725,9 +734,10 @@ fn windows_part(
     Ok((total, body))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct QuarantineQuery {
+pub(crate) struct QuarantineQuery {
     sensor: Option<String>,
     limit: Option<usize>,
 }
@@ -782,9 +792,10 @@ fn sensors_named(
     Ok(Ok(Some(matching.map(|(series, _)| series).collect())))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct AnomalyQuery {
+pub(crate) struct AnomalyQuery {
     sensor: Option<String>,
     from: Option<String>,
     to: Option<String>,
@@ -841,18 +852,19 @@ async fn list_anomalies(
     Ok(paged(page.rows, next))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct AlertQuery {
+pub(crate) struct AlertQuery {
     state: Option<String>,
     limit: Option<String>,
 }
 
 /// An alert as `/api/v1/alerts` lists it: an event-time rule's (fired by a reading) or a
 /// stale-sensor rule's (fired by the clock).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-enum AlertView {
+pub(crate) enum AlertView {
     Reading(store::AlertRow),
     Stale(crate::stale::StaleAlert),
 }
@@ -891,8 +903,8 @@ async fn list_alerts(
     Ok(Json(out))
 }
 
-#[derive(Debug, Serialize)]
-struct AgentView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct AgentView {
     id: String,
     /// `online`, `catching_up` (its spool holds a backlog), `offline` (silent for a minute) or
     /// `never_seen`.
@@ -905,9 +917,10 @@ struct AgentView {
     readings: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct SetAsideQuery {
+pub(crate) struct SetAsideQuery {
     limit: Option<String>,
     after: Option<String>,
 }

@@ -28,6 +28,7 @@ pub mod lock;
 pub mod log;
 pub mod metrics;
 pub mod notify;
+pub mod openapi;
 pub mod pipeline;
 pub mod prometheus;
 pub mod retention;

@@ -23,7 +23,8 @@ pub const DEFAULT_MAX_POINTS: usize = 1_000;
 /// The range when `from` is not given: the hour before `to`.
 pub const DEFAULT_RANGE_MS: i64 = 3_600_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SeriesQuery {
     from: Option<String>,

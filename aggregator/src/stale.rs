@@ -27,7 +27,7 @@ pub struct StaleRule {
 }
 
 /// A stale alert as `/api/v1/alerts` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct StaleAlert {
     pub id: u64,
     pub rule: String,

@@ -163,7 +163,7 @@ pub fn offset(conn: &Connection, name: &str) -> Result<u64, StoreError> {
 }
 
 /// A sensor as the API shows it (before its freshness, which depends on the clock).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SensorRow {
     pub id: String,
     /// Readings folded into its windows.
@@ -184,7 +184,7 @@ pub struct AgentRow {
 }
 
 /// A quarantined reading.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct QuarantineRow {
     pub offset: u64,
     pub sensor: String,
@@ -418,7 +418,7 @@ pub fn quarantine(conn: &Connection, series: Option<u32>, limit: usize) -> Resul
 }
 
 /// A log block the processor set aside instead of folding it in.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SetAsideRow {
     /// Offset of the block's first reading in the log (its key in `log.db`'s `blocks`).
     pub first_offset: u64,
@@ -485,7 +485,7 @@ pub fn agents(conn: &Connection) -> Result<Vec<AgentRow>, StoreError> {
 }
 
 /// An anomaly event: the reading, the range its model expected and how far out it was.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AnomalyRow {
     pub sensor: String,
     pub ts: i64,
@@ -555,7 +555,7 @@ pub fn anomalies(
 }
 
 /// An event-time alert (see [`crate::pipeline::alert`]): fired and maybe resolved by readings.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AlertRow {
     pub id: u64,
     pub rule: String,

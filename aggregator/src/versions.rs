@@ -56,7 +56,7 @@ pub enum VersionError {
     Write { path: PathBuf, source: std::io::Error },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Serving,
@@ -424,7 +424,7 @@ pub struct Versions {
 type Progress = (watch::Receiver<u64>, Instant, u64);
 
 /// A version as `GET /api/v1/pipeline` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VersionStatus {
     pub version: u32,
     pub state: State,
