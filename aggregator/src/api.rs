@@ -865,7 +865,12 @@ pub(crate) struct AlertQuery {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub(crate) enum AlertView {
-    Reading(store::AlertRow),
+    Reading {
+        #[serde(flatten)]
+        row: store::AlertRow,
+        /// Fired while this pipeline version replayed the log's history (stored, not notified).
+        replayed: bool,
+    },
     Stale(crate::stale::StaleAlert),
 }
 
@@ -885,13 +890,14 @@ async fn list_alerts(
         }
     };
     let wanted = state.clone();
+    let replayed_below = app.versions.replayed_below();
     let mut out: Vec<AlertView> = app
         .store
         .read(move |conn| store::alerts(conn, wanted.as_deref(), limit))
         .await?
         .rows
         .into_iter()
-        .map(AlertView::Reading)
+        .map(|row| AlertView::Reading { replayed: row.fired_offset < replayed_below, row })
         .collect();
     if let Some(stale) = &app.stale {
         let left = limit - out.len().min(limit);

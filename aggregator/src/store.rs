@@ -567,12 +567,16 @@ pub struct AlertRow {
     pub fired_value: f64,
     pub resolved_ts: Option<i64>,
     pub resolved_value: Option<f64>,
+    /// Log offset of the reading that fired it.
+    #[serde(skip)]
+    pub fired_offset: u64,
 }
 
 /// Event-time alerts in `state` (or all), newest first, at most `limit`.
 pub fn alerts(conn: &Connection, state: Option<&str>, limit: usize) -> Result<Page<AlertRow>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT a.id, a.rule, s.name, a.severity, a.state, a.fired_ts, a.fired_value, a.resolved_ts, a.resolved_value
+        "SELECT a.id, a.rule, s.name, a.severity, a.state, a.fired_ts, a.fired_value, a.resolved_ts, a.resolved_value,
+                a.fired_offset
          FROM alerts a JOIN series s ON s.id = a.series WHERE ?1 IS NULL OR a.state = ?1 ORDER BY a.id DESC LIMIT ?2",
     )?;
     let rows: Vec<AlertRow> = stmt
@@ -587,6 +591,7 @@ pub fn alerts(conn: &Connection, state: Option<&str>, limit: usize) -> Result<Pa
                 fired_value: r.get(6)?,
                 resolved_ts: r.get(7)?,
                 resolved_value: r.get(8)?,
+                fired_offset: r.get::<_, i64>(9)?.max(0) as u64,
             })
         })?
         .collect::<Result<_, _>>()?;

@@ -79,6 +79,10 @@ pub struct VersionRecord {
     /// Its store was deleted (retired longer than `keep_previous`).
     #[serde(default)]
     pub dropped: bool,
+    /// The log offset it had folded when it was promoted: what it computed below that, it
+    /// computed replaying history (its alerts there were stored, not sent).
+    #[serde(default)]
+    pub promoted_offset: Option<u64>,
     /// Its settings ([`crate::config::PipelineSettings`]): a serving version goes on with them
     /// while a newer one replays. `null` for a store from before versions were recorded.
     #[serde(default)]
@@ -107,7 +111,7 @@ impl Registry {
     }
 
     /// Marks `new` serving and the serving one retired, at `now`.
-    pub fn promote(&mut self, new: u32, now: i64) {
+    pub fn promote(&mut self, new: u32, now: i64, offset: u64) {
         let old = self.serving;
         if let Some(r) = self.get_mut(old) {
             r.state = State::Retired;
@@ -116,6 +120,7 @@ impl Registry {
         if let Some(r) = self.get_mut(new) {
             r.state = State::Serving;
             r.promoted_at = Some(now);
+            r.promoted_offset = Some(offset);
         }
         self.serving = new;
     }
@@ -201,6 +206,7 @@ pub fn plan(
         promoted_at: (state == State::Serving).then_some(now),
         retired_at: None,
         dropped: false,
+        promoted_offset: None,
         settings: Some(settings.clone()),
     };
     let Some(mut registry) = load(data_dir)? else {
@@ -472,6 +478,12 @@ impl Versions {
 
     pub fn serving(&self) -> u32 {
         lock(&self.registry).serving
+    }
+
+    /// Below this offset the serving version computed its results replaying history.
+    pub fn replayed_below(&self) -> u64 {
+        let registry = lock(&self.registry);
+        registry.get(registry.serving).and_then(|r| r.promoted_offset).unwrap_or(0)
     }
 
     /// What the serving version's tables hold (window sizes) and the staleness settings.
@@ -787,7 +799,7 @@ fn promote(
     new: &Running,
 ) -> Result<(), VersionError> {
     let mut registry = lock(&versions.registry).clone();
-    registry.promote(new.version, crate::unix_ms());
+    registry.promote(new.version, crate::unix_ms(), *new.thread.committed.borrow());
     old.serving.store(false, Ordering::Release);
     if let Err(error) = save(&versions.data_dir, &registry) {
         old.serving.store(true, Ordering::Release);
@@ -836,7 +848,7 @@ mod tests {
             plan(dir.path(), 2, "cc", &settings(), 30),
             Err(VersionError::SettingsChanged { next: 3, .. })
         ));
-        registry.promote(2, 40);
+        registry.promote(2, 40, 0);
         save(dir.path(), &registry).unwrap();
         assert!(matches!(
             plan(dir.path(), 1, "aa", &settings(), 50),
@@ -860,9 +872,10 @@ mod tests {
             promoted_at: None,
             retired_at: None,
             dropped: false,
+            promoted_offset: None,
             settings: None,
         });
-        registry.promote(2, 30);
+        registry.promote(2, 30, 0);
         save(dir.path(), &registry).unwrap();
         // Version 1's store file is gone: nothing to roll back to.
         assert!(matches!(rollback(dir.path(), 40), Err(VersionError::NoPrevious { .. })));

@@ -447,7 +447,8 @@ function Alerts() {
       const since = a.kind === "stale" ? a.fired_at : a.fired_ts;
       const tr = el("tr", { class: "link" },
         el("td", {}, el("span", { class: "badge " + a.state }, a.state)),
-        el("td", {}, a.rule),
+        el("td", { title: a.replayed ? "fired while a new pipeline version replayed the log's history: stored, not notified" : "" },
+          a.rule, a.replayed ? " (replayed)" : ""),
         el("td", {}, el("a", { href: sensorHref(sensor, { range: "1h", at: since }) }, sensor)),
         el("td", { class: "wide" }, a.severity),
         el("td", {}, fmtTime(since)));
