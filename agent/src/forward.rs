@@ -51,6 +51,8 @@ pub struct Forwarder {
     pub agent_id: String,
     pub config: UpstreamConfig,
     pub metrics: Arc<Metrics>,
+    /// The bearer token; SIGHUP can replace it (a 401 is fixed without a restart).
+    pub token: watch::Receiver<String>,
 }
 
 /// How a request went, from the forwarder's point of view.
@@ -364,7 +366,7 @@ impl Forwarder {
         let body_len = body.len();
         let request = client
             .post(url.clone())
-            .bearer_auth(&self.config.token)
+            .bearer_auth(self.token.borrow().as_str())
             .header(CONTENT_TYPE, POSTCARD_CONTENT_TYPE)
             // What is still waiting in the spool, for the aggregator's fleet view (catching up).
             .header(
@@ -627,7 +629,8 @@ mod tests {
             std::path::Path::new("agent.toml"),
         )
         .unwrap();
-        (Forwarder { spool, agent_id: "gw".into(), config: config.upstream, metrics }, dir, thread)
+        let token = watch::channel(config.upstream.token.clone()).1;
+        (Forwarder { spool, agent_id: "gw".into(), config: config.upstream, metrics, token }, dir, thread)
     }
 
     #[test]

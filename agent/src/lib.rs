@@ -54,6 +54,16 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` resolves or a part fails; then stops the input, commits what
 /// it queued, stops the forwarder and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    run_with_reload(config, shutdown, None).await
+}
+
+/// [`run`], taking configurations read again (SIGHUP): the upstream token applies at once (a
+/// 401 is fixed without dropping MQTT connections or the spool); other changes wait for a restart.
+pub async fn run_with_reload(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    mut reload: Option<tokio::sync::mpsc::Receiver<Config>>,
+) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     let (spool, spool_thread) = Spool::open(&config.data_dir, &config.spool, metrics.clone())?;
     let http = tokio::net::TcpListener::bind(config.http.listen)
@@ -100,11 +110,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tokio::spawn(async move { client.run(intake, stop).await.map_err(AgentError::from) })
         }
     };
+    let (token_tx, token_rx) = watch::channel(config.upstream.token.clone());
+    if let Some(mut reload) = reload.take() {
+        tokio::spawn(async move {
+            while let Some(new) = reload.recv().await {
+                if new.upstream.token != *token_tx.borrow() {
+                    token_tx.send_replace(new.upstream.token.clone());
+                    tracing::warn!("configuration read again: the new upstream token applies now");
+                }
+                tracing::info!("configuration read again: changes other than upstream.token apply at the next restart");
+            }
+        });
+    }
     let forwarder = Forwarder {
         spool,
         agent_id: config.agent_id.clone(),
         config: config.upstream.clone(),
         metrics: metrics.clone(),
+        token: token_rx,
     };
     let forwarder = tokio::spawn(forwarder.run(stop_rx.clone()));
     let mut http_stop = stop_rx.clone();

@@ -136,7 +136,28 @@ fn run() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(tributary_agent::run(config, shutdown_signal()))?;
+    runtime.block_on(async {
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        // Installed before anything runs: a SIGHUP never kills the agent.
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        match Config::load(&path) {
+                            Ok(config) => {
+                                if reload_tx.send(config).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => tracing::error!("SIGHUP: {:#}; nothing changed", anyhow::Error::new(e)),
+                        }
+                    }
+                });
+            }
+            Err(error) => tracing::error!(%error, "cannot listen for SIGHUP; configuration changes need a restart"),
+        }
+        tributary_agent::run_with_reload(config, shutdown_signal(), Some(reload_rx)).await
+    })?;
     Ok(())
 }
 
