@@ -372,8 +372,10 @@ async fn sensor_path(
         }
         Some(_) => {
             let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+            let csv = wants_csv(query.format.as_deref(), &headers)?;
             let row = find_sensor(&app, id).await?;
-            Ok(json_response(sensor_windows(&app, &row, &query).await?))
+            let body = sensor_windows(&app, &row, &query, csv).await?;
+            Ok(if csv { csv_response(body) } else { json_response(body) })
         }
     }
 }
@@ -416,6 +418,25 @@ pub(crate) struct WindowQuery {
     sensor: Option<String>,
     /// Which members of each window to return (`json::FIELDS`); all by default.
     fields: Option<String>,
+    /// `json` (default) or `csv` (also chosen by `Accept: text/csv`).
+    format: Option<String>,
+}
+
+/// Whether an answer goes out as CSV: `format=csv`, or `Accept: text/csv` without a `format`.
+pub(crate) fn wants_csv(format: Option<&str>, headers: &HeaderMap) -> Result<bool, ApiError> {
+    match format.map(str::trim) {
+        None | Some("") => Ok(headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|accept| accept.split(',').any(|m| m.trim().starts_with("text/csv")))),
+        Some("csv") => Ok(true),
+        Some("json") => Ok(false),
+        Some(other) => Err(ApiError::BadRequest(format!("format {other:?} must be json or csv"))),
+    }
+}
+
+fn csv_response(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response()
 }
 
 /// A window as the API serves it.
@@ -627,7 +648,7 @@ pub(crate) fn json_response(body: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
-async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery) -> Result<Vec<u8>, ApiError> {
+async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery, csv: bool) -> Result<Vec<u8>, ApiError> {
     if query.sensor.is_some() {
         return Err(ApiError::BadRequest("`sensor` belongs to /api/v1/windows; here the sensor is in the path".into()));
     }
@@ -646,7 +667,12 @@ async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery) ->
                 return Ok(Err(views.len()));
             }
             let mut body = Vec::with_capacity(views.len() * json::WINDOW_BYTES + 2);
-            json::windows(&mut body, &views, fields);
+            if csv {
+                json::csv_header(&mut body, fields);
+                json::csv_rows(&mut body, &id, &views, fields);
+            } else {
+                json::windows(&mut body, &views, fields);
+            }
             Ok(Ok(body))
         })
         .await?;
@@ -656,9 +682,11 @@ async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery) ->
 /// `GET /api/v1/windows?sensor=<glob>&size=&from=&to=`: many sensors' windows in one request.
 async fn multi_windows(
     State(app): State<AppState>,
+    headers: HeaderMap,
     query: Result<Query<WindowQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let csv = wants_csv(query.format.as_deref(), &headers)?;
     let pattern = query.sensor.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
         ApiError::BadRequest("sensor=<glob> is required, e.g. sensor=line1/* (* within a level, ** across)".into())
     })?;
@@ -684,11 +712,17 @@ async fn multi_windows(
         let (part, plan) = (part.to_vec(), plan.clone());
         let store = app.store.clone();
         reads.push(tokio::spawn(async move {
-            store.read(move |conn| windows_part(conn, &plan, &part, from, to, fields)).await
+            store.read(move |conn| windows_part(conn, &plan, &part, from, to, fields, csv)).await
         }));
     }
-    // `[{"sensor": ..., "windows": [...]}, ...]`
-    let mut body = vec![b'['];
+    // `[{"sensor": ..., "windows": [...]}, ...]`, or CSV rows under one header.
+    let mut body = if csv {
+        let mut header = Vec::new();
+        json::csv_header(&mut header, fields);
+        header
+    } else {
+        vec![b'[']
+    };
     let mut total = 0usize;
     for read in reads {
         let (windows, json) = read.await.map_err(|e| ApiError::Store(StoreError::Join(e)))??;
@@ -696,12 +730,17 @@ async fn multi_windows(
         if total > MAX_MULTI_WINDOWS {
             return Err(too_many(MAX_MULTI_WINDOWS, total));
         }
-        if !json.is_empty() {
+        if csv {
+            body.extend_from_slice(&json);
+        } else if !json.is_empty() {
             if body.len() > 1 {
                 body.push(b',');
             }
             body.extend_from_slice(&json);
         }
+    }
+    if csv {
+        return Ok(csv_response(body));
     }
     body.push(b']');
     Ok(json_response(body))
@@ -716,6 +755,7 @@ fn windows_part(
     from: i64,
     to: i64,
     fields: json::Fields,
+    csv: bool,
 ) -> Result<(usize, Vec<u8>), StoreError> {
     let mut body = Vec::new();
     let mut total = 0usize;
@@ -724,6 +764,10 @@ fn windows_part(
         total += windows.len();
         if total > MAX_MULTI_WINDOWS {
             break;
+        }
+        if csv {
+            json::csv_rows(&mut body, name, &windows, fields);
+            continue;
         }
         if !body.is_empty() {
             body.push(b',');
@@ -1023,11 +1067,19 @@ mod tests {
             to: Some(i64::MAX.to_string()),
             sensor: None,
             fields: None,
+            format: None,
         };
         assert_eq!(range(&q).unwrap(), (i64::MIN, i64::MAX));
-        let q = WindowQuery { size: None, from: Some("10".into()), to: Some("5".into()), sensor: None, fields: None };
+        let q = WindowQuery {
+            size: None,
+            from: Some("10".into()),
+            to: Some("5".into()),
+            sensor: None,
+            fields: None,
+            format: None,
+        };
         assert!(range(&q).is_err());
-        let q = WindowQuery { size: None, from: None, to: None, sensor: None, fields: None };
+        let q = WindowQuery { size: None, from: None, to: None, sensor: None, fields: None, format: None };
         assert_eq!(range(&q).unwrap(), (i64::MIN, i64::MAX));
     }
 }

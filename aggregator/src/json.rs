@@ -82,6 +82,86 @@ pub fn sensor_windows(out: &mut Vec<u8>, sensor: &str, list: &[WindowView], fiel
     out.push(b'}');
 }
 
+/// The CSV header of a window list: `sensor`, then the chosen members (`first` and `last` as
+/// `first_ts,first_value`).
+pub fn csv_header(out: &mut Vec<u8>, fields: Fields) {
+    out.extend_from_slice(b"sensor");
+    for (i, name) in FIELDS.iter().enumerate() {
+        if !fields.has(i) {
+            continue;
+        }
+        match *name {
+            "first" | "last" => {
+                out.push(b',');
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b"_ts,");
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b"_value");
+            }
+            _ => {
+                out.push(b',');
+                out.extend_from_slice(name.as_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One CSV row per window (RFC 4180; a value that is not a finite number is empty).
+pub fn csv_rows(out: &mut Vec<u8>, sensor: &str, list: &[WindowView], fields: Fields) {
+    let mut quoted = Vec::new();
+    if sensor.contains([',', '"', '\r', '\n']) {
+        quoted.push(b'"');
+        quoted.extend_from_slice(sensor.replace('"', "\"\"").as_bytes());
+        quoted.push(b'"');
+    } else {
+        quoted.extend_from_slice(sensor.as_bytes());
+    }
+    let cell = |out: &mut Vec<u8>, v: f64| {
+        if v.is_finite() {
+            float(out, v);
+        }
+    };
+    for w in list {
+        out.extend_from_slice(&quoted);
+        let WindowView { start, end, count, min, max, mean, stddev, first, last, p50, p95, p99, revision, updated_at } =
+            w;
+        let values = [
+            Value::Int(*start),
+            Value::Int(*end),
+            Value::Count(*count),
+            Value::Float(*min),
+            Value::Float(*max),
+            Value::Float(*mean),
+            Value::Float(*stddev),
+            Value::Point(first),
+            Value::Point(last),
+            Value::Float(*p50),
+            Value::Float(*p95),
+            Value::Float(*p99),
+            Value::Int(i64::from(*revision)),
+            Value::Int(*updated_at),
+        ];
+        for (i, value) in values.iter().enumerate() {
+            if !fields.has(i) {
+                continue;
+            }
+            out.push(b',');
+            match value {
+                Value::Int(v) => int(out, *v),
+                Value::Count(v) => int(out, *v),
+                Value::Float(v) => cell(out, *v),
+                Value::Point(p) => {
+                    int(out, p.ts);
+                    out.push(b',');
+                    cell(out, p.value);
+                }
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// A member's value.
 enum Value<'a> {
     Int(i64),

@@ -217,15 +217,7 @@ pub async fn answer(
     query: &SeriesQuery,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let csv = match query.format.as_deref().map(str::trim) {
-        None | Some("") => headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|accept| accept.split(',').any(|m| m.trim().starts_with("text/csv"))),
-        Some("csv") => true,
-        Some("json") => false,
-        Some(other) => return Err(ApiError::BadRequest(format!("format {other:?} must be json or csv"))),
-    };
+    let csv = api::wants_csv(query.format.as_deref(), headers)?;
     let aggs = parse_aggs(query.agg.as_deref()).map_err(ApiError::BadRequest)?;
     let grid = grid(&app.layout(), query, crate::unix_ms())?;
     let (Some(&first), Some(&last)) = (grid.starts.first(), grid.starts.last()) else {

@@ -411,3 +411,54 @@ fn every_answer_carries_security_headers_and_cors_is_per_origin() {
         common::http(agg.addr, "GET", "/api/v1/sensors", &[("origin", "https://grafana.example.com".into())], &[]);
     assert_eq!((read.status, read.header("access-control-allow-origin")), (200, Some("https://grafana.example.com")));
 }
+
+#[test]
+fn windows_come_as_csv_for_one_sensor_or_many_with_the_members_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    let readings: Vec<(&str, i64, f64)> =
+        (0..180).map(|i| (["a/x", "b,\"odd\"/y"][i % 2], T0 + i as i64 * 1_000, i as f64 / 2.0)).collect();
+    agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &readings)]));
+    agg.wait_processed();
+    let range = format!("from={T0}&to={}", T0 + 3_600_000);
+
+    let json = agg.get_json(&format!("/api/v1/sensors/a%2Fx/windows?size=1m&{range}")).1;
+    let csv = agg.get(&format!("/api/v1/sensors/a%2Fx/windows?size=1m&{range}&format=csv"));
+    assert_eq!(csv.status, 200);
+    assert_eq!(csv.header("content-type"), Some("text/csv; charset=utf-8"));
+    let text = csv.text();
+    let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        lines[0],
+        "sensor,start,end,count,min,max,mean,stddev,first_ts,first_value,last_ts,last_value,p50,p95,p99,revision,updated_at"
+    );
+    assert_eq!(lines.len() - 1, json.as_array().unwrap().len());
+    let first: Vec<&str> = lines[1].split(',').collect();
+    let w = &json[0];
+    assert_eq!(first[0], "a/x");
+    assert_eq!(first[1], w["start"].to_string());
+    assert_eq!(first[3], w["count"].to_string());
+    assert_eq!(first[6].parse::<f64>().unwrap(), w["mean"].as_f64().unwrap());
+    assert_eq!(first[8], w["first"]["ts"].to_string());
+
+    // Accept: text/csv does the same; many sensors under one header, odd ids quoted.
+    let headers = [("Accept", "text/csv".to_string())];
+    let many = common::http(
+        agg.addr,
+        "GET",
+        &format!("/api/v1/windows?sensor=*/*&size=1m&{range}&fields=start,count,mean"),
+        &headers,
+        &[],
+    );
+    assert_eq!(many.status, 200, "{}", many.text());
+    let text = many.text();
+    let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines[0], "sensor,start,count,mean");
+    assert!(lines.iter().any(|l| l.starts_with("\"b,\"\"odd\"\"/y\",")), "{text}");
+    assert_eq!(lines.len() - 1, 6, "three minutes of two sensors: {text}");
+    let counted: u64 = lines[1..].iter().map(|l| l.rsplit(',').nth(1).unwrap().parse::<u64>().unwrap()).sum();
+    assert_eq!(counted, 180);
+
+    let bad = agg.get("/api/v1/sensors/a%2Fx/windows?size=1m&format=xml");
+    assert_eq!(bad.status, 400, "{}", bad.text());
+}
