@@ -25,6 +25,9 @@ const BLOCK_READINGS: usize = 10_000;
 const BLOCKS_PER_APPEND: usize = 20;
 /// Rejected lines reported one by one; the rest are only counted.
 const REPORTED_REJECTIONS: usize = 10;
+/// Longest line read whole; a longer one (a file without line breaks, a binary file) is
+/// rejected without holding it in memory.
+const MAX_LINE_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -97,13 +100,49 @@ pub fn import(data_dir: &Path, agent: &str, path: &Path, format: Format) -> Resu
     let result = (|| -> Result<(), ImportError> {
         let file = std::fs::File::open(path).map_err(read_error)?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
-        let mut line = String::new();
+        let mut raw = Vec::new();
         loop {
-            line.clear();
-            if reader.read_line(&mut line).map_err(read_error)? == 0 {
+            raw.clear();
+            let n = std::io::Read::by_ref(&mut reader)
+                .take(MAX_LINE_BYTES)
+                .read_until(b'\n', &mut raw)
+                .map_err(read_error)?;
+            if n == 0 {
                 break;
             }
             report.lines += 1;
+            let whole = raw.ends_with(b"\n") || (n as u64) < MAX_LINE_BYTES;
+            let reject = |report: &mut ImportReport, reason: String| {
+                report.rejected += 1;
+                if report.rejections.len() < REPORTED_REJECTIONS {
+                    report.rejections.push(format!("line {}: {reason}", report.lines));
+                }
+            };
+            if !whole {
+                // Skip the rest of the over-long line without keeping it.
+                loop {
+                    let buf = reader.fill_buf().map_err(read_error)?;
+                    if buf.is_empty() {
+                        break;
+                    }
+                    match buf.iter().position(|b| *b == b'\n') {
+                        Some(i) => {
+                            reader.consume(i + 1);
+                            break;
+                        }
+                        None => {
+                            let len = buf.len();
+                            reader.consume(len);
+                        }
+                    }
+                }
+                reject(&mut report, format!("longer than {MAX_LINE_BYTES} bytes"));
+                continue;
+            }
+            let Ok(line) = std::str::from_utf8(&raw) else {
+                reject(&mut report, "not UTF-8 text".into());
+                continue;
+            };
             let text = line.trim_end_matches(['\n', '\r']);
             if text.trim().is_empty() {
                 continue;
@@ -117,10 +156,7 @@ pub fn import(data_dir: &Path, agent: &str, path: &Path, format: Format) -> Resu
                 // A CSV header: the first line, whose time is not a time.
                 Err(_) if report.lines == 1 && format == Format::Csv && text.contains("ts") => continue,
                 Err(reason) => {
-                    report.rejected += 1;
-                    if report.rejections.len() < REPORTED_REJECTIONS {
-                        report.rejections.push(format!("line {}: {reason}", report.lines));
-                    }
+                    reject(&mut report, reason);
                     continue;
                 }
             };

@@ -421,6 +421,9 @@ pub struct Versions {
     registry: Mutex<Registry>,
     progress: Mutex<BTreeMap<u32, Progress>>,
     checksums: Mutex<HashMap<u32, (u64, String, Instant)>>,
+    /// Held while a checksum is computed: one scan of a store at a time, however many clients
+    /// poll `/api/v1/pipeline`.
+    computing: Mutex<()>,
     serving_processor: RwLock<(crate::Liveness, ProcessorStatus)>,
     layout: RwLock<Arc<crate::api::ApiLayout>>,
     head: watch::Receiver<u64>,
@@ -470,6 +473,7 @@ impl Versions {
             registry: Mutex::new(registry),
             progress: Mutex::new(BTreeMap::new()),
             checksums: Mutex::new(HashMap::new()),
+            computing: Mutex::new(()),
             serving_processor: RwLock::new((crate::Liveness::default(), ProcessorStatus::default())),
             layout: RwLock::new(layout),
             head,
@@ -557,10 +561,19 @@ impl Versions {
     /// The cached checksum of `version`, recomputed when its offset moved and the cache is older
     /// than [`CHECKSUM_MAX_AGE`] (or it never was computed).
     fn checksum_of(&self, version: u32, offset: Option<u64>) -> Option<(u64, String)> {
-        if let Some((at, sum, when)) = lock(&self.checksums).get(&version) {
-            if offset.is_none_or(|o| o == *at) || when.elapsed() < CHECKSUM_MAX_AGE {
-                return Some((*at, sum.clone()));
-            }
+        let cached = || {
+            lock(&self.checksums)
+                .get(&version)
+                .filter(|(at, _, when)| offset.is_none_or(|o| o == *at) || when.elapsed() < CHECKSUM_MAX_AGE)
+                .map(|(at, sum, _)| (*at, sum.clone()))
+        };
+        if let Some(hit) = cached() {
+            return Some(hit);
+        }
+        let _one_at_a_time = lock(&self.computing);
+        // Another request may have computed it meanwhile.
+        if let Some(hit) = cached() {
+            return Some(hit);
         }
         let path = store_path(&self.data_dir, version);
         let computed =

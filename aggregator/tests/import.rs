@@ -74,3 +74,22 @@ fn a_history_is_imported_once_with_bad_lines_reported_and_then_processed() {
     assert!(!ok);
     assert!(stderr.contains("locked"), "{stderr}");
 }
+
+#[test]
+fn an_endless_line_or_binary_bytes_are_rejected_lines_and_the_rest_goes_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("aggregator.toml");
+    std::fs::write(&config, config_text(&dir.path().join("data"))).unwrap();
+    let mut bytes = format!("s/a,{T0},1\n").into_bytes();
+    bytes.extend(std::iter::repeat_n(b'x', 300_000)); // no line break for 300 KB
+    bytes.extend_from_slice(format!("\ns/a,{},2\n", T0 + 1_000).as_bytes());
+    bytes.extend_from_slice(b"\xff\xfe,\x00\x01,\x02\n");
+    bytes.extend_from_slice(format!("s/a,{},3\n", T0 + 2_000).as_bytes());
+    let path = dir.path().join("odd.csv");
+    std::fs::write(&path, bytes).unwrap();
+    let (ok, stdout, stderr) = import(&config, &path);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("3 readings: 3 appended, 0 already in the log, 2 lines rejected"), "{stdout}");
+    assert!(stdout.contains("rejected line 2: longer than 65536 bytes"), "{stdout}");
+    assert!(stdout.contains("rejected line 4: not UTF-8 text"), "{stdout}");
+}
