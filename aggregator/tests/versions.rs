@@ -366,3 +366,16 @@ fn replays_cut_into_different_steps_compute_the_same_tables() {
     }
     assert_eq!(sums[0], sums[1], "one replay in one go, one in seven steps");
 }
+
+#[test]
+fn a_damaged_pipeline_json_stops_the_start_with_the_file_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with(dir.path(), V1);
+    agg.ingest_ok(0, &batch(0));
+    assert_eq!(agg.terminate().code(), Some(0));
+    std::fs::write(dir.path().join("data/pipeline.json"), b"{\"serving\": 1, \"versio").unwrap();
+    let (status, stderr, _) = run_with_config(dir.path(), &(common::config_text(&dir.path().join("data")) + V1));
+    assert!(!status.success());
+    assert!(stderr.contains("pipeline.json") && stderr.contains("restore it from a backup"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
