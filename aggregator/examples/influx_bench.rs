@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
 use tributary_aggregator::influx::{Precision, parse_write};
-use tributary_aggregator::{AgentConfig, Config, HttpConfig};
+use tributary_aggregator::{AgentConfig, Config};
 
 /// Numeric fields per line (Telegraf's `cpu` has 10; `mem` more; 5 is a middle).
 const FIELDS: usize = 5;
@@ -39,16 +39,10 @@ fn main() -> anyhow::Result<()> {
 
     let gzipped: Vec<Vec<Vec<u8>>> = bodies.iter().map(|b| b.iter().map(|t| gzip(t.as_bytes())).collect()).collect();
     let dir = tempfile::tempdir()?;
-    let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        http: HttpConfig { listen: "127.0.0.1:0".parse()?, ..HttpConfig::default() },
-        agents: (0..writers).map(|i| AgentConfig { id: format!("telegraf-{i}"), token: format!("t-{i}") }).collect(),
-        pipeline: Default::default(),
-        anomaly: Vec::new(),
-        alerts: Vec::new(),
-        notify: Vec::new(),
-        log: Default::default(),
-    };
+    let config = Config::loopback(
+        dir.path(),
+        (0..writers).map(|i| AgentConfig { id: format!("telegraf-{i}"), token: format!("t-{i}") }).collect(),
+    );
     let runtime = tokio::runtime::Runtime::new()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;

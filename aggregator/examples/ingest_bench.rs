@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use tributary_aggregator::{AgentConfig, Config, HttpConfig};
+use tributary_aggregator::{AgentConfig, Config};
 use tributary_shared::{Batch, BlockBuilder, WireBlock};
 
 const SENSORS: usize = 200;
@@ -21,16 +21,10 @@ fn main() -> anyhow::Result<()> {
     let block: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(2_000);
     let per_batch: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10);
     let dir = tempfile::tempdir()?;
-    let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        http: HttpConfig { listen: "127.0.0.1:0".parse()?, ..HttpConfig::default() },
-        agents: (0..agents).map(|i| AgentConfig { id: format!("gw-{i}"), token: format!("t-{i}") }).collect(),
-        pipeline: Default::default(),
-        anomaly: Vec::new(),
-        alerts: Vec::new(),
-        notify: Vec::new(),
-        log: Default::default(),
-    };
+    let config = Config::loopback(
+        dir.path(),
+        (0..agents).map(|i| AgentConfig { id: format!("gw-{i}"), token: format!("t-{i}") }).collect(),
+    );
     let runtime = tokio::runtime::Runtime::new()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;

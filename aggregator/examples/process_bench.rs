@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
-use tributary_aggregator::config::{AgentConfig, HttpConfig, PipelineConfig};
+use tributary_aggregator::config::{AgentConfig, PipelineConfig};
 use tributary_aggregator::{Config, pipeline, store};
 use tributary_shared::{Batch, BlockBuilder, WireBlock};
 
@@ -41,14 +41,10 @@ fn main() -> anyhow::Result<()> {
     if let Ok(log) = std::env::var("PROCESS_BENCH_FOLD_LOG") {
         let dir = tempfile::tempdir()?;
         let config = Config {
-            data_dir: dir.path().to_path_buf(),
-            http: HttpConfig { listen: "127.0.0.1:0".parse()?, ..HttpConfig::default() },
-            agents: Vec::new(),
             pipeline: PipelineConfig { windows, ..PipelineConfig::default() },
             anomaly: if full { full_rules()?.anomaly } else { Vec::new() },
             alerts: if full { full_rules()?.alerts } else { Vec::new() },
-            notify: Vec::new(),
-            log: Default::default(),
+            ..Config::loopback(dir.path(), Vec::new())
         };
         let started = Instant::now();
         let done =
@@ -70,14 +66,13 @@ fn main() -> anyhow::Result<()> {
         eprintln!("keeping {}", dir.path().display());
     }
     let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        http: HttpConfig { listen: "127.0.0.1:0".parse()?, ..HttpConfig::default() },
-        agents: (0..SENDERS).map(|i| AgentConfig { id: format!("gw-{i}"), token: format!("t-{i}") }).collect(),
         pipeline: PipelineConfig { windows: windows.clone(), ..PipelineConfig::default() },
         anomaly: if full { full_rules()?.anomaly } else { Vec::new() },
         alerts: if full { full_rules()?.alerts } else { Vec::new() },
-        notify: Vec::new(),
-        log: Default::default(),
+        ..Config::loopback(
+            dir.path(),
+            (0..SENDERS).map(|i| AgentConfig { id: format!("gw-{i}"), token: format!("t-{i}") }).collect(),
+        )
     };
 
     // 1. Ingest through HTTP into a running aggregator.

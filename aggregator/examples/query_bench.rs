@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use tributary_aggregator::{AgentConfig, Config, HttpConfig};
+use tributary_aggregator::{AgentConfig, Config};
 use tributary_shared::{Batch, BlockBuilder, WireBlock};
 
 const DAYS: i64 = 30;
@@ -16,16 +16,7 @@ fn main() -> anyhow::Result<()> {
     let sensors: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(1_000);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir()?;
-    let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        http: HttpConfig { listen: "127.0.0.1:0".parse()?, ..HttpConfig::default() },
-        agents: vec![AgentConfig { id: "gw-1".into(), token: "t".into() }],
-        pipeline: Default::default(),
-        anomaly: Vec::new(),
-        alerts: Vec::new(),
-        notify: Vec::new(),
-        log: Default::default(),
-    };
+    let config = Config::loopback(dir.path(), vec![AgentConfig { id: "gw-1".into(), token: "t".into() }]);
     let runtime = tokio::runtime::Runtime::new()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let base = format!("http://{}", listener.local_addr()?);

@@ -346,6 +346,21 @@ impl std::fmt::Debug for AgentConfig {
 pub use tributary_shared::config_file::ConfigError;
 
 impl Config {
+    /// Every default, listening on a loopback port the system picks, for `agents`: for benchmarks
+    /// and for running the aggregator inside another program.
+    pub fn loopback(data_dir: &Path, agents: Vec<AgentConfig>) -> Config {
+        Config {
+            data_dir: data_dir.to_path_buf(),
+            http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..HttpConfig::default() },
+            agents,
+            pipeline: PipelineConfig::default(),
+            anomaly: Vec::new(),
+            alerts: Vec::new(),
+            notify: Vec::new(),
+            log: LogConfig::default(),
+        }
+    }
+
     /// Reads, parses and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let config: Config = config_file::load(path)?;
