@@ -124,25 +124,7 @@ pub fn csv_rows(out: &mut Vec<u8>, sensor: &str, list: &[WindowView], fields: Fi
     };
     for w in list {
         out.extend_from_slice(&quoted);
-        let WindowView { start, end, count, min, max, mean, stddev, first, last, p50, p95, p99, revision, updated_at } =
-            w;
-        let values = [
-            Value::Int(*start),
-            Value::Int(*end),
-            Value::Count(*count),
-            Value::Float(*min),
-            Value::Float(*max),
-            Value::Float(*mean),
-            Value::Float(*stddev),
-            Value::Point(first),
-            Value::Point(last),
-            Value::Float(*p50),
-            Value::Float(*p95),
-            Value::Float(*p99),
-            Value::Int(i64::from(*revision)),
-            Value::Int(*updated_at),
-        ];
-        for (i, value) in values.iter().enumerate() {
+        for (i, value) in values(w).iter().enumerate() {
             if !fields.has(i) {
                 continue;
             }
@@ -170,9 +152,10 @@ enum Value<'a> {
     Point(&'a Point),
 }
 
-fn window(out: &mut Vec<u8>, w: &WindowView, fields: Fields) {
+/// A window's members, in [`FIELDS`] order.
+fn values(w: &WindowView) -> [Value<'_>; FIELDS.len()] {
     let WindowView { start, end, count, min, max, mean, stddev, first, last, p50, p95, p99, revision, updated_at } = w;
-    let values = [
+    [
         Value::Int(*start),
         Value::Int(*end),
         Value::Count(*count),
@@ -187,9 +170,12 @@ fn window(out: &mut Vec<u8>, w: &WindowView, fields: Fields) {
         Value::Float(*p99),
         Value::Int(i64::from(*revision)),
         Value::Int(*updated_at),
-    ];
+    ]
+}
+
+fn window(out: &mut Vec<u8>, w: &WindowView, fields: Fields) {
     let mut separator = b'{';
-    for (i, value) in values.iter().enumerate() {
+    for (i, value) in values(w).iter().enumerate() {
         if !fields.has(i) {
             continue;
         }
