@@ -53,7 +53,10 @@ fn main() -> anyhow::Result<()> {
         println!(
             "RESULT {}",
             serde_json::json!({"readings": done.folded, "fold_s": round(fold_s),
-            "readings_per_s": (done.folded as f64 / fold_s).round()})
+            "readings_per_s": (done.folded as f64 / fold_s).round(),
+            "fold_time_s": {"read_and_decode": round(done.timings.read.as_secs_f64()),
+                "fold": round(done.timings.fold.as_secs_f64()), "commit": round(done.timings.commit.as_secs_f64()),
+                "commits": done.timings.commits}})
         );
         return Ok(());
     }

@@ -1,7 +1,7 @@
 //! The serving store (`store.db`): what the pipeline has made of the log, read by the API.
 //!
 //! Tables, each owned by one operator: `series` (sensor ids as small integers), `sensors`
-//! (state per sensor), `windows` (rows of [`SLOTS`] windows per size and sensor, see
+//! (state per sensor), `windows` (rows of [`Calendar::slots`] windows per size and sensor, see
 //! [`crate::pipeline::window`]), `agents`, `quarantine`, and `processor_offsets` (the log offset
 //! the tables reflect, committed with them). Everything here can be rebuilt from the log.
 //!
@@ -16,11 +16,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::pipeline::calendar::Calendar;
-use crate::pipeline::window::{SLOTS, Window, decode_row};
+use crate::pipeline::window::{Window, decode_row};
 
 /// The store's layout version (`PRAGMA user_version`). A store of another version is moved
 /// aside and rebuilt from the log.
-pub const LAYOUT_VERSION: i64 = 4;
+pub const LAYOUT_VERSION: i64 = 5;
 
 /// Read connections kept open for the API (each query borrows one on a blocking thread).
 const READ_POOL: usize = 4;
@@ -48,6 +48,15 @@ pub enum StoreError {
 pub fn plan_once(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(())
+}
+
+/// A read-only connection to the file `conn` has open, if it is a file (not in memory) and opens.
+pub fn open_reader_beside(conn: &Connection) -> Option<Connection> {
+    let path = conn.path().filter(|p| !p.is_empty())?;
+    let reader =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX).ok()?;
+    plan_once(&reader).ok()?;
+    Some(reader)
 }
 
 /// Opens (creating or upgrading if needed) the store for the pipeline.
@@ -377,8 +386,9 @@ pub fn windows(
     let mut stmt = conn.prepare_cached(
         "SELECT row, data FROM windows WHERE size = ?1 AND series = ?2 AND row >= ?3 AND row <= ?4 ORDER BY row",
     )?;
+    let slots = calendar.slots();
     let mut rows =
-        stmt.query(params![calendar.code(), series as i64, first.div_euclid(SLOTS), last.div_euclid(SLOTS)])?;
+        stmt.query(params![calendar.code(), series as i64, first.div_euclid(slots), last.div_euclid(slots)])?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
         let row_index: i64 = row.get(0)?;
@@ -387,7 +397,7 @@ pub fn windows(
             StoreError::Corrupt(format!("window row (size {}, series {series}, row {row_index}): {e}", calendar.code()))
         })?;
         for (slot, window) in decoded {
-            let index = row_index * SLOTS + i64::from(slot);
+            let index = row_index * slots + i64::from(slot);
             if first <= index && index <= last {
                 out.push((index, window));
             }

@@ -37,6 +37,16 @@ impl Calendar {
         }
     }
 
+    /// Windows per stored row: an hour of fine windows (360 of 10 s), and at least 60. Fewer,
+    /// larger rows are fewer B-tree updates per commit: with 10 s windows in rows of 60, a row
+    /// held about 14 readings and the commit's per-row cost was most of the fold.
+    pub fn slots(&self) -> i64 {
+        match self {
+            Calendar::Fixed(size) => (3_600_000 / size).clamp(60, 3_600),
+            Calendar::Days { .. } => 60,
+        }
+    }
+
     /// (window index, start, end) of the window holding `ts`.
     pub fn bucket(&self, ts: i64) -> (i64, i64, i64) {
         match self {

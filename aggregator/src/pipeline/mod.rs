@@ -151,7 +151,22 @@ pub struct Pipeline {
     pub pending: u64,
     /// The readings folded since the last commit, while a live stream wants them.
     pub live: Option<LiveReadings>,
+    /// Readings taken by [`Pipeline::fold_block`], not folded yet.
+    staged: Vec<Staged>,
 }
+
+/// A reading taken from the log, waiting to be folded.
+pub struct Staged {
+    pub point: Point,
+    pub offset: u64,
+    /// Stamped further ahead of its block's arrival than `max_clock_skew`: quarantined.
+    pub future: bool,
+}
+
+/// Readings staged before they are folded at the latest (a few MiB).
+const STAGE_READINGS: usize = 65_536;
+/// Fewer staged readings than this fold on one thread: starting threads would cost more.
+const PARALLEL_READINGS: usize = 4_096;
 
 /// Readings kept for the live stream (`crate::live`), at most [`crate::live::MAX_EVENT_READINGS`].
 #[derive(Debug, Default)]
@@ -183,11 +198,13 @@ impl Pipeline {
             derived_seq: derived_seq.unwrap_or(0).max(0) as u64,
             pending: 0,
             live: None,
+            staged: Vec::new(),
             spec,
         })
     }
 
-    /// Folds one log block (its readings in order) into every operator.
+    /// Takes one log block (its readings in order) for the operators: staged, and folded by
+    /// [`Pipeline::fold_staged`] (at the latest when [`STAGE_READINGS`] are staged).
     pub fn fold_block(
         &mut self,
         conn: &Connection,
@@ -198,59 +215,95 @@ impl Pipeline {
     ) -> Result<(), StoreError> {
         let map: Vec<u32> = block.sensors.iter().map(|id| self.series.intern(id)).collect();
         let horizon = received_at.saturating_add(self.spec.max_clock_skew_ms);
+        self.staged.reserve(block.entries.len());
         for (i, entry) in block.entries.iter().enumerate() {
             let Some(&series) = map.get(entry.sensor as usize) else { continue };
-            let point = Point { series, ts: entry.ts, value: entry.value, received_at, block: first_offset };
-            if entry.ts > horizon {
-                self.sensors.quarantine(&point);
-                self.quarantine.push(Quarantined {
-                    offset: first_offset + i as u64,
-                    series,
-                    ts: entry.ts,
-                    value: entry.value,
-                    received_at,
-                    reason: "future",
-                });
-                continue;
-            }
-            for op in &mut self.windows {
-                op.add(conn, &point)?;
-            }
-            self.sensors.add(&point);
-            if let Some(live) = &mut self.live {
-                if live.readings.len() < crate::live::MAX_EVENT_READINGS {
-                    live.readings.push((series, entry.ts, entry.value));
-                } else {
-                    live.omitted += 1;
-                }
-            }
-            let offset = first_offset + i as u64;
-            let mut anomalous = false;
-            if !self.anomalies.is_empty() {
-                if let Some(a) = self.anomalies.add(conn, block.sensors[entry.sensor as usize], &point, offset)? {
-                    anomalous = true;
-                    self.derived.push(Derived {
-                        sensor: format!("_anomaly/{}", self.series.name(series)),
-                        ts: a.ts,
-                        value: a.score,
-                    });
-                }
-            }
-            if !self.alerts.is_empty() {
-                let before = self.alerts.transitions().len();
-                self.alerts.add(conn, block.sensors[entry.sensor as usize], &point, offset, anomalous)?;
-                for t in &self.alerts.transitions()[before..] {
-                    self.derived.push(Derived {
-                        sensor: format!("_alert/{}/{}", t.rule, self.series.name(series)),
-                        ts: t.ts,
-                        value: if t.state == "firing" { 1.0 } else { 0.0 },
-                    });
-                }
-            }
+            self.staged.push(Staged {
+                point: Point { series, ts: entry.ts, value: entry.value, received_at, block: first_offset },
+                offset: first_offset + i as u64,
+                future: entry.ts > horizon,
+            });
         }
         self.agents.add_block(agent_id, block.entries.len() as u64, received_at);
         self.pending += block.entries.len() as u64;
+        if self.staged.len() >= STAGE_READINGS {
+            self.fold_staged(conn)?;
+        }
         Ok(())
+    }
+
+    /// Folds the staged readings into every operator. Each window size folds on a thread of
+    /// its own (with its own read connection for rows late data needs) while this thread runs
+    /// sensor state, anomalies and alerts: operators share no state, and each still sees the
+    /// readings in log order, so the tables are the same as folding them one after the other.
+    pub fn fold_staged(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let Pipeline { windows, series, sensors, anomalies, alerts, quarantine, derived, live, .. } = self;
+        let mut others = |conn: &Connection| -> Result<(), StoreError> {
+            for s in &staged {
+                let point = &s.point;
+                if s.future {
+                    sensors.quarantine(point);
+                    quarantine.push(Quarantined {
+                        offset: s.offset,
+                        series: point.series,
+                        ts: point.ts,
+                        value: point.value,
+                        received_at: point.received_at,
+                        reason: "future",
+                    });
+                    continue;
+                }
+                sensors.add(point);
+                if let Some(live) = live {
+                    if live.readings.len() < crate::live::MAX_EVENT_READINGS {
+                        live.readings.push((point.series, point.ts, point.value));
+                    } else {
+                        live.omitted += 1;
+                    }
+                }
+                let name = series.name(point.series);
+                let mut anomalous = false;
+                if !anomalies.is_empty() {
+                    if let Some(a) = anomalies.add(conn, name, point, s.offset)? {
+                        anomalous = true;
+                        derived.push(Derived { sensor: format!("_anomaly/{name}"), ts: a.ts, value: a.score });
+                    }
+                }
+                if !alerts.is_empty() {
+                    let before = alerts.transitions().len();
+                    alerts.add(conn, name, point, s.offset, anomalous)?;
+                    for t in &alerts.transitions()[before..] {
+                        derived.push(Derived {
+                            sensor: format!("_alert/{}/{name}", t.rule),
+                            ts: t.ts,
+                            value: if t.state == "firing" { 1.0 } else { 0.0 },
+                        });
+                    }
+                }
+            }
+            Ok(())
+        };
+        let parallel = staged.len() >= PARALLEL_READINGS && windows.iter().all(WindowOperator::has_reader);
+        if !parallel {
+            for op in windows.iter_mut() {
+                op.add_staged(Some(conn), &staged)?;
+            }
+            return others(conn);
+        }
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = windows.iter_mut().map(|op| scope.spawn(|| op.add_staged(None, &staged))).collect();
+            let mut result = others(conn);
+            for thread in threads {
+                let folded =
+                    thread.join().unwrap_or_else(|_| Err(StoreError::Corrupt("a window operator panicked".into())));
+                result = result.and(folded);
+            }
+            result
+        })
     }
 
     /// Alert transitions since the last commit (to notify once it is durable).
@@ -263,10 +316,22 @@ impl Pipeline {
     /// [`Pipeline::derived_seq`]: a crash in between redoes the same appends, which the log
     /// drops as duplicates.
     pub fn commit(&mut self, conn: &mut Connection, name: &str, next_offset: u64) -> Result<(), StoreError> {
+        // Normally folded already (the caller appends what folding derives before this).
+        self.fold_staged(conn)?;
+        // Encoding the rows is most of a commit's work outside SQLite: one thread per size.
+        let encoded: Vec<Vec<(u32, i64, Vec<u8>)>> = if self.windows.len() > 1 {
+            std::thread::scope(|scope| {
+                let threads: Vec<_> =
+                    self.windows.iter_mut().map(|op| scope.spawn(move || op.encode_dirty())).collect();
+                threads.into_iter().map(|t| t.join().unwrap_or_default()).collect()
+            })
+        } else {
+            self.windows.iter().map(WindowOperator::encode_dirty).collect()
+        };
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         self.series.flush(&tx)?;
-        for op in &mut self.windows {
-            op.flush(&tx)?;
+        for (op, rows) in self.windows.iter().zip(&encoded) {
+            op.write(&tx, rows)?;
         }
         self.sensors.flush(&tx)?;
         self.agents.flush(&tx)?;

@@ -547,6 +547,9 @@ impl Processor {
                 }
                 self.next_offset = b.first_offset + b.count;
             }
+            let folding = Instant::now();
+            self.pipeline.fold_staged(&self.store)?;
+            self.timings.fold += folding.elapsed();
         }
         let caught_up = self.next_offset >= head;
         let uncommitted = self.next_offset > self.committed;
@@ -566,6 +569,7 @@ impl Processor {
     }
 
     fn commit(&mut self) -> Result<(), ProcessError> {
+        self.pipeline.fold_staged(&self.store)?;
         let started = Instant::now();
         self.append_derived()?;
         let transitions = self.pipeline.transitions().to_vec();

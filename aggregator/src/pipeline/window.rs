@@ -1,6 +1,6 @@
 //! Tumbling windows by event time: one operator per configured size, stored as rows.
 //!
-//! A row holds [`SLOTS`] consecutive windows of one sensor (an hour of 1-minute windows), so the
+//! A row holds [`Calendar::slots`] consecutive windows of one sensor (an hour or more), so the
 //! store writes a row per sensor and hour touched per commit, not a row per window, and a query
 //! for a sensor-day reads a few rows (DESIGN.md, "The serving store: windows in blocks too").
 //! Rows being written live in memory; a row not in memory is loaded only if the store can have
@@ -18,9 +18,6 @@ use serde::{Deserialize, Serialize};
 use super::calendar::Calendar;
 use super::stats::Stats;
 use crate::store::StoreError;
-
-/// Windows per stored row.
-pub const SLOTS: i64 = 60;
 
 /// Memory for rows kept after a commit, per operator. Each sensor's newest row stays whatever it
 /// costs (live data lands there); older rows, kept for late data, leave least recently used first
@@ -54,44 +51,43 @@ impl Window {
     }
 }
 
-/// A row of up to [`SLOTS`] windows of one sensor.
+/// A row of up to [`Calendar::slots`] windows of one sensor.
 #[derive(Debug, Clone)]
 pub struct Row {
     /// (slot, window) in the order the windows were made. Senders' batches interleave, so a
     /// reading often makes a window before others of its row: kept sorted, each such window
     /// shifted the ones after it (a tenth of the fold's time went to that).
-    windows: Vec<(u8, Window)>,
+    windows: Vec<(u16, Window)>,
     /// `at[slot]` is 1 + the index in `windows` of the slot's window, 0 for none: a reading finds
     /// its window without a search (each probe of a search was a cache miss).
-    at: [u8; SLOTS as usize],
+    at: Box<[u16]>,
     dirty: bool,
     /// The commit in which the row was last changed (for eviction).
     used: u64,
 }
 
-impl Default for Row {
-    fn default() -> Row {
-        Row { windows: Vec::new(), at: [0; SLOTS as usize], dirty: false, used: 0 }
-    }
-}
-
 impl Row {
-    /// A row of `windows` (distinct slots below [`SLOTS`], as [`decode_row`] checks).
-    fn of(windows: Vec<(u8, Window)>) -> Row {
-        let mut row = Row { windows, ..Row::default() };
+    fn new(slots: i64, capacity: usize) -> Row {
+        let at = vec![0; slots as usize].into_boxed_slice();
+        Row { windows: Vec::with_capacity(capacity), at, dirty: false, used: 0 }
+    }
+
+    /// A row of `windows` (distinct slots below `slots`, as [`decode_row`] checks).
+    fn of(windows: Vec<(u16, Window)>, slots: i64) -> Row {
+        let mut row = Row { windows, ..Row::new(slots, 0) };
         for (i, (slot, _)) in row.windows.iter().enumerate() {
-            row.at[usize::from(*slot)] = i as u8 + 1;
+            row.at[usize::from(*slot)] = i as u16 + 1;
         }
         row
     }
 
     /// What the row holds in memory, roughly (sketches that spilled to the heap not counted).
     fn bytes(&self) -> usize {
-        std::mem::size_of::<Row>() + self.windows.capacity() * std::mem::size_of::<(u8, Window)>()
+        std::mem::size_of::<Row>() + self.at.len() * 2 + self.windows.capacity() * std::mem::size_of::<(u16, Window)>()
     }
 
     /// The windows by slot.
-    pub fn in_order(&self) -> impl Iterator<Item = &(u8, Window)> {
+    pub fn in_order(&self) -> impl Iterator<Item = &(u16, Window)> {
         self.at.iter().filter(|i| **i != 0).map(|i| &self.windows[usize::from(*i) - 1])
     }
 }
@@ -114,6 +110,10 @@ pub struct WindowOperator {
     /// Per sensor, the highest row index in the store: rows above it are new, no read needed.
     stored_max: FxHashMap<u32, i64>,
     commits: u64,
+    /// Per series, the most windows a row of it has held: a new row reserves that many.
+    width: Vec<u16>,
+    /// A read connection of its own to the store, so that it can fold on a thread of its own.
+    reader: Option<Connection>,
     /// (index, start, end) of the last window a reading fell in: most readings fall in the same
     /// one as the reading before, and a calendar-day lookup is not free.
     last_bucket: (i64, i64, i64),
@@ -129,7 +129,32 @@ impl WindowOperator {
             let (series, max) = row?;
             stored_max.insert(series as u32, max);
         }
-        Ok(WindowOperator { calendar, rows: FxHashMap::default(), stored_max, commits: 0, last_bucket: (0, 0, 0) })
+        Ok(WindowOperator {
+            calendar,
+            rows: FxHashMap::default(),
+            stored_max,
+            commits: 0,
+            width: Vec::new(),
+            reader: crate::store::open_reader_beside(conn),
+            last_bucket: (0, 0, 0),
+        })
+    }
+
+    /// Whether the operator has a read connection of its own (to fold on another thread).
+    pub fn has_reader(&self) -> bool {
+        self.reader.is_some()
+    }
+
+    /// Adds the staged readings that are not quarantined, in order. Rows late data needs are
+    /// read through the operator's own connection, else through `conn`.
+    pub fn add_staged(&mut self, conn: Option<&Connection>, staged: &[super::Staged]) -> Result<(), StoreError> {
+        let reader = self.reader.take();
+        let result = match reader.as_ref().or(conn) {
+            Some(conn) => staged.iter().filter(|s| !s.future).try_for_each(|s| self.add(conn, &s.point)),
+            None => Err(StoreError::Corrupt("a window operator without a connection to the store".into())),
+        };
+        self.reader = reader;
+        result
     }
 
     /// Adds one reading (in log order) to the window of its event time.
@@ -141,7 +166,8 @@ impl WindowOperator {
             self.last_bucket = self.calendar.bucket(p.ts);
             (self.last_bucket.0, self.last_bucket.2)
         };
-        let (row_index, slot) = (index.div_euclid(SLOTS), index.rem_euclid(SLOTS) as u8);
+        let slots = self.calendar.slots();
+        let (row_index, slot) = (index.div_euclid(slots), index.rem_euclid(slots) as u16);
         let key = (p.series, row_index);
         // One hash lookup for a row in memory (the common case), a second only to insert.
         let row = match self.rows.entry(key) {
@@ -149,9 +175,15 @@ impl WindowOperator {
             std::collections::hash_map::Entry::Vacant(entry) => {
                 let row = match self.stored_max.get(&p.series) {
                     Some(max) if row_index <= *max => {
-                        load_row(conn, self.calendar.code(), p.series, row_index, &self.calendar)?.unwrap_or_default()
+                        load_row(conn, self.calendar.code(), p.series, row_index, &self.calendar)?
+                            .unwrap_or_else(|| Row::new(slots, 4))
                     }
-                    _ => Row::default(),
+                    _ => {
+                        // As many windows as the sensor's previous row: growing a row one
+                        // 176-byte window at a time was a tenth of the fold (reallocations).
+                        let width = self.width.get(p.series as usize).copied().unwrap_or(0).max(4);
+                        Row::new(slots, usize::from(width))
+                    }
                 };
                 entry.insert(row)
             }
@@ -175,44 +207,62 @@ impl WindowOperator {
                 // The rest of this block's readings for the window are part of its first version.
                 w.bumped_by = Some(p.block);
                 row.windows.push((slot, w));
-                row.at[usize::from(slot)] = row.windows.len() as u8;
+                let len = row.windows.len() as u16;
+                row.at[usize::from(slot)] = len;
+                let series = p.series as usize;
+                if self.width.len() <= series {
+                    self.width.resize(series + 1, 0);
+                }
+                self.width[series] = self.width[series].max(len);
             }
         }
         Ok(())
     }
 
-    /// Writes every changed row (inside the caller's transaction).
-    pub fn flush(&mut self, tx: &Connection) -> Result<usize, StoreError> {
+    /// Encodes every changed row, in key order: the store's B-tree is then written front to
+    /// back instead of at random pages. Needs no connection, so operators encode in parallel.
+    pub fn encode_dirty(&self) -> Vec<(u32, i64, Vec<u8>)> {
+        let mut keys: Vec<(u32, i64)> = self.rows.iter().filter(|(_, r)| r.dirty).map(|(k, _)| *k).collect();
+        keys.sort_unstable();
+        keys.into_iter()
+            .filter_map(|key| {
+                let row = self.rows.get(&key)?;
+                let mut buf = Vec::new();
+                encode_row(&self.calendar, key.1, row, &mut buf);
+                Some((key.0, key.1, buf))
+            })
+            .collect()
+    }
+
+    /// Writes rows [`WindowOperator::encode_dirty`] encoded (inside the caller's transaction).
+    pub fn write(&self, tx: &Connection, encoded: &[(u32, i64, Vec<u8>)]) -> Result<usize, StoreError> {
         let code = self.calendar.code();
         let mut stmt = tx.prepare_cached(
             "INSERT INTO windows (size, series, row, data) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (size, series, row) DO UPDATE SET data = excluded.data",
         )?;
-        let mut written = 0;
-        let mut buf = Vec::new();
-        for ((series, row_index), row) in self.rows.iter_mut().filter(|(_, r)| r.dirty) {
-            buf.clear();
-            encode_row(&self.calendar, *row_index, row, &mut buf);
-            stmt.execute(params![code, *series as i64, *row_index, &buf])?;
-            written += 1;
+        for (series, row_index, data) in encoded {
+            stmt.execute(params![code, *series as i64, *row_index, data])?;
         }
-        Ok(written)
+        Ok(encoded.len())
     }
 
     /// After a successful commit: rows are clean, and rows untouched for a while leave memory.
     pub fn committed(&mut self) {
         let commits = self.commits;
+        let mut bytes = 0;
         for ((series, row_index), row) in self.rows.iter_mut() {
+            bytes += row.bytes();
             if row.dirty {
                 row.dirty = false;
                 let max = self.stored_max.entry(*series).or_insert(*row_index);
                 *max = (*max).max(*row_index);
-            }
-            for (_, w) in &mut row.windows {
-                w.bumped_by = None;
+                // Only a row changed since the last commit can have a window bumped in it.
+                for (_, w) in &mut row.windows {
+                    w.bumped_by = None;
+                }
             }
         }
-        let bytes: usize = self.rows.values().map(Row::bytes).sum();
         if bytes > KEEP_BYTES {
             // Keep each sensor's newest row (live data lands there) and the most recently used.
             let mut newest: HashMap<u32, i64> = HashMap::new();
@@ -245,8 +295,9 @@ impl WindowOperator {
     /// The window in memory that holds `ts` of `series`: (start, end, window).
     pub fn window_at(&self, series: u32, ts: i64) -> Option<(i64, i64, &Window)> {
         let (index, start, end) = self.calendar.bucket(ts);
-        let row = self.rows.get(&(series, index.div_euclid(SLOTS)))?;
-        let at = usize::from(row.at[index.rem_euclid(SLOTS) as usize]);
+        let slots = self.calendar.slots();
+        let row = self.rows.get(&(series, index.div_euclid(slots)))?;
+        let at = usize::from(row.at[index.rem_euclid(slots) as usize]);
         row.windows.get(at.checked_sub(1)?).map(|(_, w)| (start, end, w))
     }
 
@@ -268,9 +319,11 @@ pub fn load_row(
     let data: Option<Vec<u8>> = stmt.query_row(params![code, series as i64, row_index], |r| r.get(0)).optional()?;
     match data {
         None => Ok(None),
-        Some(data) => decode_row(calendar, row_index, &data).map(|windows| Some(Row::of(windows))).map_err(|e| {
-            StoreError::Corrupt(format!("window row (size {code}, series {series}, row {row_index}): {e}"))
-        }),
+        Some(data) => {
+            decode_row(calendar, row_index, &data).map(|windows| Some(Row::of(windows, calendar.slots()))).map_err(
+                |e| StoreError::Corrupt(format!("window row (size {code}, series {series}, row {row_index}): {e}")),
+            )
+        }
     }
 }
 
@@ -279,27 +332,34 @@ pub fn load_row(
 #[derive(Serialize, Deserialize)]
 enum StoredWindow {
     /// One reading.
-    One { slot: u8, ts: i64, value: f64, updated: i64, revision: u32 },
+    One { slot: u16, ts: i64, value: f64, updated: i64, revision: u32 },
     /// Up to the sketch's exact limit: the values in log order, and first/last by index.
-    Few { slot: u8, values: Vec<f64>, first: (i64, u8), last: (i64, u8), updated: i64, revision: u32 },
+    Few { slot: u16, values: Vec<f64>, first: (i64, u8), last: (i64, u8), updated: i64, revision: u32 },
     /// Everything else.
-    Many { slot: u8, stats: Stats, updated: i64, revision: u32 },
+    Many { slot: u16, stats: Stats, updated: i64, revision: u32 },
 }
 
 /// [`StoredWindow`] borrowed for writing: the same variants and fields in the same order, so
 /// postcard writes the same bytes without copying a window's values.
 #[derive(Serialize)]
 enum StoredWindowRef<'a> {
-    One { slot: u8, ts: i64, value: f64, updated: i64, revision: u32 },
-    Few { slot: u8, values: &'a [f64], first: (i64, u8), last: (i64, u8), updated: i64, revision: u32 },
-    Many { slot: u8, stats: &'a Stats, updated: i64, revision: u32 },
+    One { slot: u16, ts: i64, value: f64, updated: i64, revision: u32 },
+    Few { slot: u16, values: &'a [f64], first: (i64, u8), last: (i64, u8), updated: i64, revision: u32 },
+    Many { slot: u16, stats: &'a Stats, updated: i64, revision: u32 },
 }
 
 fn encode_row(calendar: &Calendar, row_index: i64, row: &Row, out: &mut Vec<u8>) {
-    let stored: Vec<StoredWindowRef<'_>> = row
-        .in_order()
-        .map(|(slot, w)| {
-            let start = calendar.start_of(row_index * SLOTS + i64::from(*slot));
+    let slots = calendar.slots();
+    // Postcard writes a sequence as its length and then its items: written one by one into the
+    // output, the bytes are those of the whole Vec, without collecting it first.
+    let mut len = [0u8; 10];
+    if let Ok(len) = postcard::to_slice(&row.windows.len(), &mut len) {
+        out.extend_from_slice(len);
+    }
+    out.reserve(row.windows.len() * 24);
+    for (slot, w) in row.in_order() {
+        let stored = {
+            let start = calendar.start_of(row_index * slots + i64::from(*slot));
             let updated = w.updated_at.saturating_sub(start);
             let s = &w.stats;
             match &s.sketch {
@@ -326,26 +386,27 @@ fn encode_row(calendar: &Calendar, row_index: i64, row: &Row, out: &mut Vec<u8>)
                 }
                 _ => StoredWindowRef::Many { slot: *slot, stats: s, updated, revision: w.revision },
             }
-        })
-        .collect();
-    // Serialising these types into a Vec cannot fail.
-    if let Ok(bytes) = postcard::to_extend(&stored, std::mem::take(out)) {
-        *out = bytes;
+        };
+        // Serialising these types into a Vec cannot fail.
+        if let Ok(bytes) = postcard::to_extend(&stored, std::mem::take(out)) {
+            *out = bytes;
+        }
     }
 }
 
 /// Decodes a stored row into its windows.
-pub fn decode_row(calendar: &Calendar, row_index: i64, data: &[u8]) -> Result<Vec<(u8, Window)>, String> {
+pub fn decode_row(calendar: &Calendar, row_index: i64, data: &[u8]) -> Result<Vec<(u16, Window)>, String> {
+    let slots = calendar.slots();
     let stored: Vec<StoredWindow> = postcard::from_bytes(data).map_err(|e| e.to_string())?;
     let mut windows = Vec::with_capacity(stored.len());
     for w in stored {
         let (slot, window) = match w {
             StoredWindow::One { slot, ts, value, updated, revision } => {
-                let start = calendar.start_of(row_index * SLOTS + i64::from(slot));
+                let start = calendar.start_of(row_index * slots + i64::from(slot));
                 (slot, Window::new(Stats::of(start + ts, value), revision, start + updated))
             }
             StoredWindow::Few { slot, values, first, last, updated, revision } => {
-                let start = calendar.start_of(row_index * SLOTS + i64::from(slot));
+                let start = calendar.start_of(row_index * slots + i64::from(slot));
                 let (Some(v0), Some(fv), Some(lv)) =
                     (values.first(), values.get(first.1 as usize), values.get(last.1 as usize))
                 else {
@@ -360,11 +421,11 @@ pub fn decode_row(calendar: &Calendar, row_index: i64, data: &[u8]) -> Result<Ve
                 (slot, Window::new(stats, revision, start + updated))
             }
             StoredWindow::Many { slot, stats, updated, revision } => {
-                let start = calendar.start_of(row_index * SLOTS + i64::from(slot));
+                let start = calendar.start_of(row_index * slots + i64::from(slot));
                 (slot, Window::new(stats, revision, start + updated))
             }
         };
-        if i64::from(slot) >= SLOTS {
+        if i64::from(slot) >= slots {
             return Err(format!("slot {slot} out of range"));
         }
         // The row's slot bitmap counts on sorted, distinct slots.
@@ -385,8 +446,8 @@ mod tests {
         let calendar = Calendar::fixed(60_000);
         let base = 1_764_547_200_000i64;
         let (index, ..) = calendar.bucket(base);
-        let row_index = index.div_euclid(SLOTS);
-        let row_start = calendar.start_of(row_index * SLOTS);
+        let row_index = index.div_euclid(calendar.slots());
+        let row_start = calendar.start_of(row_index * calendar.slots());
         let mut windows = Vec::new();
         // one reading, a few, many
         windows.push((0, Window::new(Stats::of(row_start + 5, 21.5), 0, row_start + 100)));
@@ -401,7 +462,7 @@ mod tests {
         windows.push((2, Window::new(many, 0, row_start + 130_000)));
         // Made out of order, written by slot.
         windows.swap(0, 2);
-        let row = Row::of(windows);
+        let row = Row::of(windows, calendar.slots());
         let mut buf = Vec::new();
         encode_row(&calendar, row_index, &row, &mut buf);
         let decoded = decode_row(&calendar, row_index, &buf).unwrap();
