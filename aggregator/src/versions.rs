@@ -721,8 +721,10 @@ pub async fn supervise(
                         );
                         metrics.pipeline_serving_version.set(i64::from(new.version));
                         metrics.replay_offset.set(0);
-                        // Until its next commit, the offset in /metrics is the old version's.
-                        metrics.processor_offset.set(new_at as i64);
+                        // Until its next commit, the offset in /metrics is the old version's. Read
+                        // now that it serves: a commit it made since `new_at` did not set it, and
+                        // with the log at rest there may be no next commit.
+                        metrics.processor_offset.set(*new.thread.committed.borrow() as i64);
                         let old = std::mem::replace(&mut serving, new);
                         lock(&versions.progress).remove(&old.version);
                         old.thread.stop.stop();
