@@ -164,7 +164,7 @@ pub struct Staged {
 }
 
 /// Readings staged before they are folded at the latest (a few MiB).
-const STAGE_READINGS: usize = 65_536;
+const STAGE_READINGS: usize = 16_384;
 /// Fewer staged readings than this fold on one thread: starting threads would cost more.
 const PARALLEL_READINGS: usize = 4_096;
 
@@ -306,6 +306,11 @@ impl Pipeline {
         })
     }
 
+    /// Memory the window operators took since the last commit: a commit lets them drop it.
+    pub fn grown_bytes(&self) -> usize {
+        self.windows.iter().map(WindowOperator::grown_bytes).sum()
+    }
+
     /// Alert transitions since the last commit (to notify once it is durable).
     pub fn transitions(&self) -> &[Transition] {
         self.alerts.transitions()
@@ -319,7 +324,7 @@ impl Pipeline {
         // Normally folded already (the caller appends what folding derives before this).
         self.fold_staged(conn)?;
         // Encoding the rows is most of a commit's work outside SQLite: one thread per size.
-        let encoded: Vec<Vec<(u32, i64, Vec<u8>)>> = if self.windows.len() > 1 {
+        let encoded: Vec<window::EncodedRows> = if self.windows.len() > 1 {
             std::thread::scope(|scope| {
                 let threads: Vec<_> =
                     self.windows.iter_mut().map(|op| scope.spawn(move || op.encode_dirty())).collect();

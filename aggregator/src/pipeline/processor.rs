@@ -38,6 +38,9 @@ const READ_READINGS: u64 = 200_000;
 const READ_BLOCKS: i64 = 20_000;
 /// Readings folded before a commit at the latest.
 pub const COMMIT_READINGS: u64 = 2_000_000;
+/// Memory the window operators may take between commits: a replay or a backlog commits when it
+/// is reached rather than only after [`COMMIT_INTERVAL`], so memory does not grow with speed.
+pub const COMMIT_BYTES: usize = 256 << 20;
 /// Longest time between commits while the processor is behind.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 /// Shortest time between commits once caught up: live data is visible within it, and a busy
@@ -546,6 +549,10 @@ impl Processor {
                     }
                 }
                 self.next_offset = b.first_offset + b.count;
+                if self.pipeline.grown_bytes() >= COMMIT_BYTES {
+                    // The rest of this read comes again after the commit.
+                    break;
+                }
             }
             let folding = Instant::now();
             self.pipeline.fold_staged(&self.store)?;
@@ -555,6 +562,7 @@ impl Processor {
         let uncommitted = self.next_offset > self.committed;
         let since = self.last_commit.elapsed();
         let due = self.pipeline.pending >= COMMIT_READINGS
+            || self.pipeline.grown_bytes() >= COMMIT_BYTES
             || (uncommitted && since >= COMMIT_INTERVAL)
             || (uncommitted && caught_up && since >= LIVE_COMMIT_INTERVAL)
             || (uncommitted && self.limit.is_some_and(|(n, _)| self.cycle_blocks >= n));

@@ -87,9 +87,23 @@ impl Row {
     }
 
     /// The windows by slot.
-    pub fn in_order(&self) -> impl Iterator<Item = &(u16, Window)> {
-        self.at.iter().filter(|i| **i != 0).map(|i| &self.windows[usize::from(*i) - 1])
+    pub fn in_order(&self) -> Box<dyn Iterator<Item = &(u16, Window)> + '_> {
+        // Usually made in slot order already (data in time order); else found through `at`,
+        // a walk over every slot of the row.
+        if self.windows.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+            Box::new(self.windows.iter())
+        } else {
+            Box::new(self.at.iter().filter(|i| **i != 0).map(|i| &self.windows[usize::from(*i) - 1]))
+        }
     }
+}
+
+/// Rows encoded for a commit: (series, row) keys in order, and where each one's bytes end.
+#[derive(Debug, Default)]
+pub struct EncodedRows {
+    keys: Vec<(u32, i64)>,
+    ends: Vec<usize>,
+    bytes: Vec<u8>,
 }
 
 /// A reading as the operators see it.
@@ -110,6 +124,8 @@ pub struct WindowOperator {
     /// Per sensor, the highest row index in the store: rows above it are new, no read needed.
     stored_max: FxHashMap<u32, i64>,
     commits: u64,
+    /// Bytes of rows made, loaded or grown since the last commit.
+    grown: usize,
     /// Per series, the most windows a row of it has held: a new row reserves that many.
     width: Vec<u16>,
     /// A read connection of its own to the store, so that it can fold on a thread of its own.
@@ -134,6 +150,7 @@ impl WindowOperator {
             rows: FxHashMap::default(),
             stored_max,
             commits: 0,
+            grown: 0,
             width: Vec::new(),
             reader: crate::store::open_reader_beside(conn),
             last_bucket: (0, 0, 0),
@@ -185,6 +202,7 @@ impl WindowOperator {
                         Row::new(slots, usize::from(width))
                     }
                 };
+                self.grown += row.bytes();
                 entry.insert(row)
             }
         };
@@ -206,7 +224,9 @@ impl WindowOperator {
                 let mut w = Window::new(Stats::of(p.ts, p.value), 0, p.received_at);
                 // The rest of this block's readings for the window are part of its first version.
                 w.bumped_by = Some(p.block);
+                let capacity = row.windows.capacity();
                 row.windows.push((slot, w));
+                self.grown += (row.windows.capacity() - capacity) * std::mem::size_of::<(u16, Window)>();
                 let len = row.windows.len() as u16;
                 row.at[usize::from(slot)] = len;
                 let series = p.series as usize;
@@ -221,30 +241,34 @@ impl WindowOperator {
 
     /// Encodes every changed row, in key order: the store's B-tree is then written front to
     /// back instead of at random pages. Needs no connection, so operators encode in parallel.
-    pub fn encode_dirty(&self) -> Vec<(u32, i64, Vec<u8>)> {
+    pub fn encode_dirty(&self) -> EncodedRows {
         let mut keys: Vec<(u32, i64)> = self.rows.iter().filter(|(_, r)| r.dirty).map(|(k, _)| *k).collect();
         keys.sort_unstable();
-        keys.into_iter()
-            .filter_map(|key| {
-                let row = self.rows.get(&key)?;
-                let mut buf = Vec::new();
-                encode_row(&self.calendar, key.1, row, &mut buf);
-                Some((key.0, key.1, buf))
-            })
-            .collect()
+        // One buffer for all rows: an allocation per row, and its growth, were a third of it.
+        let mut encoded = EncodedRows { ends: Vec::with_capacity(keys.len()), ..EncodedRows::default() };
+        for key in keys {
+            if let Some(row) = self.rows.get(&key) {
+                encode_row(&self.calendar, key.1, row, &mut encoded.bytes);
+                encoded.keys.push(key);
+                encoded.ends.push(encoded.bytes.len());
+            }
+        }
+        encoded
     }
 
     /// Writes rows [`WindowOperator::encode_dirty`] encoded (inside the caller's transaction).
-    pub fn write(&self, tx: &Connection, encoded: &[(u32, i64, Vec<u8>)]) -> Result<usize, StoreError> {
+    pub fn write(&self, tx: &Connection, encoded: &EncodedRows) -> Result<usize, StoreError> {
         let code = self.calendar.code();
         let mut stmt = tx.prepare_cached(
             "INSERT INTO windows (size, series, row, data) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (size, series, row) DO UPDATE SET data = excluded.data",
         )?;
-        for (series, row_index, data) in encoded {
-            stmt.execute(params![code, *series as i64, *row_index, data])?;
+        let mut start = 0;
+        for ((series, row_index), end) in encoded.keys.iter().zip(&encoded.ends) {
+            stmt.execute(params![code, *series as i64, *row_index, &encoded.bytes[start..*end]])?;
+            start = *end;
         }
-        Ok(encoded.len())
+        Ok(encoded.keys.len())
     }
 
     /// After a successful commit: rows are clean, and rows untouched for a while leave memory.
@@ -284,6 +308,12 @@ impl WindowOperator {
             }
         }
         self.commits = commits + 1;
+        self.grown = 0;
+    }
+
+    /// Memory taken by rows made, loaded or grown since the last commit (they stay until it).
+    pub fn grown_bytes(&self) -> usize {
+        self.grown
     }
 
     /// Forgets everything in memory (after a failed commit, to reload from the store).
