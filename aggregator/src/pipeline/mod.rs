@@ -321,8 +321,8 @@ impl Pipeline {
     /// [`Pipeline::derived_seq`]: a crash in between redoes the same appends, which the log
     /// drops as duplicates.
     pub fn commit(&mut self, conn: &mut Connection, name: &str, next_offset: u64) -> Result<(), StoreError> {
-        // Normally folded already (the caller appends what folding derives before this).
-        self.fold_staged(conn)?;
+        // Folding here would derive readings the caller has not appended to the log first.
+        debug_assert!(self.staged.is_empty(), "fold_staged before commit");
         // Encoding the rows is most of a commit's work outside SQLite: one thread per size.
         let encoded: Vec<window::EncodedRows> = if self.windows.len() > 1 {
             std::thread::scope(|scope| {
