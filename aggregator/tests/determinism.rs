@@ -47,17 +47,7 @@ fn batch(n: u64, now: i64) -> Vec<u8> {
 
 /// What the API serves, minus what depends on the wall clock (a sensor's online/stale status).
 fn snapshot(agg: &Aggregator) -> Value {
-    let mut out = serde_json::Map::new();
-    for size in ["10s", "1m", "1h", "day"] {
-        let (status, body) = agg.get_json(&format!("/api/v1/windows?sensor=**&size={size}"));
-        assert_eq!(status, 200, "{body}");
-        out.insert(format!("windows {size}"), body);
-    }
-    let (_, mut sensors) = agg.get_json("/api/v1/sensors?limit=10000");
-    for s in sensors.as_array_mut().unwrap() {
-        s.as_object_mut().unwrap().remove("status");
-    }
-    out.insert("sensors".into(), sensors);
+    let mut out = common::served_windows_and_sensors(agg, &["10s", "1m", "1h", "day"]);
     out.insert("quarantine".into(), agg.get_json("/api/v1/quarantine?limit=10000").1);
     out.insert("anomalies".into(), agg.get_json("/api/v1/anomalies?limit=10000").1);
     out.insert("alerts".into(), agg.get_json("/api/v1/alerts?limit=10000").1);

@@ -47,17 +47,7 @@ fn counted(body: &Value) -> u64 {
 
 /// What the API serves for the real sensors, minus what depends on the wall clock.
 fn snapshot(agg: &Aggregator, sizes: &[&str]) -> Value {
-    let mut out = serde_json::Map::new();
-    for size in sizes {
-        let (status, body) = agg.get_json(&format!("/api/v1/windows?sensor=**&size={size}"));
-        assert_eq!(status, 200, "{body}");
-        out.insert(format!("windows {size}"), body);
-    }
-    let (_, mut sensors) = agg.get_json("/api/v1/sensors?limit=10000");
-    for s in sensors.as_array_mut().unwrap() {
-        s.as_object_mut().unwrap().remove("status");
-    }
-    out.insert("sensors".into(), sensors);
+    let mut out = common::served_windows_and_sensors(agg, sizes);
     // Whether an alert fired during a replay depends on when the version was switched to, not on
     // the log: compared apart.
     let (_, mut alerts) = agg.get_json("/api/v1/alerts?limit=10000");

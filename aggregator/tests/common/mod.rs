@@ -430,3 +430,20 @@ pub fn settled_checksum(agg: &Aggregator, v: u64) -> String {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The windows of `sizes` of every sensor and the sensor list, as the API serves them, minus what
+/// depends on the wall clock (a sensor's online/stale status): for comparing two aggregators.
+pub fn served_windows_and_sensors(agg: &Aggregator, sizes: &[&str]) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for size in sizes {
+        let (status, body) = agg.get_json(&format!("/api/v1/windows?sensor=**&size={size}"));
+        assert_eq!(status, 200, "{body}");
+        out.insert(format!("windows {size}"), body);
+    }
+    let (_, mut sensors) = agg.get_json("/api/v1/sensors?limit=10000");
+    for s in sensors.as_array_mut().unwrap() {
+        s.as_object_mut().unwrap().remove("status");
+    }
+    out.insert("sensors".into(), sensors);
+    out
+}
