@@ -122,6 +122,41 @@ fn a_damaged_or_cut_short_store_is_set_aside_and_rebuilt_from_the_log() {
 }
 
 #[test]
+fn a_store_of_an_older_layout_is_set_aside_and_rebuilt_with_the_same_answers() {
+    // What an upgrade across a store layout change does (layout 5 made window rows an hour of
+    // 10 s windows): the old file is kept beside, the new one is computed from the log.
+    let dir = tempfile::tempdir().unwrap();
+    loaded(dir.path(), false);
+    let answers = |agg: &Aggregator| {
+        let windows: Vec<_> = ["10s", "1m", "1h"]
+            .iter()
+            .map(|size| agg.get_json(&format!("/api/v1/windows?sensor=d/*&size={size}")).1)
+            .collect();
+        windows
+    };
+    let before = {
+        let agg = Aggregator::start(dir.path());
+        agg.wait_processed();
+        let answers = answers(&agg);
+        assert_eq!(agg.terminate().code(), Some(0));
+        answers
+    };
+    let store = dir.path().join("data/store.db");
+    let conn = rusqlite::Connection::open(&store).unwrap();
+    let layout: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    conn.pragma_update(None, "user_version", layout - 1).unwrap();
+    drop(conn);
+
+    let agg = Aggregator::start(dir.path());
+    agg.wait_processed();
+    assert_eq!(served(&agg), BATCHES * PER_BATCH);
+    assert_eq!(answers(&agg), before, "the rebuilt store answers as the old one did");
+    let stderr = agg.stderr.lock().unwrap().clone();
+    assert!(stderr.contains("rebuilding it from the log"), "{stderr}");
+    assert!(dir.path().join(format!("data/store.db.layout-{}", layout - 1)).exists(), "the old store is kept");
+}
+
+#[test]
 fn a_damaged_log_stops_the_aggregator_with_the_file_and_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     loaded(dir.path(), false);
