@@ -34,7 +34,16 @@ pub enum Sketch {
     /// Every value, in the order added (inline up to [`INLINE`]: most windows hold a few).
     Exact(SmallVec<[f64; INLINE]>),
     /// Bucket counts: keys ascending, for positive values and for the magnitudes of negative ones.
-    Buckets { zero: u64, pos: Vec<(i32, u64)>, neg: Vec<(i32, u64)> },
+    /// Boxed: most windows stay exact, and a window's size is what memory is made of.
+    Buckets(Box<Buckets>),
+}
+
+/// Bucket counts: keys ascending, for positive values and for the magnitudes of negative ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Buckets {
+    zero: u64,
+    pos: Vec<(i32, u64)>,
+    neg: Vec<(i32, u64)>,
 }
 
 impl Default for Sketch {
@@ -55,7 +64,7 @@ impl Sketch {
                 self.switch_to_buckets();
                 self.add(value);
             }
-            Sketch::Buckets { zero, pos, neg } => add_switch_to_buckets(zero, pos, neg, value, 1),
+            Sketch::Buckets(b) => add_switch_to_buckets(&mut b.zero, &mut b.pos, &mut b.neg, value, 1),
         }
     }
 
@@ -67,12 +76,14 @@ impl Sketch {
                 self.switch_to_buckets();
                 self.merge(other);
             }
-            (Sketch::Buckets { zero, pos, neg }, Sketch::Exact(b)) => {
+            (Sketch::Buckets(a), Sketch::Exact(b)) => {
+                let Buckets { zero, pos, neg } = &mut **a;
                 for v in b {
                     add_switch_to_buckets(zero, pos, neg, *v, 1);
                 }
             }
-            (Sketch::Buckets { zero, pos, neg }, Sketch::Buckets { zero: z2, pos: p2, neg: n2 }) => {
+            (Sketch::Buckets(a), Sketch::Buckets(b)) => {
+                let (Buckets { zero, pos, neg }, Buckets { zero: z2, pos: p2, neg: n2 }) = (&mut **a, &**b);
                 *zero += z2;
                 merge_keys(pos, p2);
                 merge_keys(neg, n2);
@@ -86,14 +97,15 @@ impl Sketch {
             for v in values.iter() {
                 add_switch_to_buckets(&mut zero, &mut pos, &mut neg, *v, 1);
             }
-            *self = Sketch::Buckets { zero, pos, neg };
+            *self = Sketch::Buckets(Box::new(Buckets { zero, pos, neg }));
         }
     }
 
     pub fn count(&self) -> u64 {
         match self {
             Sketch::Exact(values) => values.len() as u64,
-            Sketch::Buckets { zero, pos, neg } => {
+            Sketch::Buckets(b) => {
+                let Buckets { zero, pos, neg } = &**b;
                 zero + pos.iter().map(|(_, c)| c).sum::<u64>() + neg.iter().map(|(_, c)| c).sum::<u64>()
             }
         }
@@ -113,7 +125,8 @@ impl Sketch {
                 sorted.sort_by(f64::total_cmp);
                 sorted.get(rank as usize).copied()
             }
-            Sketch::Buckets { zero, pos, neg } => {
+            Sketch::Buckets(b) => {
+                let Buckets { zero, pos, neg } = &**b;
                 let (g, inv_ln_gamma) = gamma();
                 // The bucket (γ^(k-1), γ^k] is represented by 2γ^k/(γ+1), written so that the
                 // top bucket of f64::MAX stays finite.

@@ -25,6 +25,10 @@ use crate::store::StoreError;
 /// per window size were most of the aggregator's memory.
 const KEEP_BYTES: usize = 8 << 20;
 
+/// `Window::bumped_by` of a window no block has bumped since the last commit (no log offset is
+/// this large); a plain u64 keeps a window 8 bytes smaller than an `Option`.
+const NOT_BUMPED: u64 = u64::MAX;
+
 /// One window: its statistics, how often late data revised it, and when it last changed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
@@ -35,12 +39,12 @@ pub struct Window {
     /// so replays reproduce it.
     pub updated_at: i64,
     /// The log block that last raised `revision` (not stored: a block never spans two commits).
-    bumped_by: Option<u64>,
+    bumped_by: u64,
 }
 
 impl Window {
     pub fn new(stats: Stats, revision: u32, updated_at: i64) -> Window {
-        Window { stats, revision, updated_at, bumped_by: None }
+        Window { stats, revision, updated_at, bumped_by: NOT_BUMPED }
     }
 
     /// Merges a later window's readings (for coarser views at query time).
@@ -197,7 +201,7 @@ impl WindowOperator {
                     }
                     _ => {
                         // As many windows as the sensor's previous row: growing a row one
-                        // 176-byte window at a time was a tenth of the fold (reallocations).
+                        // window at a time was a tenth of the fold (reallocations).
                         let width = self.width.get(p.series as usize).copied().unwrap_or(0).max(4);
                         Row::new(slots, usize::from(width))
                     }
@@ -213,9 +217,9 @@ impl WindowOperator {
                 let w = &mut row.windows[usize::from(at) - 1].1;
                 w.stats.add(p.ts, p.value);
                 w.updated_at = w.updated_at.max(p.received_at);
-                if p.received_at >= end && w.bumped_by != Some(p.block) {
+                if p.received_at >= end && w.bumped_by != p.block {
                     w.revision += 1;
-                    w.bumped_by = Some(p.block);
+                    w.bumped_by = p.block;
                 }
             }
             0 => {
@@ -223,7 +227,7 @@ impl WindowOperator {
                 // by late data; it starts at revision 0 all the same: nothing was served before.
                 let mut w = Window::new(Stats::of(p.ts, p.value), 0, p.received_at);
                 // The rest of this block's readings for the window are part of its first version.
-                w.bumped_by = Some(p.block);
+                w.bumped_by = p.block;
                 let capacity = row.windows.capacity();
                 row.windows.push((slot, w));
                 self.grown += (row.windows.capacity() - capacity) * std::mem::size_of::<(u16, Window)>();
@@ -283,7 +287,7 @@ impl WindowOperator {
                 *max = (*max).max(*row_index);
                 // Only a row changed since the last commit can have a window bumped in it.
                 for (_, w) in &mut row.windows {
-                    w.bumped_by = None;
+                    w.bumped_by = NOT_BUMPED;
                 }
             }
         }
