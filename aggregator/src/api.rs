@@ -715,35 +715,43 @@ async fn multi_windows(
             store.read(move |conn| windows_part(conn, &plan, &part, from, to, fields, csv)).await
         }));
     }
-    // `[{"sensor": ..., "windows": [...]}, ...]`, or CSV rows under one header.
-    let mut body = if csv {
+    // `[{"sensor": ..., "windows": [...]}, ...]`, or CSV rows under one header. The parts go out
+    // as they are, one chunk each: joining them copied the whole answer (12 MB for every member
+    // of 1,000 sensors' last hour) once more, a quarter of the request's time.
+    let mut chunks: Vec<bytes::Bytes> = Vec::with_capacity(2 * reads.len() + 1);
+    if csv {
         let mut header = Vec::new();
         json::csv_header(&mut header, fields);
-        header
+        chunks.push(header.into());
     } else {
-        vec![b'[']
-    };
-    let mut total = 0usize;
+        chunks.push(bytes::Bytes::from_static(b"["));
+    }
+    let (mut total, mut any) = (0usize, false);
     for read in reads {
-        let (windows, json) = read.await.map_err(|e| ApiError::Store(StoreError::Join(e)))??;
+        let (windows, part) = read.await.map_err(|e| ApiError::Store(StoreError::Join(e)))??;
         total += windows;
         if total > MAX_MULTI_WINDOWS {
             return Err(too_many(MAX_MULTI_WINDOWS, total));
         }
-        if csv {
-            body.extend_from_slice(&json);
-        } else if !json.is_empty() {
-            if body.len() > 1 {
-                body.push(b',');
-            }
-            body.extend_from_slice(&json);
+        if part.is_empty() {
+            continue;
         }
+        if !csv && any {
+            chunks.push(bytes::Bytes::from_static(b","));
+        }
+        any = true;
+        chunks.push(part.into());
     }
-    if csv {
-        return Ok(csv_response(body));
-    }
-    body.push(b']');
-    Ok(json_response(body))
+    let content_type = if csv {
+        HeaderValue::from_static("text/csv; charset=utf-8")
+    } else {
+        chunks.push(bytes::Bytes::from_static(b"]"));
+        HeaderValue::from_static("application/json")
+    };
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(
+        chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
+    ));
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 /// The windows of some sensors as comma-separated `{"sensor": ..., "windows": [...]}` objects, and
@@ -758,7 +766,7 @@ fn windows_part(
     csv: bool,
 ) -> Result<(usize, Vec<u8>), StoreError> {
     let mut body = Vec::new();
-    let mut total = 0usize;
+    let (mut total, mut first) = (0usize, true);
     for (series, name) in sensors {
         let windows = read_windows(conn, plan, *series, from, to, MAX_MULTI_WINDOWS - total, fields.quantiles())?;
         total += windows.len();
@@ -774,6 +782,14 @@ fn windows_part(
         }
         body.reserve(windows.len() * json::WINDOW_BYTES + name.len() + 32);
         json::sensor_windows(&mut body, name, &windows, fields);
+        if first {
+            first = false;
+            // Sensors of a fleet tend to look alike: room for all of them like the first, instead
+            // of doubling (and copying) a part of several MB again and again. No more than the
+            // largest answer there can be.
+            let like_first = body.len() * sensors.len() + body.len() / 8 + 1024;
+            body.reserve(like_first.min(MAX_MULTI_WINDOWS * json::WINDOW_BYTES));
+        }
     }
     Ok((total, body))
 }
