@@ -200,7 +200,7 @@ impl WindowOperator {
                             .unwrap_or_else(|| Row::new(slots, 4))
                     }
                     _ => {
-                        // As many windows as the sensor's previous row: growing a row one
+                        // As many windows as the sensor's rows have held: growing a row one
                         // window at a time was a tenth of the fold (reallocations).
                         let width = self.width.get(p.series as usize).copied().unwrap_or(0).max(4);
                         Row::new(slots, usize::from(width))
