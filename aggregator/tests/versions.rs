@@ -358,6 +358,59 @@ fn replays_cut_into_different_steps_compute_the_same_tables() {
 }
 
 #[test]
+fn sigterm_during_a_background_replay_is_resumed_at_the_next_start_to_the_same_tables() {
+    const PLAIN: &str = "[pipeline]\nwindows = [\"1m\"]\n";
+    const NEXT: &str = "[pipeline]\nversion = 2\nwindows = [\"10s\", \"1m\", \"1h\"]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with(dir.path(), PLAIN);
+    for n in 0..500 {
+        agg.ingest_ok(0, &batch(n));
+    }
+    agg.wait_processed();
+    assert_eq!(agg.terminate().code(), Some(0));
+
+    // Version 2 starts replaying; SIGTERM arrives while it does, with ingest going on.
+    let agg = Aggregator::start_with(dir.path(), NEXT);
+    agg.ingest_ok(0, &batch(500));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = pipeline(&agg);
+        assert_eq!(p["serving"], 1, "the replay finished before the test could stop it: {p}");
+        if version(&p, 2)["offset"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replay never started: {p}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stderr = agg.stderr.clone();
+    assert_eq!(agg.terminate().code(), Some(0), "{}", stderr.lock().unwrap());
+    assert!(!stderr.lock().unwrap().contains("panicked"), "{}", stderr.lock().unwrap());
+
+    // The next start resumes the replay where it stopped and switches; the tables are those of a
+    // version 2 that never stopped.
+    let agg = Aggregator::start_with(dir.path(), NEXT);
+    let p = pipeline(&agg);
+    assert_eq!(version(&p, 2)["state"], "replaying", "{p}");
+    assert!(version(&p, 2)["offset"].as_u64().unwrap() > 0, "resumed, not restarted from 0: {p}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pipeline(&agg)["serving"] != 2 {
+        assert!(Instant::now() < deadline, "version 2 never served:\n{}", agg.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agg.wait_processed();
+    let resumed = common::settled_checksum(&agg, 2);
+    assert_eq!(counted(&snapshot(&agg, &["1m"])["windows 1m"]), 501 * PER_BATCH);
+    assert_eq!(agg.terminate().code(), Some(0));
+
+    // What version 2 computes from the same log alone, on a copy.
+    let fresh = tempfile::tempdir().unwrap();
+    copy_log(dir.path(), fresh.path());
+    let agg = Aggregator::start_with(fresh.path(), NEXT);
+    assert_eq!(pipeline(&agg)["serving"], 2);
+    assert_eq!(common::settled_checksum(&agg, 2), resumed, "resumed replay = one that never stopped");
+}
+
+#[test]
 fn a_damaged_pipeline_json_stops_the_start_with_the_file_and_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let agg = Aggregator::start_with(dir.path(), V1);
