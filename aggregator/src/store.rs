@@ -20,7 +20,7 @@ use crate::pipeline::window::{Window, decode_row};
 
 /// The store's layout version (`PRAGMA user_version`). A store of another version is moved
 /// aside and rebuilt from the log.
-pub const LAYOUT_VERSION: i64 = 5;
+pub const LAYOUT_VERSION: i64 = 6;
 
 /// Read connections kept open for the API (each query borrows one on a blocking thread).
 const READ_POOL: usize = 4;

@@ -123,8 +123,8 @@ fn a_damaged_or_cut_short_store_is_set_aside_and_rebuilt_from_the_log() {
 
 #[test]
 fn a_store_of_an_older_layout_is_set_aside_and_rebuilt_with_the_same_answers() {
-    // What an upgrade across a store layout change does (layout 5 made window rows an hour of
-    // 10 s windows): the old file is kept beside, the new one is computed from the log.
+    // What an upgrade across a store layout change does (layout 6 made window rows 20 minutes
+    // of 10 s windows): the old file is kept beside, the new one is computed from the log.
     let dir = tempfile::tempdir().unwrap();
     loaded(dir.path(), false);
     let answers = |agg: &Aggregator| {

@@ -1,6 +1,6 @@
 //! Tumbling windows by event time: one operator per configured size, stored as rows.
 //!
-//! A row holds [`Calendar::slots`] consecutive windows of one sensor (an hour or more), so the
+//! A row holds [`Calendar::slots`] consecutive windows of one sensor (20 minutes or more), so the
 //! store writes a row per sensor and hour touched per commit, not a row per window, and a query
 //! for a sensor-day reads a few rows (DESIGN.md, "The serving store: windows in blocks too").
 //! Rows being written live in memory; a row not in memory is loaded only if the store can have
