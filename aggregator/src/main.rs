@@ -315,6 +315,7 @@ fn log_error(error: InspectError) -> String {
 }
 
 fn main() -> ExitCode {
+    fewer_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::GenerateConfig) => {
@@ -510,5 +511,20 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
         _ = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+/// The window operators fold and encode on threads of their own; glibc gives each thread its own
+/// malloc arena (up to 8 per core), and a window made in one and dropped in another keeps pages
+/// of both. Two arenas (tests/bench/live.sh, 20 M readings): peak RSS 321 instead of 507 MiB,
+/// for 0.88 instead of 0.75 µs of CPU per reading while the log is short (the threads wait for
+/// the arena locks) and the same after. `MALLOC_ARENA_MAX` in the environment still wins.
+fn fewer_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
     }
 }
