@@ -186,14 +186,18 @@ pub async fn serve_with_reload(
     let started = start_version(serving_version, &serving_config, true).and_then(|serving| {
         let replay = match replay_version {
             Some(version) => {
-                tracing::info!(
-                    version,
-                    serving = serving_version,
-                    "replaying the log into a new pipeline version; the API serves version {serving_version} until \
-                     it has caught up"
-                );
                 match start_version(version, &config, false) {
-                    Ok(replay) => Some(replay),
+                    Ok(replay) => {
+                        // from_offset > 0: a replay a restart interrupted, resumed where it stopped.
+                        tracing::info!(
+                            version,
+                            serving = serving_version,
+                            from_offset = replay.from,
+                            "replaying the log into a new pipeline version; the API serves version \
+                             {serving_version} until it has caught up"
+                        );
+                        Some(replay)
+                    }
                     Err(error) => {
                         stop_processor(serving);
                         return Err(error);

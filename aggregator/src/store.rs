@@ -20,7 +20,7 @@ use crate::pipeline::window::{Window, decode_row};
 
 /// The store's layout version (`PRAGMA user_version`). A store of another version is moved
 /// aside and rebuilt from the log.
-pub const LAYOUT_VERSION: i64 = 6;
+pub const LAYOUT_VERSION: i64 = 7;
 
 /// Read connections kept open for the API (each query borrows one on a blocking thread).
 const READ_POOL: usize = 4;
@@ -56,6 +56,8 @@ pub fn open_reader_beside(conn: &Connection) -> Option<Connection> {
     let reader =
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX).ok()?;
     plan_once(&reader).ok()?;
+    // It reads a row now and then (late data): a small page cache, not SQLite's 2 MiB default.
+    reader.pragma_update(None, "cache_size", -512).ok()?;
     Some(reader)
 }
 
@@ -106,12 +108,14 @@ pub fn open_write(path: &Path) -> Result<Connection, StoreError> {
         );
         -- A rowid table on purpose: a WITHOUT ROWID table keeps at most ~1 KB of a record in its
         -- leaf, and a row of 60 windows (~1.3 KB) would take an overflow page of its own.
+        -- A row is stored in parts (sealed windows, then the open tail): pipeline/window.rs.
         CREATE TABLE IF NOT EXISTS windows (
             size INTEGER NOT NULL,
             series INTEGER NOT NULL,
             row INTEGER NOT NULL,
+            part INTEGER NOT NULL,
             data BLOB NOT NULL,
-            PRIMARY KEY (size, series, row)
+            PRIMARY KEY (size, series, row, part)
         );
         CREATE TABLE IF NOT EXISTS agents (id TEXT PRIMARY KEY, readings INTEGER NOT NULL, last_seen INTEGER NOT NULL);
         CREATE TABLE IF NOT EXISTS quarantine (
@@ -384,7 +388,7 @@ pub fn windows(
     last: i64,
 ) -> Result<Vec<(i64, Window)>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT row, data FROM windows WHERE size = ?1 AND series = ?2 AND row >= ?3 AND row <= ?4 ORDER BY row",
+        "SELECT row, data FROM windows WHERE size = ?1 AND series = ?2 AND row >= ?3 AND row <= ?4 ORDER BY row, part",
     )?;
     let slots = calendar.slots();
     let mut rows =

@@ -350,7 +350,8 @@ fn store_has_data(path: &Path) -> bool {
 
 /// A digest of a version's tables, independent of how the log was cut into commits: every row of
 /// every table the pipeline writes, in key order (not `set_aside_at`, which is the wall clock).
-/// Returns (the committed offset it covers, the digest).
+/// A window row stored in parts counts as one row of their bytes joined: where the parts split
+/// depends on when commits sealed them. Returns (the committed offset it covers, the digest).
 pub fn checksum(conn: &Connection) -> Result<(u64, String), rusqlite::Error> {
     use rusqlite::types::ValueRef;
     use sha2::Digest;
@@ -359,7 +360,7 @@ pub fn checksum(conn: &Connection) -> Result<(u64, String), rusqlite::Error> {
         ("pipeline_meta", "SELECT key, value FROM pipeline_meta ORDER BY key"),
         ("series", "SELECT id, name FROM series ORDER BY id"),
         ("sensors", "SELECT * FROM sensors ORDER BY series"),
-        ("windows", "SELECT size, series, row, data FROM windows ORDER BY size, series, row"),
+        ("windows", "SELECT size, series, row, data FROM windows ORDER BY size, series, row, part"),
         ("agents", "SELECT * FROM agents ORDER BY id"),
         ("quarantine", "SELECT * FROM quarantine ORDER BY offset"),
         ("set_aside", "SELECT first_offset, count, agent_id, reason FROM set_aside ORDER BY first_offset"),
@@ -376,6 +377,34 @@ pub fn checksum(conn: &Connection) -> Result<(u64, String), rusqlite::Error> {
         let mut stmt = tx.prepare(sql)?;
         let columns = stmt.column_count();
         let mut rows = stmt.query([])?;
+        if table == "windows" {
+            let mut joined: Option<([i64; 3], Vec<u8>)> = None;
+            let mut hash_row = |(key, data): ([i64; 3], Vec<u8>)| {
+                for v in key {
+                    hash.update([1u8]);
+                    hash.update(v.to_le_bytes());
+                }
+                hash.update([3u8]);
+                hash.update((data.len() as u64).to_le_bytes());
+                hash.update(&data);
+            };
+            while let Some(row) = rows.next()? {
+                let key = [row.get(0)?, row.get(1)?, row.get(2)?];
+                let data = row.get_ref(3)?.as_blob()?;
+                match &mut joined {
+                    Some((k, bytes)) if *k == key => bytes.extend_from_slice(data),
+                    _ => {
+                        if let Some(done) = joined.replace((key, data.to_vec())) {
+                            hash_row(done);
+                        }
+                    }
+                }
+            }
+            if let Some(done) = joined {
+                hash_row(done);
+            }
+            continue;
+        }
         while let Some(row) = rows.next()? {
             for i in 0..columns {
                 match row.get_ref(i)? {

@@ -370,8 +370,8 @@ impl Pipeline {
         .execute(params![name, next_offset as i64])?;
         tx.commit()?;
         self.series.committed();
-        for op in &mut self.windows {
-            op.committed();
+        for (op, rows) in self.windows.iter_mut().zip(&encoded) {
+            op.committed(rows);
         }
         self.sensors.committed();
         self.agents.committed();

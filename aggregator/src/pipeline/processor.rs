@@ -46,6 +46,8 @@ pub const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 /// Shortest time between commits once caught up: live data is visible within it, and a busy
 /// log does not make the processor rewrite its hot rows at every append.
 pub const LIVE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// Shortest time between two hand-backs of freed memory ([`Processor::return_free_memory`]).
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 /// Fallback poll when no end-of-log notification arrives.
 const POLL: Duration = Duration::from_secs(1);
 /// The name the pipeline commits its offset under.
@@ -207,6 +209,8 @@ struct Processor {
     /// Offset committed to the store.
     committed: u64,
     last_commit: Instant,
+    /// When freed memory was last handed back to the system.
+    last_trim: Instant,
     metrics: Arc<Metrics>,
     outputs: Outputs,
     status: ProcessorStatus,
@@ -376,6 +380,7 @@ impl Processor {
             next_offset,
             committed: next_offset,
             last_commit: Instant::now(),
+            last_trim: Instant::now(),
             metrics,
             outputs,
             status,
@@ -568,12 +573,30 @@ impl Processor {
             || (uncommitted && self.limit.is_some_and(|(n, _)| self.cycle_blocks >= n));
         if due {
             self.commit()?;
+            if caught_up {
+                self.return_free_memory();
+            }
         }
         Ok(match (caught_up, self.next_offset > self.committed) {
             (false, _) => None,
             (true, true) => Some(LIVE_COMMIT_INTERVAL.saturating_sub(self.last_commit.elapsed())),
             (true, false) => Some(POLL),
         })
+    }
+
+    /// Hands memory freed after a burst back to the system, once caught up and at most every
+    /// [`TRIM_INTERVAL`]: glibc keeps what was freed in its arenas, so the RSS of an idle
+    /// aggregator stayed at the peak of its last backlog (after 6 M readings: 150 MiB, 100 with).
+    fn return_free_memory(&mut self) {
+        if self.last_trim.elapsed() < TRIM_INTERVAL {
+            return;
+        }
+        self.last_trim = Instant::now();
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only gives free pages of the allocator's arenas back to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 
     fn commit(&mut self) -> Result<(), ProcessError> {

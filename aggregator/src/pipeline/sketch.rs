@@ -101,6 +101,18 @@ impl Sketch {
         }
     }
 
+    /// Bytes the sketch holds on the heap (values that spilled, buckets).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Sketch::Exact(values) if values.spilled() => values.capacity() * std::mem::size_of::<f64>(),
+            Sketch::Exact(_) => 0,
+            Sketch::Buckets(b) => {
+                std::mem::size_of::<Buckets>()
+                    + (b.pos.capacity() + b.neg.capacity()) * std::mem::size_of::<(i32, u64)>()
+            }
+        }
+    }
+
     pub fn count(&self) -> u64 {
         match self {
             Sketch::Exact(values) => values.len() as u64,

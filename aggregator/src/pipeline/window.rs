@@ -6,12 +6,20 @@
 //! Rows being written live in memory; a row not in memory is loaded only if the store can have
 //! it (late data), which the operator knows from the highest row it stored per sensor.
 //!
+//! A row is stored in parts, each its windows' encodings one after the other: *sealed* parts
+//! (`part` = their first slot), written once, and the open tail (`part` = [`TAIL`]), rewritten
+//! while its windows change. Each sensor's newest row stays in memory, but only its open windows
+//! do: a commit seals the windows before the newest few into a part of their own and drops them
+//! from memory. A commit then writes a few windows per sensor instead of rewriting its whole
+//! row, so commits can be frequent and memory stays a few windows per sensor and size. A reading
+//! for a sealed window (late data) reads the row's parts back first, and the next commit writes
+//! the row again from scratch. The parts of a row in order are the bytes of the whole row, so
+//! what a row holds does not depend on when commits happened.
+//!
 //! Late readings are never dropped: they update the window of their own event time, whose
 //! `revision` counts the log blocks that changed it after it had closed.
 
-use std::collections::HashMap;
-
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +32,15 @@ use crate::store::StoreError;
 /// once the total is over. A count of rows bounded nothing: a full row is 11 KB, and 4,096 of them
 /// per window size were most of the aggregator's memory.
 const KEEP_BYTES: usize = 8 << 20;
+
+/// Windows of a sensor's newest row that stay open (in memory) after a commit, at least: the
+/// newest and the one before. More stay open when readings arrive further behind their sensor's
+/// newest window (senders' batches interleave: 4 senders of 10 s batches put readings 4 windows
+/// of 10 s back), up to [`MAX_OPEN_WINDOWS`]; readings further back are late data, rare enough
+/// to read their sealed windows back for.
+const OPEN_WINDOWS: u16 = 2;
+const MAX_OPEN_WINDOWS: u16 = 32;
+const MAX_OPEN_WINDOWS_I64: i64 = MAX_OPEN_WINDOWS as i64;
 
 /// `Window::bumped_by` of a window no block has bumped since the last commit (no log offset is
 /// this large); a plain u64 keeps a window 8 bytes smaller than an `Option`.
@@ -55,6 +72,9 @@ impl Window {
     }
 }
 
+/// The `part` of a row's open tail (above every slot).
+const TAIL: i64 = 1 << 16;
+
 /// A row of up to [`Calendar::slots`] windows of one sensor.
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -68,26 +88,93 @@ pub struct Row {
     dirty: bool,
     /// The commit in which the row was last changed (for eviction).
     used: u64,
+    /// Windows of slots below this one are sealed: in the store only (every window in memory
+    /// has a slot at or above it).
+    sealed_below: u16,
+    /// The row's windows in memory include what its stored parts hold (it was read back): the
+    /// next commit deletes those parts and writes the row anew.
+    replace: bool,
+    /// What the row held in memory at the last commit it was changed in (see [`Row::bytes`]).
+    held: usize,
 }
 
 impl Row {
     fn new(slots: i64, capacity: usize) -> Row {
         let at = vec![0; slots as usize].into_boxed_slice();
-        Row { windows: Vec::with_capacity(capacity), at, dirty: false, used: 0 }
+        Row {
+            windows: Vec::with_capacity(capacity),
+            at,
+            dirty: false,
+            used: 0,
+            sealed_below: 0,
+            replace: false,
+            held: 0,
+        }
     }
 
-    /// A row of `windows` (distinct slots below `slots`, as [`decode_row`] checks).
+    /// A row of `windows` read from the store (distinct slots below `slots`, as [`decode_row`]
+    /// checks).
     fn of(windows: Vec<(u16, Window)>, slots: i64) -> Row {
-        let mut row = Row { windows, ..Row::new(slots, 0) };
-        for (i, (slot, _)) in row.windows.iter().enumerate() {
-            row.at[usize::from(*slot)] = i as u16 + 1;
-        }
+        let mut row = Row { windows, replace: true, ..Row::new(slots, 0) };
+        row.index_windows();
         row
     }
 
-    /// What the row holds in memory, roughly (sketches that spilled to the heap not counted).
+    /// What the row holds in memory, the sketches' heap included (they are most of a busy
+    /// window's bytes). A walk over its windows: counted when a commit finds the row changed.
     fn bytes(&self) -> usize {
-        std::mem::size_of::<Row>() + self.at.len() * 2 + self.windows.capacity() * std::mem::size_of::<(u16, Window)>()
+        std::mem::size_of::<Row>()
+            + self.at.len() * 2
+            + self.windows.capacity() * std::mem::size_of::<(u16, Window)>()
+            + self.windows.iter().map(|(_, w)| w.stats.sketch.heap_bytes()).sum::<usize>()
+    }
+
+    fn index_windows(&mut self) {
+        self.at.fill(0);
+        for (i, (slot, _)) in self.windows.iter().enumerate() {
+            self.at[usize::from(*slot)] = i as u16 + 1;
+        }
+    }
+
+    /// Where a commit would seal this row if it is its sensor's newest: below the newest `open`
+    /// windows (0: nothing to seal).
+    fn seal_below(&self, open: u16) -> u16 {
+        let top = self.windows.iter().map(|(slot, _)| *slot).max().unwrap_or(0);
+        let below = top.saturating_sub(open - 1);
+        if below > self.sealed_below { below } else { 0 }
+    }
+
+    /// After a commit wrote the windows below `below` into a sealed part: they leave memory.
+    fn seal(&mut self, below: u16, open: u16) {
+        self.sealed_below = below;
+        self.windows.retain(|(slot, _)| *slot >= below);
+        self.windows.shrink_to(usize::from(open) + 2);
+        self.index_windows();
+    }
+
+    /// Reads the sealed windows back from the store, before a reading changes one of them or
+    /// makes a window among them.
+    fn unseal(
+        &mut self,
+        conn: &Connection,
+        calendar: &Calendar,
+        series: u32,
+        row_index: i64,
+    ) -> Result<(), StoreError> {
+        let code = calendar.code();
+        let corrupt =
+            |e: String| StoreError::Corrupt(format!("window row (size {code}, series {series}, row {row_index}): {e}"));
+        let data = read_row(conn, code, series, row_index)?
+            .ok_or_else(|| corrupt("its sealed windows are not in the store".into()))?;
+        let mut windows = decode_row(calendar, row_index, &data).map_err(corrupt)?;
+        // The tail's windows as last stored: memory has them as they are now.
+        windows.retain(|(slot, _)| *slot < self.sealed_below);
+        windows.append(&mut self.windows);
+        self.windows = windows;
+        self.sealed_below = 0;
+        self.replace = true;
+        self.index_windows();
+        Ok(())
     }
 
     /// The windows by slot.
@@ -102,12 +189,24 @@ impl Row {
     }
 }
 
-/// Rows encoded for a commit: (series, row) keys in order, and where each one's bytes end.
+/// Rows encoded for a commit, in key order, and the bytes of their parts.
 #[derive(Debug, Default)]
 pub struct EncodedRows {
-    keys: Vec<(u32, i64)>,
-    ends: Vec<usize>,
+    rows: Vec<EncodedRow>,
     bytes: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct EncodedRow {
+    key: (u32, i64),
+    /// Delete the row's stored parts first.
+    replace: bool,
+    /// A part sealed now: (its first slot, where its bytes end); its windows are those below
+    /// `seal_below`.
+    sealed: Option<(u16, usize)>,
+    seal_below: u16,
+    /// Where the tail's bytes end (it starts where the sealed part ends, or the row before).
+    end: usize,
 }
 
 /// A reading as the operators see it.
@@ -137,6 +236,12 @@ pub struct WindowOperator {
     /// (index, start, end) of the last window a reading fell in: most readings fall in the same
     /// one as the reading before, and a calendar-day lookup is not free.
     last_bucket: (i64, i64, i64),
+    /// Per series, the index of its newest window.
+    newest: Vec<i64>,
+    /// How many windows behind its sensor's newest a reading has landed (up to
+    /// [`MAX_OPEN_WINDOWS`]) since each of the last commits: the windows a row keeps open.
+    /// Commits come every few milliseconds under load, so one interval says little.
+    behind: [u16; 16],
 }
 
 impl WindowOperator {
@@ -158,6 +263,8 @@ impl WindowOperator {
             width: Vec::new(),
             reader: crate::store::open_reader_beside(conn),
             last_bucket: (0, 0, 0),
+            newest: Vec::new(),
+            behind: [0; 16],
         })
     }
 
@@ -190,6 +297,18 @@ impl WindowOperator {
         let slots = self.calendar.slots();
         let (row_index, slot) = (index.div_euclid(slots), index.rem_euclid(slots) as u16);
         let key = (p.series, row_index);
+        let series = p.series as usize;
+        if self.newest.len() <= series {
+            self.newest.resize(series + 1, i64::MIN);
+        }
+        match self.newest[series].saturating_sub(index) {
+            ..=0 => self.newest[series] = index,
+            behind @ 1..MAX_OPEN_WINDOWS_I64 => {
+                let now = &mut self.behind[self.commits as usize % 16];
+                *now = (*now).max(behind as u16);
+            }
+            _ => {}
+        }
         // One hash lookup for a row in memory (the common case), a second only to insert.
         let row = match self.rows.entry(key) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
@@ -200,9 +319,10 @@ impl WindowOperator {
                             .unwrap_or_else(|| Row::new(slots, 4))
                     }
                     _ => {
-                        // As many windows as the sensor's rows have held: growing a row one
-                        // window at a time was a tenth of the fold (reallocations).
-                        let width = self.width.get(p.series as usize).copied().unwrap_or(0).max(4);
+                        // As many windows as the sensor's rows have held, up to 32: growing a
+                        // row one window at a time was a tenth of the fold (reallocations),
+                        // reserving a whole row per sensor too much memory between commits.
+                        let width = self.width.get(p.series as usize).copied().unwrap_or(0).clamp(4, 32);
                         Row::new(slots, usize::from(width))
                     }
                 };
@@ -212,10 +332,16 @@ impl WindowOperator {
         };
         row.dirty = true;
         row.used = self.commits;
+        if slot < row.sealed_below {
+            row.unseal(conn, &self.calendar, p.series, row_index)?;
+        }
         match row.at[usize::from(slot)] {
             at @ 1.. => {
                 let w = &mut row.windows[usize::from(at) - 1].1;
+                let heap = w.stats.sketch.heap_bytes();
                 w.stats.add(p.ts, p.value);
+                // A sketch that spilled or grew its buckets (most of a busy window's memory).
+                self.grown += w.stats.sketch.heap_bytes().saturating_sub(heap);
                 w.updated_at = w.updated_at.max(p.received_at);
                 if p.received_at >= end && w.bumped_by != p.block {
                     w.revision += 1;
@@ -233,7 +359,6 @@ impl WindowOperator {
                 self.grown += (row.windows.capacity() - capacity) * std::mem::size_of::<(u16, Window)>();
                 let len = row.windows.len() as u16;
                 row.at[usize::from(slot)] = len;
-                let series = p.series as usize;
                 if self.width.len() <= series {
                     self.width.resize(series + 1, 0);
                 }
@@ -245,17 +370,31 @@ impl WindowOperator {
 
     /// Encodes every changed row, in key order: the store's B-tree is then written front to
     /// back instead of at random pages. Needs no connection, so operators encode in parallel.
+    /// The windows of a sensor's newest row below the newest few go into a sealed part.
     pub fn encode_dirty(&self) -> EncodedRows {
         let mut keys: Vec<(u32, i64)> = self.rows.iter().filter(|(_, r)| r.dirty).map(|(k, _)| *k).collect();
         keys.sort_unstable();
+        let open = self.open_windows();
+        let slots = self.calendar.slots();
         // One buffer for all rows: an allocation per row, and its growth, were a third of it.
-        let mut encoded = EncodedRows { ends: Vec::with_capacity(keys.len()), ..EncodedRows::default() };
+        let mut encoded = EncodedRows { rows: Vec::with_capacity(keys.len()), ..EncodedRows::default() };
         for key in keys {
-            if let Some(row) = self.rows.get(&key) {
-                encode_row(&self.calendar, key.1, row, &mut encoded.bytes);
-                encoded.keys.push(key);
-                encoded.ends.push(encoded.bytes.len());
+            let Some(row) = self.rows.get(&key) else { continue };
+            let newest = self.newest.get(key.0 as usize).is_some_and(|index| index.div_euclid(slots) == key.1);
+            let seal_below = if newest { row.seal_below(open) } else { 0 };
+            // In slot order: the windows to seal come first, then the tail.
+            let (mut first_sealed, mut sealed_end) = (None, None);
+            for (slot, w) in row.in_order() {
+                if *slot < seal_below {
+                    first_sealed.get_or_insert(*slot);
+                } else if first_sealed.is_some() && sealed_end.is_none() {
+                    sealed_end = Some(encoded.bytes.len());
+                }
+                encode_window(&self.calendar, key.1, *slot, w, &mut encoded.bytes);
             }
+            let sealed = first_sealed.map(|first| (first, sealed_end.unwrap_or(encoded.bytes.len())));
+            let seal_below = if sealed.is_some() { seal_below } else { 0 };
+            encoded.rows.push(EncodedRow { key, replace: row.replace, sealed, seal_below, end: encoded.bytes.len() });
         }
         encoded
     }
@@ -263,43 +402,70 @@ impl WindowOperator {
     /// Writes rows [`WindowOperator::encode_dirty`] encoded (inside the caller's transaction).
     pub fn write(&self, tx: &Connection, encoded: &EncodedRows) -> Result<usize, StoreError> {
         let code = self.calendar.code();
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO windows (size, series, row, data) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (size, series, row) DO UPDATE SET data = excluded.data",
+        let mut put = tx.prepare_cached(
+            "INSERT INTO windows (size, series, row, part, data) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (size, series, row, part) DO UPDATE SET data = excluded.data",
         )?;
+        let mut delete = tx.prepare_cached("DELETE FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3")?;
+        let mut delete_tail =
+            tx.prepare_cached("DELETE FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3 AND part = ?4")?;
         let mut start = 0;
-        for ((series, row_index), end) in encoded.keys.iter().zip(&encoded.ends) {
-            stmt.execute(params![code, *series as i64, *row_index, &encoded.bytes[start..*end]])?;
-            start = *end;
+        for row in &encoded.rows {
+            let (series, row_index) = (i64::from(row.key.0), row.key.1);
+            if row.replace {
+                delete.execute(params![code, series, row_index])?;
+            }
+            if let Some((first, end)) = row.sealed {
+                put.execute(params![code, series, row_index, first, &encoded.bytes[start..end]])?;
+                start = end;
+            }
+            if start < row.end {
+                put.execute(params![code, series, row_index, TAIL, &encoded.bytes[start..row.end]])?;
+            } else if !row.replace {
+                delete_tail.execute(params![code, series, row_index, TAIL])?;
+            }
+            start = row.end;
         }
-        Ok(encoded.keys.len())
+        Ok(encoded.rows.len())
     }
 
-    /// After a successful commit: rows are clean, and rows untouched for a while leave memory.
-    pub fn committed(&mut self) {
-        let commits = self.commits;
-        let mut bytes = 0;
-        for ((series, row_index), row) in self.rows.iter_mut() {
-            bytes += row.bytes();
-            if row.dirty {
-                row.dirty = false;
-                let max = self.stored_max.entry(*series).or_insert(*row_index);
-                *max = (*max).max(*row_index);
-                // Only a row changed since the last commit can have a window bumped in it.
-                for (_, w) in &mut row.windows {
-                    w.bumped_by = NOT_BUMPED;
-                }
+    /// The windows a sensor's newest row keeps open: as far back as readings landed lately.
+    fn open_windows(&self) -> u16 {
+        (self.behind.iter().max().copied().unwrap_or(0) + 1).clamp(OPEN_WINDOWS, MAX_OPEN_WINDOWS)
+    }
+
+    /// After a successful commit of `encoded`: rows are clean, sealed windows leave memory, and
+    /// older rows untouched for a while leave too.
+    pub fn committed(&mut self, encoded: &EncodedRows) {
+        let open = self.open_windows();
+        self.behind[(self.commits as usize + 1) % 16] = 0;
+        for written in &encoded.rows {
+            let Some(row) = self.rows.get_mut(&written.key) else { continue };
+            let (series, row_index) = written.key;
+            let max = self.stored_max.entry(series).or_insert(row_index);
+            *max = (*max).max(row_index);
+            row.dirty = false;
+            row.replace = false;
+            // Only a row changed since the last commit can have a window bumped in it.
+            for (_, w) in &mut row.windows {
+                w.bumped_by = NOT_BUMPED;
             }
+            if written.seal_below > 0 {
+                row.seal(written.seal_below, open);
+            }
+            row.held = row.bytes();
         }
+        // Older rows (kept for late data) count against KEEP_BYTES; each sensor's newest row,
+        // down to its open windows, stays.
+        let slots = self.calendar.slots();
+        let newest = &self.newest;
+        let is_newest = |(series, row_index): &(u32, i64)| {
+            newest.get(*series as usize).is_some_and(|index| index.div_euclid(slots) == *row_index)
+        };
+        let bytes: usize = self.rows.iter().filter(|(k, _)| !is_newest(k)).map(|(_, r)| r.held).sum();
         if bytes > KEEP_BYTES {
-            // Keep each sensor's newest row (live data lands there) and the most recently used.
-            let mut newest: HashMap<u32, i64> = HashMap::new();
-            for (series, row_index) in self.rows.keys() {
-                let e = newest.entry(*series).or_insert(*row_index);
-                *e = (*e).max(*row_index);
-            }
             let mut by_age: Vec<(u64, (u32, i64))> =
-                self.rows.iter().filter(|(k, _)| newest.get(&k.0) != Some(&k.1)).map(|(k, r)| (r.used, *k)).collect();
+                self.rows.iter().filter(|(k, _)| !is_newest(k)).map(|(k, r)| (r.used, *k)).collect();
             by_age.sort_unstable();
             let mut excess = bytes - KEEP_BYTES;
             for (_, key) in by_age {
@@ -307,11 +473,11 @@ impl WindowOperator {
                     break;
                 }
                 if let Some(row) = self.rows.remove(&key) {
-                    excess = excess.saturating_sub(row.bytes());
+                    excess = excess.saturating_sub(row.held);
                 }
             }
         }
-        self.commits = commits + 1;
+        self.commits += 1;
         self.grown = 0;
     }
 
@@ -331,6 +497,7 @@ impl WindowOperator {
         let (index, start, end) = self.calendar.bucket(ts);
         let slots = self.calendar.slots();
         let row = self.rows.get(&(series, index.div_euclid(slots)))?;
+        // A sealed window's slot has no index (0): None.
         let at = usize::from(row.at[index.rem_euclid(slots) as usize]);
         row.windows.get(at.checked_sub(1)?).map(|(_, w)| (start, end, w))
     }
@@ -349,9 +516,7 @@ pub fn load_row(
     row_index: i64,
     calendar: &Calendar,
 ) -> Result<Option<Row>, StoreError> {
-    let mut stmt = conn.prepare_cached("SELECT data FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3")?;
-    let data: Option<Vec<u8>> = stmt.query_row(params![code, series as i64, row_index], |r| r.get(0)).optional()?;
-    match data {
+    match read_row(conn, code, series, row_index)? {
         None => Ok(None),
         Some(data) => {
             decode_row(calendar, row_index, &data).map(|windows| Some(Row::of(windows, calendar.slots()))).map_err(
@@ -359,6 +524,19 @@ pub fn load_row(
             )
         }
     }
+}
+
+/// The stored bytes of one row: its parts in order.
+fn read_row(conn: &Connection, code: i64, series: u32, row_index: i64) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT data FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3 ORDER BY part")?;
+    let mut parts = stmt.query(params![code, series as i64, row_index])?;
+    let mut data: Option<Vec<u8>> = None;
+    while let Some(part) = parts.next()? {
+        let bytes = part.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
+        data.get_or_insert_with(Vec::new).extend_from_slice(bytes);
+    }
+    Ok(data)
 }
 
 /// A window as stored: times as deltas from the window's start, and small windows as their
@@ -382,58 +560,54 @@ enum StoredWindowRef<'a> {
     Many { slot: u16, stats: &'a Stats, updated: i64, revision: u32 },
 }
 
+/// A whole row as stored: its windows' encodings one after the other, in slot order (what its
+/// parts joined hold).
+#[cfg(test)]
 fn encode_row(calendar: &Calendar, row_index: i64, row: &Row, out: &mut Vec<u8>) {
-    let slots = calendar.slots();
-    // Postcard writes a sequence as its length and then its items: written one by one into the
-    // output, the bytes are those of the whole Vec, without collecting it first.
-    let mut len = [0u8; 10];
-    if let Ok(len) = postcard::to_slice(&row.windows.len(), &mut len) {
-        out.extend_from_slice(len);
-    }
     out.reserve(row.windows.len() * 24);
     for (slot, w) in row.in_order() {
-        let stored = {
-            let start = calendar.start_of(row_index * slots + i64::from(*slot));
-            let updated = w.updated_at.saturating_sub(start);
-            let s = &w.stats;
-            match &s.sketch {
-                super::sketch::Sketch::Exact(values) if s.count == 1 => StoredWindowRef::One {
-                    slot: *slot,
-                    ts: s.first.0 - start,
-                    value: values[0],
-                    updated,
-                    revision: w.revision,
-                },
-                super::sketch::Sketch::Exact(values) if values.len() as u64 == s.count => {
-                    let index_of = |(ts, v): (i64, f64)| {
-                        let i = values.iter().position(|x| x.to_bits() == v.to_bits()).unwrap_or(0);
-                        (ts - start, i as u8)
-                    };
-                    StoredWindowRef::Few {
-                        slot: *slot,
-                        values,
-                        first: index_of(s.first),
-                        last: index_of(s.last),
-                        updated,
-                        revision: w.revision,
-                    }
-                }
-                _ => StoredWindowRef::Many { slot: *slot, stats: s, updated, revision: w.revision },
-            }
-        };
-        // Serialising these types into a Vec cannot fail.
-        if let Ok(bytes) = postcard::to_extend(&stored, std::mem::take(out)) {
-            *out = bytes;
+        encode_window(calendar, row_index, *slot, w, out);
+    }
+}
+
+fn encode_window(calendar: &Calendar, row_index: i64, slot: u16, w: &Window, out: &mut Vec<u8>) {
+    let start = calendar.start_of(row_index * calendar.slots() + i64::from(slot));
+    let updated = w.updated_at.saturating_sub(start);
+    let s = &w.stats;
+    let stored = match &s.sketch {
+        super::sketch::Sketch::Exact(values) if s.count == 1 => {
+            StoredWindowRef::One { slot, ts: s.first.0 - start, value: values[0], updated, revision: w.revision }
         }
+        super::sketch::Sketch::Exact(values) if values.len() as u64 == s.count => {
+            let index_of = |(ts, v): (i64, f64)| {
+                let i = values.iter().position(|x| x.to_bits() == v.to_bits()).unwrap_or(0);
+                (ts - start, i as u8)
+            };
+            StoredWindowRef::Few {
+                slot,
+                values,
+                first: index_of(s.first),
+                last: index_of(s.last),
+                updated,
+                revision: w.revision,
+            }
+        }
+        _ => StoredWindowRef::Many { slot, stats: s, updated, revision: w.revision },
+    };
+    // Serialising these types into a Vec cannot fail.
+    if let Ok(bytes) = postcard::to_extend(&stored, std::mem::take(out)) {
+        *out = bytes;
     }
 }
 
 /// Decodes a stored row into its windows.
 pub fn decode_row(calendar: &Calendar, row_index: i64, data: &[u8]) -> Result<Vec<(u16, Window)>, String> {
     let slots = calendar.slots();
-    let stored: Vec<StoredWindow> = postcard::from_bytes(data).map_err(|e| e.to_string())?;
-    let mut windows = Vec::with_capacity(stored.len());
-    for w in stored {
+    let mut windows = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (w, after) = postcard::take_from_bytes::<StoredWindow>(rest).map_err(|e| e.to_string())?;
+        rest = after;
         let (slot, window) = match w {
             StoredWindow::One { slot, ts, value, updated, revision } => {
                 let start = calendar.start_of(row_index * slots + i64::from(slot));
@@ -474,6 +648,86 @@ pub fn decode_row(calendar: &Calendar, row_index: i64, data: &[u8]) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn commit(op: &mut WindowOperator, conn: &mut Connection) {
+        let encoded = op.encode_dirty();
+        let tx = conn.transaction().unwrap();
+        op.write(&tx, &encoded).unwrap();
+        tx.commit().unwrap();
+        op.committed(&encoded);
+    }
+
+    fn stored_rows(conn: &Connection) -> Vec<(i64, i64, i64, Vec<u8>)> {
+        // A row's parts in order make the whole row, whatever was sealed when.
+        let mut stmt =
+            conn.prepare("SELECT size, series, row, data FROM windows ORDER BY size, series, row, part").unwrap();
+        let parts = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, Vec<u8>>(3)?))).unwrap();
+        let mut rows: Vec<(i64, i64, i64, Vec<u8>)> = Vec::new();
+        for (size, series, row, data) in parts.map(Result::unwrap) {
+            match rows.last_mut() {
+                Some(last) if (last.0, last.1, last.2) == (size, series, row) => last.3.extend(data),
+                _ => rows.push((size, series, row, data)),
+            }
+        }
+        rows
+    }
+
+    /// Live data in order with late readings mixed in (into sealed windows, into empty slots
+    /// among them, into an older row): committing and sealing every block gives the rows an
+    /// operator that never committed (never sealed) has, byte for byte.
+    #[test]
+    fn sealed_windows_are_read_back_for_late_data_to_the_same_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sealing = crate::store::open_write(&dir.path().join("a.db")).unwrap();
+        let mut whole = crate::store::open_write(&dir.path().join("b.db")).unwrap();
+        let calendar = Calendar::fixed(10_000);
+        let mut a = WindowOperator::open(calendar.clone(), &sealing).unwrap();
+        let mut b = WindowOperator::open(calendar.clone(), &whole).unwrap();
+        assert!(a.has_reader());
+        let base = 1_764_547_200_000i64; // a row boundary: 20-minute rows of 10 s windows
+        assert_eq!(calendar.bucket(base).0.rem_euclid(calendar.slots()), 0);
+        let mut points = Vec::new();
+        for i in 0..3_000i64 {
+            // Two sensors, one reading a second each, 50 minutes: three rows.
+            let ts = base + i / 2 * 1_000 + (i % 2) * 7;
+            let mut p =
+                Point { series: (i % 2) as u32, ts, value: (i % 97) as f64 * 0.5, received_at: ts + 50, block: 0 };
+            if i % 37 == 5 && i > 400 {
+                p.ts -= 400_000 + (i % 5) * 1_000; // 7 minutes late: a sealed window
+                p.value = 1e308;
+            }
+            if i % 13 == 1 {
+                p.ts -= 35_000; // a few windows back: they stay open
+            }
+            if i % 101 == 3 && i > 1_500 {
+                p.ts = base + 3_001 + (i % 11) * 13_000 + 3; // a window of the first row, some empty
+            }
+            points.push(p);
+        }
+        for (n, chunk) in points.chunks_mut(40).enumerate() {
+            for p in chunk.iter_mut() {
+                p.block = n as u64;
+                a.add(&sealing, p).unwrap();
+                b.add(&whole, p).unwrap();
+            }
+            commit(&mut a, &mut sealing);
+            // The newest row of each sensor holds its open windows only: the last few, as far
+            // back as readings arrived (35 s, 4 windows), but not the 7 minutes of late data.
+            for series in 0..2 {
+                let newest = a.stored_max[&series];
+                let row = &a.rows[&(series, newest)];
+                let sealed = row.sealed_below > 0;
+                assert!(row.windows.len() <= 6 && (!sealed || row.windows.len() >= 4), "{} windows", row.windows.len());
+            }
+        }
+        assert!(a.rows.values().any(|r| r.sealed_below > 0));
+        let sealed_parts: i64 =
+            sealing.query_row("SELECT count(*) FROM windows WHERE part < ?1", [TAIL], |r| r.get(0)).unwrap();
+        assert!(sealed_parts > 20, "{sealed_parts} sealed parts");
+        commit(&mut b, &mut whole);
+        assert_eq!(stored_rows(&sealing), stored_rows(&whole));
+        assert_eq!(stored_rows(&sealing).len(), 6);
+    }
 
     #[test]
     fn rows_round_trip_bit_for_bit() {
