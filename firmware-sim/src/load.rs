@@ -55,6 +55,10 @@ pub struct LoadArgs {
     /// Seed of the signal models.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Readings per second to offer in total (spread over the connections); without it, as
+    /// fast as the acks come back. A steady rate shows whether the processor keeps up with it.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: Option<u64>,
 }
 
 impl LoadArgs {
@@ -287,8 +291,10 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<Report> {
 
     let start = Instant::now();
     let mut tasks = JoinSet::new();
+    let streams = plan.streams.len().max(1) as f64;
     for stream in plan.streams {
-        tasks.spawn(send_stream(client.clone(), url.clone(), auth.clone(), stream));
+        let pace = args.rate.map(|rate| Pace { start: tokio::time::Instant::now(), per_s: rate as f64 / streams });
+        tasks.spawn(send_stream(client.clone(), url.clone(), auth.clone(), stream, pace));
     }
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = done.context("a sending task panicked").and_then(|sent| sent) {
@@ -299,9 +305,28 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<Report> {
     Ok(Report { readings: plan.readings, batches: plan.batches, body_bytes: plan.body_bytes, elapsed: start.elapsed() })
 }
 
-/// POSTs one epoch's batches in order, each after the previous one was acked.
-async fn send_stream(client: reqwest::Client, url: String, auth: HeaderValue, stream: Stream) -> anyhow::Result<()> {
+/// A stream's share of `--rate`: batch k leaves no earlier than its readings' due time.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    start: tokio::time::Instant,
+    per_s: f64,
+}
+
+/// POSTs one epoch's batches in order, each after the previous one was acked (and, with a
+/// pace, not before it is due).
+async fn send_stream(
+    client: reqwest::Client,
+    url: String,
+    auth: HeaderValue,
+    stream: Stream,
+    pace: Option<Pace>,
+) -> anyhow::Result<()> {
+    let mut sent = 0u64;
     for batch in stream.batches {
+        if let Some(pace) = pace {
+            tokio::time::sleep_until(pace.start + Duration::from_secs_f64(sent as f64 / pace.per_s)).await;
+        }
+        sent += batch.readings;
         let end_seq = batch.first_seq + batch.readings;
         let what = format!("batch of epoch {:016x}, seq {}..{}", stream.epoch, batch.first_seq, end_seq);
         let response = client

@@ -2,16 +2,17 @@
 # Live ingest and processing together, from postcard batches (tributary-sim load, 4 connections),
 # into a release aggregator with the default pipeline (10s, 1m, 1h windows with sketches).
 #
-#   tests/bench/live.sh [first=10000000] [then=40000000] [sensors=1000]
+#   tests/bench/live.sh [first=10000000] [then=40000000] [sensors=1000] [rate]
 #
-# Phase 1 sends `first` readings, phase 2 `then` more. For each phase: the rate at which readings
+# Phase 1 sends `first` readings, phase 2 `then` more: as fast as the acks come back, or at a
+# steady `rate` readings/s (does the processor keep up, and in how much memory?). For each phase: the rate at which readings
 # become visible (ingest start -> processor caught up), the rate the batches were acknowledged,
 # the largest processing lag seen (sampled every 0.2 s from /metrics), the aggregator's RSS (peak
 # and at the end) and CPU per reading. At the end: bytes on disk per reading for the log and
 # the store.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-FIRST=${1:-10000000}; THEN=${2:-40000000}; SENSORS=${3:-1000}
+FIRST=${1:-10000000}; THEN=${2:-40000000}; SENSORS=${3:-1000}; RATE=${4:-}
 cd "$ROOT"
 # TRIBUTARY_BIN=dir uses binaries already built there (e.g. without LTO, faster to build).
 BIN=${TRIBUTARY_BIN:-}
@@ -49,7 +50,7 @@ phase() { # name, readings, seed
       echo "$(metric tributary_processor_lag_readings) $(rss_kib)" >>"$TMP/samples"; sleep 0.2
     done ) & local sampler=$!
   "$BIN/tributary-sim" load --url "http://127.0.0.1:$PORT" --readings "$2" --sensors "$SENSORS" \
-    --seed "$3" --connections 4 >"$TMP/load.out" 2>&1
+    --seed "$3" --connections 4 ${RATE:+--rate "$RATE"} >"$TMP/load.out" 2>&1
   local t_acked; t_acked=$(date +%s.%N)
   local target=$((start_end + $2))
   while [ "$(metric tributary_processor_offset)" -lt "$target" ]; do sleep 0.05; done
