@@ -59,6 +59,10 @@ pub struct LoadArgs {
     /// fast as the acks come back. A steady rate shows whether the processor keeps up with it.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,
+    /// The readings' event times end this many seconds before now (a run that follows in time
+    /// the one before it, rather than covering the same hours again).
+    #[arg(long, default_value_t = 0)]
+    pub ago_s: u64,
 }
 
 impl LoadArgs {
@@ -274,7 +278,8 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<Report> {
     install_crypto_provider();
     let url = args.ingest_url();
     let prepare_start = Instant::now();
-    let end_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let end_ms = now_ms.saturating_sub(i64::try_from(args.ago_s.saturating_mul(1000)).unwrap_or(i64::MAX));
     // CPU-bound but before any other task exists: nothing waits on this thread.
     let plan = prepare(args, end_ms)?;
     tracing::info!(

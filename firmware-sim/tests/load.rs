@@ -32,6 +32,7 @@ struct Received {
     sensors: BTreeSet<String>,
     readings: u64,
     batches: u64,
+    latest_ts: i64,
 }
 
 #[derive(Clone)]
@@ -65,6 +66,9 @@ async fn ingest(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Byte
             };
             block.validate().unwrap();
             received.sensors.extend(block.sensors.iter().cloned());
+            for (_, ts, _) in block.readings() {
+                received.latest_ts = received.latest_ts.max(ts);
+            }
             received.epochs.entry(batch.epoch).or_default().push((wire.first_seq, u64::from(wire.count)));
             received.readings += block.len() as u64;
             accepted += block.len() as u64;
@@ -151,4 +155,37 @@ async fn an_unreachable_aggregator_is_a_clear_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("POST http://127.0.0.1:{port}/api/v1/ingest")), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_run_keeps_to_its_rate_and_ends_its_event_times_in_the_past() {
+    let (url, received) = serve(Behaviour::Accept).await;
+    // 2 connections of 3 batches of 1,000 at 4,000 readings/s in all: each connection's last
+    // batch is due 1,000 ms after its first, however fast the endpoint answers.
+    let flags = [
+        "--readings",
+        "6000",
+        "--block",
+        "1000",
+        "--blocks-per-batch",
+        "1",
+        "--connections",
+        "2",
+        "--sensors",
+        "10",
+        "--rate",
+        "4000",
+        "--ago-s",
+        "7200",
+    ];
+    let started = std::time::Instant::now();
+    let output = load(&url, &flags).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1000), "{:?}", started.elapsed());
+    let received = received.lock().unwrap();
+    assert_eq!(received.readings, 6000);
+    let two_hours_ago =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 - 7_200_000;
+    assert!(received.latest_ts <= two_hours_ago + 10, "{} is after {two_hours_ago}", received.latest_ts);
+    assert!(received.latest_ts > two_hours_ago - 60_000, "{}", received.latest_ts);
 }

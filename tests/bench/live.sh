@@ -5,7 +5,9 @@
 #   tests/bench/live.sh [first=10000000] [then=40000000] [sensors=1000] [rate]
 #
 # Phase 1 sends `first` readings, phase 2 `then` more: as fast as the acks come back, or at a
-# steady `rate` readings/s (does the processor keep up, and in how much memory?). For each phase: the rate at which readings
+# steady `rate` readings/s (does the processor keep up, and in how much memory?). Each sensor
+# reports once a second of event time, and phase 2's hours follow phase 1's, as a log that grows
+# with time would (not the same hours again, which would make every reading late data). For each phase: the rate at which readings
 # become visible (ingest start -> processor caught up), the rate the batches were acknowledged,
 # the largest processing lag seen (sampled every 0.2 s from /metrics), the aggregator's RSS (peak
 # and at the end) and CPU per reading. At the end: bytes on disk per reading for the log and
@@ -41,7 +43,7 @@ metric() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk -v m="$1" '$1 == m {p
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$AGG/status"; }
 cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$AGG/stat"; }
 
-phase() { # name, readings, seed
+phase() { # name, readings, seed, seconds before now at which its event times end
   local start_end; start_end=$(metric tributary_log_end_offset)
   local cpu0; cpu0=$(cpu_s)
   local t0; t0=$(date +%s.%N)
@@ -50,7 +52,7 @@ phase() { # name, readings, seed
       echo "$(metric tributary_processor_lag_readings) $(rss_kib)" >>"$TMP/samples"; sleep 0.2
     done ) & local sampler=$!
   "$BIN/tributary-sim" load --url "http://127.0.0.1:$PORT" --readings "$2" --sensors "$SENSORS" \
-    --seed "$3" --connections 4 ${RATE:+--rate "$RATE"} >"$TMP/load.out" 2>&1
+    --seed "$3" --ago-s "$4" --connections 4 ${RATE:+--rate "$RATE"} >"$TMP/load.out" 2>&1
   local t_acked; t_acked=$(date +%s.%N)
   local target=$((start_end + $2))
   while [ "$(metric tributary_processor_offset)" -lt "$target" ]; do sleep 0.05; done
@@ -73,8 +75,8 @@ print(f"{name}: {n:,} readings; visible in the API at {n / (t1 - t0) / 1e6:.2f} 
 PY
 }
 
-phase "phase 1" "$FIRST" 1
-phase "phase 2" "$THEN" 2
+phase "phase 1" "$FIRST" 1 $((THEN / SENSORS))
+phase "phase 2" "$THEN" 2 0
 TOTAL=$((FIRST + THEN))
 python3 - "$TOTAL" "$TMP/data" <<'PY'
 import os, sys
