@@ -91,11 +91,11 @@ pub fn open_write(path: &Path) -> Result<Connection, StoreError> {
     }
     // NORMAL is enough: the store can always be rebuilt from the log, whose commits are FULL.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // Commits rewrite the same window rows again and again (an hour's row, each commit of that
-    // hour): a longer WAL between checkpoints writes each page to the file once, not per commit,
-    // and an 8 MiB page cache keeps the rows' B-tree pages from being read back.
+    // Commits rewrite the same rows' tails again and again: a longer WAL between checkpoints
+    // writes each page to the file once, not per commit. The page cache stays at 2 MiB: since
+    // commits write tails, not whole rows, 8 MiB folded no faster and cost 6 MiB of RSS.
     conn.pragma_update(None, "wal_autocheckpoint", 4096)?;
-    conn.pragma_update(None, "cache_size", -8192)?;
+    conn.pragma_update(None, "cache_size", -2048)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS series (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
         CREATE TABLE IF NOT EXISTS sensors (
