@@ -112,6 +112,12 @@ impl AppState {
     pub fn layout(&self) -> Arc<ApiLayout> {
         self.versions.layout()
     }
+
+    /// The serving layout and a snapshot of its store, for a request that plans with the layout
+    /// and then reads (see [`crate::versions::Versions::serving_view`]).
+    pub fn serving(&self) -> (Arc<ApiLayout>, store::StoreSnapshot) {
+        self.versions.serving_view(&self.store)
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -652,12 +658,12 @@ async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery, cs
     if query.sensor.is_some() {
         return Err(ApiError::BadRequest("`sensor` belongs to /api/v1/windows; here the sensor is in the path".into()));
     }
-    let plan = plan(&app.layout(), query.size.as_deref())?;
+    let (layout, snapshot) = app.serving();
+    let plan = plan(&layout, query.size.as_deref())?;
     let (from, to) = range(query)?;
     let fields = json::Fields::parse(query.fields.as_deref()).map_err(ApiError::BadRequest)?;
     let id = row.id.clone();
-    let result = app
-        .store
+    let result = snapshot
         .read(move |conn| {
             let views = match store::series_id(conn, &id)? {
                 Some(series) => read_windows(conn, &plan, series, from, to, MAX_WINDOWS, fields.quantiles())?,
@@ -691,12 +697,12 @@ async fn multi_windows(
         ApiError::BadRequest("sensor=<glob> is required, e.g. sensor=line1/* (* within a level, ** across)".into())
     })?;
     let glob = parse_glob(&pattern).map_err(ApiError::BadRequest)?;
-    let plan = plan(&app.layout(), query.size.as_deref())?;
+    let (layout, snapshot) = app.serving();
+    let plan = plan(&layout, query.size.as_deref())?;
     let (from, to) = range(&query)?;
     let fields = json::Fields::parse(query.fields.as_deref()).map_err(ApiError::BadRequest)?;
     let prefix = literal_prefix(&pattern);
-    let matching: Vec<(u32, String)> = app
-        .store
+    let matching: Vec<(u32, String)> = snapshot
         .read(move |conn| {
             let mut all = store::series_with_prefix(conn, &prefix)?;
             all.retain(|(_, name)| glob.is_match(name));
@@ -710,9 +716,9 @@ async fn multi_windows(
     let mut reads = Vec::with_capacity(parts);
     for part in matching.chunks(chunk) {
         let (part, plan) = (part.to_vec(), plan.clone());
-        let store = app.store.clone();
+        let snapshot = snapshot.clone();
         reads.push(tokio::spawn(async move {
-            store.read(move |conn| windows_part(conn, &plan, &part, from, to, fields, csv)).await
+            snapshot.read(move |conn| windows_part(conn, &plan, &part, from, to, fields, csv)).await
         }));
     }
     // `[{"sensor": ..., "windows": [...]}, ...]`, or CSV rows under one header. The parts go out

@@ -219,15 +219,15 @@ pub async fn answer(
 ) -> Result<Response, ApiError> {
     let csv = api::wants_csv(query.format.as_deref(), headers)?;
     let aggs = parse_aggs(query.agg.as_deref()).map_err(ApiError::BadRequest)?;
-    let grid = grid(&app.layout(), query, crate::unix_ms())?;
+    let (layout, snapshot) = app.serving();
+    let grid = grid(&layout, query, crate::unix_ms())?;
     let (Some(&first), Some(&last)) = (grid.starts.first(), grid.starts.last()) else {
         return Err(ApiError::BadRequest("the range holds no bucket".into()));
     };
     let to = grid.plan.bucket(last).1;
     let quantiles = aggs.iter().any(|a| a.quantile());
     let (id, plan) = (sensor.to_string(), grid.plan.clone());
-    let windows = app
-        .store
+    let windows = snapshot
         .read(move |conn| match store::series_id(conn, &id)? {
             Some(series) => api::read_windows(conn, &plan, series, first, to, MAX_POINTS, quantiles),
             None => Ok(Vec::new()),

@@ -256,13 +256,35 @@ impl StoreReader {
         *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Self::pool(path);
     }
 
+    /// The store reads go to now, for a request that reads more than once: its reads all go to
+    /// the same file, whatever version is promoted meanwhile (the previous version's store is
+    /// kept), so its parts never mix two versions.
+    pub fn snapshot(&self) -> StoreSnapshot {
+        StoreSnapshot(self.current())
+    }
+
     /// Runs `query` on a pooled read-only connection in a blocking thread.
     pub async fn read<T, F>(&self, query: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let reader = self.current();
+        self.snapshot().read(query).await
+    }
+}
+
+/// See [`StoreReader::snapshot`].
+#[derive(Clone)]
+pub struct StoreSnapshot(Arc<ReadPool>);
+
+impl StoreSnapshot {
+    /// Runs `query` on a pooled read-only connection in a blocking thread.
+    pub async fn read<T, F>(&self, query: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let reader = self.0.clone();
         tokio::task::spawn_blocking(move || {
             let pooled = reader.conns.lock().ok().and_then(|mut pool| pool.pop());
             let conn = match pooled {

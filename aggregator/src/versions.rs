@@ -524,6 +524,16 @@ impl Versions {
         self.layout.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The serving version's layout and its store, taken together: a promotion switches both
+    /// under the layout's lock, so a request never plans with one version and reads another.
+    pub fn serving_view(
+        &self,
+        store: &crate::store::StoreReader,
+    ) -> (Arc<crate::api::ApiLayout>, crate::store::StoreSnapshot) {
+        let layout = self.layout.read().unwrap_or_else(|p| p.into_inner());
+        (layout.clone(), store.snapshot())
+    }
+
     /// Whether the serving version's processor thread runs.
     pub fn processor_alive(&self) -> bool {
         self.serving_processor.read().unwrap_or_else(|p| p.into_inner()).0.is_alive()
@@ -850,8 +860,12 @@ fn promote(
         return Err(error);
     }
     *lock(&versions.registry) = registry;
-    *versions.layout.write().unwrap_or_else(|p| p.into_inner()) = new.layout.clone();
-    store.switch(&store_path(&versions.data_dir, new.version));
+    {
+        // Both under one lock: see `Versions::serving_view`.
+        let mut layout = versions.layout.write().unwrap_or_else(|p| p.into_inner());
+        *layout = new.layout.clone();
+        store.switch(&store_path(&versions.data_dir, new.version));
+    }
     versions.set_serving_processor(new);
     new.serving.store(true, Ordering::Release);
     Ok(())
