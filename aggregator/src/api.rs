@@ -91,6 +91,8 @@ pub struct AppState {
     pub live: crate::live::Hub,
     /// Each agent's last contact and spool backlog.
     pub fleet: Arc<crate::fleet::Fleet>,
+    /// `log.db`, for what only the log knows (gaps).
+    pub log_path: std::path::PathBuf,
 }
 
 /// `GET /api/v1/openapi.json`.
@@ -146,6 +148,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/quarantine", get(list_quarantine))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/set-aside", get(list_set_aside))
+        .route("/api/v1/gaps", get(list_gaps))
         .route("/api/v1/anomalies", get(list_anomalies))
         .route("/api/v1/alerts", get(list_alerts))
         .route("/write", post(crate::influx::write))
@@ -995,6 +998,51 @@ pub(crate) struct AgentView {
 pub(crate) struct SetAsideQuery {
     limit: Option<String>,
     after: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GapsQuery {
+    /// One agent's gaps only.
+    agent: Option<String>,
+    limit: Option<String>,
+    /// The `id` of the last gap of the previous page.
+    after: Option<String>,
+}
+
+/// `GET /api/v1/gaps?agent=&limit=&after=`: sequence ranges agents have not delivered, in the
+/// order they were found (the `Link` header pages on).
+async fn list_gaps(
+    State(app): State<AppState>,
+    query: Result<Query<GapsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = page_limit(query.limit.as_deref())?;
+    let after =
+        match query.after.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
+            None => None,
+            Some(text) => Some(text.parse::<i64>().map_err(|_| {
+                ApiError::BadRequest(format!("after {text:?} must be the id of a gap (a whole number)"))
+            })?),
+        };
+    let agent = query.agent.filter(|a| !a.is_empty());
+    let (path, filter) = (app.log_path.clone(), agent.clone());
+    let (rows, more) = tokio::task::spawn_blocking(move || {
+        let conn = crate::log::open_read(&path)?;
+        crate::log::gaps(&conn, filter.as_deref(), after, limit)
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(format!("reading the log's gaps failed: {e}")))?
+    .map_err(|e| ApiError::Unavailable(format!("the log cannot be read now ({e}); try again shortly")))?;
+    let next = match rows.last() {
+        Some(last) if more => {
+            let agent = agent.map(|a| format!("&agent={}", encode_query_value(&a))).unwrap_or_default();
+            Some(format!("/api/v1/gaps?limit={limit}&after={}{agent}", last.id))
+        }
+        _ => None,
+    };
+    Ok(paged(rows, next))
 }
 
 /// `GET /api/v1/set-aside?limit=&after=`: log blocks the processor left out, by offset.

@@ -257,6 +257,7 @@ pub async fn serve_with_reload(
         cors_origins: config.http.cors_origins.clone().into(),
         live,
         fleet: Arc::new(fleet::Fleet::default()),
+        log_path: log_path.clone(),
     };
     let local = listener.local_addr().map_err(Error::Serve)?;
     tracing::info!(data_dir = %data_dir.display(), agents = config.agents.len(), "listening on http://{local}");

@@ -306,6 +306,55 @@ pub fn open_write(path: &Path) -> Result<Connection, LogError> {
     Ok(conn)
 }
 
+/// A range of an agent's sequence numbers the log has not received: readings its spool dropped
+/// (`[spool] overflow`, `max_bytes`), lost with a damaged spool, or still on their way. A range
+/// that late readings fill leaves the list.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct GapRow {
+    /// Its key for paging (`after=`).
+    pub id: i64,
+    pub agent: String,
+    pub epoch: i64,
+    /// The sequence numbers missing: `from_seq` up to, not including, `to_seq`.
+    pub from_seq: u64,
+    pub to_seq: u64,
+    /// How many readings that is.
+    pub readings: u64,
+    /// When the aggregator first saw the range missing (Unix ms).
+    pub detected_at: i64,
+}
+
+/// Up to `limit` gaps after the one with id `after`, in the order they were found, of one agent
+/// or all; and whether more follow.
+pub fn gaps(
+    conn: &Connection,
+    agent: Option<&str>,
+    after: Option<i64>,
+    limit: usize,
+) -> Result<(Vec<GapRow>, bool), LogError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT rowid, agent_id, epoch, from_seq, to_seq, detected_at FROM gaps
+         WHERE rowid > ?1 AND (?2 IS NULL OR agent_id = ?2) ORDER BY rowid LIMIT ?3",
+    )?;
+    let mut rows: Vec<GapRow> = stmt
+        .query_map(params![after.unwrap_or(0), agent, limit.saturating_add(1) as i64], |r| {
+            let (from, to) = (r.get::<_, i64>(3)?.max(0) as u64, r.get::<_, i64>(4)?.max(0) as u64);
+            Ok(GapRow {
+                id: r.get(0)?,
+                agent: r.get(1)?,
+                epoch: r.get(2)?,
+                from_seq: from,
+                to_seq: to,
+                readings: to.saturating_sub(from),
+                detected_at: r.get(5)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    Ok((rows, more))
+}
+
 /// A read-only connection for the processor (and tests); the writer must have created the file.
 pub fn open_read(path: &Path) -> Result<Connection, LogError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;

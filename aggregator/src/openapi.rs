@@ -101,6 +101,7 @@ pub enum Step {
         quarantine,
         agents,
         set_aside,
+        gaps,
         anomalies,
         alerts,
         pipeline,
@@ -120,6 +121,7 @@ pub enum Step {
         QuarantineRow,
         AgentView,
         SetAsideRow,
+        crate::log::GapRow,
         AnomalyRow,
         AlertView,
         AlertRow,
@@ -204,6 +206,13 @@ fn agents() {}
     responses((status = 200, body = [SetAsideRow]), (status = 400, body = ErrorBody)))]
 #[allow(dead_code)]
 fn set_aside() {}
+
+/// Sequence ranges agents have not delivered (dropped by a full spool, lost with a damaged one,
+/// or still on their way), in the order they were found, paged.
+#[utoipa::path(get, path = "/api/v1/gaps", tag = "read", params(crate::api::GapsQuery),
+    responses((status = 200, body = [crate::log::GapRow]), (status = 400, body = ErrorBody)))]
+#[allow(dead_code)]
+fn gaps() {}
 
 /// Anomaly events, oldest first, paged.
 #[utoipa::path(get, path = "/api/v1/anomalies", tag = "read", params(AnomalyQuery),

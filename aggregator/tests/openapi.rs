@@ -132,6 +132,8 @@ fn every_documented_route_answers_in_its_documented_shape() {
         .collect();
     readings.push(("line1/temp", now + 3_600_000, 1.0)); // quarantined: an hour ahead
     agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &readings)]));
+    // A second epoch that starts at 5: a gap of 5 readings for /api/v1/gaps.
+    agg.ingest_ok(0, &postcard_batch("gw-1", 2, &[(5, &[("pump/1", T0 + 400_000, 1.0)][..])]));
     agg.wait_processed();
 
     let response = agg.get("/api/v1/openapi.json");

@@ -213,3 +213,49 @@ fn a_client_sending_every_other_sequence_number_is_capped_with_too_many_holes() 
     assert_eq!((ack["accepted"].as_u64(), ack["missing"].as_u64()), (Some(1), Some(limit - 1)));
     assert_eq!(agg.ingest_ok(0, &one_more)["missing"], limit);
 }
+
+/// What an operator sees of the holes: `GET /api/v1/gaps` lists each range not delivered, by
+/// agent, paged, until late readings fill it.
+#[test]
+fn the_api_lists_holes_until_late_readings_fill_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    handshake_ack(&agg);
+    agg.ingest_ok(0, &batch(&[(0, 10)]));
+    assert_eq!(agg.ingest_ok(0, &batch(&[(20, 30)]))["missing"], 10);
+    assert_eq!(agg.ingest_ok(0, &batch(&[(40, 45)]))["missing"], 20);
+
+    let (status, gaps) = agg.get_json("/api/v1/gaps");
+    assert_eq!(status, 200, "{gaps}");
+    let ranges: Vec<(u64, u64, u64)> = gaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            assert_eq!((g["agent"].as_str(), g["epoch"].as_u64()), (Some(AGENT), Some(EPOCH)), "{g}");
+            assert!(g["detected_at"].as_i64().unwrap() > T0, "{g}");
+            (g["from_seq"].as_u64().unwrap(), g["to_seq"].as_u64().unwrap(), g["readings"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(ranges, [(10, 20, 10), (30, 40, 10)]);
+
+    // Paged: one at a time, the Link header leads to the next.
+    let first = agg.get("/api/v1/gaps?limit=1");
+    let link = first.header("link").expect("a Link to the next page").to_string();
+    let next = link.trim_start_matches('<').split('>').next().unwrap().to_string();
+    let (_, second) = agg.get_json(&next);
+    assert_eq!(second.as_array().unwrap().len(), 1, "{second}");
+    assert_eq!(second[0]["from_seq"], 30);
+    assert!(agg.get(&next).header("link").is_none(), "the last page has no next");
+    // By agent, and a bad cursor is a 400 that says what it wants.
+    assert_eq!(agg.get_json("/api/v1/gaps?agent=gw-2").1, serde_json::json!([]));
+    let bad = agg.get("/api/v1/gaps?after=yesterday");
+    assert_eq!(bad.status, 400);
+    assert!(bad.text().contains("id of a gap"), "{}", bad.text());
+
+    // Late readings fill the first hole: it leaves the list.
+    agg.ingest_ok(0, &batch(&[(10, 20)]));
+    let (_, gaps) = agg.get_json("/api/v1/gaps");
+    assert_eq!(gaps.as_array().unwrap().len(), 1, "{gaps}");
+    assert_eq!((gaps[0]["from_seq"].as_u64(), gaps[0]["to_seq"].as_u64()), (Some(30), Some(40)));
+}
