@@ -165,6 +165,12 @@ pub struct SpoolConfig {
     /// dropped; they still consume sequence numbers, so the aggregator records the hole).
     #[serde(default)]
     pub overflow: Overflow,
+    /// Readings stored longer than this are dropped, oldest first, and counted (the aggregator
+    /// records the gap), e.g. "7d". The age is by the gateway's clock at storing; readings stored
+    /// while the clock read before 2020 (not set yet) do not expire by age. Default: none, only
+    /// `max_bytes` bounds the spool.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -331,6 +337,7 @@ impl Default for SpoolConfig {
             sync: default_sync(),
             max_bytes: default_max_bytes(),
             overflow: Overflow::default(),
+            max_age: None,
         }
     }
 }
@@ -604,6 +611,15 @@ token = "t"
             let config = parse(&MINIMAL.replace("http://127.0.0.1:8080", url)).unwrap();
             assert_eq!(config.upstream.ingest_url().unwrap().as_str(), ingest, "{url}");
         }
+    }
+
+    #[test]
+    fn max_age_is_a_duration_and_off_by_default() {
+        assert_eq!(parse(MINIMAL).unwrap().spool.max_age, None);
+        let week = parse(&format!("{MINIMAL}[spool]\nmax_age = \"7d\"\n")).unwrap();
+        assert_eq!(week.spool.max_age, Some(Duration::from_secs(7 * 86_400)));
+        let e = parse(&format!("{MINIMAL}[spool]\nmax_age = \"a week\"\n")).unwrap_err();
+        assert!(e.contains("max_age"), "{e}");
     }
 
     #[test]

@@ -70,6 +70,8 @@ const FULL_ATTEMPTS: u32 = 4;
 /// Drops are logged at most this often (with the count since the last line): a full disk drops on
 /// every group commit.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a commit looks for readings older than `max_age` (a read of the oldest block or few).
+const AGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Forwarder commands that failed to commit are retried after this, doubling up to the max.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -197,6 +199,11 @@ struct Writer {
     /// Readings dropped since the last log line, and when that line was written.
     drops_unlogged: u64,
     last_drop_log: Option<Instant>,
+    /// The same for readings older than `max_age`.
+    expired_unlogged: u64,
+    last_expire_log: Option<Instant>,
+    /// When the spool last looked for readings older than `max_age`.
+    last_age_check: Instant,
     end: watch::Sender<u64>,
     committed: watch::Sender<u64>,
     /// Held while the writer lives: one process at a time writes a spool.
@@ -296,6 +303,9 @@ impl Spool {
             reserve_held,
             drops_unlogged: 0,
             last_drop_log: None,
+            expired_unlogged: 0,
+            last_expire_log: None,
+            last_age_check: Instant::now().checked_sub(AGE_CHECK_INTERVAL).unwrap_or_else(Instant::now),
             end: end_tx,
             committed: committed_tx,
             _lock: lock,
@@ -564,6 +574,14 @@ pub(crate) fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS blocks (first_seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL);",
     )?;
+    // When a block was stored (Unix ms, for `max_age`); NULL in spools written before it existed.
+    let has_stored_at: bool =
+        conn.query_row("SELECT count(*) FROM pragma_table_info('blocks') WHERE name = 'stored_at'", [], |r| {
+            r.get::<_, i64>(0).map(|n| n > 0)
+        })?;
+    if !has_stored_at {
+        conn.execute_batch("ALTER TABLE blocks ADD COLUMN stored_at INTEGER")?;
+    }
     // Dead letters have their own key, so setting a block aside never replaces an earlier one.
     // Spools written before that keyed them by first_seq: move their rows over once.
     let columns: Vec<String> = conn
@@ -684,6 +702,8 @@ struct Applied {
     bytes: u64,
     added: u64,
     dropped: u64,
+    /// Of `dropped`, readings older than `max_age`.
+    expired: u64,
     dead: u64,
     /// (from, mark, result) for each verify.
     verified: Vec<(u64, u64, Verified)>,
@@ -1009,7 +1029,9 @@ impl Writer {
             persist_end = true;
         }
         {
-            let mut insert = tx.prepare_cached("INSERT INTO blocks (first_seq, count, data) VALUES (?1, ?2, ?3)")?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO blocks (first_seq, count, data, stored_at) VALUES (?1, ?2, ?3, ?4)")?;
+            let stored_at = now_ms();
             let mut dropping = false;
             for (count, data) in blocks {
                 let count = *count as u64;
@@ -1021,7 +1043,7 @@ impl Writer {
                     persist_end = true;
                     continue;
                 }
-                insert.execute(params![a.next_seq as i64, count as i64, data])?;
+                insert.execute(params![a.next_seq as i64, count as i64, data, stored_at])?;
                 a.next_seq += count;
                 a.added += count;
                 a.readings += count;
@@ -1034,6 +1056,16 @@ impl Writer {
             a.readings = a.readings.saturating_sub(r);
             a.bytes = a.bytes.saturating_sub(b);
             persist_end = true;
+        }
+        if let Some(max_age) = self.config.max_age.filter(|_| self.last_age_check.elapsed() >= AGE_CHECK_INTERVAL) {
+            self.last_age_check = Instant::now();
+            let cutoff = now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
+            let (r, b) = drop_older_than(&tx, cutoff)?;
+            a.expired += r;
+            a.dropped += r;
+            a.readings = a.readings.saturating_sub(r);
+            a.bytes = a.bytes.saturating_sub(b);
+            persist_end |= r > 0;
         }
         if persist_end {
             tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?1)", [a.next_seq as i64])?;
@@ -1054,7 +1086,8 @@ impl Writer {
         m.spool_readings.set(self.readings as i64);
         m.spool_bytes.set(self.bytes as i64);
         m.dead_letter_readings.inc_by(a.dead);
-        self.note_drops(a.dropped);
+        self.note_drops(a.dropped - a.expired);
+        self.note_expired(a.expired);
         if a.added > 0 || moved_end {
             self.end.send_replace(self.next_seq);
         }
@@ -1092,6 +1125,25 @@ impl Writer {
         self.log_drops(false);
     }
 
+    /// Counts readings dropped for their age; logs them at most every [`DROP_LOG_INTERVAL`].
+    fn note_expired(&mut self, expired: u64) {
+        if expired == 0 {
+            return;
+        }
+        self.metrics.spool_dropped_readings.inc_by(expired);
+        self.expired_unlogged += expired;
+        if self.last_expire_log.is_some_and(|t| t.elapsed() < DROP_LOG_INTERVAL) {
+            return;
+        }
+        tracing::warn!(
+            dropped = self.expired_unlogged,
+            max_age = ?self.config.max_age,
+            "dropped readings older than spool.max_age, oldest first; the aggregator records the gap"
+        );
+        self.expired_unlogged = 0;
+        self.last_expire_log = Some(Instant::now());
+    }
+
     fn log_drops(&mut self, now: bool) {
         if self.drops_unlogged == 0 || (!now && self.last_drop_log.is_some_and(|t| t.elapsed() < DROP_LOG_INTERVAL)) {
             return;
@@ -1121,6 +1173,35 @@ fn delete_below(tx: &rusqlite::Transaction, next_seq: u64) -> rusqlite::Result<(
         "DELETE FROM blocks WHERE first_seq < ?1 AND first_seq + count <= ?1 RETURNING count, length(data)",
     )?;
     let mut rows = stmt.query([next_seq as i64])?;
+    let (mut readings, mut bytes) = (0u64, 0u64);
+    while let Some(row) = rows.next()? {
+        readings += row.get::<_, i64>(0)? as u64;
+        bytes += row.get::<_, i64>(1)? as u64;
+    }
+    Ok((readings, bytes))
+}
+
+/// Readings stored while the clock read before this (2020-01-01) have no age we can trust.
+const CLOCK_SET_MS: i64 = 1_577_836_800_000;
+
+/// Drops the oldest blocks stored before `cutoff` (Unix ms), stopping at the first younger one
+/// (or one without a trustworthy time), so what goes is always a prefix; returns (readings, bytes).
+fn drop_older_than(tx: &rusqlite::Transaction, cutoff: i64) -> rusqlite::Result<(u64, u64)> {
+    let last: Option<i64> = {
+        let mut stmt = tx.prepare_cached("SELECT first_seq, stored_at FROM blocks ORDER BY first_seq")?;
+        let mut rows = stmt.query([])?;
+        let mut last = None;
+        while let Some(row) = rows.next()? {
+            match row.get::<_, Option<i64>>(1)? {
+                Some(at) if (CLOCK_SET_MS..cutoff).contains(&at) => last = Some(row.get(0)?),
+                _ => break,
+            }
+        }
+        last
+    };
+    let Some(last) = last else { return Ok((0, 0)) };
+    let mut stmt = tx.prepare_cached("DELETE FROM blocks WHERE first_seq <= ?1 RETURNING count, length(data)")?;
+    let mut rows = stmt.query([last])?;
     let (mut readings, mut bytes) = (0u64, 0u64);
     while let Some(row) = rows.next()? {
         readings += row.get::<_, i64>(0)? as u64;
@@ -1526,6 +1607,31 @@ mod tests {
         close(spool, thread);
         // The writer has ended and released the lock.
         Spool::open(dir.path(), &config(), Arc::new(Metrics::new())).unwrap();
+    }
+
+    #[tokio::test]
+    async fn readings_older_than_max_age_are_dropped_oldest_first_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let config = SpoolConfig { max_age: Some(Duration::from_millis(1500)), ..config() };
+        let (spool, thread) = Spool::open(dir.path(), &config, metrics.clone()).unwrap();
+        append_and_wait(&spool, readings(100, 0)).await;
+        append_and_wait(&spool, readings(100, 1000)).await;
+        // Stored while the clock was not set (1970): no age to go by, kept.
+        let conn = Connection::open(dir.path().join(SPOOL_FILE)).unwrap();
+        conn.execute("UPDATE blocks SET stored_at = 5000 WHERE first_seq = 100", []).unwrap();
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        append_and_wait(&spool, readings(50, 2000)).await;
+        assert_eq!(spans(&spool).await, [(100, 100), (200, 50)], "the block before the unset clock went");
+        assert_eq!(metrics.spool_dropped_readings.get(), 100);
+        // What goes is always a prefix: once the unset-clock block is acked, the one after it ages out.
+        ack_and_wait(&spool, 200).await;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        append_and_wait(&spool, readings(1, 3000)).await;
+        assert_eq!(spans(&spool).await, [(250, 1)]);
+        assert_eq!(metrics.spool_dropped_readings.get(), 150);
+        assert_eq!(*spool.end().borrow(), 251, "dropped readings keep their numbers: the aggregator sees the gap");
+        close(spool, thread);
     }
 
     #[tokio::test]
