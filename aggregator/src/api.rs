@@ -1011,6 +1011,17 @@ pub(crate) struct GapsQuery {
     after: Option<String>,
 }
 
+/// A paging cursor that is a number (`after=`), or none; `what` names it in the error.
+fn whole_number_after<T: std::str::FromStr>(text: Option<&str>, what: &str) -> Result<Option<T>, ApiError> {
+    match text.map(str::trim).filter(|a| !a.is_empty()) {
+        None => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::BadRequest(format!("after {text:?} must be {what} (a whole number)"))),
+    }
+}
+
 /// `GET /api/v1/gaps?agent=&limit=&after=`: sequence ranges agents have not delivered, in the
 /// order they were found (the `Link` header pages on).
 async fn list_gaps(
@@ -1019,13 +1030,7 @@ async fn list_gaps(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = page_limit(query.limit.as_deref())?;
-    let after =
-        match query.after.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
-            None => None,
-            Some(text) => Some(text.parse::<i64>().map_err(|_| {
-                ApiError::BadRequest(format!("after {text:?} must be the id of a gap (a whole number)"))
-            })?),
-        };
+    let after: Option<i64> = whole_number_after(query.after.as_deref(), "the id of a gap")?;
     let agent = query.agent.filter(|a| !a.is_empty());
     let (path, filter) = (app.log_path.clone(), agent.clone());
     let (rows, more) = tokio::task::spawn_blocking(move || {
@@ -1052,13 +1057,7 @@ async fn list_set_aside(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = page_limit(query.limit.as_deref())?;
-    let after = match query.after.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
-        None => None,
-        Some(text) => Some(
-            text.parse::<u64>()
-                .map_err(|_| ApiError::BadRequest(format!("after {text:?} must be a log offset (a whole number)")))?,
-        ),
-    };
+    let after: Option<u64> = whole_number_after(query.after.as_deref(), "a log offset")?;
     let page = app.store.read(move |conn| store::set_aside(conn, after, limit)).await?;
     let next = match page.rows.last() {
         Some(last) if page.more => Some(format!("/api/v1/set-aside?limit={limit}&after={}", last.first_offset)),
