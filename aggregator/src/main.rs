@@ -314,6 +314,19 @@ fn log_error(error: InspectError) -> String {
     }
 }
 
+/// jemalloc, in one arena that hands back pages freed for a quarter of a second. Under glibc's
+/// allocator the heap in use stayed about 32 MB while the RSS grew from 70 to 130-150 MiB over
+/// 40 M live readings: what a commit allocates for a moment and frees left holes that the
+/// long-lived windows pinned (tests/bench/live.sh at a steady 1 M readings/s: 69 / 88 MiB peak
+/// after 10 / 40 M readings, 62 MiB at rest after both, and less CPU per reading).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options (`_RJEM_MALLOC_CONF` in the environment still wins).
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"narenas:1,dirty_decay_ms:250,muzzy_decay_ms:0,background_thread:true\0";
+
 fn main() -> ExitCode {
     fewer_malloc_arenas();
     let cli = Cli::parse();
@@ -514,11 +527,10 @@ async fn shutdown_signal() {
     }
 }
 
-/// The window operators fold and encode on threads of their own; glibc gives each thread its own
-/// malloc arena (up to 8 per core), and a window made in one and dropped in another keeps pages
-/// of both. Two arenas (tests/bench/live.sh, 20 M readings): peak RSS 321 instead of 507 MiB,
-/// for 0.88 instead of 0.75 µs of CPU per reading while the log is short (the threads wait for
-/// the arena locks) and the same after. `MALLOC_ARENA_MAX` in the environment still wins.
+/// What is left on glibc's malloc (SQLite's pages and statements) uses two arenas, not 8 per
+/// core: each thread's own arena kept pages that another thread's frees left behind (before
+/// jemalloc, tests/bench/live.sh: peak RSS 321 instead of 507 MiB after 20 M readings).
+/// `MALLOC_ARENA_MAX` in the environment still wins.
 fn fewer_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

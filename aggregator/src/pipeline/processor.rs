@@ -584,9 +584,9 @@ impl Processor {
         })
     }
 
-    /// Hands memory freed after a burst back to the system, once caught up and at most every
-    /// [`TRIM_INTERVAL`]: glibc keeps what was freed in its arenas, so the RSS of an idle
-    /// aggregator stayed at the peak of its last backlog (after 6 M readings: 150 MiB, 100 with).
+    /// Hands memory glibc's malloc freed after a burst back to the system, once caught up and at
+    /// most every [`TRIM_INTERVAL`]: glibc keeps what was freed in its arenas (the aggregator's
+    /// own allocations are jemalloc's, which returns pages by itself; SQLite's are glibc's).
     fn return_free_memory(&mut self) {
         if self.last_trim.elapsed() < TRIM_INTERVAL {
             return;
