@@ -196,12 +196,9 @@ struct Writer {
     max_pages: Option<u64>,
     /// `spool.reserve` is on disk.
     reserve_held: bool,
-    /// Readings dropped since the last log line, and when that line was written.
-    drops_unlogged: u64,
-    last_drop_log: Option<Instant>,
-    /// The same for readings older than `max_age`.
-    expired_unlogged: u64,
-    last_expire_log: Option<Instant>,
+    /// Readings dropped because the spool was full, and for their age, not logged yet.
+    full_drops: DropLog,
+    age_drops: DropLog,
     /// When the spool last looked for readings older than `max_age`.
     last_age_check: Instant,
     end: watch::Sender<u64>,
@@ -301,10 +298,8 @@ impl Spool {
             last_space_check: Instant::now(),
             max_pages,
             reserve_held,
-            drops_unlogged: 0,
-            last_drop_log: None,
-            expired_unlogged: 0,
-            last_expire_log: None,
+            full_drops: DropLog::default(),
+            age_drops: DropLog::default(),
             last_age_check: Instant::now().checked_sub(AGE_CHECK_INTERVAL).unwrap_or_else(Instant::now),
             end: end_tx,
             committed: committed_tx,
@@ -765,7 +760,7 @@ impl Writer {
                 tracing::warn!("the spool stopped before applying some of the forwarder's commands");
             }
         }
-        self.log_drops(true);
+        self.log_drops(0, 0, true);
         tracing::debug!("spool writer stopped");
     }
 
@@ -830,7 +825,7 @@ impl Writer {
                 // Numbered, not stored: the aggregator sees the hole.
                 self.next_seq += count;
                 self.end.send_replace(self.next_seq);
-                self.note_drops(count);
+                self.note_drops(count, 0);
                 break;
             }
             tracing::error!(%error, retry_in = ?delay, "spool commit failed; holding the readings and retrying");
@@ -929,7 +924,7 @@ impl Writer {
                 self.metrics.spool_commits.inc();
                 self.metrics.spool_readings.set(self.readings as i64);
                 self.metrics.spool_bytes.set(self.bytes as i64);
-                self.note_drops(readings);
+                self.note_drops(readings, 0);
             }
             Err(error) => {
                 if !self.conn.is_autocommit() {
@@ -1086,8 +1081,7 @@ impl Writer {
         m.spool_readings.set(self.readings as i64);
         m.spool_bytes.set(self.bytes as i64);
         m.dead_letter_readings.inc_by(a.dead);
-        self.note_drops(a.dropped - a.expired);
-        self.note_expired(a.expired);
+        self.note_drops(a.dropped - a.expired, a.expired);
         if a.added > 0 || moved_end {
             self.end.send_replace(self.next_seq);
         }
@@ -1115,51 +1109,33 @@ impl Writer {
         }
     }
 
-    /// Counts dropped readings; logs them at most every [`DROP_LOG_INTERVAL`].
-    fn note_drops(&mut self, dropped: u64) {
-        if dropped == 0 {
-            return;
-        }
-        self.metrics.spool_dropped_readings.inc_by(dropped);
-        self.drops_unlogged += dropped;
-        self.log_drops(false);
+    /// Counts readings dropped because the spool was full and for their age; logs each kind at
+    /// most every [`DROP_LOG_INTERVAL`].
+    fn note_drops(&mut self, full: u64, expired: u64) {
+        self.metrics.spool_dropped_readings.inc_by(full + expired);
+        self.log_drops(full, expired, false);
     }
 
-    /// Counts readings dropped for their age; logs them at most every [`DROP_LOG_INTERVAL`].
-    fn note_expired(&mut self, expired: u64) {
-        if expired == 0 {
-            return;
+    /// Adds drops to log and logs what is due (`now`: whatever the interval, at stop).
+    fn log_drops(&mut self, full: u64, expired: u64, now: bool) {
+        if let Some(dropped) = self.age_drops.due(expired, now) {
+            tracing::warn!(
+                dropped,
+                max_age = ?self.config.max_age,
+                "dropped readings older than spool.max_age, oldest first; the aggregator records the gap"
+            );
         }
-        self.metrics.spool_dropped_readings.inc_by(expired);
-        self.expired_unlogged += expired;
-        if self.last_expire_log.is_some_and(|t| t.elapsed() < DROP_LOG_INTERVAL) {
-            return;
-        }
-        tracing::warn!(
-            dropped = self.expired_unlogged,
-            max_age = ?self.config.max_age,
-            "dropped readings older than spool.max_age, oldest first; the aggregator records the gap"
-        );
-        self.expired_unlogged = 0;
-        self.last_expire_log = Some(Instant::now());
-    }
-
-    fn log_drops(&mut self, now: bool) {
-        if self.drops_unlogged == 0 || (!now && self.last_drop_log.is_some_and(|t| t.elapsed() < DROP_LOG_INTERVAL)) {
-            return;
-        }
+        let Some(dropped) = self.full_drops.due(full, now) else { return };
         let which = match self.config.overflow {
             Overflow::DropOldest => "oldest",
             Overflow::DropNewest => "newest",
         };
         tracing::warn!(
-            dropped = self.drops_unlogged,
+            dropped,
             limit = self.cap(),
             disk_full = self.disk_cap.is_some(),
             "spool full: dropped the {which} readings (spool.overflow); the aggregator records the gap"
         );
-        self.drops_unlogged = 0;
-        self.last_drop_log = Some(Instant::now());
     }
 }
 
@@ -1179,6 +1155,26 @@ fn delete_below(tx: &rusqlite::Transaction, next_seq: u64) -> rusqlite::Result<(
         bytes += row.get::<_, i64>(1)? as u64;
     }
     Ok((readings, bytes))
+}
+
+/// Dropped readings not logged yet, and when the last line about them was written: a line at
+/// most every [`DROP_LOG_INTERVAL`], so that a spool dropping at every commit does not flood the log.
+#[derive(Debug, Default)]
+struct DropLog {
+    unlogged: u64,
+    last: Option<Instant>,
+}
+
+impl DropLog {
+    /// Adds `dropped`; returns how many to log if a line is due (`now`: whatever the interval).
+    fn due(&mut self, dropped: u64, now: bool) -> Option<u64> {
+        self.unlogged += dropped;
+        if self.unlogged == 0 || (!now && self.last.is_some_and(|t| t.elapsed() < DROP_LOG_INTERVAL)) {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 /// Readings stored while the clock read before this (2020-01-01) have no age we can trust.

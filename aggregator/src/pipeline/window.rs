@@ -211,10 +211,9 @@ struct EncodedRow {
     replace: bool,
     /// Where the row's bytes start.
     start: usize,
-    /// A part sealed now: (its first slot, where its bytes end); its windows are those below
-    /// `seal_below` (and the row's `last_part`, in front).
-    sealed: Option<(u16, usize)>,
-    seal_below: u16,
+    /// A part sealed now: (its first slot, where its bytes end, the slot its windows are below);
+    /// the row's `last_part` is in front of the windows sealed now.
+    sealed: Option<(u16, usize, u16)>,
     /// Where the tail's bytes end (it starts where the sealed part ends, or at `start`).
     end: usize,
 }
@@ -408,16 +407,8 @@ impl WindowOperator {
                 }
                 encode_window(&self.calendar, key.1, *slot, w, &mut encoded.bytes);
             }
-            let sealed = first_sealed.map(|first| (first, sealed_end.unwrap_or(encoded.bytes.len())));
-            let seal_below = if sealed.is_some() { seal_below } else { 0 };
-            encoded.rows.push(EncodedRow {
-                key,
-                replace: row.replace,
-                start,
-                sealed,
-                seal_below,
-                end: encoded.bytes.len(),
-            });
+            let sealed = first_sealed.map(|first| (first, sealed_end.unwrap_or(encoded.bytes.len()), seal_below));
+            encoded.rows.push(EncodedRow { key, replace: row.replace, start, sealed, end: encoded.bytes.len() });
         }
         encoded
     }
@@ -438,7 +429,7 @@ impl WindowOperator {
             if row.replace {
                 delete.execute(params![code, series, row_index])?;
             }
-            if let Some((first, end)) = row.sealed {
+            if let Some((first, end, _)) = row.sealed {
                 put.execute(params![code, series, row_index, first, &encoded.bytes[start..end]])?;
                 start = end;
             }
@@ -472,11 +463,11 @@ impl WindowOperator {
             for (_, w) in &mut row.windows {
                 w.bumped_by = NOT_BUMPED;
             }
-            if let (Some((first, end)), true) = (written.sealed, written.seal_below > 0) {
-                row.seal(written.seal_below, open);
+            if let Some((first, end, below)) = written.sealed {
+                row.seal(below, open);
                 // A part that spans a quarter of the row is done; a shorter one grows at the
                 // next seal.
-                let done = written.seal_below - first >= (self.calendar.slots() / 4) as u16;
+                let done = below - first >= (self.calendar.slots() / 4) as u16;
                 row.last_part = (!done).then(|| (first, encoded.bytes[written.start..end].to_vec()));
             }
             row.held = row.bytes();
