@@ -479,7 +479,10 @@ impl WindowView {
     /// `quantiles`: compute p50/p95/p99 (else 0: the answer leaves them out).
     fn new(start: i64, end: i64, w: &Window, quantiles: bool) -> WindowView {
         let s = &w.stats;
-        let q = |p| if quantiles { s.quantile(p).unwrap_or(s.mean()) } else { 0.0 };
+        let [p50, p95, p99] = match quantiles {
+            true => s.quantiles([0.5, 0.95, 0.99]).unwrap_or([s.mean(); 3]),
+            false => [0.0; 3],
+        };
         WindowView {
             start,
             end,
@@ -490,9 +493,9 @@ impl WindowView {
             stddev: s.stddev(),
             first: Point { ts: s.first.0, value: s.first.1 },
             last: Point { ts: s.last.0, value: s.last.1 },
-            p50: q(0.5),
-            p95: q(0.95),
-            p99: q(0.99),
+            p50,
+            p95,
+            p99,
             revision: w.revision,
             updated_at: w.updated_at,
         }
@@ -605,12 +608,15 @@ pub(crate) fn read_windows(
     }
     let first = plan.calendar.index_of(lo);
     let last = plan.calendar.index_of(hi - 1);
-    let stored = store::windows(conn, &plan.calendar, series, first, last)?;
     let mut out: Vec<WindowView> = Vec::new();
     let mut current: Option<(i64, i64, Window)> = None;
-    for (index, window) in stored {
-        let stored_start = plan.calendar.start_of(index);
-        let (start, end) = plan.bucket(stored_start);
+    store::windows_each(conn, &plan.calendar, series, first, last, |index, window| {
+        let (start, end) = plan.bucket(plan.calendar.start_of(index));
+        if plan.factor == 1 {
+            // Served as stored: each window straight into the answer, nothing to merge.
+            push_in_range(&mut out, start, end, &window, from, to, quantiles);
+            return out.len() <= cap;
+        }
         match &mut current {
             Some((s, _, acc)) if *s == start => acc.merge(&window),
             _ => {
@@ -620,10 +626,8 @@ pub(crate) fn read_windows(
                 current = Some((start, end, window));
             }
         }
-        if out.len() > cap {
-            break;
-        }
-    }
+        out.len() <= cap
+    })?;
     if let Some((s, e, w)) = current {
         push_in_range(&mut out, s, e, &w, from, to, quantiles);
     }

@@ -175,22 +175,33 @@ fn values(w: &WindowView) -> [Value<'_>; FIELDS.len()] {
 
 fn window(out: &mut Vec<u8>, w: &WindowView, fields: Fields) {
     let mut separator = b'{';
-    for (i, value) in values(w).iter().enumerate() {
-        if !fields.has(i) {
-            continue;
-        }
-        out.push(separator);
-        separator = b',';
-        out.push(b'"');
-        out.extend_from_slice(FIELDS[i].as_bytes());
-        out.extend_from_slice(b"\":");
-        match value {
-            Value::Int(v) => int(out, *v),
-            Value::Count(v) => int(out, *v),
-            Value::Float(v) => float(out, *v),
-            Value::Point(p) => point(out, p),
-        }
+    // Each key a literal, in FIELDS order: a copy of known length is a few moves, where a key
+    // looked up by index is a call to memcpy, and a fleet read writes 840,000 keys.
+    macro_rules! member {
+        ($i:literal, $key:literal, $write:expr) => {
+            if fields.has($i) {
+                debug_assert_eq!(FIELDS[$i], $key);
+                out.push(separator);
+                separator = b',';
+                out.extend_from_slice(concat!("\"", $key, "\":").as_bytes());
+                $write;
+            }
+        };
     }
+    member!(0, "start", int(out, w.start));
+    member!(1, "end", int(out, w.end));
+    member!(2, "count", int(out, w.count));
+    member!(3, "min", float(out, w.min));
+    member!(4, "max", float(out, w.max));
+    member!(5, "mean", float(out, w.mean));
+    member!(6, "stddev", float(out, w.stddev));
+    member!(7, "first", point(out, &w.first));
+    member!(8, "last", point(out, &w.last));
+    member!(9, "p50", float(out, w.p50));
+    member!(10, "p95", float(out, w.p95));
+    member!(11, "p99", float(out, w.p99));
+    member!(12, "revision", int(out, w.revision));
+    member!(13, "updated_at", int(out, w.updated_at));
     if separator == b'{' {
         out.push(b'{');
     }

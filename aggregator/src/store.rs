@@ -16,7 +16,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::pipeline::calendar::Calendar;
-use crate::pipeline::window::{Window, decode_row};
+use crate::pipeline::window::{Window, decode_row_each};
 
 /// The store's layout version (`PRAGMA user_version`). A store of another version is moved
 /// aside and rebuilt from the log.
@@ -409,27 +409,45 @@ pub fn windows(
     first: i64,
     last: i64,
 ) -> Result<Vec<(i64, Window)>, StoreError> {
+    let mut out = Vec::new();
+    windows_each(conn, calendar, series, first, last, |index, window| {
+        out.push((index, window));
+        true
+    })?;
+    Ok(out)
+}
+
+/// [`windows`] handing each window (by index, ascending) to `each` until it says stop (false).
+pub fn windows_each(
+    conn: &Connection,
+    calendar: &Calendar,
+    series: u32,
+    first: i64,
+    last: i64,
+    mut each: impl FnMut(i64, Window) -> bool,
+) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT row, data FROM windows WHERE size = ?1 AND series = ?2 AND row >= ?3 AND row <= ?4 ORDER BY row, part",
     )?;
     let slots = calendar.slots();
     let mut rows =
         stmt.query(params![calendar.code(), series as i64, first.div_euclid(slots), last.div_euclid(slots)])?;
-    let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
+    let mut more = true;
+    while more && let Some(row) = rows.next()? {
         let row_index: i64 = row.get(0)?;
         let data = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
-        let decoded = decode_row(calendar, row_index, data).map_err(|e| {
-            StoreError::Corrupt(format!("window row (size {}, series {series}, row {row_index}): {e}", calendar.code()))
-        })?;
-        for (slot, window) in decoded {
+        decode_row_each(calendar, row_index, data, |slot, window| {
             let index = row_index * slots + i64::from(slot);
             if first <= index && index <= last {
-                out.push((index, window));
+                more = each(index, window);
             }
-        }
+            more
+        })
+        .map_err(|e| {
+            StoreError::Corrupt(format!("window row (size {}, series {series}, row {row_index}): {e}", calendar.code()))
+        })?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Quarantined readings of a sensor (or all), newest first, at most `limit`.

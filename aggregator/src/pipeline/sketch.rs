@@ -126,45 +126,65 @@ impl Sketch {
     /// The `q`-quantile (0 ≤ q ≤ 1), the value of rank ⌊q·(n−1)⌋ in sorted order (exact while
     /// the sketch holds values, within [`RELATIVE_ACCURACY`] after). `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
+        self.quantiles([q]).map(|[v]| v)
+    }
+
+    /// Several quantiles at once: exact values are sorted once for all of them (a window list
+    /// asks three of every window). `None` when empty or any `q` is outside 0..=1.
+    pub fn quantiles<const N: usize>(&self, qs: [f64; N]) -> Option<[f64; N]> {
         let n = self.count();
-        if n == 0 || !(0.0..=1.0).contains(&q) {
+        if n == 0 || qs.iter().any(|q| !(0.0..=1.0).contains(q)) {
             return None;
         }
-        let rank = (q * (n - 1) as f64).floor() as u64;
+        let rank = |q: f64| (q * (n - 1) as f64).floor() as u64;
         match self {
             Sketch::Exact(values) => {
                 let mut sorted = values.clone();
                 sorted.sort_by(f64::total_cmp);
-                sorted.get(rank as usize).copied()
+                let mut out = [0.0; N];
+                for (o, q) in out.iter_mut().zip(qs) {
+                    *o = *sorted.get(rank(q) as usize)?;
+                }
+                Some(out)
             }
             Sketch::Buckets(b) => {
-                let Buckets { zero, pos, neg } = &**b;
-                let (g, inv_ln_gamma) = gamma();
-                // The bucket (γ^(k-1), γ^k] is represented by 2γ^k/(γ+1), written so that the
-                // top bucket of f64::MAX stays finite.
-                let value_of =
-                    |key: i32| (((f64::from(key) - 1.0) / inv_ln_gamma).exp() * (2.0 * g / (g + 1.0))).min(f64::MAX);
-                let mut seen = 0u64;
-                // Ascending values: negatives from the largest magnitude down, zero, positives up.
-                for (key, count) in neg.iter().rev() {
-                    seen += count;
-                    if seen > rank {
-                        return Some(-value_of(*key));
-                    }
+                let mut out = [0.0; N];
+                for (o, q) in out.iter_mut().zip(qs) {
+                    *o = b.quantile(rank(q))?;
                 }
-                seen += zero;
-                if seen > rank {
-                    return Some(0.0);
-                }
-                for (key, count) in pos {
-                    seen += count;
-                    if seen > rank {
-                        return Some(value_of(*key));
-                    }
-                }
-                pos.last().map(|(key, _)| value_of(*key))
+                Some(out)
             }
         }
+    }
+}
+
+impl Buckets {
+    /// The value of rank `rank` (below the total count).
+    fn quantile(&self, rank: u64) -> Option<f64> {
+        let Buckets { zero, pos, neg } = self;
+        let (g, inv_ln_gamma) = gamma();
+        // The bucket (γ^(k-1), γ^k] is represented by 2γ^k/(γ+1), written so that the
+        // top bucket of f64::MAX stays finite.
+        let value_of = |key: i32| (((f64::from(key) - 1.0) / inv_ln_gamma).exp() * (2.0 * g / (g + 1.0))).min(f64::MAX);
+        let mut seen = 0u64;
+        // Ascending values: negatives from the largest magnitude down, zero, positives up.
+        for (key, count) in neg.iter().rev() {
+            seen += count;
+            if seen > rank {
+                return Some(-value_of(*key));
+            }
+        }
+        seen += zero;
+        if seen > rank {
+            return Some(0.0);
+        }
+        for (key, count) in pos {
+            seen += count;
+            if seen > rank {
+                return Some(value_of(*key));
+            }
+        }
+        pos.last().map(|(key, _)| value_of(*key))
     }
 }
 
@@ -265,6 +285,20 @@ mod tests {
         assert_eq!(s.quantile(0.5), Some(3.0));
         assert_eq!(s.quantile(1.0), Some(5.0));
         assert_eq!(Sketch::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn quantiles_at_once_equal_quantiles_one_by_one() {
+        let qs = [0.0, 0.5, 0.95, 0.99, 1.0];
+        let mut s = Sketch::default();
+        for i in 0..300 {
+            s.add(((i * 37) % 101) as f64 - 50.0);
+            let each = qs.map(|q| s.quantile(q).unwrap());
+            assert_eq!(s.quantiles(qs), Some(each), "after {} values ({:?})", i + 1, matches!(s, Sketch::Exact(_)));
+        }
+        assert!(matches!(s, Sketch::Buckets(_)), "the test covers both kinds");
+        assert_eq!(s.quantiles([0.5, 1.5]), None);
+        assert_eq!(Sketch::default().quantiles([0.5]), None);
     }
 
     #[test]

@@ -134,6 +134,11 @@ impl Stats {
     pub fn quantile(&self, q: f64) -> Option<f64> {
         self.sketch.quantile(q).map(|v| v.clamp(self.min, self.max))
     }
+
+    /// Several quantiles at once (see [`Sketch::quantiles`]).
+    pub fn quantiles<const N: usize>(&self, qs: [f64; N]) -> Option<[f64; N]> {
+        self.sketch.quantiles(qs).map(|vs| vs.map(|v| v.clamp(self.min, self.max)))
+    }
 }
 
 #[cfg(test)]

@@ -619,8 +619,24 @@ fn encode_window(calendar: &Calendar, row_index: i64, slot: u16, w: &Window, out
 
 /// Decodes a stored row into its windows.
 pub fn decode_row(calendar: &Calendar, row_index: i64, data: &[u8]) -> Result<Vec<(u16, Window)>, String> {
-    let slots = calendar.slots();
     let mut windows = Vec::new();
+    decode_row_each(calendar, row_index, data, |slot, window| {
+        windows.push((slot, window));
+        true
+    })?;
+    Ok(windows)
+}
+
+/// [`decode_row`] handing each window to `each` as it is decoded, until `each` says stop
+/// (false): a read of many rows then moves no window through lists.
+pub fn decode_row_each(
+    calendar: &Calendar,
+    row_index: i64,
+    data: &[u8],
+    mut each: impl FnMut(u16, Window) -> bool,
+) -> Result<(), String> {
+    let slots = calendar.slots();
+    let mut previous: Option<u16> = None;
     let mut rest = data;
     while !rest.is_empty() {
         let (w, after) = postcard::take_from_bytes::<StoredWindow>(rest).map_err(|e| e.to_string())?;
@@ -654,12 +670,15 @@ pub fn decode_row(calendar: &Calendar, row_index: i64, data: &[u8]) -> Result<Ve
             return Err(format!("slot {slot} out of range"));
         }
         // The row's slot bitmap counts on sorted, distinct slots.
-        if windows.last().is_some_and(|(previous, _)| *previous >= slot) {
+        if previous.is_some_and(|previous| previous >= slot) {
             return Err(format!("slot {slot} out of order"));
         }
-        windows.push((slot, window));
+        previous = Some(slot);
+        if !each(slot, window) {
+            break;
+        }
     }
-    Ok(windows)
+    Ok(())
 }
 
 #[cfg(test)]
