@@ -41,6 +41,11 @@ pub const COMMIT_READINGS: u64 = 2_000_000;
 /// Memory the window operators may take between commits: a replay or a backlog commits when it
 /// is reached rather than only after [`COMMIT_INTERVAL`], so memory does not grow with speed.
 pub const COMMIT_BYTES: usize = 256 << 20;
+/// [`COMMIT_BYTES`] once the processor has caught up with the log: a live processor that falls
+/// behind for a moment (a slow disk, a burst) commits a few hundred thousand readings at a time
+/// as it does when keeping up, instead of growing by 100 MiB before it commits. A replay keeps
+/// the large bound: fewer commits rewrite each row fewer times.
+pub const LIVE_COMMIT_BYTES: usize = 16 << 20;
 /// Longest time between commits while the processor is behind.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 /// Shortest time between commits once caught up: live data is visible within it, and a busy
@@ -211,6 +216,8 @@ struct Processor {
     last_commit: Instant,
     /// When freed memory was last handed back to the system.
     last_trim: Instant,
+    /// Whether it has reached the log's end since it started (it is live, not replaying).
+    been_caught_up: bool,
     metrics: Arc<Metrics>,
     outputs: Outputs,
     status: ProcessorStatus,
@@ -381,6 +388,7 @@ impl Processor {
             committed: next_offset,
             last_commit: Instant::now(),
             last_trim: Instant::now(),
+            been_caught_up: false,
             metrics,
             outputs,
             status,
@@ -554,7 +562,7 @@ impl Processor {
                     }
                 }
                 self.next_offset = b.first_offset + b.count;
-                if self.pipeline.grown_bytes() >= COMMIT_BYTES {
+                if self.pipeline.grown_bytes() >= self.commit_bytes() {
                     // The rest of this read comes again after the commit.
                     break;
                 }
@@ -564,10 +572,11 @@ impl Processor {
             self.timings.fold += folding.elapsed();
         }
         let caught_up = self.next_offset >= head;
+        self.been_caught_up |= caught_up;
         let uncommitted = self.next_offset > self.committed;
         let since = self.last_commit.elapsed();
         let due = self.pipeline.pending >= COMMIT_READINGS
-            || self.pipeline.grown_bytes() >= COMMIT_BYTES
+            || self.pipeline.grown_bytes() >= self.commit_bytes()
             || (uncommitted && since >= COMMIT_INTERVAL)
             || (uncommitted && caught_up && since >= LIVE_COMMIT_INTERVAL)
             || (uncommitted && self.limit.is_some_and(|(n, _)| self.cycle_blocks >= n));
@@ -582,6 +591,11 @@ impl Processor {
             (true, true) => Some(LIVE_COMMIT_INTERVAL.saturating_sub(self.last_commit.elapsed())),
             (true, false) => Some(POLL),
         })
+    }
+
+    /// Memory the window operators may grow by before a commit is due.
+    fn commit_bytes(&self) -> usize {
+        if self.been_caught_up { LIVE_COMMIT_BYTES } else { COMMIT_BYTES }
     }
 
     /// Hands memory glibc's malloc freed after a burst back to the system, once caught up and at
