@@ -20,9 +20,6 @@ use tributary_shared::{Batch, BlockBuilder, IngestAck, WireBlock};
 use crate::device::Device;
 use crate::signal::{Noise, Quantity};
 
-/// How often each simulated sensor reports.
-const SAMPLE_PERIOD_MS: i64 = 1000;
-
 /// Where the aggregator takes batches, below `--url`.
 const INGEST_PATH: &str = "/api/v1/ingest";
 
@@ -63,6 +60,11 @@ pub struct LoadArgs {
     /// the one before it, rather than covering the same hours again).
     #[arg(long, default_value_t = 0)]
     pub ago_s: u64,
+    /// Milliseconds of event time between a sensor's readings. With `--rate`, a period of
+    /// sensors × 1000 / rate makes event time pass as fast as the wall clock (a live fleet);
+    /// the default second makes a fast run a backlog, hours of readings in a minute.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub period_ms: u32,
 }
 
 impl LoadArgs {
@@ -96,8 +98,8 @@ pub struct Plan {
     pub body_bytes: u64,
 }
 
-/// Readings of a simulated fleet in time order: every sensor reports once per second, the devices
-/// spread over the second with a few ms of jitter, the last reading at `end_ms`.
+/// Readings of a simulated fleet in time order: every sensor reports once per period, the devices
+/// spread over the period with a hundredth of it as jitter, the last reading at `end_ms`.
 struct Fleet {
     devices: Vec<Device>,
     /// Sensor ids of each device (three, or fewer for the last one).
@@ -105,10 +107,12 @@ struct Fleet {
     jitter: Noise,
     start_ms: i64,
     tick: i64,
+    period_ms: i64,
 }
 
 impl Fleet {
-    fn new(sensors: u32, readings: u64, seed: u64, end_ms: i64) -> Self {
+    fn new(sensors: u32, readings: u64, seed: u64, end_ms: i64, period_ms: u32) -> Self {
+        let period_ms = i64::from(period_ms);
         let per_device = Quantity::ALL.len() as u32;
         let device_count = sensors.div_ceil(per_device);
         let devices: Vec<Device> = (1..=device_count).map(|n| Device::new(n, seed)).collect();
@@ -125,18 +129,20 @@ impl Fleet {
             devices,
             ids,
             jitter: Noise::new(seed ^ 0x6A09_E667_F3BC_C908),
-            start_ms: end_ms - ticks * SAMPLE_PERIOD_MS,
+            start_ms: end_ms - ticks * period_ms,
             tick: 0,
+            period_ms,
         }
     }
 
-    /// Pushes one second of readings (every sensor once) into `out`, at most `limit` of them.
+    /// Pushes one period of readings (every sensor once) into `out`, at most `limit` of them.
     fn next_second(&mut self, out: &mut BlockSink, limit: u64) -> u64 {
         let mut pushed = 0;
         let count = self.devices.len() as i64;
         for (i, (device, ids)) in self.devices.iter_mut().zip(&self.ids).enumerate() {
-            let slot = self.start_ms + self.tick * SAMPLE_PERIOD_MS + i as i64 * SAMPLE_PERIOD_MS / count;
-            let ts = slot + (self.jitter.uniform() * 10.0) as i64;
+            let slot = self.start_ms + self.tick * self.period_ms + i as i64 * self.period_ms / count;
+            // A hundredth of the period (10 ms of a second): readings a little out of order.
+            let ts = slot + (self.jitter.uniform() * self.period_ms as f64 / 100.0) as i64;
             let sample = device.sample(ts);
             for (q, id) in Quantity::ALL.iter().zip(ids) {
                 if pushed == limit {
@@ -232,7 +238,7 @@ pub fn prepare(args: &LoadArgs, end_ms: i64) -> anyhow::Result<Plan> {
         batches: 0,
         body_bytes: 0,
     };
-    let mut fleet = Fleet::new(args.sensors, args.readings, args.seed, end_ms);
+    let mut fleet = Fleet::new(args.sensors, args.readings, args.seed, end_ms, args.period_ms);
     let mut left = args.readings;
     while left > 0 {
         left -= fleet.next_second(&mut sink, left);

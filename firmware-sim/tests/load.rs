@@ -33,6 +33,7 @@ struct Received {
     readings: u64,
     batches: u64,
     latest_ts: i64,
+    earliest_ts: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -68,6 +69,7 @@ async fn ingest(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Byte
             received.sensors.extend(block.sensors.iter().cloned());
             for (_, ts, _) in block.readings() {
                 received.latest_ts = received.latest_ts.max(ts);
+                received.earliest_ts = Some(received.earliest_ts.map_or(ts, |e| e.min(ts)));
             }
             received.epochs.entry(batch.epoch).or_default().push((wire.first_seq, u64::from(wire.count)));
             received.readings += block.len() as u64;
@@ -188,4 +190,18 @@ async fn a_paced_run_keeps_to_its_rate_and_ends_its_event_times_in_the_past() {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 - 7_200_000;
     assert!(received.latest_ts <= two_hours_ago + 10, "{} is after {two_hours_ago}", received.latest_ts);
     assert!(received.latest_ts > two_hours_ago - 60_000, "{}", received.latest_ts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_period_sets_how_much_event_time_a_run_covers() {
+    let (url, received) = serve(Behaviour::Accept).await;
+    // 10 sensors, 6,000 readings: 600 periods. Of 10 ms, 6 s of event time (of the default
+    // second, 10 minutes).
+    let flags = ["--readings", "6000", "--sensors", "10", "--period-ms", "10"];
+    let output = load(&url, &flags).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let received = received.lock().unwrap();
+    assert_eq!(received.readings, 6000);
+    let span = received.latest_ts - received.earliest_ts.unwrap();
+    assert!((5_980..=6_000).contains(&span), "600 periods of 10 ms span {span} ms");
 }
