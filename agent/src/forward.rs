@@ -1,18 +1,28 @@
-//! The forwarder: sends spooled blocks to the aggregator in order, one request at a time, and
-//! tells the spool to delete what the aggregator acknowledged.
+//! The forwarder: sends spooled blocks to the aggregator, one request at a time, and tells the
+//! spool to delete what the aggregator acknowledged.
 //!
-//! One request in flight keeps the aggregator's view simple: it sees each (agent, epoch) in
-//! sequence order, so anything below its high-water mark is a duplicate and a jump is a real gap.
+//! Blocks go oldest first, but live data is never stuck behind a backlog: while more than a
+//! request's worth of older readings waits (after an outage), each backlog request is preceded by
+//! a live one carrying the readings that came in since the last live request, at most
+//! `batch_max_readings` of the newest. The dashboard is current a request or two after the link
+//! returns, and the backlog fills in with the rest of the bandwidth. The aggregator takes blocks
+//! in any order per (agent, epoch): below its high-water mark it logs what fills its holes and drops
+//! the rest as duplicates. A range sent live is skipped by the oldest-first cursor but stays in the
+//! spool until the cursor passes it (the spool deletes below a number); a crash meanwhile only
+//! resends what the aggregator drops. Live ranges that jump ahead leave holes at the aggregator
+//! until the backlog reaches them, so at most `MAX_LIVE_RANGES` are outstanding.
+//!
 //! Every failure (network, 5xx, 401/403, 413, a proxy's 400, an unknown answer) keeps the data and
 //! retries with exponential backoff and full jitter. The only permanent refusal is the aggregator's
 //! own `400 {"error": "invalid_block", "block": i, ...}`: that one block goes to the spool's dead
 //! letters. A 413 makes the forwarder send smaller requests, splitting a block that alone is too large
 //! into sub-ranges (each keeps its own sequence numbers, so the aggregator's range dedup still holds).
 //!
-//! The forwarder deletes and skips only what it sent. Before it sends readings numbered after the
-//! spool was opened ([`Spool::unverified_from`]), it learns the aggregator's mark for the epoch (from
-//! the ack of older blocks, or an empty batch) so that a spool that went back in time renumbers them
-//! past the mark instead of having them taken for duplicates ([`Spool::verify`]).
+//! The forwarder deletes and skips only what was delivered (or set aside). Before it sends readings
+//! numbered after the spool was opened ([`Spool::unverified_from`]), it learns the aggregator's mark
+//! for the epoch (from the ack of older blocks, or an empty batch) so that a spool that went back in
+//! time renumbers them past the mark instead of having them taken for duplicates ([`Spool::verify`]);
+//! nothing goes live first before that.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +36,7 @@ use tributary_shared::{Batch, Block, IngestAck, WireBlock};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
-use crate::spool::{Spool, StoredBlock, slice_block};
+use crate::spool::{MAX_BLOCK_READINGS, Spool, StoredBlock, slice_block};
 
 /// Request bodies stay well under the aggregator's body limit.
 const MAX_BATCH_BYTES: usize = 8 << 20;
@@ -45,6 +55,11 @@ const DELETE_INTERVAL: Duration = Duration::from_secs(1);
 /// readings anyway) or catching up after an outage, when a full spool must not hold delivered
 /// blocks that its size limit would then count as dropped.
 const DELETE_NOW_READINGS: u64 = 100;
+/// Most ranges sent live first (and dead letters) ahead of the oldest-first cursor. Each live range
+/// that jumps ahead opens a hole at the aggregator until the backlog fills it, and the aggregator
+/// keeps at most 10,000 holes per epoch; at this many, live requests carry on from where the last one
+/// ended instead of jumping again.
+const MAX_LIVE_RANGES: usize = 64;
 
 pub struct Forwarder {
     pub spool: Spool,
@@ -60,6 +75,8 @@ enum Outcome {
     Acked(IngestAck),
     /// Keep the data, wait, try again.
     Retry(String),
+    /// No answer (connection refused or lost, timeout): as `Retry`, but says nothing about the request.
+    Unreachable(String),
     /// 413: the body was too large for the aggregator or a proxy in the way.
     TooLarge,
     /// 400 `invalid_block`: the aggregator refuses block `index` of the request for good.
@@ -153,11 +170,18 @@ impl Forwarder {
         };
         let mut end = self.spool.end();
         let mut backoff = Backoff { initial: self.config.retry_initial, max: self.config.retry_max, attempt: 0 };
+        let batch_max = self.config.batch_max_readings as u64;
+        // The oldest-first cursor: everything below it is in the aggregator's log or set aside.
         let mut cursor = 0u64;
         let unverified = self.spool.unverified_from();
         let mut epoch = Epoch { unverified: Some(unverified), fresh_from: unverified, horizon: unverified };
-        // Ranges handed to the spool as dead letters, not to be sent while that commits.
+        // Ranges the cursor jumps over: dead letters (not to be sent while that commits) and ranges
+        // already delivered live first.
         let mut skips: Vec<(u64, u64)> = Vec::new();
+        // The end of the last live request, and whether the next request may be one: live and
+        // backlog requests take turns, so neither starves the other.
+        let mut live_cursor = 0u64;
+        let mut live_turn = true;
         // The body size a 413 taught, and when.
         let mut max_body = MAX_BATCH_BYTES;
         let mut last_too_large: Option<Instant> = None;
@@ -169,12 +193,17 @@ impl Forwarder {
             if last_too_large.is_some_and(|t| t.elapsed() > TOO_LARGE_MEMORY) {
                 (max_body, last_too_large) = (MAX_BATCH_BYTES, None);
             }
+            let before = cursor;
             while let Some(&(_, to)) = skips.iter().find(|(from, to)| *from <= cursor && cursor < *to) {
                 cursor = to;
             }
+            if cursor > before {
+                // Past ranges delivered live first (or set aside): the spool may delete them now.
+                undeleted = Some(cursor);
+            }
             skips.retain(|(_, to)| *to > cursor);
             // Mark before reading: a commit landing after the read then still wakes the wait below.
-            end.borrow_and_update();
+            let head = *end.borrow_and_update();
             let budget = max_body - max_body / 16;
             let stored = match self.spool.read_from(cursor, self.config.batch_max_readings, budget).await {
                 Ok(b) => b,
@@ -188,8 +217,8 @@ impl Forwarder {
             };
             let waiting_for_mark =
                 epoch.unverified.filter(|from| stored.iter().any(|b| b.first_seq + u64::from(b.count) > *from));
-            let outgoing = plan(&stored, cursor, epoch.unverified, &skips, budget);
-            if outgoing.is_empty() {
+            let backlog = plan(&stored, cursor, epoch.unverified, &skips, budget);
+            if backlog.is_empty() {
                 if let Some(from) = waiting_for_mark {
                     // Everything left was numbered since the spool was opened: ask for the mark.
                     let (outcome, _) = tokio::select! {
@@ -211,6 +240,12 @@ impl Forwarder {
                     }
                     continue;
                 }
+                if let Some(last) = stored.last() {
+                    // Everything read was skipped (delivered live first, or set aside): move past it.
+                    cursor = cursor.max(last.first_seq + u64::from(last.count));
+                    undeleted = Some(cursor);
+                    continue;
+                }
                 // Nothing to send: wait for the next commit, deleting what was acknowledged meanwhile.
                 tokio::select! {
                     _ = end.changed() => {}
@@ -226,6 +261,29 @@ impl Forwarder {
                 }
                 continue;
             }
+            // Live first: the newest readings ahead of this backlog request, once the mark is known.
+            let backlog_end = backlog.last().map_or(cursor, Outgoing::end);
+            let live_from = if live_turn && epoch.unverified.is_none() {
+                live_start(head, backlog_end, live_cursor, batch_max, &skips)
+            } else {
+                None
+            };
+            let mut live = false;
+            let mut outgoing = backlog;
+            if let Some(from) = live_from {
+                // The block holding `from` may start up to a block's worth of readings before it; the
+                // request itself is cut to the budget by `plan_live`.
+                let most = self.config.batch_max_readings.saturating_add(MAX_BLOCK_READINGS);
+                match self.spool.read_from(from, most, usize::MAX).await {
+                    Ok(tail) => {
+                        let newest = plan_live(&tail, from, head, &skips, budget);
+                        if !newest.is_empty() {
+                            (outgoing, live) = (newest, true);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot read the spool's newest readings"),
+                }
+            }
             let batch_end = outgoing.last().map_or(cursor, Outgoing::end);
             let readings: u64 = outgoing.iter().map(|b| u64::from(b.count)).sum();
 
@@ -233,9 +291,16 @@ impl Forwarder {
                 o = self.post(&client, &url, &outgoing) => o,
                 _ = shutdown.changed() => break,
             };
+            // After a live request the backlog's turn, unless it got no answer at all: then the link
+            // is down, and the first request once it is back should be the live one.
+            live_turn = !live || matches!(outcome, Outcome::Unreachable(_));
+            // Whatever the answer, the aggregator may hold what this request carried (an ack can be
+            // lost after the commit); a later backlog ack that reaches that far is not suspect.
+            epoch.horizon = epoch.horizon.max(batch_end);
             match outcome {
                 Outcome::Acked(ack) => {
-                    self.metrics.readings_forwarded.inc_by(readings.min(ack.accepted + ack.duplicates));
+                    let delivered = readings.min(ack.accepted + ack.duplicates);
+                    self.metrics.readings_forwarded.inc_by(delivered);
                     if let Some(from) = epoch.unverified {
                         // This request carried only blocks older than `from`: its ack is the mark.
                         if !self.settle(&mut epoch, from, ack.next_seq, &mut shutdown).await {
@@ -249,13 +314,14 @@ impl Forwarder {
                             "the aggregator holds sequence numbers this agent never sent in its epoch (is a copy \
                              of this spool running on another gateway?); renumbering the unsent readings past them"
                         );
-                        let from = batch_end.max(epoch.fresh_from);
+                        // Nothing from the horizon on was ever sent: it covers every request so far.
+                        let from = epoch.horizon;
                         if !self.settle(&mut epoch, from, ack.next_seq, &mut shutdown).await {
                             break;
                         }
                     }
-                    epoch.horizon = epoch.horizon.max(batch_end);
-                    // Only what was sent is deleted or skipped, whatever the ack says beyond it.
+                    // Only what was sent is deleted or skipped, whatever the ack says beyond it. The
+                    // mark is the aggregator's highest number: past a live request's end, not an error.
                     let acked = ack.next_seq.min(batch_end);
                     if acked < batch_end {
                         tracing::warn!(
@@ -263,6 +329,21 @@ impl Forwarder {
                             batch_end,
                             "aggregator acknowledged less than was sent"
                         );
+                    }
+                    if live {
+                        if acked < batch_end {
+                            // Not skipped: the backlog sends these in turn.
+                            if sleep_or_shutdown(backoff.next(), &mut shutdown).await {
+                                break;
+                            }
+                            continue;
+                        }
+                        backoff.reset();
+                        // The cursor jumps over it; the spool keeps it until the cursor has passed.
+                        add_skip(&mut skips, outgoing[0].first_seq, batch_end);
+                        live_cursor = batch_end;
+                        self.metrics.readings_forwarded_live_first.inc_by(delivered);
+                        continue;
                     }
                     if acked <= cursor {
                         // No progress: do not hammer the aggregator with the same request.
@@ -326,7 +407,7 @@ impl Forwarder {
     /// Logs a failed request and waits out the backoff; true if shutdown came meanwhile.
     async fn retry_later(&self, outcome: Outcome, backoff: &mut Backoff, shutdown: &mut watch::Receiver<bool>) -> bool {
         let reason = match outcome {
-            Outcome::Retry(reason) => reason,
+            Outcome::Retry(reason) | Outcome::Unreachable(reason) => reason,
             Outcome::TooLarge => "the aggregator answered 413 to an empty batch".into(),
             Outcome::Acked(_) | Outcome::InvalidBlock { .. } => "unexpected answer".into(),
         };
@@ -384,7 +465,7 @@ impl Forwarder {
                 let body = response.bytes().await.unwrap_or_default();
                 self.judge(status, &body, blocks)
             }
-            Err(e) => ("unreachable", Outcome::Retry(format!("aggregator unreachable: {e}"))),
+            Err(e) => ("unreachable", Outcome::Unreachable(format!("aggregator unreachable: {e}"))),
         };
         self.metrics.forward_outcome(label);
         (outcome, body_len)
@@ -475,12 +556,7 @@ fn plan(
         }
         let end = block.first_seq + u64::from(block.count);
         for (from, to) in ranges(block.first_seq.max(cursor), end, skips) {
-            let pieces = if from == block.first_seq && to == end && block.data.len() <= budget {
-                vec![Outgoing { first_seq: block.first_seq, count: block.count, data: block.data.clone() }]
-            } else {
-                split(block, from, to, budget)
-            };
-            for piece in pieces {
+            for piece in pieces(block, from, to, budget) {
                 if !out.is_empty() && bytes + piece.data.len() > budget {
                     return out;
                 }
@@ -490,6 +566,67 @@ fn plan(
         }
     }
     out
+}
+
+/// Where the next live request starts, if one is due: more than `batch_max` readings not sent yet
+/// lie beyond the backlog request (`backlog_end`) up to the spool's end (`head`), and some of them
+/// came in after the last live request (`live_cursor`). It takes the newest `batch_max`, or carries
+/// on from `live_cursor` when [`MAX_LIVE_RANGES`] ranges are already skipped.
+fn live_start(head: u64, backlog_end: u64, live_cursor: u64, batch_max: u64, skips: &[(u64, u64)]) -> Option<u64> {
+    let waiting: u64 = ranges(backlog_end, head, skips).iter().map(|(from, to)| to - from).sum();
+    if waiting <= batch_max {
+        // The next backlog request or two take it all: jumping ahead would only add a request.
+        return None;
+    }
+    let from = if skips.len() < MAX_LIVE_RANGES {
+        live_cursor.max(backlog_end).max(head.saturating_sub(batch_max))
+    } else if live_cursor > backlog_end {
+        live_cursor
+    } else {
+        return None;
+    };
+    (from < head).then_some(from)
+}
+
+/// A live request: readings `from..to` leaving out `skips`, split as in [`plan`]; if they do not
+/// all fit in `budget` bytes, the newest that do (at least one piece).
+fn plan_live(stored: &[StoredBlock], from: u64, to: u64, skips: &[(u64, u64)], budget: usize) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    for block in stored {
+        let end = (block.first_seq + u64::from(block.count)).min(to);
+        for (a, b) in ranges(block.first_seq.max(from), end, skips) {
+            out.extend(pieces(block, a, b, budget));
+        }
+    }
+    let mut bytes = 0usize;
+    let fit = out
+        .iter()
+        .rev()
+        .take_while(|piece| {
+            bytes += piece.data.len();
+            bytes <= budget
+        })
+        .count();
+    out.split_off(out.len().saturating_sub(fit.max(1)))
+}
+
+/// Records `from..to` as delivered, extending the range it continues (consecutive live requests
+/// stay one range).
+fn add_skip(skips: &mut Vec<(u64, u64)>, from: u64, to: u64) {
+    match skips.iter_mut().find(|(_, end)| *end == from) {
+        Some(range) => range.1 = range.1.max(to),
+        None => skips.push((from, to)),
+    }
+}
+
+/// Readings `from..to` of a stored block as blocks to send: the block itself when that is all of it
+/// and it fits in `budget`, else sub-ranges that do.
+fn pieces(block: &StoredBlock, from: u64, to: u64, budget: usize) -> Vec<Outgoing> {
+    if from == block.first_seq && to == block.first_seq + u64::from(block.count) && block.data.len() <= budget {
+        vec![Outgoing { first_seq: block.first_seq, count: block.count, data: block.data.clone() }]
+    } else {
+        split(block, from, to, budget)
+    }
 }
 
 /// `from..to` minus the skipped ranges.
@@ -609,6 +746,54 @@ mod tests {
         assert_eq!(spans(&plan(&blocks, 0, None, &[(10, 20)], usize::MAX)), [(0, 10), (20, 10)]);
         assert_eq!(spans(&plan(&blocks, 0, None, &[(12, 15)], usize::MAX)), [(0, 10), (10, 2), (15, 5), (20, 10)]);
         assert_eq!(spans(&plan(&blocks, 5, None, &[], usize::MAX)), [(5, 5), (10, 10), (20, 10)]);
+    }
+
+    #[test]
+    fn a_live_request_is_due_only_behind_a_backlog_and_takes_the_newest_batch() {
+        // What is left after this request fits in the next one: no jumping ahead.
+        assert_eq!(live_start(1_500, 1_000, 0, 1_000, &[]), None);
+        // An outage's backlog: the newest batch goes first.
+        assert_eq!(live_start(10_000, 1_000, 0, 1_000, &[]), Some(9_000));
+        // Then only what came in since the last live request, and nothing if nothing did.
+        assert_eq!(live_start(10_005, 1_000, 10_000, 1_000, &[(9_000, 10_000)]), Some(10_000));
+        assert_eq!(live_start(10_000, 1_000, 10_000, 1_000, &[(9_000, 10_000)]), None);
+        // Readings delivered live are not backlog: 500 + 500 wait here, one request's worth.
+        assert_eq!(live_start(3_000, 1_000, 2_500, 1_000, &[(1_500, 2_500)]), None);
+        // More than a batch came in since the last live request: jump to the newest again.
+        assert_eq!(live_start(20_000, 1_000, 10_000, 1_000, &[(9_000, 10_000)]), Some(19_000));
+        // At MAX_LIVE_RANGES ranges, carry on from the last one (no new hole at the aggregator)...
+        let many: Vec<(u64, u64)> = (0..MAX_LIVE_RANGES as u64).map(|i| (2_000 + i * 100, 2_050 + i * 100)).collect();
+        let last = many[MAX_LIVE_RANGES - 1].1;
+        assert_eq!(live_start(50_000, 1_000, last, 1_000, &many), Some(last));
+        // ...or, with no live range ahead of the backlog, leave it to the backlog.
+        assert_eq!(live_start(50_000, 10_000, last, 1_000, &many), None);
+    }
+
+    #[test]
+    fn a_live_request_takes_the_newest_readings_that_fit() {
+        let blocks = [stored(0, 10), stored(10, 10), stored(20, 10)];
+        assert_eq!(spans(&plan_live(&blocks, 15, 30, &[], usize::MAX)), [(15, 5), (20, 10)]);
+        assert_eq!(spans(&plan_live(&blocks, 5, 30, &[(10, 20)], usize::MAX)), [(5, 5), (20, 10)]);
+        // Nothing past the spool's end as read before (readings committed since wait their turn).
+        assert_eq!(spans(&plan_live(&blocks, 15, 25, &[], usize::MAX)), [(15, 5), (20, 5)]);
+        // Too large for the budget: the newest pieces that fit, not the oldest.
+        let budget = blocks[2].data.len() + 1;
+        assert_eq!(spans(&plan_live(&blocks, 0, 30, &[], budget)), [(20, 10)]);
+        // However small the budget, the newest reading goes.
+        assert_eq!(spans(&plan_live(&blocks, 0, 30, &[], 1)), [(29, 1)]);
+        assert_eq!(spans(&plan_live(&blocks, 30, 30, &[], usize::MAX)), []);
+    }
+
+    #[test]
+    fn consecutive_live_requests_stay_one_skipped_range() {
+        let mut skips = vec![(5, 6)];
+        add_skip(&mut skips, 100, 200);
+        add_skip(&mut skips, 200, 250);
+        add_skip(&mut skips, 300, 310);
+        assert_eq!(skips, [(5, 6), (100, 250), (300, 310)]);
+        // The backlog request leaves them out.
+        let blocks = [stored(95, 10), stored(105, 210)];
+        assert_eq!(spans(&plan(&blocks, 95, None, &skips, usize::MAX)), [(95, 5), (250, 50), (310, 5)]);
     }
 
     #[test]

@@ -109,6 +109,8 @@ pub struct Metrics {
     pub spool_salvage_lost_readings: Counter,
     /// Readings the aggregator acknowledged.
     pub readings_forwarded: Counter,
+    /// Readings sent ahead of an older backlog (live first after an outage); also in `readings_forwarded`.
+    pub readings_forwarded_live_first: Counter,
     /// Forward requests by outcome (see [`FORWARD_OUTCOMES`]).
     pub forward_requests: Family<OutcomeLabels, Counter>,
     /// Readings moved to the dead-letter table because the aggregator refused their block as malformed.
@@ -172,6 +174,7 @@ impl Metrics {
             spool_salvaged_readings: Counter::default(),
             spool_salvage_lost_readings: Counter::default(),
             readings_forwarded: Counter::default(),
+            readings_forwarded_live_first: Counter::default(),
             forward_requests: Family::default(),
             dead_letter_readings: Counter::default(),
             mqtt_connected: Gauge::default(),
@@ -259,6 +262,11 @@ impl Metrics {
             "readings_forwarded",
             "Readings acknowledged by the aggregator",
             m.readings_forwarded.clone(),
+        );
+        registry.register(
+            "readings_forwarded_live_first",
+            "Readings sent ahead of an older backlog, newest first after an outage (also in readings_forwarded)",
+            m.readings_forwarded_live_first.clone(),
         );
         registry.register("forward_requests", "Requests to the aggregator by outcome", m.forward_requests.clone());
         registry.register(
@@ -402,6 +410,7 @@ mod tests {
             "tributary_agent_spool_salvaged_readings_total",
             "tributary_agent_forward_requests_total{outcome=\"too_large\"} 0",
             "tributary_agent_readings_forwarded_total",
+            "tributary_agent_readings_forwarded_live_first_total 0",
             "tributary_agent_forward_requests_total{outcome=\"ok\"} 1",
             "tributary_agent_dead_letter_readings_total",
             "tributary_agent_mqtt_connected",
