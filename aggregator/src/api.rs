@@ -148,7 +148,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/quarantine", get(list_quarantine))
         .route("/api/v1/agents", get(list_agents))
         .route("/api/v1/set-aside", get(list_set_aside))
-        .route("/api/v1/gaps", get(list_gaps))
+        .route("/api/v1/gaps", get(list_gaps).post(ingest::report_gaps))
         .route("/api/v1/anomalies", get(list_anomalies))
         .route("/api/v1/alerts", get(list_alerts))
         .route("/write", post(crate::influx::write))

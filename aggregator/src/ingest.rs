@@ -29,7 +29,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use subtle::ConstantTimeEq;
 use tributary_shared::batch::{JSON_CONTENT_TYPE, POSTCARD_CONTENT_TYPE};
-use tributary_shared::{Batch, BlockError, JsonBatch};
+use tributary_shared::gap::{MAX_GAP_REPORTS, MAX_REPORTED_SENSORS};
+use tributary_shared::{Batch, BlockError, GapReport, GapReports, JsonBatch};
 
 use crate::api::AppState;
 use crate::config::AgentConfig;
@@ -238,6 +239,58 @@ pub(crate) async fn read_body(body: Body) -> Result<Bytes, IngestError> {
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(IngestError::TooLarge),
         Err(error) => Err(BatchError::Malformed(format!("cannot read the body: {error}")).into()),
     }
+}
+
+/// `POST /api/v1/gaps`: an agent's reports of readings it dropped ([`GapReports`] as JSON), stored
+/// beside the holes they explain (`GET /api/v1/gaps`). The same token as for ingest; answers 204.
+pub async fn report_gaps(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let agent = authenticate(&app.agents, &headers).ok_or(IngestError::Unauthorized)?;
+        let body = read_body(body).await?;
+        let reports: GapReports = serde_json::from_slice(&body)
+            .map_err(|e| BatchError::Malformed(format!("body is not a JSON gap report: {e}")))?;
+        if reports.agent_id != agent.id {
+            return Err(IngestError::Forbidden { token_agent: agent.id.clone(), batch_agent: reports.agent_id });
+        }
+        let epoch = check_epoch(reports.epoch)?;
+        check_reports(&reports.gaps)?;
+        app.log.report_gaps(&agent.id, epoch, reports.gaps).await?;
+        Ok::<_, IngestError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(error) => {
+            tracing::debug!(%error, status = error.status().as_u16(), "gap report rejected");
+            error.into_response()
+        }
+    }
+}
+
+/// What a stored report may hold: ranges within the stored integers, a reason and sensor ids of
+/// bounded length, a bounded number of each.
+fn check_reports(gaps: &[GapReport]) -> Result<(), BatchError> {
+    let bad = |i: usize, what: String| BatchError::Malformed(format!("gap report #{i}: {what}"));
+    if gaps.len() > MAX_GAP_REPORTS {
+        return Err(BatchError::Malformed(format!("{} gap reports, at most {MAX_GAP_REPORTS}", gaps.len())));
+    }
+    for (i, g) in gaps.iter().enumerate() {
+        if g.from_seq >= g.to_seq || g.to_seq > MAX_STORED {
+            return Err(bad(i, format!("the range {}..{} is empty or too large", g.from_seq, g.to_seq)));
+        }
+        if g.reason.is_empty() || g.reason.len() > 64 {
+            return Err(bad(i, "the reason must be 1 to 64 bytes".into()));
+        }
+        if g.sensors.len() > MAX_REPORTED_SENSORS
+            || g.sensors.iter().any(|s| s.len() > tributary_shared::MAX_SENSOR_ID_LEN)
+        {
+            return Err(bad(i, format!("at most {MAX_REPORTED_SENSORS} sensor ids, each a valid id's length")));
+        }
+        if g.readings > MAX_STORED || g.sensor_count > MAX_STORED {
+            return Err(bad(i, "counts out of range".into()));
+        }
+    }
+    Ok(())
 }
 
 /// Sequence numbers and epochs are stored as SQLite integers (i64).

@@ -77,8 +77,17 @@ struct AppendRequest {
     reply: oneshot::Sender<Result<IngestAck, AppendError>>,
 }
 
+/// An agent's reports of ranges it dropped, stored as they come (rare, small).
+struct ReportRequest {
+    agent_id: String,
+    epoch: i64,
+    reports: Vec<tributary_shared::GapReport>,
+    reply: oneshot::Sender<Result<(), AppendError>>,
+}
+
 enum Command {
     Append(AppendRequest),
+    Report(ReportRequest),
     /// Sent once the HTTP server has stopped: commit what is queued and exit.
     Stop,
 }
@@ -111,6 +120,19 @@ impl LogHandle {
         let (reply, answer) = oneshot::channel();
         let request = AppendRequest { agent_id: agent_id.to_string(), epoch, blocks, assign_seq: true, reply };
         self.tx.send(Command::Append(request)).await.map_err(|_| AppendError::Unavailable)?;
+        answer.await.map_err(|_| AppendError::Unavailable)?
+    }
+
+    /// Stores an agent's reports of ranges it dropped (see [`GapReportRow`]).
+    pub async fn report_gaps(
+        &self,
+        agent_id: &str,
+        epoch: i64,
+        reports: Vec<tributary_shared::GapReport>,
+    ) -> Result<(), AppendError> {
+        let (reply, answer) = oneshot::channel();
+        let request = ReportRequest { agent_id: agent_id.to_string(), epoch, reports, reply };
+        self.tx.send(Command::Report(request)).await.map_err(|_| AppendError::Unavailable)?;
         answer.await.map_err(|_| AppendError::Unavailable)?
     }
 
@@ -293,6 +315,23 @@ pub fn open_write(path: &Path) -> Result<Connection, LogError> {
         );
         -- A hole is found by its start when a late block fills it.
         CREATE INDEX IF NOT EXISTS gaps_by_start ON gaps (agent_id, epoch, from_seq);
+        -- What agents said about ranges they dropped (POST /api/v1/gaps): why, which sensors,
+        -- which event times. A resent report (the same start) replaces the one before.
+        CREATE TABLE IF NOT EXISTS gap_reports (
+            agent_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            from_seq INTEGER NOT NULL,
+            to_seq INTEGER NOT NULL,
+            readings INTEGER NOT NULL,
+            first_ts INTEGER,
+            last_ts INTEGER,
+            sensors TEXT NOT NULL,
+            sensor_count INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            recorded_at INTEGER NOT NULL,
+            received_at INTEGER NOT NULL,
+            PRIMARY KEY (agent_id, epoch, from_seq)
+        ) WITHOUT ROWID;
         -- Ranges of offsets dropped by retention ([log] retain).
         CREATE TABLE IF NOT EXISTS dropped (
             first_offset INTEGER NOT NULL,
@@ -322,7 +361,31 @@ pub struct GapRow {
     pub readings: u64,
     /// When the aggregator first saw the range missing (Unix ms).
     pub detected_at: i64,
+    /// What the agent reported about readings it dropped in this range (why, which sensors and
+    /// event times); empty for a range still on its way, or an agent that did not say.
+    pub reports: Vec<GapReportRow>,
 }
+
+/// An agent's report of readings it dropped (`POST /api/v1/gaps`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct GapReportRow {
+    pub from_seq: u64,
+    pub to_seq: u64,
+    pub readings: u64,
+    /// Event times of the earliest and latest reading dropped (Unix ms), when known.
+    pub first_ts: Option<i64>,
+    pub last_ts: Option<i64>,
+    /// Up to 20 of the sensor ids; `sensor_count` says how many there were.
+    pub sensors: Vec<String>,
+    pub sensor_count: u64,
+    /// `spool_full`, `disk_full`, `max_age` or `corrupt_spool`.
+    pub reason: String,
+    /// When the agent dropped them (its clock, Unix ms).
+    pub recorded_at: i64,
+}
+
+/// Most reports listed with one gap.
+const REPORTS_PER_GAP: i64 = 20;
 
 /// Up to `limit` gaps after the one with id `after`, in the order they were found, of one agent
 /// or all; and whether more follow.
@@ -347,11 +410,36 @@ pub fn gaps(
                 to_seq: to,
                 readings: to.saturating_sub(from),
                 detected_at: r.get(5)?,
+                reports: Vec::new(),
             })
         })?
         .collect::<Result<_, _>>()?;
     let more = rows.len() > limit;
     rows.truncate(limit);
+    let mut reports = conn.prepare_cached(
+        "SELECT from_seq, to_seq, readings, first_ts, last_ts, sensors, sensor_count, reason, recorded_at
+         FROM gap_reports WHERE agent_id = ?1 AND epoch = ?2 AND from_seq < ?4 AND to_seq > ?3
+         ORDER BY from_seq LIMIT ?5",
+    )?;
+    for gap in &mut rows {
+        let range = params![gap.agent, gap.epoch, gap.from_seq as i64, gap.to_seq as i64, REPORTS_PER_GAP];
+        gap.reports = reports
+            .query_map(range, |r| {
+                let sensors: String = r.get(5)?;
+                Ok(GapReportRow {
+                    from_seq: r.get::<_, i64>(0)?.max(0) as u64,
+                    to_seq: r.get::<_, i64>(1)?.max(0) as u64,
+                    readings: r.get::<_, i64>(2)?.max(0) as u64,
+                    first_ts: r.get(3)?,
+                    last_ts: r.get(4)?,
+                    sensors: serde_json::from_str(&sensors).unwrap_or_default(),
+                    sensor_count: r.get::<_, i64>(6)?.max(0) as u64,
+                    reason: r.get(7)?,
+                    recorded_at: r.get(8)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+    }
     Ok((rows, more))
 }
 
@@ -521,6 +609,7 @@ impl WriterState {
         while !stopping {
             match rx.blocking_recv() {
                 Some(Command::Append(request)) => group.push(request),
+                Some(Command::Report(request)) => self.store_reports(request),
                 Some(Command::Stop) => stopping = true,
                 None => break,
             }
@@ -531,6 +620,7 @@ impl WriterState {
             while group.len() < QUEUE_DEPTH {
                 match rx.try_recv() {
                     Ok(Command::Append(request)) => group.push(request),
+                    Ok(Command::Report(request)) => self.store_reports(request),
                     Ok(Command::Stop) => {
                         stopping = true;
                         rx.close();
@@ -543,8 +633,10 @@ impl WriterState {
             }
             if stopping {
                 while let Ok(command) = rx.try_recv() {
-                    if let Command::Append(request) = command {
-                        group.push(request);
+                    match command {
+                        Command::Append(request) => group.push(request),
+                        Command::Report(request) => self.store_reports(request),
+                        Command::Stop => {}
                     }
                 }
                 if !group.is_empty() {
@@ -553,6 +645,45 @@ impl WriterState {
             }
         }
         tracing::info!(end_offset = self.end_offset, "log writer stopped");
+    }
+
+    fn store_reports(&mut self, request: ReportRequest) {
+        let result = self.write_reports(&request).map_err(|e| AppendError::Storage(e.to_string()));
+        if let Err(error) = &result {
+            tracing::warn!(%error, agent = %request.agent_id, "storing gap reports failed");
+        }
+        let _ = request.reply.send(result);
+    }
+
+    fn write_reports(&mut self, request: &ReportRequest) -> Result<(), LogError> {
+        let now = unix_ms();
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO gap_reports (agent_id, epoch, from_seq, to_seq, readings, first_ts, last_ts,
+                 sensors, sensor_count, reason, recorded_at, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for r in &request.reports {
+                let sensors = serde_json::to_string(&r.sensors).unwrap_or_else(|_| "[]".into());
+                upsert.execute(params![
+                    request.agent_id,
+                    request.epoch,
+                    r.from_seq as i64,
+                    r.to_seq as i64,
+                    r.readings as i64,
+                    r.first_ts,
+                    r.last_ts,
+                    sensors,
+                    r.sensor_count as i64,
+                    r.reason,
+                    r.recorded_at,
+                    now
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn commit_group(&mut self, group: Vec<AppendRequest>) {

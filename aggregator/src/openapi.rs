@@ -102,6 +102,7 @@ pub enum Step {
         agents,
         set_aside,
         gaps,
+        report_gaps,
         anomalies,
         alerts,
         pipeline,
@@ -122,6 +123,7 @@ pub enum Step {
         AgentView,
         SetAsideRow,
         crate::log::GapRow,
+        crate::log::GapReportRow,
         AnomalyRow,
         AlertView,
         AlertRow,
@@ -213,6 +215,21 @@ fn set_aside() {}
     responses((status = 200, body = [crate::log::GapRow]), (status = 400, body = ErrorBody)))]
 #[allow(dead_code)]
 fn gaps() {}
+
+/// An agent's reports of readings it dropped (JSON `{"agent_id", "epoch", "gaps": [{"from_seq",
+/// "to_seq", "readings", "first_ts", "last_ts", "sensors", "sensor_count", "reason",
+/// "recorded_at"}]}`), with the agent's ingest token; listed with the gaps they explain. A report
+/// sent again (the same `from_seq`) replaces the one before.
+#[utoipa::path(post, path = "/api/v1/gaps", tag = "ingest",
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "Not a gap report, or out of bounds", body = ErrorBody),
+        (status = 401, description = "No or an unknown token", body = ErrorBody),
+        (status = 403, description = "The token's agent is not the report's", body = ErrorBody),
+        (status = 503, description = "The log cannot take it now; retry", body = ErrorBody),
+    ))]
+#[allow(dead_code)]
+fn report_gaps() {}
 
 /// Anomaly events, oldest first, paged.
 #[utoipa::path(get, path = "/api/v1/anomalies", tag = "read", params(AnomalyQuery),

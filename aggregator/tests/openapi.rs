@@ -134,6 +134,13 @@ fn every_documented_route_answers_in_its_documented_shape() {
     agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(0, &readings)]));
     // A second epoch that starts at 5: a gap of 5 readings for /api/v1/gaps.
     agg.ingest_ok(0, &postcard_batch("gw-1", 2, &[(5, &[("pump/1", T0 + 400_000, 1.0)][..])]));
+    // What the agent says about them (POST /api/v1/gaps), listed with the gap.
+    let report = serde_json::json!({"agent_id": "gw-1", "epoch": 2, "gaps": [{"from_seq": 0, "to_seq": 5,
+        "readings": 5, "first_ts": T0, "last_ts": null, "sensors": ["pump/1"], "sensor_count": 1,
+        "reason": "max_age", "recorded_at": T0}]});
+    let headers = [("Authorization", "Bearer secret-gw-1".to_string()), ("Content-Type", "application/json".into())];
+    let posted = common::http(agg.addr, "POST", "/api/v1/gaps", &headers, report.to_string().as_bytes());
+    assert_eq!(posted.status, 204, "{}", posted.text());
     agg.wait_processed();
 
     let response = agg.get("/api/v1/openapi.json");
@@ -181,6 +188,9 @@ fn every_documented_route_answers_in_its_documented_shape() {
         assert!(checked.iter().any(|p| p == path), "{path} is not documented: {checked:?}");
     }
     assert!(spec["paths"]["/api/v1/ingest"]["post"].is_object());
+    assert!(spec["paths"]["/api/v1/gaps"]["post"].is_object());
+    let (_, gaps) = agg.get_json("/api/v1/gaps");
+    assert_eq!(gaps[0]["reports"][0]["reason"], "max_age", "{gaps}");
     // An error answers in the documented error shape.
     let bad = agg.get("/api/v1/sensors/line1%2Ftemp/windows?size=7s");
     assert_eq!(bad.status, 400);

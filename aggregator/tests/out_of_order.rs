@@ -259,3 +259,61 @@ fn the_api_lists_holes_until_late_readings_fill_them() {
     assert_eq!(gaps.as_array().unwrap().len(), 1, "{gaps}");
     assert_eq!((gaps[0]["from_seq"].as_u64(), gaps[0]["to_seq"].as_u64()), (Some(30), Some(40)));
 }
+
+/// What the agent knows about a hole it made (readings its spool dropped, and why) arrives by
+/// `POST /api/v1/gaps` and is listed with the hole it explains; a report sent again replaces the
+/// one before, and only the agent's own token may report for it.
+#[test]
+fn an_agents_gap_reports_are_listed_with_the_holes_they_explain() {
+    let dir = tempfile::tempdir().unwrap();
+    // With a read token: agents still report with their own tokens.
+    let agg = Aggregator::start_with_http(dir.path(), "read_token = \"r\"\n", "");
+    handshake_ack(&agg);
+    agg.ingest_ok(0, &batch(&[(0, 10)]));
+    agg.ingest_ok(0, &batch(&[(30, 40)]));
+    let report = |agent: &str, from: u64, to: u64, reason: &str, sensors: usize| {
+        let sensors: Vec<String> = (0..sensors).map(|i| format!("o/s{i}")).collect();
+        serde_json::json!({"agent_id": agent, "epoch": EPOCH, "gaps": [{
+            "from_seq": from, "to_seq": to, "readings": to - from, "first_ts": T0, "last_ts": T0 + 9_000,
+            "sensors": sensors, "sensor_count": 3, "reason": reason, "recorded_at": T0 + 60_000}]})
+        .to_string()
+    };
+    let post = |token: Option<&str>, body: String| {
+        let mut headers = vec![("Content-Type", "application/json".to_string())];
+        if let Some(token) = token {
+            headers.push(("Authorization", format!("Bearer {token}")));
+        }
+        common::http(agg.addr, "POST", "/api/v1/gaps", &headers, body.as_bytes())
+    };
+    let (gw1, gw2) = (Some(common::AGENTS[0].1), Some(common::AGENTS[1].1));
+    assert_eq!(post(None, report(AGENT, 10, 20, "spool_full", 3)).status, 401);
+    assert_eq!(post(gw2, report(AGENT, 10, 20, "spool_full", 3)).status, 403);
+    for bad in [report(AGENT, 20, 20, "spool_full", 3), report(AGENT, 10, 20, "", 3), report(AGENT, 10, 20, "x", 21)] {
+        let response = post(gw1, bad);
+        assert_eq!(response.status, 400, "{}", response.text());
+        assert!(response.text().contains("gap report #0"), "{}", response.text());
+    }
+    assert_eq!(post(gw1, report(AGENT, 10, 20, "spool_full", 2)).status, 204);
+    // Sent again, grown (the spool dropped more since): the same start, replaced.
+    assert_eq!(post(gw1, report(AGENT, 10, 25, "spool_full", 3)).status, 204);
+
+    let read = |path: &str| {
+        let response = common::http(agg.addr, "GET", path, &[("Authorization", "Bearer r".to_string())], b"");
+        assert_eq!(response.status, 200, "{}", response.text());
+        response.json()
+    };
+    let gaps = read("/api/v1/gaps");
+    assert_eq!(gaps.as_array().unwrap().len(), 1, "{gaps}");
+    let reports = gaps[0]["reports"].as_array().unwrap();
+    assert_eq!(reports.len(), 1, "{gaps}");
+    let r = &reports[0];
+    assert_eq!((r["from_seq"].as_u64(), r["to_seq"].as_u64(), r["readings"].as_u64()), (Some(10), Some(25), Some(15)));
+    assert_eq!((r["reason"].as_str(), r["sensor_count"].as_u64()), (Some("spool_full"), Some(3)));
+    assert_eq!(r["sensors"], serde_json::json!(["o/s0", "o/s1", "o/s2"]));
+    assert_eq!((r["first_ts"].as_i64(), r["last_ts"].as_i64()), (Some(T0), Some(T0 + 9_000)));
+    // Reading the gaps still needs the read token.
+    assert_eq!(agg.get("/api/v1/gaps").status, 401);
+    // A hole filled by late readings leaves the list, its report with it.
+    agg.ingest_ok(0, &batch(&[(10, 30)]));
+    assert_eq!(read("/api/v1/gaps"), serde_json::json!([]));
+}

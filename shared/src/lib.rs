@@ -4,6 +4,7 @@
 //! - [`block`]: a run of consecutive readings of one agent, encoded compactly (sensor ids interned,
 //!   timestamps as deltas, optionally zstd-compressed). The spool, the wire and the log all store blocks.
 //! - [`batch`]: what an agent POSTs to the aggregator (postcard by default, JSON accepted) and the ack.
+//! - [`gap`]: what an agent reports about readings it dropped.
 //! - [`frame`]: the serial frame format (postcard + CRC-32 + COBS) sensors send over a UART.
 //!
 //! - [`config_file`] (feature `config`): TOML configuration files whose errors name the file, the
@@ -19,10 +20,12 @@ pub mod block;
 #[cfg(feature = "config")]
 pub mod config_file;
 pub mod frame;
+pub mod gap;
 pub mod reading;
 
 pub use batch::{Batch, IngestAck, JsonBatch, JsonBlock, WireBlock};
 #[cfg(feature = "std")]
 pub use block::BlockDecoder;
 pub use block::{Block, BlockBuilder, BlockError, BlockView, Entry};
+pub use gap::{GapReport, GapReports};
 pub use reading::{MAX_SENSOR_ID_LEN, MAX_TS_MS, MIN_TS_MS, Reading, ReadingError};

@@ -1,0 +1,38 @@
+//! What an agent tells the aggregator about readings it dropped (`POST /api/v1/gaps`, JSON): the
+//! aggregator sees only the hole in the sequence numbers; the agent knows why, which sensors and
+//! which hours it held.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+/// Sensor ids a report names at most; `sensor_count` says how many there were.
+pub const MAX_REPORTED_SENSORS: usize = 20;
+/// Reports one request carries at most.
+pub const MAX_GAP_REPORTS: usize = 1_000;
+
+/// The reports of one spool epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GapReports {
+    pub agent_id: String,
+    pub epoch: u64,
+    pub gaps: Vec<GapReport>,
+}
+
+/// Readings `from_seq..to_seq` of an epoch that the agent dropped, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GapReport {
+    pub from_seq: u64,
+    pub to_seq: u64,
+    pub readings: u64,
+    /// Event times of the earliest and latest reading dropped (Unix ms), when known.
+    pub first_ts: Option<i64>,
+    pub last_ts: Option<i64>,
+    /// Up to [`MAX_REPORTED_SENSORS`] of the sensor ids, sorted.
+    pub sensors: Vec<String>,
+    pub sensor_count: u64,
+    /// `spool_full` (`[spool] overflow`), `max_age`, `disk_full`, `corrupt_spool`.
+    pub reason: String,
+    /// When the agent dropped them (its clock, Unix ms).
+    pub recorded_at: i64,
+}
