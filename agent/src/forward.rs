@@ -32,7 +32,7 @@ use reqwest::header::CONTENT_TYPE;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tributary_shared::batch::POSTCARD_CONTENT_TYPE;
-use tributary_shared::{Batch, Block, IngestAck, WireBlock};
+use tributary_shared::{Batch, Block, GapReports, IngestAck, WireBlock};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
@@ -55,6 +55,10 @@ const DELETE_INTERVAL: Duration = Duration::from_secs(1);
 /// readings anyway) or catching up after an outage, when a full spool must not hold delivered
 /// blocks that its size limit would then count as dropped.
 const DELETE_NOW_READINGS: u64 = 100;
+/// Shortest time between two sends of the spool's gap reports.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an aggregator that does not take gap reports is left alone.
+const REPORT_UNSUPPORTED_RETRY: Duration = Duration::from_secs(600);
 /// Most ranges sent live first (and dead letters) ahead of the oldest-first cursor. Each live range
 /// that jumps ahead opens a hole at the aggregator until the backlog fills it, and the aggregator
 /// keeps at most 10,000 holes per epoch; at this many, live requests carry on from where the last one
@@ -188,8 +192,18 @@ impl Forwarder {
         // What the aggregator acknowledged, not yet passed to the spool for deletion.
         let mut undeleted: Option<u64> = None;
         let mut last_delete = Instant::now() - DELETE_INTERVAL;
+        // Reports of readings the spool dropped go to `POST /api/v1/gaps`, at most every
+        // REPORT_INTERVAL, and only once the aggregator answers (an ack since the last try).
+        let gaps_url = url.join("gaps").ok();
+        let (mut next_report, mut answered) = (Instant::now(), false);
 
         while !*shutdown.borrow() {
+            if answered && Instant::now() >= next_report {
+                if let Some(gaps_url) = &gaps_url {
+                    next_report = Instant::now() + self.report_gaps(&client, gaps_url).await;
+                }
+                answered = false;
+            }
             if last_too_large.is_some_and(|t| t.elapsed() > TOO_LARGE_MEMORY) {
                 (max_body, last_too_large) = (MAX_BATCH_BYTES, None);
             }
@@ -297,6 +311,7 @@ impl Forwarder {
             // Whatever the answer, the aggregator may hold what this request carried (an ack can be
             // lost after the commit); a later backlog ack that reaches that far is not suspect.
             epoch.horizon = epoch.horizon.max(batch_end);
+            answered |= matches!(outcome, Outcome::Acked(_));
             match outcome {
                 Outcome::Acked(ack) => {
                     let delivered = readings.min(ack.accepted + ack.duplicates);
@@ -402,6 +417,49 @@ impl Forwarder {
             let _ = self.spool.ack(next_seq);
         }
         tracing::debug!("forwarder stopped");
+    }
+
+    /// Sends what the spool has to report about readings it dropped (`POST /api/v1/gaps`) and has
+    /// the spool forget what the aggregator stored; returns how long until the next try.
+    async fn report_gaps(&self, client: &reqwest::Client, url: &reqwest::Url) -> Duration {
+        let reports = match self.spool.gap_reports(tributary_shared::gap::MAX_GAP_REPORTS).await {
+            Ok(r) if r.is_empty() => return REPORT_INTERVAL,
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the spool's gap reports");
+                return REPORT_INTERVAL;
+            }
+        };
+        let ranges: Vec<(u64, u64)> = reports.iter().map(|r| (r.from_seq, r.to_seq)).collect();
+        let body = GapReports { agent_id: self.agent_id.clone(), epoch: self.spool.epoch(), gaps: reports };
+        let request = client
+            .post(url.clone())
+            .bearer_auth(self.token.borrow().as_str())
+            .header(CONTENT_TYPE, tributary_shared::batch::JSON_CONTENT_TYPE)
+            .body(serde_json::to_vec(&body).unwrap_or_default());
+        let sent = request.send().await;
+        match sent.map(|r| r.status()) {
+            Ok(status) if status.is_success() => {
+                tracing::info!(reports = ranges.len(), "told the aggregator which readings the spool dropped");
+                if self.spool.reported(ranges).is_err() {
+                    tracing::debug!("spool closed before the gap reports were forgotten");
+                }
+                REPORT_INTERVAL
+            }
+            Ok(status) if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED => {
+                tracing::warn!(%status, "the aggregator does not take gap reports (older than this agent); \
+                    the gaps are still listed there, without their reasons");
+                REPORT_UNSUPPORTED_RETRY
+            }
+            Ok(status) => {
+                tracing::warn!(%status, "the aggregator refused the spool's gap reports; trying again later");
+                REPORT_INTERVAL
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "gap reports not sent; trying again later");
+                REPORT_INTERVAL
+            }
+        }
     }
 
     /// Logs a failed request and waits out the backoff; true if shutdown came meanwhile.

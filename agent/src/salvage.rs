@@ -117,6 +117,21 @@ pub(crate) fn salvage_locked(dir: &Path, now_ms: i64) -> Result<Salvaged, SpoolE
                 params![first, count, data],
             )?;
         }
+        // What is known lost: the numbers between the blocks read back, and after the last of them
+        // up to the highest the damaged file shows. Before the first, readings may as well have
+        // been delivered and deleted; the aggregator's holes tell.
+        let mut expected: Option<i64> = None;
+        let ends = good.iter().map(|(first, count, _)| (*first, first + count));
+        for (first, end) in ends.chain(meta.lost_end.map(|end| (end, end))) {
+            if let Some(from) = expected.filter(|from| *from < first) {
+                conn.execute(
+                    "INSERT OR REPLACE INTO gap_reports (from_seq, to_seq, readings, first_ts, last_ts, sensors,
+                     sensor_count, reason, recorded_at) VALUES (?1, ?2, ?3, NULL, NULL, '[]', 0, 'corrupt_spool', ?4)",
+                    params![from, first, first - from, now_ms],
+                )?;
+            }
+            expected = Some(expected.map_or(end, |e| e.max(end)));
+        }
         for (first, count, data, reason, at) in &dead {
             conn.execute(
                 "INSERT INTO dead_letters (first_seq, count, data, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot, watch};
-use tributary_shared::{Block, BlockBuilder};
+use tributary_shared::gap::MAX_REPORTED_SENSORS;
+use tributary_shared::{Block, BlockBuilder, GapReport};
 
 use crate::config::{Overflow, SpoolConfig, SyncMode};
 use crate::metrics::Metrics;
@@ -94,6 +95,9 @@ enum Control {
     DeadLetter { first_seq: u64, count: u32, reason: String },
     /// The aggregator's mark for this epoch is `mark`; nothing from `from` on was ever sent.
     Verify { from: u64, mark: u64, reply: oneshot::Sender<Verified> },
+    /// The aggregator stored these gap reports (`from_seq`, `to_seq`): forget them. One that grew
+    /// since it was read no longer matches and is sent again.
+    Reported { ranges: Vec<(u64, u64)> },
 }
 
 /// What [`Spool::verify`] did.
@@ -382,6 +386,24 @@ impl Spool {
         answer.await.map_err(|_| SpoolError::Closed)
     }
 
+    /// Up to `limit` reports of readings this spool dropped, oldest first, for the forwarder to
+    /// send (`POST /api/v1/gaps`); [`Spool::reported`] forgets them once the aggregator has them.
+    pub async fn gap_reports(&self, limit: usize) -> Result<Vec<GapReport>, SpoolError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            read_gap_reports(&conn, limit)
+        })
+        .await
+        .map_err(|_| SpoolError::Closed)?
+    }
+
+    /// The aggregator stored these reports (as read: `from_seq`, `to_seq`): forget them with the
+    /// next commit. Never waits.
+    pub fn reported(&self, ranges: Vec<(u64, u64)>) -> Result<(), SpoolError> {
+        self.control.send(Control::Reported { ranges }).map_err(|_| SpoolError::Closed)
+    }
+
     /// Blocks holding readings from `seq` on, oldest first, up to about `max_readings` readings
     /// and `max_bytes` bytes (at least one block if there is any).
     pub async fn read_from(
@@ -567,7 +589,11 @@ fn init_schema(conn: &Connection, sync: SyncMode) -> rusqlite::Result<Opened> {
 pub(crate) fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS blocks (first_seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL);",
+         CREATE TABLE IF NOT EXISTS blocks (first_seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, data BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS gap_reports (
+             from_seq INTEGER PRIMARY KEY, to_seq INTEGER NOT NULL, readings INTEGER NOT NULL,
+             first_ts INTEGER, last_ts INTEGER, sensors TEXT NOT NULL, sensor_count INTEGER NOT NULL,
+             reason TEXT NOT NULL, recorded_at INTEGER NOT NULL);",
     )?;
     // When a block was stored (Unix ms, for `max_age`); NULL in spools written before it existed.
     let has_stored_at: bool =
@@ -659,6 +685,7 @@ struct Pending {
     ack: Option<u64>,
     dead_letters: Vec<(u64, u32, String)>,
     verifies: Vec<(u64, u64, oneshot::Sender<Verified>)>,
+    reported: Vec<(u64, u64)>,
 }
 
 impl Pending {
@@ -667,11 +694,12 @@ impl Pending {
             Control::Ack { next_seq } => self.ack = Some(self.ack.map_or(next_seq, |a| a.max(next_seq))),
             Control::DeadLetter { first_seq, count, reason } => self.dead_letters.push((first_seq, count, reason)),
             Control::Verify { from, mark, reply } => self.verifies.push((from, mark, reply)),
+            Control::Reported { ranges } => self.reported.extend(ranges),
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.ack.is_none() && self.dead_letters.is_empty() && self.verifies.is_empty()
+        self.ack.is_none() && self.dead_letters.is_empty() && self.verifies.is_empty() && self.reported.is_empty()
     }
 
     /// Commands other than acks: these need room on disk (a dead letter copies its block).
@@ -704,6 +732,8 @@ struct Applied {
     verified: Vec<(u64, u64, Verified)>,
     /// The pending ack was applied in full.
     acked: bool,
+    /// The gap reports the aggregator stored were forgotten.
+    forgot_reports: bool,
 }
 
 impl Writer {
@@ -912,7 +942,7 @@ impl Writer {
         let next_seq = self.next_seq;
         let result = (|| {
             let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let dropped = drop_oldest(&tx, excess)?;
+            let dropped = drop_oldest(&tx, excess, "disk_full")?;
             tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?1)", [next_seq as i64])?;
             tx.commit()?;
             Ok::<_, rusqlite::Error>(dropped)
@@ -1023,16 +1053,26 @@ impl Writer {
             a.acked = target == ack;
             persist_end = true;
         }
+        if !pending.reported.is_empty() {
+            let mut forget = tx.prepare_cached("DELETE FROM gap_reports WHERE from_seq = ?1 AND to_seq = ?2")?;
+            for (from, to) in &pending.reported {
+                forget.execute(params![*from as i64, *to as i64])?;
+            }
+            a.forgot_reports = true;
+        }
+        let reason = if self.disk_cap.is_some() { "disk_full" } else { "spool_full" };
         {
             let mut insert =
                 tx.prepare_cached("INSERT INTO blocks (first_seq, count, data, stored_at) VALUES (?1, ?2, ?3, ?4)")?;
             let stored_at = now_ms();
             let mut dropping = false;
+            let mut newest = DropSummary::default();
             for (count, data) in blocks {
                 let count = *count as u64;
                 if overflow == Overflow::DropNewest && (dropping || a.bytes + data.len() as u64 > cap) {
                     // Numbered, not stored: the aggregator sees the hole and records it.
                     dropping = true;
+                    newest.add(a.next_seq, count, data);
                     a.dropped += count;
                     a.next_seq += count;
                     persist_end = true;
@@ -1044,9 +1084,10 @@ impl Writer {
                 a.readings += count;
                 a.bytes += data.len() as u64;
             }
+            record_gap(&tx, &newest, reason)?;
         }
         if overflow == Overflow::DropOldest && a.bytes > cap {
-            let (r, b) = drop_oldest(&tx, a.bytes - cap)?;
+            let (r, b) = drop_oldest(&tx, a.bytes - cap, reason)?;
             a.dropped += r;
             a.readings = a.readings.saturating_sub(r);
             a.bytes = a.bytes.saturating_sub(b);
@@ -1055,7 +1096,7 @@ impl Writer {
         if let Some(max_age) = self.config.max_age.filter(|_| self.last_age_check.elapsed() >= AGE_CHECK_INTERVAL) {
             self.last_age_check = Instant::now();
             let cutoff = now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
-            let (r, b) = drop_older_than(&tx, cutoff)?;
+            let (r, b) = drop_older_than(&tx, cutoff, "max_age")?;
             a.expired += r;
             a.dropped += r;
             a.readings = a.readings.saturating_sub(r);
@@ -1087,6 +1128,9 @@ impl Writer {
         }
         if a.acked {
             pending.ack = None;
+        }
+        if a.forgot_reports {
+            pending.reported.clear();
         }
         if scope == Scope::All {
             pending.dead_letters.clear();
@@ -1182,7 +1226,7 @@ const CLOCK_SET_MS: i64 = 1_577_836_800_000;
 
 /// Drops the oldest blocks stored before `cutoff` (Unix ms), stopping at the first younger one
 /// (or one without a trustworthy time), so what goes is always a prefix; returns (readings, bytes).
-fn drop_older_than(tx: &rusqlite::Transaction, cutoff: i64) -> rusqlite::Result<(u64, u64)> {
+fn drop_older_than(tx: &rusqlite::Transaction, cutoff: i64, reason: &str) -> rusqlite::Result<(u64, u64)> {
     let last: Option<i64> = {
         let mut stmt = tx.prepare_cached("SELECT first_seq, stored_at FROM blocks ORDER BY first_seq")?;
         let mut rows = stmt.query([])?;
@@ -1196,40 +1240,149 @@ fn drop_older_than(tx: &rusqlite::Transaction, cutoff: i64) -> rusqlite::Result<
         last
     };
     let Some(last) = last else { return Ok((0, 0)) };
-    let mut stmt = tx.prepare_cached("DELETE FROM blocks WHERE first_seq <= ?1 RETURNING count, length(data)")?;
+    delete_through(tx, last, reason)
+}
+
+/// Deletes the blocks up to the one starting at `last`, and records them as a gap for `reason`;
+/// returns (readings, bytes).
+fn delete_through(tx: &rusqlite::Transaction, last: i64, reason: &str) -> rusqlite::Result<(u64, u64)> {
+    let mut stmt =
+        tx.prepare_cached("DELETE FROM blocks WHERE first_seq <= ?1 RETURNING first_seq, count, length(data), data")?;
     let mut rows = stmt.query([last])?;
     let (mut readings, mut bytes) = (0u64, 0u64);
+    let mut dropped = DropSummary::default();
     while let Some(row) = rows.next()? {
-        readings += row.get::<_, i64>(0)? as u64;
-        bytes += row.get::<_, i64>(1)? as u64;
+        let (first_seq, count) = (row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64);
+        readings += count;
+        bytes += row.get::<_, i64>(2)? as u64;
+        dropped.add(first_seq, count, row.get_ref(3)?.as_blob().unwrap_or_default());
     }
+    drop(rows);
+    record_gap(tx, &dropped, reason)?;
     Ok((readings, bytes))
 }
 
-/// Drops the oldest blocks until at least `excess` bytes are freed; returns (readings, bytes).
-fn drop_oldest(tx: &rusqlite::Transaction, excess: u64) -> rusqlite::Result<(u64, u64)> {
-    let victims: Vec<(i64, i64, i64)> = {
-        let mut stmt = tx.prepare_cached("SELECT first_seq, count, length(data) FROM blocks ORDER BY first_seq")?;
+fn read_gap_reports(conn: &Connection, limit: usize) -> Result<Vec<GapReport>, SpoolError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT from_seq, to_seq, readings, first_ts, last_ts, sensors, sensor_count, reason, recorded_at
+         FROM gap_reports ORDER BY from_seq LIMIT ?1",
+    )?;
+    let reports = stmt
+        .query_map([limit as i64], |r| {
+            let sensors: String = r.get(5)?;
+            Ok(GapReport {
+                from_seq: r.get::<_, i64>(0)?.max(0) as u64,
+                to_seq: r.get::<_, i64>(1)?.max(0) as u64,
+                readings: r.get::<_, i64>(2)?.max(0) as u64,
+                first_ts: r.get(3)?,
+                last_ts: r.get(4)?,
+                sensors: serde_json::from_str(&sensors).unwrap_or_default(),
+                sensor_count: r.get::<_, i64>(6)?.max(0) as u64,
+                reason: r.get(7)?,
+                recorded_at: r.get(8)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(reports)
+}
+
+/// Drops the oldest blocks until at least `excess` bytes are freed, recording them as a gap for
+/// `reason`; returns (readings, bytes).
+fn drop_oldest(tx: &rusqlite::Transaction, excess: u64, reason: &str) -> rusqlite::Result<(u64, u64)> {
+    let last: Option<i64> = {
+        let mut stmt = tx.prepare_cached("SELECT first_seq, length(data) FROM blocks ORDER BY first_seq")?;
         let mut rows = stmt.query([])?;
-        let mut out = Vec::new();
-        let mut freed = 0u64;
+        let (mut last, mut freed) = (None, 0u64);
         while freed < excess {
             let Some(row) = rows.next()? else { break };
-            let v: (i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
-            freed += v.2 as u64;
-            out.push(v);
+            last = Some(row.get(0)?);
+            freed += row.get::<_, i64>(1)? as u64;
         }
-        out
+        last
     };
-    let (mut readings, mut bytes) = (0u64, 0u64);
-    if let Some(last) = victims.last() {
-        tx.execute("DELETE FROM blocks WHERE first_seq <= ?1", [last.0])?;
-        for (_, count, len) in &victims {
-            readings += *count as u64;
-            bytes += *len as u64;
+    match last {
+        Some(last) => delete_through(tx, last, reason),
+        None => Ok((0, 0)),
+    }
+}
+
+/// What one transaction dropped for one reason: a run of sequence numbers, and what the readings
+/// in it were (read from the blocks before they go).
+#[derive(Debug, Default)]
+struct DropSummary {
+    range: Option<(u64, u64)>,
+    readings: u64,
+    first_ts: Option<i64>,
+    last_ts: Option<i64>,
+    sensors: std::collections::BTreeSet<String>,
+}
+
+impl DropSummary {
+    fn add(&mut self, first_seq: u64, count: u64, data: &[u8]) {
+        let end = first_seq + count;
+        self.range = Some(self.range.map_or((first_seq, end), |(from, to)| (from.min(first_seq), to.max(end))));
+        self.readings += count;
+        // A block that does not decode still counts; only its sensors and times are unknown.
+        if let Ok(block) = Block::decode(data) {
+            for (sensor, ts, _) in block.readings() {
+                self.first_ts = Some(self.first_ts.map_or(ts, |t| t.min(ts)));
+                self.last_ts = Some(self.last_ts.map_or(ts, |t| t.max(ts)));
+                if !self.sensors.contains(sensor) {
+                    self.sensors.insert(sensor.to_string());
+                }
+            }
         }
     }
-    Ok((readings, bytes))
+}
+
+/// Records a drop as a gap report for the forwarder to send ([`Spool::gap_reports`]), merged into
+/// the report that ends where it begins for the same reason (a spool that drops at every commit
+/// makes one report, not thousands). Best effort: on a full disk a report that cannot be written
+/// must not stop the drop that makes room, and the aggregator sees the hole anyway.
+fn record_gap(tx: &rusqlite::Transaction, dropped: &DropSummary, reason: &str) -> rusqlite::Result<()> {
+    let Some((from, to)) = dropped.range else { return Ok(()) };
+    tx.execute_batch("SAVEPOINT gap_report")?;
+    let result = (|| {
+        type Stored = (i64, i64, Option<i64>, Option<i64>, String, i64);
+        let before: Option<Stored> = tx
+            .query_row(
+                "SELECT from_seq, readings, first_ts, last_ts, sensors, sensor_count FROM gap_reports
+                 WHERE to_seq = ?1 AND reason = ?2",
+                params![from as i64, reason],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .optional()?;
+        let mut names: Vec<String> = dropped.sensors.iter().take(MAX_REPORTED_SENSORS).cloned().collect();
+        let mut count = dropped.sensors.len() as i64;
+        let (mut start, mut readings, mut first_ts, mut last_ts) =
+            (from as i64, dropped.readings as i64, dropped.first_ts, dropped.last_ts);
+        if let Some((b_from, b_readings, b_first, b_last, b_sensors, b_count)) = before {
+            start = b_from;
+            readings += b_readings;
+            first_ts = [first_ts, b_first].into_iter().flatten().min();
+            last_ts = [last_ts, b_last].into_iter().flatten().max();
+            let mut union: std::collections::BTreeSet<String> =
+                serde_json::from_str::<Vec<String>>(&b_sensors).unwrap_or_default().into_iter().collect();
+            union.extend(names);
+            // Past the names kept, only a lower bound of the distinct sensors is known.
+            count = count.max(b_count).max(union.len() as i64);
+            names = union.into_iter().take(MAX_REPORTED_SENSORS).collect();
+        }
+        let names = serde_json::to_string(&names).unwrap_or_else(|_| "[]".into());
+        tx.execute(
+            "INSERT OR REPLACE INTO gap_reports (from_seq, to_seq, readings, first_ts, last_ts, sensors,
+             sensor_count, reason, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![start, to as i64, readings, first_ts, last_ts, names, count, reason, now_ms()],
+        )?;
+        Ok::<_, rusqlite::Error>(())
+    })();
+    match result {
+        Ok(()) => tx.execute_batch("RELEASE gap_report"),
+        Err(error) => {
+            tracing::warn!(%error, from, to, reason, "cannot record the dropped readings as a gap report");
+            tx.execute_batch("ROLLBACK TO gap_report; RELEASE gap_report")
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -1627,6 +1780,9 @@ mod tests {
         assert_eq!(spans(&spool).await, [(250, 1)]);
         assert_eq!(metrics.spool_dropped_readings.get(), 150);
         assert_eq!(*spool.end().borrow(), 251, "dropped readings keep their numbers: the aggregator sees the gap");
+        let reports: Vec<_> =
+            spool.gap_reports(10).await.unwrap().into_iter().map(|r| (r.from_seq, r.to_seq, r.reason)).collect();
+        assert_eq!(reports, [(0, 100, "max_age".to_string()), (200, 250, "max_age".to_string())]);
         close(spool, thread);
     }
 
@@ -1645,6 +1801,41 @@ mod tests {
         let kept: u64 = left.iter().map(|b| b.count as u64).sum();
         assert_eq!(kept + metrics.spool_dropped_readings.get(), 2000);
         assert_eq!(left.last().unwrap().first_seq, 1900, "the newest data is kept");
+        // The drops of every commit make one report: the run of numbers, its readings' times,
+        // its sensors, the reason; the forwarder forgets it once the aggregator has it.
+        let reports = spool.gap_reports(10).await.unwrap();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        let r = &reports[0];
+        let dropped = 2000 - kept;
+        assert_eq!((r.from_seq, r.to_seq, r.readings), (0, dropped, dropped));
+        assert_eq!((r.sensors.as_slice(), r.sensor_count), (&["s0".to_string(), "s1".into(), "s2".into()][..], 3));
+        assert_eq!(r.first_ts, Some(1_764_000_000_000));
+        assert_eq!(r.last_ts, Some(1_764_000_000_000 + (dropped as i64 / 100 - 1) * 1000 + 99));
+        assert_eq!(r.reason, "spool_full");
+        spool.reported(vec![(r.from_seq, r.to_seq)]).unwrap();
+        append_and_wait(&spool, Chunk::default()).await;
+        assert_eq!(spool.gap_reports(10).await.unwrap(), []);
+    }
+
+    #[tokio::test]
+    async fn a_report_that_grew_after_it_was_read_is_not_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig { max_bytes: 4000, ..config() };
+        let (spool, _thread) = Spool::open(dir.path(), &config, Arc::new(Metrics::new())).unwrap();
+        for i in 0..20 {
+            append_and_wait(&spool, readings(100, i * 1000)).await;
+        }
+        let read = spool.gap_reports(10).await.unwrap();
+        // More drops before the aggregator's answer: the report grows under the same start.
+        for i in 20..30 {
+            append_and_wait(&spool, readings(100, i * 1000)).await;
+        }
+        spool.reported(vec![(read[0].from_seq, read[0].to_seq)]).unwrap();
+        append_and_wait(&spool, Chunk::default()).await;
+        let left = spool.gap_reports(10).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].from_seq, read[0].from_seq);
+        assert!(left[0].to_seq > read[0].to_seq, "{left:?} after {read:?}");
     }
 
     #[tokio::test]
@@ -1661,6 +1852,10 @@ mod tests {
         let kept: u64 = left.iter().map(|(_, n)| u64::from(*n)).sum();
         assert!(kept < 2000 && kept + metrics.spool_dropped_readings.get() == 2000);
         assert_eq!(*spool.end().borrow(), 2000, "dropped readings consumed their numbers");
+        let reports = spool.gap_reports(10).await.unwrap();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert_eq!((reports[0].from_seq, reports[0].to_seq, reports[0].reason.as_str()), (kept, 2000, "spool_full"));
+        assert_eq!(reports[0].last_ts, Some(1_764_000_000_000 + 19_000 + 99));
         // Room again: the next readings are stored after the hole, never inside it.
         ack_and_wait(&spool, kept).await;
         append_and_wait(&spool, readings(10, 50_000)).await;

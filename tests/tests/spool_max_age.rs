@@ -1,6 +1,7 @@
 //! `[spool] max_age`: while the aggregator is away, readings older than it leave the spool, oldest
 //! first, and are counted; when it returns, the newer readings arrive and the aggregator lists
-//! what went as a gap (`GET /api/v1/gaps`).
+//! what went as a gap (`GET /api/v1/gaps`), with what the agent reported about it: why, which
+//! sensors, which event times.
 
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ async fn readings_older_than_max_age_leave_the_spool_and_the_aggregator_lists_th
         let agent = &agent;
         async move { (agent.metric("tributary_agent_spool_readings").await == n).then_some(()) }
     };
+    let published = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     publish(agent.mqtt_port, "old", &messages("old/level", 300)).await;
     eventually("the old readings to be stored", Duration::from_secs(30), || spooled(300.0)).await;
 
@@ -48,4 +50,16 @@ async fn readings_older_than_max_age_leave_the_spool_and_the_aggregator_lists_th
         .map(|g| (g["from_seq"].as_u64().unwrap(), g["to_seq"].as_u64().unwrap()))
         .collect();
     assert_eq!(ranges, [(0, 300)], "{gaps}");
+    // The agent's report arrives once the link is back (at most a second after an ack).
+    let report = eventually("the agent's gap report", Duration::from_secs(30), || async {
+        let (_, gaps) = aggregator.get("/api/v1/gaps?agent=gw-1").await;
+        gaps[0]["reports"].as_array().and_then(|r| r.first().cloned())
+    })
+    .await;
+    assert_eq!((report["from_seq"].as_u64(), report["to_seq"].as_u64()), (Some(0), Some(300)), "{report}");
+    assert_eq!((report["reason"].as_str(), report["readings"].as_u64()), (Some("max_age"), Some(300)), "{report}");
+    assert_eq!(report["sensors"], serde_json::json!(["old/level"]), "{report}");
+    // Stamped on arrival at the agent: within the seconds the old readings were published in.
+    let (first, last) = (report["first_ts"].as_i64().unwrap(), report["last_ts"].as_i64().unwrap());
+    assert!(published - 1_000 <= first && first <= last && last <= published + 10_000, "{report}");
 }

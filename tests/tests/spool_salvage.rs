@@ -123,6 +123,20 @@ async fn a_damaged_spool_is_salvaged_at_start_and_what_is_lost_is_a_gap() {
         }
         if log.contains("end_known=true") {
             assert_eq!(salvaged + gaps, SPOOLED, "{damage}: {salvaged} salvaged + {gaps} in gaps");
+            // The agent says why: what it could not read back is reported as lost with the spool.
+            let reported = eventually("the agent's reports of what was lost", Duration::from_secs(30), || async {
+                let (_, listed) = aggregator.get("/api/v1/gaps?agent=gw-1").await;
+                let reports: Vec<serde_json::Value> = listed
+                    .as_array()?
+                    .iter()
+                    .flat_map(|g| g["reports"].as_array().cloned().unwrap_or_default())
+                    .collect();
+                let readings: u64 = reports.iter().filter_map(|r| r["readings"].as_u64()).sum();
+                (readings == gaps).then_some(reports)
+            })
+            .await;
+            assert!(gaps == 0 || !reported.is_empty(), "{damage}: {gaps} lost, nothing reported");
+            assert!(reported.iter().all(|r| r["reason"] == "corrupt_spool"), "{damage}: {reported:?}");
         } else {
             assert!(salvaged + gaps <= SPOOLED, "{damage}: {salvaged} salvaged + {gaps} in gaps");
         }
