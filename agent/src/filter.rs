@@ -31,6 +31,13 @@
 //! Held readings (one per spike-filtered sensor, one interval per downsampled sensor) live in memory:
 //! [`Filters::finish`] hands them over at a clean stop, a SIGKILL loses them.
 //!
+//! New rules (SIGHUP) replace the old ones in place, [`Filters::reconfigure`]: a sensor whose rule is
+//! the same before and after (the same filters with the same settings, whichever section it comes
+//! from) keeps its state; any other sensor first hands over what it holds through its old rule, as
+//! at a clean stop, then starts afresh under its new one (its next reading counts as its first).
+//! Carrying a deadband's reference or an open interval into different settings would judge readings
+//! by rules that never saw them; a held reading must not be lost either way.
+//!
 //! Per-sensor state is bounded: sensors not heard from for [`IDLE_EVICT`] (agent's clock) and holding
 //! nothing are forgotten at the next sweep, and past [`MAX_SENSORS`] sensors a new sensor's readings
 //! pass unfiltered (counted in `tributary_agent_filter_state_full_total`) until a sweep makes room.
@@ -74,7 +81,7 @@ pub struct FilterConfig {
 }
 
 /// `range = { min = 0.0, max = 100.0, action = "drop" }`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RangeConfig {
     /// Lowest value kept. Default: none (no lower bound); at least one of `min`, `max` is required.
@@ -288,7 +295,7 @@ impl FilterCounters {
 }
 
 /// A section's filters, ready to run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct Rule {
     range: Option<RangeConfig>,
     spike: Option<(f64, i64)>,
@@ -476,8 +483,7 @@ impl Filters {
         let state = match sensors.get_mut(sensor) {
             Some(state) => state,
             None => {
-                let rule = globs.iter().position(|g| g.is_match(sensor)).filter(|&r| !rules[r].is_empty());
-                let rule = rule.map_or(NO_RULE, |r| r as u32);
+                let rule = rule_of(globs, rules, sensor);
                 if sensors.len() >= MAX_SENSORS {
                     if rule != NO_RULE {
                         counters.state_full.inc();
@@ -582,20 +588,66 @@ impl Filters {
     pub fn finish(&mut self, now_ms: i64, emit: &mut impl FnMut(&str, i64, f64)) {
         let Filters { rules, sensors, held, counters, .. } = self;
         for (sensor, state) in sensors.iter_mut() {
-            if !state.holds() {
-                continue;
-            }
-            let rule = &rules[state.rule as usize];
-            if state.spike_held.is_some() {
-                release_held(rule, state, sensor, now_ms, held, counters, emit);
-            }
-            if let (Some(b), Some((_, agg))) = (state.bucket.take(), rule.downsample) {
-                *held -= 1;
-                let (ts, value) = b.result(agg);
-                emit(sensor, ts, value);
+            if state.holds() {
+                release_all(&rules[state.rule as usize], state, sensor, now_ms, held, counters, emit);
             }
         }
         counters.held.set(*held as i64);
+    }
+
+    /// Replaces the rules by `config` (a reload), as the module doc describes: sensors whose rule
+    /// is unchanged keep their state; the others hand what they hold to `emit` through their old
+    /// rule and are forgotten.
+    pub fn reconfigure(&mut self, config: &[FilterConfig], now_ms: i64, emit: &mut impl FnMut(&str, i64, f64)) {
+        let mut next = Filters::new(config, self.counters.clone());
+        next.last_sweep_ms = self.last_sweep_ms;
+        let Filters { rules, sensors, held, counters, .. } = self;
+        for (sensor, mut state) in std::mem::take(sensors) {
+            let rule = rule_of(&next.globs, &next.rules, &sensor);
+            let same = match (state.rule, rule) {
+                (NO_RULE, NO_RULE) => true,
+                (NO_RULE, _) | (_, NO_RULE) => false,
+                (old, new) => rules[old as usize] == next.rules[new as usize],
+            };
+            if same {
+                state.rule = rule;
+                next.held += usize::from(state.spike_held.is_some()) + usize::from(state.bucket.is_some());
+                next.sensors.insert(sensor, state);
+            } else if state.holds() {
+                release_all(&rules[state.rule as usize], &mut state, &sensor, now_ms, held, counters, emit);
+            }
+        }
+        counters.held.set(next.held as i64);
+        counters.sensors.set(next.sensors.len() as i64);
+        *self = next;
+    }
+}
+
+/// The index of the section whose glob matches `sensor` first, or [`NO_RULE`] if none does or it
+/// has no filters.
+fn rule_of(globs: &[SensorGlob], rules: &[Rule], sensor: &str) -> u32 {
+    let rule = globs.iter().position(|g| g.is_match(sensor)).filter(|&r| !rules[r].is_empty());
+    rule.map_or(NO_RULE, |r| r as u32)
+}
+
+/// Hands over everything a sensor holds: its spike-held reading unjudged (through the rest of the
+/// rule), then its open interval.
+fn release_all(
+    rule: &Rule,
+    state: &mut SensorState,
+    sensor: &str,
+    now_ms: i64,
+    held: &mut usize,
+    counters: &FilterCounters,
+    emit: &mut impl FnMut(&str, i64, f64),
+) {
+    if state.spike_held.is_some() {
+        release_held(rule, state, sensor, now_ms, held, counters, emit);
+    }
+    if let (Some(b), Some((_, agg))) = (state.bucket.take(), rule.downsample) {
+        *held -= 1;
+        let (ts, value) = b.result(agg);
+        emit(sensor, ts, value);
     }
 }
 
@@ -695,15 +747,25 @@ mod tests {
 
     type Out = Vec<(String, i64, f64)>;
 
-    fn filters(toml: &str) -> (Filters, Metrics) {
+    fn rules(toml: &str) -> Vec<FilterConfig> {
         #[derive(Deserialize)]
         struct File {
             filter: Vec<FilterConfig>,
         }
         let file: File = tributary_shared::config_file::parse(toml, std::path::Path::new("test.toml")).unwrap();
         check(&file.filter).unwrap();
+        file.filter
+    }
+
+    fn filters(toml: &str) -> (Filters, Metrics) {
         let metrics = Metrics::new();
-        (Filters::new(&file.filter, FilterCounters::new(&metrics)), metrics)
+        (Filters::new(&rules(toml), FilterCounters::new(&metrics)), metrics)
+    }
+
+    fn reconfigure(f: &mut Filters, toml: &str) -> Out {
+        let mut out = Vec::new();
+        f.reconfigure(&rules(toml), 0, &mut |s, t, v| out.push((s.to_string(), t, v)));
+        out
     }
 
     /// Readings of sensor `s` as (ts, value), each arriving at `now` = its ts.
@@ -1002,6 +1064,56 @@ mod tests {
         assert_eq!(out.len(), MAX_SENSORS + 10);
         assert_eq!(metric(&m, "tributary_agent_filter_state_full_total"), 11.0);
         assert_eq!(f.sensors.len(), MAX_SENSORS);
+    }
+
+    #[test]
+    fn a_reload_hands_over_what_the_old_rules_held_and_starts_afresh() {
+        let (mut f, m) = filters(
+            "[[filter]]\nsensor = \"spike/*\"\nspike = { max_jump = 5.0 }\n\
+             [[filter]]\nsensor = \"ds/*\"\ndeadband = {}\ndownsample = { interval = \"1m\", agg = \"max\" }\n",
+        );
+        let base = T0 - T0 % 60_000;
+        assert_eq!(values(&feed(&mut f, "spike/a", &[(T0, 1.0), (T0 + 1, 2.0)])), [1.0]);
+        assert_eq!(feed(&mut f, "ds/a", &[(base, 5.0), (base + 1, 9.0), (base + 2, 7.0)]), []);
+        assert_eq!(f.held(), 2);
+        // Both sensors' rules change: the held reading and the open interval go out as at a stop.
+        let mut out = reconfigure(&mut f, "[[filter]]\nsensor = \"**\"\nrange = { max = 50.0 }\n");
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(out, [("ds/a".into(), base + 1, 9.0), ("spike/a".into(), T0 + 1, 2.0)]);
+        assert_eq!((f.held(), metric(&m, "tributary_agent_filter_held_readings")), (0, 0.0));
+        assert_eq!(metric(&m, "tributary_agent_filter_sensors"), 0.0);
+        // The new rule applies at once; nothing of the old ones is left (no spike hold, no interval).
+        assert_eq!(values(&feed(&mut f, "spike/a", &[(T0 + 2, 60.0), (T0 + 3, 3.0)])), [3.0]);
+        assert_eq!(values(&feed(&mut f, "ds/a", &[(base + 3, 5.0), (base + 4, 5.0)])), [5.0, 5.0]);
+        // Rules taken away: every reading passes.
+        assert_eq!(reconfigure(&mut f, "filter = []\n"), []);
+        assert!(f.is_empty());
+        assert_eq!(values(&feed(&mut f, "spike/a", &[(T0 + 5, 60.0)])), [60.0]);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_sensors_whose_rule_did_not_change() {
+        let deadband = "sensor = \"db/*\"\ndeadband = { delta = 1.0, max_silence = \"1h\" }\n";
+        let spike = "sensor = \"spike/*\"\nspike = { max_jump = 5.0 }\n";
+        let (mut f, m) = filters(&format!("[[filter]]\n{deadband}[[filter]]\n{spike}"));
+        assert_eq!(values(&feed(&mut f, "db/a", &[(T0, 20.0)])), [20.0]);
+        assert_eq!(values(&feed(&mut f, "spike/a", &[(T0, 1.0), (T0 + 1, 2.0)])), [1.0]);
+        assert_eq!(values(&feed(&mut f, "other", &[(T0, 1.0)])), [1.0]);
+        // A section added in front and the order changed: the same rules keep their state, wherever
+        // they now are; the sensor the new section takes over starts afresh.
+        let out = reconfigure(
+            &mut f,
+            &format!(
+                "[[filter]]\nsensor = \"other\"\nrange = {{ max = 0.5 }}\n[[filter]]\n{spike}[[filter]]\n{deadband}"
+            ),
+        );
+        assert_eq!(out, []);
+        assert_eq!((f.held(), metric(&m, "tributary_agent_filter_held_readings")), (1, 1.0));
+        // The deadband still remembers 20.0; the spike filter judges its held 2.0 by its next reading.
+        assert_eq!(values(&feed(&mut f, "db/a", &[(T0 + 1, 20.5), (T0 + 2, 21.5)])), [21.5]);
+        assert_eq!(values(&feed(&mut f, "spike/a", &[(T0 + 2, 3.0)])), [2.0]);
+        assert_eq!(values(&feed(&mut f, "other", &[(T0 + 1, 1.0), (T0 + 2, 0.25)])), [0.25]);
+        assert_eq!(metric(&m, "tributary_agent_filter_sensors"), 3.0);
     }
 
     #[test]

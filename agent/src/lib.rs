@@ -7,6 +7,8 @@
 //! and [`metrics`]. [`run`] wires the parts together and stops them in order.
 //! Serial ports ([`input::serial`]) are read beside the MQTT input, into the same spool.
 //! Every input's [`input::Intake`] runs the pre-[`filter`]s before the spool.
+//! A configuration read again on SIGHUP ([`reload`]) changes filters, serial ports and the upstream
+//! token in place; the rest waits for a restart.
 
 pub mod config;
 pub mod decode;
@@ -16,6 +18,7 @@ pub mod health;
 pub mod http;
 pub mod input;
 pub mod metrics;
+pub mod reload;
 pub mod salvage;
 pub mod spool;
 
@@ -23,7 +26,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, MqttMode};
 use crate::decode::Decoder;
@@ -31,8 +34,9 @@ use crate::forward::Forwarder;
 use crate::input::Intake;
 use crate::input::broker::{BrokerError, EmbeddedBroker};
 use crate::input::mqtt::{ClientError, MqttClient};
-use crate::input::serial::SerialInput;
+use crate::input::serial::SerialPorts;
 use crate::metrics::Metrics;
+use crate::reload::{Reload, Reloader};
 use crate::spool::{Spool, SpoolError};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,12 +61,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     run_with_reload(config, shutdown, None).await
 }
 
-/// [`run`], taking configurations read again (SIGHUP): the upstream token applies at once (a
-/// 401 is fixed without dropping MQTT connections or the spool); other changes wait for a restart.
+/// [`run`], taking configurations read again (SIGHUP): filters, serial ports and the upstream
+/// token apply at once, without dropping MQTT connections or the spool (a 401 is fixed so);
+/// other changes wait for a restart (see [`reload`]).
 pub async fn run_with_reload(
     config: Config,
     shutdown: impl Future<Output = ()>,
-    mut reload: Option<tokio::sync::mpsc::Receiver<Config>>,
+    mut reload: Option<mpsc::Receiver<Reload>>,
 ) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     let (spool, spool_thread) = Spool::open(&config.data_dir, &config.spool, metrics.clone())?;
@@ -77,17 +82,15 @@ pub async fn run_with_reload(
         config.validation.max_clock_skew.as_millis() as i64,
     );
     let decoder = decoder.with_caps(config.mqtt.max_readings_per_message, config.validation.max_new_sensors_per_minute);
+    // Every input's intake, and the intakes of serial ports started later, take filter rules from here.
+    let (filters_tx, filters_rx) = watch::channel(config.filter.as_slice().into());
+    let intake =
+        Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings).with_filter_updates(filters_rx);
     // Each serial port reads into its own intake; the spool's group commit batches them all.
-    let mut serial_inputs = Vec::new();
-    for port in &config.serial {
-        let intake = Intake::new(decoder.clone(), &spool, metrics.clone(), config.spool.max_queued_readings)
-            .with_filters(&config.filter);
-        let input = SerialInput::new(port, config.validation.max_clock_skew.as_millis() as i64, &metrics);
-        serial_inputs.push(tokio::spawn(input.run(intake, stop_rx.clone())));
-    }
+    let mut serial =
+        SerialPorts::start(&config.serial, intake.another(), config.validation.max_clock_skew.as_millis() as i64);
     let health = (!config.health.interval.is_zero()).then(|| {
-        let intake = Intake::new(decoder.clone(), &spool, metrics.clone(), config.spool.max_queued_readings)
-            .with_filters(&config.filter);
+        let intake = intake.another();
         let health = health::Health {
             agent_id: config.agent_id.clone(),
             data_dir: config.data_dir.clone(),
@@ -96,8 +99,6 @@ pub async fn run_with_reload(
         };
         tokio::spawn(health.run(intake, stop_rx.clone()))
     });
-    let intake =
-        Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings).with_filters(&config.filter);
     let mut input = match config.mqtt.mode {
         MqttMode::Embedded => {
             let broker = EmbeddedBroker::start(&config.mqtt).await?;
@@ -111,17 +112,7 @@ pub async fn run_with_reload(
         }
     };
     let (token_tx, token_rx) = watch::channel(config.upstream.token.clone());
-    if let Some(mut reload) = reload.take() {
-        tokio::spawn(async move {
-            while let Some(new) = reload.recv().await {
-                if new.upstream.token != *token_tx.borrow() {
-                    token_tx.send_replace(new.upstream.token.clone());
-                    tracing::warn!("configuration read again: the new upstream token applies now");
-                }
-                tracing::info!("configuration read again: changes other than upstream.token apply at the next restart");
-            }
-        });
-    }
+    let mut reloader = Reloader::new(config.clone(), filters_tx, token_tx, metrics.clone());
     let forwarder = Forwarder {
         spool,
         agent_id: config.agent_id.clone(),
@@ -140,11 +131,16 @@ pub async fn run_with_reload(
     });
     tracing::info!(agent_id = %config.agent_id, mode = ?config.mqtt.mode, http = %config.http.listen, "agent running");
 
-    let input_ended = tokio::select! {
-        _ = shutdown => None,
-        r = &mut input => Some(flatten(r)),
+    tokio::pin!(shutdown);
+    let input_ended = loop {
+        tokio::select! {
+            _ = &mut shutdown => break None,
+            r = &mut input => break Some(flatten(r)),
+            new = next_reload(&mut reload) => reloader.apply(new, &mut serial).await,
+        }
     };
     let _ = stop_tx.send(true);
+    serial.stop();
     let mut result = match input_ended {
         // Asked to stop: the input drains what its broker holds for us and ends.
         None => flatten(input.await),
@@ -155,9 +151,7 @@ pub async fn run_with_reload(
         result = result.and(health.await.map_err(|e| AgentError::Task(e.to_string())).and_then(|r| Ok(r?)));
     }
     // The serial inputs hand over what they read and end.
-    for serial in serial_inputs {
-        result = result.and(serial.await.map_err(|e| AgentError::Task(e.to_string())).and_then(|r| Ok(r?)));
-    }
+    result = result.and(serial.join().await);
     let _ = forwarder.await;
     match http_server.await {
         Ok(Err(e)) => result = result.and(Err(AgentError::Http(e))),
@@ -169,6 +163,17 @@ pub async fn run_with_reload(
     let _ = tokio::task::spawn_blocking(move || spool_thread.join()).await;
     tracing::info!("agent stopped");
     result
+}
+
+/// The next configuration read again; never, without a channel or once it has closed.
+async fn next_reload(reload: &mut Option<mpsc::Receiver<Reload>>) -> Reload {
+    if let Some(channel) = reload {
+        if let Some(new) = channel.recv().await {
+            return new;
+        }
+    }
+    *reload = None;
+    std::future::pending().await
 }
 
 fn flatten(r: Result<Result<(), AgentError>, tokio::task::JoinError>) -> Result<(), AgentError> {

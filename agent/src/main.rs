@@ -143,13 +143,10 @@ fn run() -> anyhow::Result<()> {
             Ok(mut hangup) => {
                 tokio::spawn(async move {
                     while hangup.recv().await.is_some() {
-                        match Config::load(&path) {
-                            Ok(config) => {
-                                if reload_tx.send(config).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => tracing::error!("SIGHUP: {:#}; nothing changed", anyhow::Error::new(e)),
+                        // A file that does not load goes too: the agent counts and logs the refusal.
+                        let loaded = Config::load(&path).map_err(|e| format!("{:#}", anyhow::Error::new(e)));
+                        if reload_tx.send(loaded).await.is_err() {
+                            return;
                         }
                     }
                 });

@@ -52,6 +52,15 @@ pub const FILTER_DROPS: [(&str, &str); 5] = [
 /// Why the pre-filters restart a sensor's state.
 pub const FILTER_RESETS: [(&str, &str); 2] = [("deadband", "clock_backwards"), ("downsample", "clock_backwards")];
 
+/// Outcomes of a configuration read again (SIGHUP): `applied` (what can change at runtime did; the
+/// rest waits for a restart) or `refused` (the file did not load; the configuration in force stays).
+pub const RELOAD_RESULTS: [&str; 2] = ["applied", "refused"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
 /// A serial port, by name (the file name of its configured path).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct PortLabels {
@@ -144,6 +153,8 @@ pub struct Metrics {
     pub filter_held_readings: Gauge,
     /// Sensors the filters keep state for.
     pub filter_sensors: Gauge,
+    /// Configurations read again (SIGHUP), by result (see [`RELOAD_RESULTS`]).
+    pub config_reloads: Family<ReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -191,6 +202,7 @@ impl Metrics {
             filter_state_full: Counter::default(),
             filter_held_readings: Gauge::default(),
             filter_sensors: Gauge::default(),
+            config_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register("mqtt_messages", "MQTT messages read from the broker", m.messages.clone());
@@ -332,6 +344,11 @@ impl Metrics {
             m.filter_held_readings.clone(),
         );
         registry.register("filter_sensors", "Sensors the pre-filters keep state for", m.filter_sensors.clone());
+        registry.register(
+            "config_reloads",
+            "Configurations read again on SIGHUP, by result (applied, or refused: the old one stays)",
+            m.config_reloads.clone(),
+        );
         for (filter, reason) in FILTER_DROPS {
             let _ = m.filter_dropped.get_or_create(&FilterLabels { filter, reason });
         }
@@ -344,6 +361,9 @@ impl Metrics {
         }
         for outcome in FORWARD_OUTCOMES {
             let _ = m.forward_requests.get_or_create(&OutcomeLabels { outcome });
+        }
+        for result in RELOAD_RESULTS {
+            let _ = m.config_reloads.get_or_create(&ReloadLabels { result });
         }
         Metrics { registry, ..m }
     }
@@ -364,6 +384,11 @@ impl Metrics {
 
     pub fn forward_outcome(&self, outcome: &'static str) {
         self.forward_requests.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Counts a configuration read again: `applied` or `refused`.
+    pub fn config_reload(&self, result: &'static str) {
+        self.config_reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
     /// The Prometheus / OpenMetrics text exposition.
@@ -430,6 +455,8 @@ mod tests {
             "tributary_agent_filter_state_full_total 0",
             "tributary_agent_filter_held_readings 0",
             "tributary_agent_filter_sensors 0",
+            "tributary_agent_config_reloads_total{result=\"applied\"} 0",
+            "tributary_agent_config_reloads_total{result=\"refused\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

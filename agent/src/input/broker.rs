@@ -139,7 +139,7 @@ impl EmbeddedBroker {
         let result = loop {
             tokio::select! {
                 // What the pre-filters held long enough goes out even when no message comes.
-                _ = ticker.tick() => if let Err(e) = intake.tick() { break Err(e.into()) },
+                _ = ticker.tick() => if let Err(e) = intake.tick(&mut ticker) { break Err(e.into()) },
                 // The writer has room again: hand over what piled up meanwhile.
                 permit = spool.reserve(), if intake.has_pending() => match permit {
                     Ok(permit) => intake.send_with(permit),

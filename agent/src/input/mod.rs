@@ -5,12 +5,15 @@
 //! pre-filters ([`crate::filter`]) before the spool, so what they drop never costs a flash write;
 //! each input's loop runs [`Intake::tick`] on [`Intake::ticker`] (to emit what a quiet sensor's
 //! filters hold) and ends with [`Intake::finish`] (to hand held readings over at a clean stop).
+//! New filter rules (SIGHUP) reach every intake through a watch channel
+//! ([`Intake::with_filter_updates`]), checked at each message, reading and tick: inputs keep running.
 
 pub mod broker;
 pub mod mqtt;
 pub mod serial;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
@@ -39,7 +42,14 @@ pub struct Intake {
     last: u64,
     max_pending: usize,
     filters: Filters,
+    /// The `[[filter]]` rules `filters` runs, and where new ones come from if they can change while
+    /// the agent runs.
+    rules: FilterRules,
+    filter_updates: Option<watch::Receiver<FilterRules>>,
 }
+
+/// `[[filter]]` rules as shared by every intake.
+pub type FilterRules = Arc<[FilterConfig]>;
 
 /// What a reading costs in a chunk (sensor index, timestamp, value, with alignment).
 pub const READING_BYTES: usize = 24;
@@ -58,6 +68,8 @@ impl Intake {
             last: 0,
             max_pending,
             filters: Filters::new(&[], FilterCounters::new(&metrics)),
+            rules: Arc::new([]),
+            filter_updates: None,
             metrics,
         }
     }
@@ -65,7 +77,56 @@ impl Intake {
     /// Runs `[[filter]]` rules on every reading before it is queued.
     pub fn with_filters(mut self, config: &[FilterConfig]) -> Intake {
         self.filters = Filters::new(config, FilterCounters::new(&self.metrics));
+        self.rules = config.into();
         self
+    }
+
+    /// Runs the rules `updates` holds, and the new ones whenever it changes (a reload): what the
+    /// old rules hold is handed over first (see [`Filters::reconfigure`]).
+    pub fn with_filter_updates(mut self, mut updates: watch::Receiver<FilterRules>) -> Intake {
+        self.rules = updates.borrow_and_update().clone();
+        self.filters = Filters::new(&self.rules, FilterCounters::new(&self.metrics));
+        self.filter_updates = Some(updates);
+        self
+    }
+
+    /// An intake for another input of the same agent: the same spool, decoding rules, limits and
+    /// filter rules (with their updates); its own pending chunk and filter state.
+    pub fn another(&self) -> Intake {
+        let intake = Intake {
+            decoder: self.decoder.clone(),
+            tx: self.tx.clone(),
+            committed: self.committed.clone(),
+            metrics: self.metrics.clone(),
+            pending: Chunk::default(),
+            pending_ids: 0,
+            pending_bytes: 0,
+            last: 0,
+            max_pending: self.max_pending,
+            filters: Filters::new(&[], FilterCounters::new(&self.metrics)),
+            rules: Arc::new([]),
+            filter_updates: None,
+        };
+        match &self.filter_updates {
+            // The latest rules, even if this intake has not taken them yet.
+            Some(updates) => intake.with_filter_updates(updates.clone()),
+            None => intake.with_filters(&self.rules),
+        }
+    }
+
+    /// Takes new filter rules if there are any; cheap otherwise (one atomic load).
+    fn update_filters(&mut self) {
+        let Some(updates) = &mut self.filter_updates else { return };
+        if !updates.has_changed().unwrap_or(false) {
+            return;
+        }
+        self.rules = updates.borrow_and_update().clone();
+        let Intake { pending, pending_ids, pending_bytes, filters, rules, .. } = self;
+        filters.reconfigure(rules, now_ms(), &mut |sensor, ts, value| {
+            push_reading(pending, pending_ids, pending_bytes, sensor, ts, value)
+        });
+        // Nothing acknowledges the readings handed over: carry the number already committed (see take_reading).
+        self.pending.through = self.pending.through.max(*self.committed.borrow());
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -76,6 +137,7 @@ impl Intake {
     /// to wait for before acknowledging the message: its own, or, if it queued no readings (all
     /// rejected, or dropped or held by the filters), the previous message's.
     pub fn take(&mut self, topic: &[u8], payload: &[u8]) -> u64 {
+        self.update_filters();
         let Intake { decoder, pending, pending_ids, pending_bytes, metrics, filters, .. } = self;
         metrics.messages.inc();
         let now = now_ms();
@@ -168,6 +230,7 @@ impl Intake {
     /// Nothing acknowledges it, so it takes no intake number: its chunk carries the number already
     /// committed, so that committing it never moves [`Spool::committed`] past a message not yet durable.
     pub fn take_reading(&mut self, sensor: &str, ts: i64, value: f64) {
+        self.update_filters();
         self.metrics.readings_accepted.inc();
         let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
         let mut push =
@@ -176,27 +239,37 @@ impl Intake {
         self.pending.through = self.pending.through.max(*self.committed.borrow());
     }
 
-    /// A timer for [`Intake::tick`]: as often as the filters need it (every second or faster),
-    /// hourly without filters (a no-op then). Late ticks are delayed, not bunched.
+    /// A timer for [`Intake::tick`]: as often as the filters need it (every second or faster).
+    /// Without filters a tick only looks for new rules: every second if they can change, else
+    /// hourly (a no-op). Late ticks are delayed, not bunched.
     pub fn ticker(&self) -> tokio::time::Interval {
-        let period = self.filters.tick_period().unwrap_or(std::time::Duration::from_secs(3600));
-        let mut ticker = tokio::time::interval(period);
+        let mut ticker = tokio::time::interval(self.tick_period());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker
     }
 
-    /// Queues what the filters held long enough (a quiet sensor's downsample interval, a
-    /// spike-held reading past `max_hold`) and hands it over if the writer has room.
-    pub fn tick(&mut self) -> Result<(), SpoolError> {
-        if self.filters.is_empty() {
-            return Ok(());
+    fn tick_period(&self) -> Duration {
+        let idle = if self.filter_updates.is_some() { Duration::from_secs(1) } else { Duration::from_secs(3600) };
+        self.filters.tick_period().unwrap_or(idle)
+    }
+
+    /// Takes new filter rules (so a quiet input takes them within a second too), queues what the
+    /// filters held long enough (a quiet sensor's downsample interval, a spike-held reading past
+    /// `max_hold`) and hands it over if the writer has room. `ticker` (from [`Intake::ticker`]) is
+    /// replaced when new rules need another period.
+    pub fn tick(&mut self, ticker: &mut tokio::time::Interval) -> Result<(), SpoolError> {
+        self.update_filters();
+        if ticker.period() != self.tick_period() {
+            *ticker = self.ticker();
         }
-        let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
-        filters.tick(now_ms(), &mut |sensor, ts, value| {
-            push_reading(pending, pending_ids, pending_bytes, sensor, ts, value)
-        });
-        // Nothing acknowledges these readings: carry the number already committed (see take_reading).
-        self.pending.through = self.pending.through.max(*self.committed.borrow());
+        if !self.filters.is_empty() {
+            let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
+            filters.tick(now_ms(), &mut |sensor, ts, value| {
+                push_reading(pending, pending_ids, pending_bytes, sensor, ts, value)
+            });
+            // Nothing acknowledges these readings: carry the number already committed (see take_reading).
+            self.pending.through = self.pending.through.max(*self.committed.borrow());
+        }
         self.try_flush()
     }
 
@@ -228,4 +301,52 @@ fn push_reading(
     }
     pending.readings.push_interned(index, ts, value);
     *pending_bytes += READING_BYTES;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SpoolConfig;
+
+    fn rules(toml: &str) -> FilterRules {
+        let text = format!(
+            "agent_id = \"gw\"\ndata_dir = \"/tmp/x\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\ntoken = \"t\"\n{toml}"
+        );
+        crate::config::Config::parse(&text, std::path::Path::new("agent.toml")).unwrap().filter.into()
+    }
+
+    #[tokio::test]
+    async fn new_filter_rules_reach_every_intake_and_nothing_held_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (spool, _thread) = Spool::open(dir.path(), &SpoolConfig::default(), metrics.clone()).unwrap();
+        let (updates, rx) = watch::channel(rules("[[filter]]\nsensor = \"**\"\nspike = { max_jump = 5.0 }\n"));
+        let decoder = Decoder::new(&["sensors/#".into()], 1024, 300_000);
+        let mut first = Intake::new(decoder, &spool, metrics, 10).with_filter_updates(rx);
+        let mut second = first.another();
+        let now = now_ms();
+        for intake in [&mut first, &mut second] {
+            intake.take_reading("a", now, 1.0);
+            intake.take_reading("a", now + 1, 2.0);
+            assert_eq!(intake.pending.len(), 1, "the second reading is held");
+        }
+
+        updates.send_replace(rules("[[filter]]\nsensor = \"**\"\nrange = { max = 10.0 }\n"));
+        // At the next reading: the held one goes out first, then the new rule judges.
+        first.take_reading("a", now + 2, 50.0);
+        assert_eq!(first.pending.len(), 2);
+        // A quiet input takes the rules at its next tick, which then runs at the new rules' pace.
+        let mut ticker = second.ticker();
+        assert_eq!(ticker.period(), Duration::from_millis(1_000));
+        second.tick(&mut ticker).unwrap();
+        assert_eq!(second.filters.held(), 0);
+        assert_eq!(ticker.period(), Duration::from_secs(1));
+        updates.send_replace(rules("[[filter]]\nsensor = \"**\"\ndownsample = { interval = \"1s\" }\n"));
+        second.tick(&mut ticker).unwrap();
+        assert_eq!(ticker.period(), Duration::from_millis(100));
+        // An intake made after the reload starts with the rules in force.
+        let third = first.another();
+        assert_eq!(third.rules.len(), 1);
+        assert!(third.rules[0].downsample.is_some());
+    }
 }

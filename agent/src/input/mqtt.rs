@@ -129,7 +129,7 @@ impl MqttClient {
             let event = tokio::select! {
                 // What the pre-filters held long enough goes out even when no message comes.
                 _ = ticker.tick() => {
-                    intake.tick()?;
+                    intake.tick(&mut ticker)?;
                     continue;
                 }
                 // The writer has room again: hand over what piled up meanwhile.

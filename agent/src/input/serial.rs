@@ -17,6 +17,10 @@
 //! A device that goes away (a read of 0 bytes, or an error: unplugged, hung up) is reopened with
 //! backoff, 1 s doubling to 30 s; the path is resolved again at every open, so a
 //! `/dev/serial/by-id/` link follows the device to whatever `ttyUSB*` it comes back as.
+//!
+//! [`SerialPorts`] runs the configured ports, each with its own stop signal: a reload (SIGHUP)
+//! stops the ports taken out of the file, starts the new ones, restarts those whose settings
+//! changed and leaves the others reading.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +34,7 @@ use tributary_shared::frame::{Deframer, FrameError, MAX_ENCODED_LEN};
 use tributary_shared::reading::{ReadingError, validate_sensor_id, validate_ts_at, validate_value};
 
 use super::Intake;
+use crate::AgentError;
 use crate::config::{SerialConfig, SerialFormat};
 use crate::metrics::{Metrics, PortLabels, SerialRejectLabels};
 use crate::spool::{SpoolError, now_ms};
@@ -457,7 +462,7 @@ impl SerialInput {
         loop {
             tokio::select! {
                 // What the pre-filters held long enough goes out even when the device is quiet.
-                _ = ticker.tick() => intake.tick()?,
+                _ = ticker.tick() => intake.tick(&mut ticker)?,
                 // The writer has room again: hand over what piled up meanwhile.
                 permit = spool.reserve(), if intake.has_pending() => match permit {
                     Ok(permit) => intake.send_with(permit),
@@ -493,6 +498,132 @@ impl SerialInput {
     }
 }
 
+/// The `[[serial]]` ports being read, each by its own [`SerialInput`] task with its own stop signal.
+pub struct SerialPorts {
+    /// Fed nothing: each port's intake is made from it ([`Intake::another`]).
+    intake: Intake,
+    max_skew_ms: i64,
+    running: Vec<RunningPort>,
+    /// The first failure of a port that has ended (the spool stopped), for [`SerialPorts::join`].
+    failed: Option<AgentError>,
+}
+
+struct RunningPort {
+    config: SerialConfig,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), SpoolError>>,
+}
+
+impl SerialPorts {
+    /// Starts reading `ports`, each into an intake like `intake`.
+    pub fn start(ports: &[SerialConfig], intake: Intake, max_skew_ms: i64) -> SerialPorts {
+        let mut serial = SerialPorts { intake, max_skew_ms, running: Vec::new(), failed: None };
+        for port in ports {
+            serial.spawn(port.clone());
+        }
+        serial
+    }
+
+    fn spawn(&mut self, config: SerialConfig) {
+        let (stop, stopped) = watch::channel(false);
+        let input = SerialInput::new(&config, self.max_skew_ms, self.intake.metrics());
+        let task = tokio::spawn(input.run(self.intake.another(), stopped));
+        self.running.push(RunningPort { config, stop, task });
+    }
+
+    /// Reads the ports of `ports` from now on: the ports missing from it stop (after handing over
+    /// what they read), its new ones start, ports whose settings changed restart, the others go on
+    /// untouched. Returns what changed.
+    pub async fn reconfigure(&mut self, ports: &[SerialConfig]) -> PortChanges {
+        let running: Vec<SerialConfig> = self.running.iter().map(|p| p.config.clone()).collect();
+        let changes = PortChanges::between(&running, ports);
+        let (ending, staying): (Vec<RunningPort>, Vec<RunningPort>) =
+            std::mem::take(&mut self.running).into_iter().partition(|p| {
+                let name = p.config.name();
+                changes.removed.contains(&name) || changes.changed.contains(&name)
+            });
+        self.running = staying;
+        // All told at once, and waited for before anything starts: a restarted port's device
+        // must not have two readers splitting its bytes.
+        for port in &ending {
+            let _ = port.stop.send(true);
+        }
+        for port in ending {
+            self.ended(&port.config.name(), port.task.await);
+        }
+        for port in ports {
+            let name = port.name();
+            if changes.added.contains(&name) || changes.changed.contains(&name) {
+                self.spawn(port.clone());
+            }
+        }
+        changes
+    }
+
+    /// Tells every port to stop (the agent stops); [`SerialPorts::join`] waits for them.
+    pub fn stop(&self) {
+        for port in &self.running {
+            let _ = port.stop.send(true);
+        }
+    }
+
+    /// Waits for every port to hand over what it read and end. The first failure of any port,
+    /// including ports a reload stopped.
+    pub async fn join(mut self) -> Result<(), AgentError> {
+        for port in std::mem::take(&mut self.running) {
+            self.ended(&port.config.name(), port.task.await);
+        }
+        self.failed.map_or(Ok(()), Err)
+    }
+
+    fn ended(&mut self, name: &str, result: Result<Result<(), SpoolError>, tokio::task::JoinError>) {
+        let error = match result {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => AgentError::Spool(e),
+            Err(e) => AgentError::Task(e.to_string()),
+        };
+        tracing::error!(port = %name, error = %error, "serial input failed");
+        self.failed.get_or_insert(error);
+    }
+}
+
+/// What a new `[[serial]]` list changes, by port name (unique, checked at load; the `port` label
+/// of the port's metrics).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PortChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// In both lists with different settings: restarted.
+    pub changed: Vec<String>,
+}
+
+impl PortChanges {
+    pub fn between(running: &[SerialConfig], new: &[SerialConfig]) -> PortChanges {
+        // Settings compared by their Debug text: every field, those added later included.
+        let settings = |port: &SerialConfig| format!("{port:?}");
+        let mut changes = PortChanges::default();
+        for port in new {
+            let name = port.name();
+            match running.iter().find(|p| p.name() == name) {
+                None => changes.added.push(name),
+                Some(old) if settings(old) != settings(port) => changes.changed.push(name),
+                Some(_) => {}
+            }
+        }
+        for port in running {
+            let name = port.name();
+            if !new.iter().any(|p| p.name() == name) {
+                changes.removed.push(name);
+            }
+        }
+        changes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,6 +652,53 @@ mod tests {
             assert!(n <= out.len());
         }
         (out, rejected)
+    }
+
+    fn ports(toml: &str) -> Vec<SerialConfig> {
+        let text = format!(
+            "agent_id = \"gw\"\ndata_dir = \"/tmp/x\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\ntoken = \"t\"\n{toml}"
+        );
+        crate::config::Config::parse(&text, Path::new("agent.toml")).unwrap().serial
+    }
+
+    #[test]
+    fn a_new_port_list_starts_stops_and_restarts_only_the_ports_that_differ() {
+        let port = |path: &str, extra: &str| format!("[[serial]]\npath = \"{path}\"\nformat = \"lines\"\n{extra}");
+        let running = ports(
+            &[
+                port("/dev/ttyUSB0", ""),
+                port("/dev/ttyUSB1", "baud = 9600\n"),
+                port("/dev/ttyUSB2", "sensor_prefix = \"a\"\n"),
+                port("/dev/ttyACM0", ""),
+            ]
+            .concat(),
+        );
+        let new = ports(
+            &[
+                // Unchanged, though written differently (the default baud spelt out) and listed later.
+                port("/dev/ttyACM0", ""),
+                port("/dev/ttyUSB0", "baud = 115200\n"),
+                port("/dev/ttyUSB1", "baud = 19200\n"),
+                port("/dev/ttyUSB2", "sensor_prefix = \"b\"\n"),
+                port("/dev/serial/by-id/usb-Acme-if00", ""),
+            ]
+            .concat(),
+        );
+        let changes = PortChanges::between(&running, &new);
+        assert_eq!(
+            changes,
+            PortChanges {
+                added: vec!["usb-Acme-if00".into()],
+                removed: vec![],
+                changed: vec!["ttyUSB1".into(), "ttyUSB2".into()],
+            }
+        );
+        let fewer = ports(&port("/dev/ttyUSB0", ""));
+        let changes = PortChanges::between(&running, &fewer);
+        assert_eq!(changes.removed, ["ttyUSB1", "ttyUSB2", "ttyACM0"]);
+        assert!(changes.added.is_empty() && changes.changed.is_empty());
+        assert!(PortChanges::between(&running, &running).is_empty());
+        assert!(PortChanges::between(&[], &[]).is_empty());
     }
 
     fn r(id: &str, value: f64) -> (String, i64, f64) {
