@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -71,6 +72,37 @@ pub struct UpstreamConfig {
     /// Longest retry delay. Default 30 s.
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
+    /// For an `https://` url: the CA certificates (PEM, one or more) the aggregator's certificate
+    /// must be signed by, relative to the configuration file. When set, only these are trusted, not
+    /// the system's: a certificate for the aggregator's name from any other CA is refused.
+    /// Default: none (the system's CA certificates, e.g. `/etc/ssl/certs`).
+    pub ca_file: Option<PathBuf>,
+    /// This agent's certificate (PEM; intermediates after it), shown to an aggregator that asks for
+    /// one (`[http] tls_client_ca`), relative to the configuration file. Set with `client_key`.
+    /// Default: none.
+    pub client_cert: Option<PathBuf>,
+    /// The private key of `client_cert` (PEM: PKCS#8, PKCS#1 or SEC1), relative to the
+    /// configuration file. Default: none.
+    pub client_key: Option<PathBuf>,
+    /// The TLS settings of an `https://` url, made from the files above when the configuration is
+    /// loaded (so that a missing or broken file is a configuration error, not a forwarder that
+    /// never connects). `None` for `http://`.
+    #[serde(skip)]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// The rustls settings of an `https://` upstream, made at load from `ca_file`, `client_cert` and
+/// `client_key`.
+#[derive(Clone)]
+pub struct UpstreamTls(pub Arc<rustls::ClientConfig>);
+
+// rustls' own Debug lists every trusted root (the system has hundreds) and the session cache, which
+// changes as the forwarder connects: useless in a log, and it would make two loads of the same
+// file differ when configurations are compared (SIGHUP). The file names are in the config already.
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpstreamTls(..)")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -356,6 +388,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = config_file::load(path)?;
         config.resolve_secrets(path).map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
+        config.load_tls(path).map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
         config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
         config.check_filters().map_err(|(key, reason)| ConfigError::invalid(path, key, reason))?;
@@ -366,6 +399,7 @@ impl Config {
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = config_file::parse(text, file)?;
         config.resolve_secrets(file).map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
+        config.load_tls(file).map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
         config.normalise();
         config.check().map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
         config.check_filters().map_err(|(key, reason)| ConfigError::invalid(file, key, reason))?;
@@ -390,6 +424,92 @@ impl Config {
             }
         }
         self.upstream.token = expand_env(&self.upstream.token).map_err(|e| ("upstream.token", e))?;
+        Ok(())
+    }
+
+    /// Reads `ca_file`, `client_cert` and `client_key` (relative to the configuration file) and
+    /// makes the TLS settings of an `https://` url from them.
+    fn load_tls(&mut self, file: &Path) -> Result<(), (&'static str, String)> {
+        let upstream = &mut self.upstream;
+        let set = [
+            ("upstream.ca_file", upstream.ca_file.is_some()),
+            ("upstream.client_cert", upstream.client_cert.is_some()),
+            ("upstream.client_key", upstream.client_key.is_some()),
+        ];
+        if upstream.url.scheme() != "https" {
+            // Refused rather than ignored: whoever set these meant the token to travel encrypted.
+            if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
+                return Err((key, format!("TLS needs an https:// upstream.url, not {}", upstream.url)));
+            }
+            return Ok(());
+        }
+        let relative = |path: &Path| file.parent().map_or_else(|| path.to_path_buf(), |dir| dir.join(path));
+        // Explicitly ring, as everywhere in the agent: `--check-config` runs before main installs it.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ("upstream.url", format!("no TLS version to offer: {e}")))?;
+        let builder = match &upstream.ca_file {
+            Some(ca_file) => {
+                let path = relative(ca_file);
+                let mut roots = rustls::RootCertStore::empty();
+                for (i, cert) in read_certificates("upstream.ca_file", &path)?.into_iter().enumerate() {
+                    roots.add(cert).map_err(|e| {
+                        (
+                            "upstream.ca_file",
+                            format!("certificate #{} in {} is not a usable CA: {e}", i + 1, path.display()),
+                        )
+                    })?;
+                }
+                builder.with_root_certificates(roots)
+            }
+            None => {
+                // As reqwest does by default: the system's CA certificates, read once, here.
+                let verifier = rustls_platform_verifier::Verifier::new(provider).map_err(|e| {
+                    (
+                        "upstream.ca_file",
+                        format!(
+                            "upstream.url is https:// but this system has no CA certificates to check the \
+                             aggregator's with ({e}): set ca_file to the PEM file of the CA that signed it \
+                             (or install the system's CA certificates, e.g. the ca-certificates package)"
+                        ),
+                    )
+                })?;
+                builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
+            }
+        };
+        let mut tls = match (&upstream.client_cert, &upstream.client_key) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(_), None) => {
+                return Err((
+                    "upstream.client_key",
+                    "required with client_cert: the PEM file of its private key".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "upstream.client_cert",
+                    "required with client_key: the PEM file of the agent's certificate".into(),
+                ));
+            }
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (relative(cert), relative(key));
+                let chain = read_certificates("upstream.client_cert", &cert)?;
+                let key_der = read_private_key("upstream.client_key", &key)?;
+                builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                    let reason = match e {
+                        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                            format!("{} is not the private key of {}", key.display(), cert.display())
+                        }
+                        e => format!("{} cannot sign for {}: {e}", key.display(), cert.display()),
+                    };
+                    ("upstream.client_key", reason)
+                })?
+            }
+        };
+        // HTTP/1.1 only, as reqwest offers it when it builds TLS itself (no http2 feature here).
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        upstream.tls = Some(UpstreamTls(Arc::new(tls)));
         Ok(())
     }
 
@@ -513,6 +633,41 @@ impl Config {
     }
 }
 
+/// The certificates of a PEM file; at least one.
+fn read_certificates(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, (&'static str, String)> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| (key, format!("cannot read {}: {e}", path.display())))?;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| (key, format!("{} is not a PEM file: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err((key, format!("{} holds no certificate (-----BEGIN CERTIFICATE-----)", path.display())));
+    }
+    Ok(certs)
+}
+
+/// The first private key of a PEM file.
+fn read_private_key(
+    key: &'static str,
+    path: &Path,
+) -> Result<rustls::pki_types::PrivateKeyDer<'static>, (&'static str, String)> {
+    use rustls::pki_types::pem::{self, PemObject};
+    let pem = std::fs::read(path).map_err(|e| (key, format!("cannot read {}: {e}", path.display())))?;
+    rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => (
+            key,
+            format!(
+                "{} holds no private key (-----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or EC PRIVATE KEY)",
+                path.display()
+            ),
+        ),
+        e => (key, format!("{} is not a PEM file: {e}", path.display())),
+    })
+}
+
 /// Replaces every `${NAME}` by the environment variable NAME; a variable that is not set is an
 /// error naming it.
 fn expand_env(text: &str) -> Result<String, String> {
@@ -620,6 +775,56 @@ token = "t"
         assert_eq!(week.spool.max_age, Some(Duration::from_secs(7 * 86_400)));
         let e = parse(&format!("{MINIMAL}[spool]\nmax_age = \"a week\"\n")).unwrap_err();
         assert!(e.contains("max_age"), "{e}");
+    }
+
+    /// `dir/tls/ca.pem`, and `dir/tls/client.pem` with its key `client.key`, signed by that CA.
+    fn write_certificates(dir: &Path) {
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["gw-1".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+        std::fs::write(tls.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(tls.join("client.pem"), cert.pem()).unwrap();
+        std::fs::write(tls.join("client.key"), key.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn tls_files_are_read_at_load_relative_to_the_configuration_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_certificates(dir.path());
+        let file = dir.path().join("agent.toml");
+        let https = MINIMAL.replace("http://127.0.0.1:8080", "https://aggregator.example:8443");
+        let with =
+            |keys: &str| Config::parse(&https.replace("token = \"t\"", &format!("token = \"t\"\n{keys}")), &file);
+        let config =
+            with("ca_file = \"tls/ca.pem\"\nclient_cert = \"tls/client.pem\"\nclient_key = \"tls/client.key\"")
+                .unwrap();
+        let tls = config.upstream.tls.expect("TLS settings for an https url").0;
+        assert!(tls.client_auth_cert_resolver.has_certs(), "the client certificate is offered");
+        assert_eq!(tls.alpn_protocols, [b"http/1.1".to_vec()]);
+        let config = with("ca_file = \"tls/ca.pem\"").unwrap();
+        assert!(!config.upstream.tls.expect("TLS settings").0.client_auth_cert_resolver.has_certs());
+        assert!(parse(MINIMAL).unwrap().upstream.tls.is_none(), "none for http");
+
+        let error = |keys: &str| with(keys).unwrap_err().to_string();
+        let e = error("ca_file = \"tls/ca.pem\"\nclient_cert = \"tls/client.pem\"");
+        assert!(e.contains("upstream.client_key: required with client_cert"), "{e}");
+        let e = error("client_key = \"tls/client.key\"");
+        assert!(e.contains("upstream.client_cert: required with client_key"), "{e}");
+        let e = error("ca_file = \"tls/nope.pem\"");
+        let missing = dir.path().join("tls/nope.pem");
+        assert!(e.contains("upstream.ca_file: cannot read") && e.contains(&missing.display().to_string()), "{e}");
+        let e = error("ca_file = \"tls/client.key\"");
+        assert!(e.contains("upstream.ca_file") && e.contains("holds no certificate"), "{e}");
+        let e = error("client_cert = \"tls/client.pem\"\nclient_key = \"tls/ca.pem\"");
+        assert!(e.contains("upstream.client_key") && e.contains("holds no private key"), "{e}");
+        let e = Config::parse(&MINIMAL.replace("token = \"t\"", "token = \"t\"\nca_file = \"tls/ca.pem\""), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream.ca_file: TLS needs an https:// upstream.url"), "{e}");
     }
 
     #[test]

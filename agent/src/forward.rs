@@ -158,10 +158,10 @@ impl Epoch {
 
 impl Forwarder {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let client = match reqwest::Client::builder().timeout(self.config.timeout).build() {
+        let client = match self.http_client() {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(error = %e, "cannot build the HTTP client; forwarding is off");
+                tracing::error!(error = %causes(&e), "cannot build the HTTP client; forwarding is off");
                 return;
             }
         };
@@ -419,6 +419,18 @@ impl Forwarder {
         tracing::debug!("forwarder stopped");
     }
 
+    /// The HTTP client, with the TLS settings the configuration made for an `https://` url.
+    fn http_client(&self) -> reqwest::Result<reqwest::Client> {
+        let builder = reqwest::Client::builder().timeout(self.config.timeout);
+        let builder = match &self.config.tls {
+            Some(tls) => builder.tls_backend_preconfigured(rustls::ClientConfig::clone(&tls.0)),
+            // Plain http: no CA store to load. reqwest's default reads the system's and fails to
+            // build without one, which would stop forwarding on a gateway without CA certificates.
+            None => builder.tls_certs_only(Vec::new()),
+        };
+        builder.build()
+    }
+
     /// Sends what the spool has to report about readings it dropped (`POST /api/v1/gaps`) and has
     /// the spool forget what the aggregator stored; returns how long until the next try.
     async fn report_gaps(&self, client: &reqwest::Client, url: &reqwest::Url) -> Duration {
@@ -523,7 +535,17 @@ impl Forwarder {
                 let body = response.bytes().await.unwrap_or_default();
                 self.judge(status, &body, blocks)
             }
-            Err(e) => ("unreachable", Outcome::Unreachable(format!("aggregator unreachable: {e}"))),
+            // The aggregator is there, but the TLS handshake failed: a certificate problem, which
+            // waiting will not fix; the log says which.
+            Err(e) if is_tls_error(&e) => (
+                "tls",
+                Outcome::Retry(format!(
+                    "TLS with the aggregator failed (check upstream.ca_file, client_cert and client_key, and the \
+                     aggregator's [http] tls_* keys): {}",
+                    causes(&e)
+                )),
+            ),
+            Err(e) => ("unreachable", Outcome::Unreachable(format!("aggregator unreachable: {}", causes(&e)))),
         };
         self.metrics.forward_outcome(label);
         (outcome, body_len)
@@ -584,6 +606,44 @@ impl Forwarder {
             _ => ("server_error", Outcome::Retry(format!("aggregator answered {status}: {}", text()))),
         }
     }
+}
+
+/// An error with its causes, `outer: inner: innermost` (reqwest's own message is only "error
+/// sending request"; the reason, e.g. "connection refused" or "invalid peer certificate", is below).
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let next = e.to_string();
+        // io::Error displays its inner error and also returns that error's source: skip repeats.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// Whether rustls refused the connection (a certificate not trusted or not presented, no common
+/// protocol) rather than the network failing.
+fn is_tls_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    // tokio-rustls wraps rustls' error in an io::Error, and hyper-rustls that in another one; an
+    // io::Error's `source()` skips the error it wraps, so look inside with `get_ref()`.
+    fn is_rustls(e: &(dyn std::error::Error + 'static)) -> bool {
+        match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => is_rustls(inner),
+            None => e.is::<rustls::Error>(),
+        }
+    }
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if is_rustls(e) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The start of a body for a log line (a proxy's HTML error page can be long).

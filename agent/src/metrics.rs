@@ -28,8 +28,10 @@ pub struct OutcomeLabels {
 /// Outcomes of requests to the aggregator: `ok`; `invalid_block` (one block dead-lettered for
 /// good); and failures that keep the data and retry with backoff: `bad_request` (any other 400,
 /// e.g. from a proxy), `unsupported_format`, `too_large` (413: the request is split), `unauthorized`
-/// (401/403), `server_error` (5xx, other statuses, unreadable answers), `unreachable` (network, timeout).
-pub const FORWARD_OUTCOMES: [&str; 8] = [
+/// (401/403), `server_error` (5xx, other statuses, unreadable answers), `tls` (the TLS handshake
+/// failed: a certificate not trusted, or not presented to an aggregator that wants one),
+/// `unreachable` (network, timeout).
+pub const FORWARD_OUTCOMES: [&str; 9] = [
     "ok",
     "invalid_block",
     "bad_request",
@@ -37,6 +39,7 @@ pub const FORWARD_OUTCOMES: [&str; 8] = [
     "too_large",
     "unauthorized",
     "server_error",
+    "tls",
     "unreachable",
 ];
 

@@ -312,11 +312,28 @@ pub struct HttpConfig {
     /// (CORS). `["*"]` allows any origin. Default: none (same origin only).
     #[serde(default)]
     pub cors_origins: Vec<String>,
+    /// Serve HTTPS on `listen` with this certificate (PEM; intermediates after it), relative to
+    /// the configuration file. Set with `tls_key`. Default: none (plain HTTP).
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM: PKCS#8, PKCS#1 or SEC1), relative to the configuration
+    /// file. Default: none.
+    pub tls_key: Option<PathBuf>,
+    /// With HTTPS: every client (agents, browsers, Prometheus, load balancers' health checks) must
+    /// present a certificate signed by one of the CAs in this PEM file, relative to the
+    /// configuration file. Default: none (no client certificate asked for).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: default_listen(), read_token: None, cors_origins: Vec::new() }
+        HttpConfig {
+            listen: default_listen(),
+            read_token: None,
+            cors_origins: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+        }
     }
 }
 
@@ -363,16 +380,29 @@ impl Config {
 
     /// Reads, parses and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = config_file::load(path)?;
+        let mut config: Config = config_file::load(path)?;
+        config.resolve_paths(path);
         config.check(path)?;
         Ok(config)
     }
 
     /// Parses and checks configuration text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = config_file::parse(text, path)?;
+        let mut config: Config = config_file::parse(text, path)?;
+        config.resolve_paths(path);
         config.check(path)?;
         Ok(config)
+    }
+
+    /// The TLS files are named relative to the configuration file (as the agent's are), so that
+    /// they can sit beside it whatever the working directory.
+    fn resolve_paths(&mut self, path: &Path) {
+        let Some(dir) = path.parent() else { return };
+        for file in
+            [&mut self.http.tls_cert, &mut self.http.tls_key, &mut self.http.tls_client_ca].into_iter().flatten()
+        {
+            *file = dir.join(&*file);
+        }
     }
 
     fn check(&self, path: &Path) -> Result<(), ConfigError> {
@@ -506,6 +536,9 @@ impl Config {
                 ));
             }
         }
+        // Read and checked here, so that a bad file stops the start with its key named; the server
+        // reads them again when it starts listening.
+        crate::tls::server_config(&self.http).map_err(|e| invalid(e.key.into(), e.reason))?;
         for (i, origin) in self.http.cors_origins.iter().enumerate() {
             let valid = origin == "*"
                 || url::Url::parse(origin)
@@ -758,6 +791,44 @@ mod tests {
         );
         let err = parse("data_dir = \"/d\"\n[[agents]]\nid = \"a\"\n").unwrap_err().to_string();
         assert!(err.contains("token"), "{err}");
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_its_key_read_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        std::fs::create_dir_all(&tls).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(tls.join("server.pem"), cert.pem()).unwrap();
+        std::fs::write(tls.join("server.key"), key.serialize_pem()).unwrap();
+        let file = dir.path().join("aggregator.toml");
+        let with = |http: &str| {
+            Config::parse(&format!("data_dir = \"/d\"\n[http]\n{http}\n[[agents]]\nid = \"a\"\ntoken = \"t\"\n"), &file)
+        };
+        let config =
+            with("tls_cert = \"tls/server.pem\"\ntls_key = \"tls/server.key\"\ntls_client_ca = \"tls/server.pem\"")
+                .unwrap();
+        assert_eq!(config.http.tls_cert, Some(tls.join("server.pem")));
+        assert!(crate::tls::server_config(&config.http).unwrap().is_some());
+        assert!(crate::tls::server_config(&HttpConfig::default()).unwrap().is_none(), "plain HTTP by default");
+
+        let error = |http: &str| with(http).unwrap_err().to_string();
+        let e = error("tls_cert = \"tls/server.pem\"");
+        assert!(e.contains("http.tls_key: required with tls_cert"), "{e}");
+        let e = error("tls_key = \"tls/server.key\"");
+        assert!(e.contains("http.tls_cert: required with tls_key"), "{e}");
+        let e = error("tls_client_ca = \"tls/server.pem\"");
+        assert!(e.contains("http.tls_client_ca: client certificates need HTTPS"), "{e}");
+        let e = error("tls_cert = \"tls/server.pem\"\ntls_key = \"tls/server.pem\"");
+        assert!(e.contains("http.tls_key") && e.contains("holds no private key"), "{e}");
+        let e = error("tls_cert = \"tls/server.key\"\ntls_key = \"tls/server.key\"");
+        assert!(e.contains("http.tls_cert") && e.contains("holds no certificate"), "{e}");
+        let e = error("tls_cert = \"tls/server.pem\"\ntls_key = \"tls/missing.key\"");
+        assert!(
+            e.contains("http.tls_key: cannot read") && e.contains(&tls.join("missing.key").display().to_string()),
+            "{e}"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod retention;
 pub mod series;
 pub mod stale;
 pub mod store;
+pub mod tls;
 pub mod versions;
 
 use std::future::Future;
@@ -61,6 +62,8 @@ pub enum Error {
     Process(#[from] pipeline::processor::ProcessError),
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsConfigError),
     #[error(transparent)]
     Locked(#[from] lock::LockError),
     #[error(transparent)]
@@ -112,6 +115,9 @@ pub async fn serve_with_reload(
     shutdown: impl Future<Output = ()> + Send + 'static,
     reload: Option<tokio::sync::mpsc::Receiver<Config>>,
 ) -> Result<(), Error> {
+    // Before anything opens: a certificate that went missing since the configuration was read stops
+    // the start, not the first client.
+    let tls = tls::server_config(&config.http)?;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| Error::DataDir { path: data_dir.clone(), source })?;
     // Held until this function returns: no second aggregator, no restore underneath this one.
@@ -245,6 +251,7 @@ pub async fn serve_with_reload(
         config.pipeline.keep_previous,
         supervisor_stopped,
     ));
+    let tls_failures = metrics.tls_handshake_failures.clone();
     let state = api::AppState {
         agents: config.agents.clone().into(),
         log: writer.handle.clone(),
@@ -260,7 +267,14 @@ pub async fn serve_with_reload(
         log_path: log_path.clone(),
     };
     let local = listener.local_addr().map_err(Error::Serve)?;
-    tracing::info!(data_dir = %data_dir.display(), agents = config.agents.len(), "listening on http://{local}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client_certificates = if config.http.tls_client_ca.is_some() { "required" } else { "none" };
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        agents = config.agents.len(),
+        client_certificates,
+        "listening on {scheme}://{local}"
+    );
     // Graceful shutdown waits for open requests; a client that never finishes its request must
     // not keep the process alive, so the wait is bounded.
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
@@ -268,7 +282,15 @@ pub async fn serve_with_reload(
         shutdown.await;
         let _ = signalled_tx.send(());
     };
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown);
+    let router = api::router(state);
+    // The same axum server either way; with TLS its connections come handshaken (see `tls`).
+    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
+        None => Box::pin(axum::serve(listener, router).with_graceful_shutdown(shutdown).into_future()),
+        Some(tls) => {
+            let listener = tls::TlsListener::new(listener, local, tls, tls_failures);
+            Box::pin(axum::serve(listener, router).with_graceful_shutdown(shutdown).into_future())
+        }
+    };
     let grace_over = async {
         match signalled_rx.await {
             Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
@@ -276,7 +298,7 @@ pub async fn serve_with_reload(
         }
     };
     let served = tokio::select! {
-        served = std::future::IntoFuture::into_future(server) => served,
+        served = server => served,
         _ = grace_over => {
             tracing::warn!("requests still open {} s after the shutdown signal; closing them", SHUTDOWN_GRACE.as_secs());
             Ok(())

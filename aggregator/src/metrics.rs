@@ -45,6 +45,9 @@ pub struct Metrics {
     /// Readings dropped by log retention.
     pub log_dropped_readings: Counter,
     agent_backlog: Family<Vec<(String, String)>, Gauge>,
+    /// HTTPS connections dropped in the TLS handshake (not TLS, no or an untrusted client
+    /// certificate, too slow); see [`crate::tls`].
+    pub tls_handshake_failures: Counter,
 }
 
 impl Metrics {
@@ -172,7 +175,14 @@ impl Metrics {
         );
         let influx_fields_skipped_string = skipped.get_or_create(&vec![("kind".into(), "string".into())]).clone();
         let influx_fields_skipped_boolean = skipped.get_or_create(&vec![("kind".into(), "boolean".into())]).clone();
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tributary_tls_handshake_failures",
+            "HTTPS connections dropped in the TLS handshake: not TLS, no or an untrusted client certificate, too slow",
+            tls_handshake_failures.clone(),
+        );
         Metrics {
+            tls_handshake_failures,
             influx_requests,
             influx_lines_rejected,
             influx_fields_skipped_string,

@@ -145,17 +145,17 @@ pub fn http() -> &'static reqwest::Client {
     })
 }
 
-async fn http_get(url: &str) -> Option<(u16, Value)> {
-    let response = http().get(url).send().await.ok()?;
+async fn http_get(client: &reqwest::Client, url: &str) -> Option<(u16, Value)> {
+    let response = client.get(url).send().await.ok()?;
     let status = response.status().as_u16();
     let body = response.bytes().await.ok()?;
     Some((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
 }
 
-async fn wait_healthy(process: &mut Process, url: &str) {
+async fn wait_healthy(client: &reqwest::Client, process: &mut Process, url: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(r) = http().get(url).send().await {
+        if let Ok(r) = client.get(url).send().await {
             if r.status().is_success() {
                 return;
             }
@@ -184,6 +184,10 @@ pub struct Aggregator {
     pub process: Process,
     pub port: u16,
     pub data_dir: PathBuf,
+    /// `https` when it serves TLS ([`Aggregator::start_tls`]), else `http`.
+    scheme: &'static str,
+    /// How the harness reaches it: [`http()`], or a client that trusts its CA.
+    client: reqwest::Client,
 }
 
 impl Aggregator {
@@ -194,27 +198,52 @@ impl Aggregator {
 
     /// [`Aggregator::start`] with `extra` appended to its configuration (e.g. `[[alerts]]`).
     pub async fn start_with(dir: &Path, agents: &[(&str, &str)], extra: &str) -> Aggregator {
+        Aggregator::start_configured(dir, agents, "", extra, "http", http().clone()).await
+    }
+
+    /// An aggregator serving HTTPS: `http_keys` go into its `[http]` table (`tls_cert = ...`),
+    /// and `client` is how the harness reaches it (trusting its CA; with a client certificate if
+    /// `tls_client_ca` asks for one).
+    pub async fn start_tls(
+        dir: &Path,
+        agents: &[(&str, &str)],
+        http_keys: &str,
+        client: reqwest::Client,
+    ) -> Aggregator {
+        Aggregator::start_configured(dir, agents, http_keys, "", "https", client).await
+    }
+
+    async fn start_configured(
+        dir: &Path,
+        agents: &[(&str, &str)],
+        http_keys: &str,
+        extra: &str,
+        scheme: &'static str,
+        client: reqwest::Client,
+    ) -> Aggregator {
         let port = free_port();
         let data_dir = dir.join("aggregator-data");
-        let mut config =
-            format!("data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n", data_dir.display().to_string());
+        let mut config = format!(
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{http_keys}\n",
+            data_dir.display().to_string()
+        );
         for (id, token) in agents {
             config.push_str(&format!("[[agents]]\nid = {id:?}\ntoken = {token:?}\n"));
         }
         config.push_str(extra);
         let (process, _) = spawn_configured(dir, "aggregator", &config);
-        let mut aggregator = Aggregator { process, port, data_dir };
+        let mut aggregator = Aggregator { process, port, data_dir, scheme, client };
         aggregator.wait_healthy().await;
         aggregator
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     pub async fn wait_healthy(&mut self) {
         let url = format!("{}/healthz", self.url());
-        wait_healthy(&mut self.process, &url).await;
+        wait_healthy(&self.client, &mut self.process, &url).await;
     }
 
     pub async fn restart(&mut self) {
@@ -224,12 +253,12 @@ impl Aggregator {
 
     /// GET a path of the API: (status, JSON body or null).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        http_get(&format!("{}{path}", self.url())).await.unwrap_or((0, Value::Null))
+        http_get(&self.client, &format!("{}{path}", self.url())).await.unwrap_or((0, Value::Null))
     }
 
     /// One metric of the aggregator's `/metrics`, 0 if absent.
     pub async fn metric(&self, key: &str) -> f64 {
-        scrape(self.port).await.get(key).copied().unwrap_or(0.0)
+        scrape_url(&self.client, &format!("{}/metrics", self.url())).await.get(key).copied().unwrap_or(0.0)
     }
 
     /// `GET /api/v1/sensors` as id → count, every page (following `Link: <...>; rel="next"`).
@@ -237,7 +266,7 @@ impl Aggregator {
         let mut counts = BTreeMap::new();
         let mut next = Some("/api/v1/sensors?limit=10000".to_string());
         while let Some(path) = next.take() {
-            let Ok(response) = http().get(format!("{}{path}", self.url())).send().await else { break };
+            let Ok(response) = self.client.get(format!("{}{path}", self.url())).send().await else { break };
             next = response
                 .headers()
                 .get("link")
@@ -321,6 +350,19 @@ impl Agent {
     /// Starts agent `id` in `dir`, forwarding to `upstream` with `token`. `extra` is appended to
     /// the configuration (e.g. a `[spool]` table).
     pub async fn start(dir: &Path, id: &str, token: &str, upstream: &str, input: MqttInput, extra: &str) -> Agent {
+        Agent::start_with_upstream(dir, id, token, upstream, input, "", extra).await
+    }
+
+    /// [`Agent::start`] with `upstream_keys` added to its `[upstream]` table (e.g. `ca_file = ...`).
+    pub async fn start_with_upstream(
+        dir: &Path,
+        id: &str,
+        token: &str,
+        upstream: &str,
+        input: MqttInput,
+        upstream_keys: &str,
+        extra: &str,
+    ) -> Agent {
         let http_port = free_port();
         let data_dir = dir.join("agent-data");
         let (mqtt, mqtt_port) = match input {
@@ -337,7 +379,8 @@ impl Agent {
         };
         let config = format!(
             "agent_id = {id:?}\ndata_dir = {:?}\n{}[http]\nlisten = \"127.0.0.1:{http_port}\"\n\
-             [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n{mqtt}{extra}",
+             [upstream]\nurl = {upstream:?}\ntoken = {token:?}\nretry_initial = \"50ms\"\nretry_max = \"500ms\"\n\
+             {upstream_keys}\n{mqtt}{extra}",
             data_dir.display().to_string(),
             health_off(extra)
         );
@@ -349,7 +392,7 @@ impl Agent {
 
     pub async fn wait_healthy(&mut self) {
         let url = format!("http://127.0.0.1:{}/healthz", self.http_port);
-        wait_healthy(&mut self.process, &url).await;
+        wait_healthy(http(), &mut self.process, &url).await;
     }
 
     pub async fn restart(&mut self) {
@@ -370,8 +413,12 @@ impl Agent {
 
 /// `/metrics` of the process on `port`, as "name{labels}" → value (empty if unreachable).
 pub async fn scrape(port: u16) -> HashMap<String, f64> {
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    match http().get(&url).send().await {
+    scrape_url(http(), &format!("http://127.0.0.1:{port}/metrics")).await
+}
+
+/// `/metrics` at `url` through `client`, as [`scrape`].
+pub async fn scrape_url(client: &reqwest::Client, url: &str) -> HashMap<String, f64> {
+    match client.get(url).send().await {
         Ok(r) => parse_metrics(&r.text().await.unwrap_or_default()),
         Err(_) => HashMap::new(),
     }
