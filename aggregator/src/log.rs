@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot, watch};
-use tributary_shared::{Block, BlockError, IngestAck};
+use tributary_shared::{Block, BlockError, GapReport, IngestAck};
 
 use crate::metrics::Metrics;
 use crate::{Liveness, unix_ms};
@@ -81,7 +81,7 @@ struct AppendRequest {
 struct ReportRequest {
     agent_id: String,
     epoch: i64,
-    reports: Vec<tributary_shared::GapReport>,
+    reports: Vec<GapReport>,
     reply: oneshot::Sender<Result<(), AppendError>>,
 }
 
@@ -123,13 +123,8 @@ impl LogHandle {
         answer.await.map_err(|_| AppendError::Unavailable)?
     }
 
-    /// Stores an agent's reports of ranges it dropped (see [`GapReportRow`]).
-    pub async fn report_gaps(
-        &self,
-        agent_id: &str,
-        epoch: i64,
-        reports: Vec<tributary_shared::GapReport>,
-    ) -> Result<(), AppendError> {
+    /// Stores an agent's reports of ranges it dropped (see [`GapReport`]).
+    pub async fn report_gaps(&self, agent_id: &str, epoch: i64, reports: Vec<GapReport>) -> Result<(), AppendError> {
         let (reply, answer) = oneshot::channel();
         let request = ReportRequest { agent_id: agent_id.to_string(), epoch, reports, reply };
         self.tx.send(Command::Report(request)).await.map_err(|_| AppendError::Unavailable)?;
@@ -363,25 +358,7 @@ pub struct GapRow {
     pub detected_at: i64,
     /// What the agent reported about readings it dropped in this range (why, which sensors and
     /// event times); empty for a range still on its way, or an agent that did not say.
-    pub reports: Vec<GapReportRow>,
-}
-
-/// An agent's report of readings it dropped (`POST /api/v1/gaps`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
-pub struct GapReportRow {
-    pub from_seq: u64,
-    pub to_seq: u64,
-    pub readings: u64,
-    /// Event times of the earliest and latest reading dropped (Unix ms), when known.
-    pub first_ts: Option<i64>,
-    pub last_ts: Option<i64>,
-    /// Up to 20 of the sensor ids; `sensor_count` says how many there were.
-    pub sensors: Vec<String>,
-    pub sensor_count: u64,
-    /// `spool_full`, `disk_full`, `max_age` or `corrupt_spool`.
-    pub reason: String,
-    /// When the agent dropped them (its clock, Unix ms).
-    pub recorded_at: i64,
+    pub reports: Vec<GapReport>,
 }
 
 /// Most reports listed with one gap.
@@ -426,7 +403,7 @@ pub fn gaps(
         gap.reports = reports
             .query_map(range, |r| {
                 let sensors: String = r.get(5)?;
-                Ok(GapReportRow {
+                Ok(GapReport {
                     from_seq: r.get::<_, i64>(0)?.max(0) as u64,
                     to_seq: r.get::<_, i64>(1)?.max(0) as u64,
                     readings: r.get::<_, i64>(2)?.max(0) as u64,

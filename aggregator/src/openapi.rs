@@ -123,7 +123,7 @@ pub enum Step {
         AgentView,
         SetAsideRow,
         crate::log::GapRow,
-        crate::log::GapReportRow,
+        tributary_shared::GapReport,
         AnomalyRow,
         AlertView,
         AlertRow,

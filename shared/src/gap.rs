@@ -19,8 +19,10 @@ pub struct GapReports {
     pub gaps: Vec<GapReport>,
 }
 
-/// Readings `from_seq..to_seq` of an epoch that the agent dropped, and why.
+/// Readings `from_seq..to_seq` of an epoch that the agent dropped, and why (the aggregator lists
+/// them with its gaps, `GET /api/v1/gaps`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GapReport {
     pub from_seq: u64,
     pub to_seq: u64,
