@@ -140,6 +140,36 @@ pub struct MqttConfig {
     /// `too_many_readings`. Default 1,000.
     #[serde(default = "default_max_readings_per_message")]
     pub max_readings_per_message: usize,
+    /// Embedded mode: the clients allowed to connect (`[[mqtt.users]]` tables). When any are listed,
+    /// a client must present one's username and password or is refused at CONNECT (counted as
+    /// `tributary_agent_broker_auth_failures_total`). Default: none, every client is let in.
+    #[serde(default)]
+    pub users: Vec<MqttUser>,
+    /// Client mode: the username the agent logs in to the broker with. Default: none (or the
+    /// url's `mqtt://user:password@host`).
+    pub username: Option<String>,
+    /// Client mode: the password of `username`; `${NAME}` in it is replaced by the environment
+    /// variable NAME. Default: none.
+    #[serde(default)]
+    pub password: String,
+    /// Client mode: a file holding the password (surrounding whitespace ignored), relative to the
+    /// configuration file. Instead of `password`. Default: none.
+    pub password_file: Option<PathBuf>,
+}
+
+/// One client of the embedded broker (`[[mqtt.users]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttUser {
+    /// The username the client presents at CONNECT. Required.
+    pub username: String,
+    /// Its password; `${NAME}` in it is replaced by the environment variable NAME. Required, here
+    /// or in `password_file`.
+    #[serde(default)]
+    pub password: String,
+    /// A file holding the password (surrounding whitespace ignored), relative to the configuration
+    /// file. Instead of `password`.
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -347,6 +377,10 @@ impl Default for MqttConfig {
             topics: default_topics(),
             max_payload_bytes: default_max_payload_bytes(),
             max_readings_per_message: default_max_readings_per_message(),
+            users: Vec::new(),
+            username: None,
+            password: String::new(),
+            password_file: None,
         }
     }
 }
@@ -406,24 +440,20 @@ impl Config {
         Ok(config)
     }
 
-    /// `upstream.url` is a base: without a trailing slash, joining `api/v1/ingest` would replace
-    /// its last path segment (`http://host/tributary` would post to `http://host/api/v1/ingest`).
-    /// Reads `token_file` and replaces `${NAME}` in the token by the environment's values, so
-    /// that the secret need not sit in the file itself.
+    /// Reads `token_file` and the MQTT `password_file`s and replaces `${NAME}` in the token and
+    /// passwords by the environment's values, so that no secret need sit in the file itself.
     fn resolve_secrets(&mut self, file: &Path) -> Result<(), (&'static str, String)> {
-        if let Some(token_file) = &self.upstream.token_file {
-            if !self.upstream.token.is_empty() {
-                return Err(("upstream.token_file", "set `token` or `token_file`, not both".into()));
-            }
-            let path = file.parent().map_or_else(|| token_file.clone(), |dir| dir.join(token_file));
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| ("upstream.token_file", format!("cannot read {}: {e}", path.display())))?;
-            self.upstream.token = text.trim().to_string();
-            if self.upstream.token.is_empty() {
-                return Err(("upstream.token_file", format!("{} is empty", path.display())));
-            }
+        let upstream = &mut self.upstream;
+        let keys = ("upstream.token", "upstream.token_file");
+        resolve_secret(&mut upstream.token, upstream.token_file.as_deref(), file, keys, "")?;
+        let mqtt = &mut self.mqtt;
+        let keys = ("mqtt.password", "mqtt.password_file");
+        resolve_secret(&mut mqtt.password, mqtt.password_file.as_deref(), file, keys, "")?;
+        for (i, user) in mqtt.users.iter_mut().enumerate() {
+            let at = format!("[[mqtt.users]] #{} ({:?}): ", i + 1, user.username);
+            let keys = ("mqtt.users.password", "mqtt.users.password_file");
+            resolve_secret(&mut user.password, user.password_file.as_deref(), file, keys, &at)?;
         }
-        self.upstream.token = expand_env(&self.upstream.token).map_err(|e| ("upstream.token", e))?;
         Ok(())
     }
 
@@ -513,6 +543,8 @@ impl Config {
         Ok(())
     }
 
+    /// `upstream.url` is a base: without a trailing slash, joining `api/v1/ingest` would replace
+    /// its last path segment (`http://host/tributary` would post to `http://host/api/v1/ingest`).
     fn normalise(&mut self) {
         if !self.upstream.url.path().ends_with('/') {
             let path = format!("{}/", self.upstream.url.path());
@@ -563,6 +595,7 @@ impl Config {
                 return Err(("mqtt.client_id", "must not be empty (a persistent session needs an id)".into()));
             }
         }
+        self.check_mqtt_credentials()?;
         if self.spool.max_block_readings == 0 || self.spool.max_block_readings > crate::spool::MAX_BLOCK_READINGS {
             return Err(("spool.max_block_readings", format!("must be 1 to {}", crate::spool::MAX_BLOCK_READINGS)));
         }
@@ -576,6 +609,56 @@ impl Config {
             ));
         }
         self.check_serial()?;
+        Ok(())
+    }
+
+    /// Credentials: each in the mode it belongs to, users listed once, no password without a user.
+    fn check_mqtt_credentials(&self) -> Result<(), (&'static str, String)> {
+        let mqtt = &self.mqtt;
+        let client_keys = mqtt.username.is_some() || !mqtt.password.is_empty();
+        match mqtt.mode {
+            MqttMode::Embedded if client_keys => {
+                let key = if mqtt.username.is_some() { "mqtt.username" } else { "mqtt.password" };
+                return Err((
+                    key,
+                    "is how the agent logs in to a broker in client mode; the embedded broker's clients are \
+                     listed in [[mqtt.users]]"
+                        .into(),
+                ));
+            }
+            MqttMode::Client if !mqtt.users.is_empty() => {
+                return Err((
+                    "mqtt.users",
+                    "only the embedded broker has users; in client mode set mqtt.username and password".into(),
+                ));
+            }
+            _ => {}
+        }
+        if mqtt.username.as_deref() == Some("") {
+            return Err(("mqtt.username", "must not be empty".into()));
+        }
+        if mqtt.username.is_none() && !mqtt.password.is_empty() {
+            return Err(("mqtt.password", "set without mqtt.username: a password needs its username".into()));
+        }
+        if mqtt.username.is_some() && mqtt.url.as_ref().is_some_and(|url| !url.username().is_empty()) {
+            return Err(("mqtt.username", "set here or in mqtt.url (mqtt://user:password@host), not both".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, user) in mqtt.users.iter().enumerate() {
+            let at = format!("[[mqtt.users]] #{}", i + 1);
+            if user.username.is_empty() {
+                return Err(("mqtt.users.username", format!("{at}: must not be empty")));
+            }
+            if user.password.is_empty() {
+                return Err((
+                    "mqtt.users.password",
+                    format!("{at} ({:?}): required, here or in password_file", user.username),
+                ));
+            }
+            if !names.insert(user.username.as_str()) {
+                return Err(("mqtt.users.username", format!("{at}: {:?} is listed twice", user.username)));
+            }
+        }
         Ok(())
     }
 
@@ -666,6 +749,33 @@ fn read_private_key(
         ),
         e => (key, format!("{} is not a PEM file: {e}", path.display())),
     })
+}
+
+/// Resolves one secret: reads `from_file` (relative to the configuration file `file`, whitespace
+/// trimmed) into `value`, then replaces `${NAME}` in it. `keys` are the value's and the file's keys,
+/// `at` prefixes messages (which entry of a list).
+fn resolve_secret(
+    value: &mut String,
+    from_file: Option<&Path>,
+    file: &Path,
+    keys: (&'static str, &'static str),
+    at: &str,
+) -> Result<(), (&'static str, String)> {
+    let short = |key: &'static str| key.rsplit('.').next().unwrap_or(key);
+    if let Some(from_file) = from_file {
+        if !value.is_empty() {
+            return Err((keys.1, format!("{at}set `{}` or `{}`, not both", short(keys.0), short(keys.1))));
+        }
+        let path = file.parent().map_or_else(|| from_file.to_path_buf(), |dir| dir.join(from_file));
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| (keys.1, format!("{at}cannot read {}: {e}", path.display())))?;
+        *value = text.trim().to_string();
+        if value.is_empty() {
+            return Err((keys.1, format!("{at}{} is empty", path.display())));
+        }
+    }
+    *value = expand_env(value).map_err(|e| (keys.0, format!("{at}{e}")))?;
+    Ok(())
 }
 
 /// Replaces every `${NAME}` by the environment variable NAME; a variable that is not set is an
@@ -825,6 +935,75 @@ token = "t"
             .unwrap_err()
             .to_string();
         assert!(e.contains("upstream.ca_file: TLS needs an https:// upstream.url"), "{e}");
+    }
+
+    #[test]
+    fn broker_users_take_passwords_inline_from_files_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("dev-2.pw"), "file-secret\n").unwrap();
+        let file = dir.path().join("agent.toml");
+        // SAFETY: a variable no other test reads, set before it is read.
+        unsafe { std::env::set_var("TRIBUTARY_TEST_MQTT_PW", "env-secret") };
+        let text = format!(
+            "{MINIMAL}[[mqtt.users]]\nusername = \"dev-1\"\npassword = \"inline\"\n\
+             [[mqtt.users]]\nusername = \"dev-2\"\npassword_file = \"dev-2.pw\"\n\
+             [[mqtt.users]]\nusername = \"dev-3\"\npassword = \"${{TRIBUTARY_TEST_MQTT_PW}}\"\n"
+        );
+        let users = Config::parse(&text, &file).unwrap().mqtt.users;
+        let pairs: Vec<_> = users.iter().map(|u| (u.username.as_str(), u.password.as_str())).collect();
+        assert_eq!(pairs, [("dev-1", "inline"), ("dev-2", "file-secret"), ("dev-3", "env-secret")]);
+        let inline = format!("{MINIMAL}[mqtt]\nusers = [{{ username = \"a\", password = \"b\" }}]\n");
+        assert_eq!(parse(&inline).unwrap().mqtt.users[0].password, "b");
+        assert!(parse(MINIMAL).unwrap().mqtt.users.is_empty(), "open by default");
+
+        let error = |users: &str| Config::parse(&format!("{MINIMAL}{users}"), &file).unwrap_err().to_string();
+        let e = error("[[mqtt.users]]\nusername = \"dev-1\"\npassword_file = \"nope\"\n");
+        assert!(e.contains("mqtt.users.password_file: [[mqtt.users]] #1 (\"dev-1\"): cannot read"), "{e}");
+        let e = error("[[mqtt.users]]\nusername = \"dev-1\"\n");
+        assert!(e.contains("mqtt.users.password: [[mqtt.users]] #1 (\"dev-1\"): required"), "{e}");
+        let e = error(
+            "[[mqtt.users]]\nusername = \"d\"\npassword = \"1\"\n[[mqtt.users]]\nusername = \"d\"\npassword = \"2\"\n",
+        );
+        assert!(e.contains("mqtt.users.username: [[mqtt.users]] #2: \"d\" is listed twice"), "{e}");
+        let e = error("[[mqtt.users]]\nusername = \"d\"\npassword = \"x\"\npassword_file = \"dev-2.pw\"\n");
+        assert!(e.contains("set `password` or `password_file`, not both"), "{e}");
+        let e = error("[[mqtt.users]]\nusername = \"d\"\npasswd = \"x\"\n");
+        assert!(e.contains("unknown field `passwd`"), "{e}");
+        let e = error(
+            "[mqtt]\nmode = \"client\"\nurl = \"mqtt://h\"\n[[mqtt.users]]\nusername = \"d\"\npassword = \"x\"\n",
+        );
+        assert!(e.contains("mqtt.users: only the embedded broker has users"), "{e}");
+    }
+
+    #[test]
+    fn client_credentials_need_a_username_and_a_readable_password_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mqtt.pw"), " s3cret \n").unwrap();
+        let file = dir.path().join("agent.toml");
+        let client = format!("{MINIMAL}[mqtt]\nmode = \"client\"\nurl = \"mqtt://broker:1883\"\n");
+        let with = |keys: &str| Config::parse(&format!("{client}{keys}\n"), &file);
+        let config = with("username = \"gw\"\npassword_file = \"mqtt.pw\"").unwrap();
+        assert_eq!((config.mqtt.username.as_deref(), config.mqtt.password.as_str()), (Some("gw"), "s3cret"));
+        // SAFETY: a variable no other test reads, set before it is read.
+        unsafe { std::env::set_var("TRIBUTARY_TEST_MQTT_CLIENT_PW", "from-env") };
+        let config = with("username = \"gw\"\npassword = \"${TRIBUTARY_TEST_MQTT_CLIENT_PW}\"").unwrap();
+        assert_eq!(config.mqtt.password, "from-env");
+
+        let error = |keys: &str| with(keys).unwrap_err().to_string();
+        let e = error("password = \"s3cret\"");
+        assert!(e.contains("mqtt.password: set without mqtt.username"), "{e}");
+        let e = error("password_file = \"mqtt.pw\"");
+        assert!(e.contains("mqtt.password: set without mqtt.username"), "{e}");
+        let e = error("username = \"gw\"\npassword_file = \"missing.pw\"");
+        assert!(e.contains("mqtt.password_file: cannot read") && e.contains("missing.pw"), "{e}");
+        let e = error("username = \"gw\"\npassword = \"${TRIBUTARY_TEST_MQTT_UNSET}\"");
+        assert!(e.contains("mqtt.password: the environment variable TRIBUTARY_TEST_MQTT_UNSET is not set"), "{e}");
+        let e = Config::parse(&format!("{MINIMAL}[mqtt]\nusername = \"gw\"\n"), &file).unwrap_err().to_string();
+        assert!(e.contains("mqtt.username: is how the agent logs in to a broker in client mode"), "{e}");
+        let e = Config::parse(&(client.replace("mqtt://broker", "mqtt://u:p@broker") + "username = \"gw\"\n"), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not both"), "{e}");
     }
 
     #[test]

@@ -82,13 +82,20 @@ fn run() -> anyhow::Result<()> {
         println!("{}: ok", path.display());
         println!("  agent {} forwards to {}", config.agent_id, config.upstream.url);
         match config.mqtt.mode {
-            tributary_agent::config::MqttMode::Embedded => {
-                println!("  MQTT: embedded broker on {}, topics {:?}", config.mqtt.listen, config.mqtt.topics)
-            }
+            tributary_agent::config::MqttMode::Embedded => println!(
+                "  MQTT: embedded broker on {}, topics {:?}, {}",
+                config.mqtt.listen,
+                config.mqtt.topics,
+                match config.mqtt.users.len() {
+                    0 => "any client may connect".to_string(),
+                    n => format!("{n} user(s) may connect"),
+                }
+            ),
             tributary_agent::config::MqttMode::Client => println!(
-                "  MQTT: client of {}, topics {:?}",
+                "  MQTT: client of {}, topics {:?}{}",
                 config.mqtt.url.as_ref().map_or_else(|| "-".to_string(), |u| u.to_string()),
-                config.mqtt.topics
+                config.mqtt.topics,
+                config.mqtt.username.as_ref().map_or_else(String::new, |u| format!(", as user {u:?}"))
             ),
         }
         println!("  serial ports: {}, filter tables: {}", config.serial.len(), config.filter.len());

@@ -94,6 +94,8 @@ pub struct Metrics {
     pub rejected: Family<RejectLabels, Counter>,
     /// Publishes the embedded broker refused (non-UTF-8 topics, protocol errors): it drops the client.
     pub broker_rejected: Counter,
+    /// Clients the embedded broker refused at CONNECT for a missing or wrong username or password.
+    pub broker_auth_failures: Counter,
     /// Messages the embedded broker acknowledged but evicted before the agent read them.
     pub broker_dropped: Counter,
     /// Readings committed to the spool.
@@ -174,6 +176,7 @@ impl Metrics {
             readings_accepted: Counter::default(),
             rejected: Family::default(),
             broker_rejected: Counter::default(),
+            broker_auth_failures: Counter::default(),
             broker_dropped: Counter::default(),
             readings_spooled: Counter::default(),
             spool_commits: Counter::default(),
@@ -219,6 +222,11 @@ impl Metrics {
             "broker_rejected",
             "Publishes the embedded broker refused (e.g. non-UTF-8 topics); it disconnects the client",
             m.broker_rejected.clone(),
+        );
+        registry.register(
+            "broker_auth_failures",
+            "Clients the embedded broker refused at CONNECT for a missing or wrong username or password",
+            m.broker_auth_failures.clone(),
         );
         registry.register(
             "broker_dropped",
@@ -424,6 +432,7 @@ mod tests {
             "tributary_agent_readings_accepted_total",
             "tributary_agent_rejected_total{reason=\"not_finite\"} 0",
             "tributary_agent_broker_rejected_total",
+            "tributary_agent_broker_auth_failures_total 0",
             "tributary_agent_broker_dropped_total",
             "tributary_agent_readings_spooled_total",
             "tributary_agent_spool_commits_total",

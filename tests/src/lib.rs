@@ -454,12 +454,35 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub async fn start(dir: &Path) -> Mosquitto {
+        Mosquitto::start_with_users(dir, &[]).await
+    }
+
+    /// [`Mosquitto::start`] that lets in only `users` (username, password), from a password file
+    /// made with `mosquitto_passwd`; with none, anyone.
+    pub async fn start_with_users(dir: &Path, users: &[(&str, &str)]) -> Mosquitto {
         let port = free_port();
         let config = dir.join("mosquitto.conf");
+        let auth = match users {
+            [] => "allow_anonymous true\n".to_string(),
+            users => {
+                let passwords = dir.join("mosquitto.passwd");
+                fs::write(&passwords, "").expect("write mosquitto.passwd");
+                for (user, password) in users {
+                    let status = Command::new("mosquitto_passwd")
+                        .arg("-b")
+                        .arg(&passwords)
+                        .args([user, password])
+                        .status()
+                        .expect("mosquitto_passwd (installed with mosquitto)");
+                    assert!(status.success(), "mosquitto_passwd {user}: {status}");
+                }
+                format!("allow_anonymous false\npassword_file {}\n", passwords.display())
+            }
+        };
         fs::write(
             &config,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "listener {port} 127.0.0.1\n{auth}persistence false\n\
                  max_queued_messages 100000\nmax_inflight_messages 100\nlog_type error\nlog_type warning\n"
             ),
         )
@@ -487,8 +510,16 @@ impl Mosquitto {
 /// Publishes `messages` (topic, payload) to the broker on `port` with QoS 1 and returns once the
 /// broker has acknowledged every one.
 pub async fn publish(port: u16, client_id: &str, messages: &[(String, Vec<u8>)]) {
+    publish_as(port, client_id, None, messages).await
+}
+
+/// [`publish`], logging in with `login` (username, password).
+pub async fn publish_as(port: u16, client_id: &str, login: Option<(&str, &str)>, messages: &[(String, Vec<u8>)]) {
     let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(4 << 20, 4 << 20).set_inflight(50);
+    if let Some((username, password)) = login {
+        options.set_credentials(username, password);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     let total = messages.len();
     let to_send = messages.to_vec();

@@ -26,8 +26,12 @@
 //! many topics), and matches topics against its own filters. rumqttd keeps a bounded in-memory log;
 //! if the agent fell so far behind that the broker evicted unread messages, the gap in the link's
 //! offsets is counted as `tributary_agent_broker_dropped_total`.
+//!
+//! With `[[mqtt.users]]` configured, a client must present one's username and password in its
+//! CONNECT; any other is answered CONNACK 4 (bad username or password), counted as
+//! `tributary_agent_broker_auth_failures_total`, and closed before the router hears of it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -39,7 +43,7 @@ use bytes::{Bytes, BytesMut};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::{self, V4};
 use rumqttd::protocol::{
-    self, ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, Protocol, PubComp,
+    self, ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Login, Packet, Protocol, PubComp,
     PubCompReason, PubRec, PubRecReason, Publish,
 };
 use rumqttd::{Notification, Router, RouterConfig};
@@ -96,6 +100,8 @@ pub struct EmbeddedBroker {
     link_tx: LinkTx,
     link_rx: LinkRx,
     max_packet: usize,
+    /// Username → password; empty: every client is let in.
+    users: HashMap<String, String>,
 }
 
 impl EmbeddedBroker {
@@ -111,7 +117,16 @@ impl EmbeddedBroker {
         let (mut link_tx, link_rx, _) = new_link("tributary-agent-spool", true, None)
             .map_err(|e| BrokerError::Setup(format!("local link: {e}")))?;
         link_tx.subscribe("#").map_err(|e| BrokerError::Setup(format!("subscribe: {e}")))?;
-        tracing::info!(%addr, "embedded MQTT broker listening");
+        let users: HashMap<String, String> =
+            config.users.iter().map(|u| (u.username.clone(), u.password.clone())).collect();
+        if users.is_empty() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "the embedded MQTT broker listens beyond this host and lets in any client: list the \
+                 allowed clients in [[mqtt.users]]"
+            );
+        }
+        tracing::info!(%addr, users = users.len(), "embedded MQTT broker listening");
         Ok(EmbeddedBroker {
             listener,
             new_link,
@@ -120,14 +135,15 @@ impl EmbeddedBroker {
             // Payloads above max_payload_bytes still reach the agent, to be counted as rejected;
             // only far larger packets make the broker drop the client.
             max_packet: config.max_payload_bytes.saturating_mul(8),
+            users,
         })
     }
 
     /// Reads messages until shutdown, then stops as the module doc describes.
     pub async fn run(self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), BrokerError> {
-        let EmbeddedBroker { listener, new_link, mut link_tx, link_rx, max_packet } = self;
-        let shared =
-            Arc::new(Shared { new_link, gate: RwLock::new(false), max_packet, metrics: intake.metrics().clone() });
+        let EmbeddedBroker { listener, new_link, mut link_tx, link_rx, max_packet, users } = self;
+        let metrics = intake.metrics().clone();
+        let shared = Arc::new(Shared { new_link, gate: RwLock::new(false), max_packet, metrics, users });
         let (phase_tx, phase) = watch::channel(Phase::Open);
         // Every connection task holds a clone; recv() returns None once all have ended.
         let (ended_tx, mut ended) = tokio::sync::mpsc::channel::<()>(1);
@@ -210,6 +226,8 @@ struct Shared {
     gate: RwLock<bool>,
     max_packet: usize,
     metrics: Arc<Metrics>,
+    /// Username → password; empty: every client is let in.
+    users: HashMap<String, String>,
 }
 
 async fn accept(
@@ -312,8 +330,8 @@ async fn serve(socket: TcpStream, addr: SocketAddr, shared: &Shared, mut phase: 
         r = tokio::time::timeout(CONNECT_TIMEOUT, conn.read_packet()) => r,
         _ = phase.wait_for(|p| *p != Phase::Open) => return,
     };
-    let (connect, will) = match first {
-        Ok(Ok(Packet::Connect(connect, _, will, _, _))) => (connect, will),
+    let (connect, will, login) = match first {
+        Ok(Ok(Packet::Connect(connect, _, will, _, login))) => (connect, will, login),
         Ok(Ok(packet)) => return refuse(shared, addr, &format!("first packet is not CONNECT: {packet:?}")),
         Ok(Err(End::Protocol(e))) => return refuse(shared, addr, &e.to_string()),
         Ok(Err(_)) => return,
@@ -322,6 +340,14 @@ async fn serve(socket: TcpStream, addr: SocketAddr, shared: &Shared, mut phase: 
             return;
         }
     };
+    if !shared.users.is_empty() && !authenticated(&shared.users, login.as_ref()) {
+        let code = ConnectReturnCode::BadUserNamePassword;
+        let _ = conn.write_packets(vec![Packet::ConnAck(ConnAck { session_present: false, code }, None)]).await;
+        shared.metrics.broker_auth_failures.inc();
+        let username = login.as_ref().map(|l| l.username.as_str());
+        tracing::warn!(%addr, client_id = connect.client_id, ?username, "embedded broker: refused a client: bad username or password");
+        return;
+    }
     // rumqttd's own rules: a client must ping (a silent half-open connection would hold its slot
     // for ever), and a persistent session needs an id. The router refuses ids with +, $, # or /.
     if connect.keep_alive == 0 {
@@ -375,6 +401,16 @@ async fn serve(socket: TcpStream, addr: SocketAddr, shared: &Shared, mut phase: 
         packets.push(Packet::Disconnect(disconnect, None));
         let _ = hand_over(shared, &mut link_tx, packets).await;
     }
+}
+
+/// Whether `login` names a configured user with its password. The password is compared in time
+/// independent of where it differs (as the aggregator compares tokens), so that timing does not
+/// reveal how much of a guess was right.
+fn authenticated(users: &HashMap<String, String>, login: Option<&Login>) -> bool {
+    use subtle::ConstantTimeEq;
+    let Some(login) = login else { return false };
+    let Some(password) = users.get(&login.username) else { return false };
+    bool::from(password.as_bytes().ct_eq(login.password.as_bytes()))
 }
 
 /// Counts and logs a client the broker refuses (it closes the connection).

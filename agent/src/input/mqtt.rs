@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS, StateError, SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, Publish, QoS, StateError,
+    SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -75,7 +76,9 @@ impl MqttClient {
             .set_max_packet_size(incoming_limit(config.mqtt.max_payload_bytes), MAX_OUTGOING_PACKET)
             .set_request_channel_capacity(1024)
             .set_inflight(100);
-        if !url.username().is_empty() {
+        if let Some(username) = &config.mqtt.username {
+            options.set_credentials(username, &config.mqtt.password);
+        } else if !url.username().is_empty() {
             options.set_credentials(url.username(), url.password().unwrap_or(""));
         }
         Ok(MqttClient { options, topics: config.mqtt.topics.clone() })
@@ -202,7 +205,17 @@ impl MqttClient {
                     }
                     // rumqttc reconnects on the next poll at once; back off here instead of spinning.
                     let wait = delay.mul_f64(0.5 + fastrand::f64() / 2.0);
-                    tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection lost");
+                    match &e {
+                        ConnectionError::ConnectionRefused(
+                            code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
+                        ) => tracing::error!(
+                            ?code,
+                            retry_in = ?wait,
+                            "the MQTT broker refused the agent's login: check mqtt.username and mqtt.password \
+                             (or password_file) against the broker's users"
+                        ),
+                        _ => tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection lost"),
+                    }
                     delay = (delay * 2).min(Duration::from_secs(30));
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
