@@ -721,15 +721,7 @@ fn read_certificates(
     key: &'static str,
     path: &Path,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, (&'static str, String)> {
-    use rustls::pki_types::pem::PemObject;
-    let pem = std::fs::read(path).map_err(|e| (key, format!("cannot read {}: {e}", path.display())))?;
-    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| (key, format!("{} is not a PEM file: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err((key, format!("{} holds no certificate (-----BEGIN CERTIFICATE-----)", path.display())));
-    }
-    Ok(certs)
+    tributary_shared::pem::certificates(path).map_err(|reason| (key, reason))
 }
 
 /// The first private key of a PEM file.
@@ -737,18 +729,7 @@ fn read_private_key(
     key: &'static str,
     path: &Path,
 ) -> Result<rustls::pki_types::PrivateKeyDer<'static>, (&'static str, String)> {
-    use rustls::pki_types::pem::{self, PemObject};
-    let pem = std::fs::read(path).map_err(|e| (key, format!("cannot read {}: {e}", path.display())))?;
-    rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
-        pem::Error::NoItemsFound => (
-            key,
-            format!(
-                "{} holds no private key (-----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or EC PRIVATE KEY)",
-                path.display()
-            ),
-        ),
-        e => (key, format!("{} is not a PEM file: {e}", path.display())),
-    })
+    tributary_shared::pem::private_key(path).map_err(|reason| (key, reason))
 }
 
 /// Resolves one secret: reads `from_file` (relative to the configuration file `file`, whitespace

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -112,34 +111,12 @@ pub fn server_config(http: &HttpConfig) -> Result<Option<Arc<rustls::ServerConfi
 
 /// The certificates of a PEM file; at least one.
 fn read_certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let text =
-        std::fs::read(path).map_err(|e| TlsConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
-    let certs = CertificateDer::pem_slice_iter(&text)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsConfigError::new(key, format!("{} is not a PEM file: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(TlsConfigError::new(
-            key,
-            format!("{} holds no certificate (-----BEGIN CERTIFICATE-----)", path.display()),
-        ));
-    }
-    Ok(certs)
+    tributary_shared::pem::certificates(path).map_err(|reason| TlsConfigError::new(key, reason))
 }
 
 /// The first private key of a PEM file.
 fn read_private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
-    let text =
-        std::fs::read(path).map_err(|e| TlsConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
-    PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
-        let reason = match e {
-            pem::Error::NoItemsFound => format!(
-                "{} holds no private key (-----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or EC PRIVATE KEY)",
-                path.display()
-            ),
-            e => format!("{} is not a PEM file: {e}", path.display()),
-        };
-        TlsConfigError::new(key, reason)
-    })
+    tributary_shared::pem::private_key(path).map_err(|reason| TlsConfigError::new(key, reason))
 }
 
 /// A TCP listener whose connections come out TLS-handshaken: an [`axum::serve::Listener`].

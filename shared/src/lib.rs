@@ -21,6 +21,8 @@ pub mod block;
 pub mod config_file;
 pub mod frame;
 pub mod gap;
+#[cfg(feature = "tls")]
+pub mod pem;
 pub mod reading;
 
 pub use batch::{Batch, IngestAck, JsonBatch, JsonBlock, WireBlock};
