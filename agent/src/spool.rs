@@ -514,8 +514,23 @@ fn spool_files_size(db: &Path) -> u64 {
     ["", "-wal", "-shm"]
         .iter()
         .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", db.display())).ok())
-        .map(|m| m.len())
+        .map(|m| allocated(&m))
         .sum()
+}
+
+/// The space a file takes on its file system: what deleting it would give back, as free space
+/// counts it. Its length is not that: a file of 1 KiB SQLite pages holds whole 4 KiB blocks, and
+/// what fits then came out a few hundred bytes different from one look to the next.
+fn allocated(metadata: &std::fs::Metadata) -> u64 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        metadata.blocks() * 512
+    }
+    #[cfg(not(unix))]
+    {
+        metadata.len()
+    }
 }
 
 /// `max_bytes`, or ~80 % of what fits (free space plus the spool's files) if it does not.
