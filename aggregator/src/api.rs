@@ -717,58 +717,132 @@ async fn multi_windows(
         })
         .await?;
     // A fleet-wide read is a few thousand small queries and a few MB of JSON: split it over the
-    // cores, each part on its own read connection, and join the parts in sensor order.
+    // cores, each part on its own read connection, and send the parts in sensor order.
     let parts = std::thread::available_parallelism().map_or(1, |n| n.get()).min(matching.len() / 64).max(1);
     let chunk = matching.len().div_ceil(parts).max(1);
+    let opening = if csv {
+        let mut header = Vec::new();
+        json::csv_header(&mut header, fields);
+        bytes::Bytes::from(header)
+    } else {
+        bytes::Bytes::from_static(b"[")
+    };
+    let content_type = match csv {
+        true => HeaderValue::from_static("text/csv; charset=utf-8"),
+        false => HeaderValue::from_static("application/json"),
+    };
+    let closing = if csv { None } else { Some(bytes::Bytes::from_static(b"]")) };
+    let stored = stored_windows(&plan.calendar, from, to).saturating_mul(matching.len() as u64);
+    if stored <= MAX_MULTI_WINDOWS as u64 {
+        // The answer cannot pass the cap: stream each part's chunks as they are written, so the
+        // first bytes leave while the rest is read, and no part is held whole in memory.
+        let mut receivers = Vec::with_capacity(parts);
+        for part in matching.chunks(chunk) {
+            let (part, plan) = (part.to_vec(), plan.clone());
+            let snapshot = snapshot.clone();
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(STREAM_CHUNKS);
+            receivers.push(rx);
+            tokio::spawn(async move {
+                let sink = tx.clone();
+                let read = snapshot.read(move |conn| {
+                    let mut emit = |chunk: Vec<u8>| sink.blocking_send(Ok(chunk.into())).is_ok();
+                    windows_part(conn, &plan, &part, from, to, fields, csv, &mut emit)
+                });
+                if let Err(e) = read.await {
+                    // Headers are gone: all that is left is to cut the answer short, visibly.
+                    tracing::warn!(error = %e, "fleet window read failed mid-answer");
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                }
+            });
+        }
+        let body = joined(opening, receivers, closing, csv);
+        return Ok(([(header::CONTENT_TYPE, content_type)], axum::body::Body::from_stream(body)).into_response());
+    }
+    // Possibly past the cap: read it all, count, then answer 400 or send it.
     let mut reads = Vec::with_capacity(parts);
     for part in matching.chunks(chunk) {
         let (part, plan) = (part.to_vec(), plan.clone());
         let snapshot = snapshot.clone();
         reads.push(tokio::spawn(async move {
-            snapshot.read(move |conn| windows_part(conn, &plan, &part, from, to, fields, csv)).await
+            snapshot
+                .read(move |conn| {
+                    let mut chunks = Vec::new();
+                    let mut emit = |chunk: Vec<u8>| {
+                        chunks.push(bytes::Bytes::from(chunk));
+                        true
+                    };
+                    let total = windows_part(conn, &plan, &part, from, to, fields, csv, &mut emit)?;
+                    Ok((total, chunks))
+                })
+                .await
         }));
     }
-    // `[{"sensor": ..., "windows": [...]}, ...]`, or CSV rows under one header. The parts go out
-    // as they are, one chunk each: joining them copied the whole answer (12 MB for every member
-    // of 1,000 sensors' last hour) once more, a quarter of the request's time.
-    let mut chunks: Vec<bytes::Bytes> = Vec::with_capacity(2 * reads.len() + 1);
-    if csv {
-        let mut header = Vec::new();
-        json::csv_header(&mut header, fields);
-        chunks.push(header.into());
-    } else {
-        chunks.push(bytes::Bytes::from_static(b"["));
-    }
-    let (mut total, mut any) = (0usize, false);
+    let mut total = 0usize;
+    let mut receivers = Vec::with_capacity(reads.len());
     for read in reads {
-        let (windows, part) = read.await.map_err(|e| ApiError::Store(StoreError::Join(e)))??;
+        let (windows, chunks) = read.await.map_err(|e| ApiError::Store(StoreError::Join(e)))??;
         total += windows;
         if total > MAX_MULTI_WINDOWS {
             return Err(too_many(MAX_MULTI_WINDOWS, total));
         }
-        if part.is_empty() {
-            continue;
+        let (tx, rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
+        for c in chunks {
+            let _ = tx.try_send(Ok(c));
         }
-        if !csv && any {
-            chunks.push(bytes::Bytes::from_static(b","));
-        }
-        any = true;
-        chunks.push(part.into());
+        receivers.push(rx);
     }
-    let content_type = if csv {
-        HeaderValue::from_static("text/csv; charset=utf-8")
-    } else {
-        chunks.push(bytes::Bytes::from_static(b"]"));
-        HeaderValue::from_static("application/json")
-    };
-    let body = axum::body::Body::from_stream(futures_util::stream::iter(
-        chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
-    ));
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    let body = joined(opening, receivers, closing, csv);
+    Ok(([(header::CONTENT_TYPE, content_type)], axum::body::Body::from_stream(body)).into_response())
 }
 
-/// The windows of some sensors as comma-separated `{"sensor": ..., "windows": [...]}` objects, and
-/// how many windows they hold (it stops early past [`MAX_MULTI_WINDOWS`]).
+/// Chunks in flight per part of a streamed fleet read (each about [`CHUNK_BYTES`]).
+const STREAM_CHUNKS: usize = 8;
+/// A part's answer leaves in chunks of about this size: big enough for few socket writes, small
+/// enough that a 13 MB answer is never copied whole to grow a buffer.
+const CHUNK_BYTES: usize = 256 << 10;
+
+/// How many stored windows each sensor can have with `from <= start < to`: an upper bound on
+/// what a read returns (merged sizes return fewer).
+fn stored_windows(calendar: &Calendar, from: i64, to: i64) -> u64 {
+    let (lo, hi) =
+        (from.max(tributary_shared::MIN_TS_MS - 86_400_000), to.min(tributary_shared::MAX_TS_MS + 86_400_000));
+    if lo >= hi {
+        return 0;
+    }
+    (calendar.index_of(hi - 1) - calendar.index_of(lo) + 1).max(0) as u64
+}
+
+/// The parts' chunks in order behind `opening`, with a comma between the sensors of two JSON
+/// parts, then `closing`.
+fn joined(
+    opening: bytes::Bytes,
+    receivers: Vec<tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>>,
+    closing: Option<bytes::Bytes>,
+    csv: bool,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    use futures_util::StreamExt;
+    let parts = futures_util::stream::iter(receivers).flat_map(|rx| {
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) }).enumerate()
+    });
+    let mut any = false;
+    let body = parts.flat_map(move |(i, chunk)| {
+        // A part's first chunk starts with a sensor: a comma goes before it if an earlier part
+        // wrote one.
+        let comma = !csv && i == 0 && any && matches!(&chunk, Ok(c) if !c.is_empty());
+        any |= matches!(&chunk, Ok(c) if !c.is_empty());
+        let comma = comma.then(|| Ok(bytes::Bytes::from_static(b",")));
+        futures_util::stream::iter(comma.into_iter().chain(std::iter::once(chunk)))
+    });
+    futures_util::stream::once(async move { Ok(opening) })
+        .chain(body)
+        .chain(futures_util::stream::iter(closing.map(Ok)))
+}
+
+/// Writes the windows of some sensors as comma-separated `{"sensor": ..., "windows": [...]}`
+/// objects (or CSV rows) and hands them to `emit` in chunks of about [`CHUNK_BYTES`]; returns how
+/// many windows they hold. It stops early past [`MAX_MULTI_WINDOWS`], or when `emit` says the
+/// client is gone.
+#[allow(clippy::too_many_arguments)]
 fn windows_part(
     conn: &rusqlite::Connection,
     plan: &Plan,
@@ -777,34 +851,37 @@ fn windows_part(
     to: i64,
     fields: json::Fields,
     csv: bool,
-) -> Result<(usize, Vec<u8>), StoreError> {
-    let mut body = Vec::new();
+    emit: &mut dyn FnMut(Vec<u8>) -> bool,
+) -> Result<usize, StoreError> {
+    let mut body = Vec::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4);
     let (mut total, mut first) = (0usize, true);
     for (series, name) in sensors {
         let windows = read_windows(conn, plan, *series, from, to, MAX_MULTI_WINDOWS - total, fields.quantiles())?;
         total += windows.len();
         if total > MAX_MULTI_WINDOWS {
-            break;
+            return Ok(total);
         }
         if csv {
             json::csv_rows(&mut body, name, &windows, fields);
-            continue;
+        } else {
+            // A comma before every sensor but the part's first: a later chunk starts with one.
+            if !first {
+                body.push(b',');
+            }
+            json::sensor_windows(&mut body, name, &windows, fields);
         }
-        if !body.is_empty() {
-            body.push(b',');
-        }
-        body.reserve(windows.len() * json::WINDOW_BYTES + name.len() + 32);
-        json::sensor_windows(&mut body, name, &windows, fields);
-        if first {
-            first = false;
-            // Sensors of a fleet tend to look alike: room for all of them like the first, instead
-            // of doubling (and copying) a part of several MB again and again. No more than the
-            // largest answer there can be.
-            let like_first = body.len() * sensors.len() + body.len() / 8 + 1024;
-            body.reserve(like_first.min(MAX_MULTI_WINDOWS * json::WINDOW_BYTES));
+        first = false;
+        if body.len() >= CHUNK_BYTES {
+            let next = Vec::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4);
+            if !emit(std::mem::replace(&mut body, next)) {
+                return Ok(total);
+            }
         }
     }
-    Ok((total, body))
+    if !body.is_empty() {
+        emit(body);
+    }
+    Ok(total)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

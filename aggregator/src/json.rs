@@ -175,6 +175,7 @@ fn values(w: &WindowView) -> [Value<'_>; FIELDS.len()] {
 
 fn window(out: &mut Vec<u8>, w: &WindowView, fields: Fields) {
     let mut separator = b'{';
+    let seen = &mut Repeats::default();
     // Each key a literal, in FIELDS order: a copy of known length is a few moves, where a key
     // looked up by index is a call to memcpy, and a fleet read writes 840,000 keys.
     macro_rules! member {
@@ -191,15 +192,15 @@ fn window(out: &mut Vec<u8>, w: &WindowView, fields: Fields) {
     member!(0, "start", int(out, w.start));
     member!(1, "end", int(out, w.end));
     member!(2, "count", int(out, w.count));
-    member!(3, "min", float(out, w.min));
-    member!(4, "max", float(out, w.max));
-    member!(5, "mean", float(out, w.mean));
-    member!(6, "stddev", float(out, w.stddev));
-    member!(7, "first", point(out, &w.first));
-    member!(8, "last", point(out, &w.last));
-    member!(9, "p50", float(out, w.p50));
-    member!(10, "p95", float(out, w.p95));
-    member!(11, "p99", float(out, w.p99));
+    member!(3, "min", seen.float(out, w.min));
+    member!(4, "max", seen.float(out, w.max));
+    member!(5, "mean", seen.float(out, w.mean));
+    member!(6, "stddev", seen.float(out, w.stddev));
+    member!(7, "first", point(out, &w.first, seen));
+    member!(8, "last", point(out, &w.last, seen));
+    member!(9, "p50", seen.float(out, w.p50));
+    member!(10, "p95", seen.float(out, w.p95));
+    member!(11, "p99", seen.float(out, w.p99));
     member!(12, "revision", int(out, w.revision));
     member!(13, "updated_at", int(out, w.updated_at));
     if separator == b'{' {
@@ -208,25 +209,96 @@ fn window(out: &mut Vec<u8>, w: &WindowView, fields: Fields) {
     out.push(b'}');
 }
 
-fn point(out: &mut Vec<u8>, p: &Point) {
+fn point(out: &mut Vec<u8>, p: &Point, seen: &mut Repeats) {
     out.extend_from_slice(b"{\"ts\":");
     int(out, p.ts);
     out.extend_from_slice(b",\"value\":");
-    float(out, p.value);
+    seen.float(out, p.value);
     out.push(b'}');
 }
 
+/// The floats a window has written so far, and where: a window of one or two readings repeats
+/// its values (min = first = p50, max = last = p99), and copying a number back is cheaper than
+/// formatting it again. (Integers are not worth it: `itoa` is as fast as the lookup and copy.)
+#[derive(Default)]
+struct Repeats {
+    bits: [u64; 4],
+    at: [usize; 4],
+    len: [usize; 4],
+    used: usize,
+}
+
+impl Repeats {
+    fn float(&mut self, out: &mut Vec<u8>, v: f64) {
+        let bits = v.to_bits();
+        if let Some(i) = self.bits[..self.used].iter().position(|b| *b == bits) {
+            let at = self.at[i];
+            out.extend_from_within(at..at + self.len[i]);
+            return;
+        }
+        let at = out.len();
+        float(out, v);
+        if self.used < self.bits.len() {
+            let i = self.used;
+            (self.bits[i], self.at[i], self.len[i]) = (bits, at, out.len() - at);
+            self.used += 1;
+        }
+    }
+}
+
 fn int(out: &mut Vec<u8>, v: impl itoa::Integer) {
-    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+    number(out, itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// As serde_json writes an f64: shortest round-trip form, `null` for NaN and infinities.
 fn float(out: &mut Vec<u8>, v: f64) {
     if v.is_finite() {
-        out.extend_from_slice(zmij::Buffer::new().format_finite(v).as_bytes());
+        number(out, zmij::Buffer::new().format_finite(v).as_bytes());
     } else {
         out.extend_from_slice(b"null");
     }
+}
+
+/// Appends a formatted number (at most 40 bytes) with two fixed-size, overlapping copies instead
+/// of a call to memcpy: a fleet read writes 800,000 numbers, and the calls were a tenth of it.
+#[inline(always)]
+fn number(out: &mut Vec<u8>, digits: &[u8]) {
+    let n = digits.len();
+    if n > 32 {
+        out.extend_from_slice(digits);
+        return;
+    }
+    out.reserve(32);
+    let spare = out.spare_capacity_mut();
+    match n {
+        16.. => {
+            copy_fixed::<16>(spare, 0, digits);
+            copy_fixed::<16>(spare, n - 16, digits);
+        }
+        8.. => {
+            copy_fixed::<8>(spare, 0, digits);
+            copy_fixed::<8>(spare, n - 8, digits);
+        }
+        4.. => {
+            copy_fixed::<4>(spare, 0, digits);
+            copy_fixed::<4>(spare, n - 4, digits);
+        }
+        _ => {
+            for (to, from) in spare.iter_mut().zip(digits) {
+                to.write(*from);
+            }
+        }
+    }
+    // SAFETY: the two copies wrote `digits[..n]` into the first `n` spare bytes (reserved above).
+    unsafe { out.set_len(out.len() + n) };
+}
+
+/// `spare[at..at + N] = digits[at..at + N]`, a copy of constant length.
+#[inline(always)]
+fn copy_fixed<const N: usize>(spare: &mut [std::mem::MaybeUninit<u8>], at: usize, digits: &[u8]) {
+    let from: &[u8; N] = digits[at..at + N].try_into().expect("N bytes");
+    let to: &mut [std::mem::MaybeUninit<u8>; N] = (&mut spare[at..at + N]).try_into().expect("N bytes");
+    *to = from.map(std::mem::MaybeUninit::new);
 }
 
 /// Sensor ids are few per answer and may need escaping: serde_json does it.
@@ -238,6 +310,21 @@ fn string(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_of_every_length_are_copied_whole() {
+        let mut out = Vec::new();
+        let mut expected = String::new();
+        for digits in 0..=40 {
+            let text: String = (0..digits).map(|i| char::from(b'0' + (i % 10) as u8)).collect();
+            // Appended after an odd number of bytes, so no copy starts aligned.
+            out.push(b'|');
+            number(&mut out, text.as_bytes());
+            expected.push('|');
+            expected.push_str(&text);
+        }
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
 
     fn view(seed: f64) -> WindowView {
         WindowView {
@@ -262,6 +349,30 @@ mod tests {
     fn writes_the_bytes_serde_json_writes() {
         let list: Vec<WindowView> =
             [0.1, 1.0 / 3.0, 26.234, -1e-7, 123456789.0, 1e21, 1e-300].into_iter().map(view).collect();
+        let mut ours = Vec::new();
+        windows(&mut ours, &list, Fields::ALL);
+        assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&list).unwrap());
+
+        // Windows of one or two readings repeat values, some written from the copy kept of
+        // the first; five distinct floats is more than that copy holds.
+        let repeats = |a: f64, b: f64, c: f64, d: f64, e: f64| WindowView {
+            min: a,
+            max: b,
+            mean: c,
+            stddev: d,
+            first: Point { ts: 1, value: e },
+            last: Point { ts: 2, value: a },
+            p50: b,
+            p95: e,
+            p99: -0.0,
+            ..view(a)
+        };
+        let list = [
+            repeats(21.5, 21.5, 21.5, 0.0, 21.5),
+            repeats(12.019, 20.415, 16.217, 4.198, 20.415),
+            repeats(1.0, 2.0, 3.0, 4.0, 5.0),
+            repeats(f64::NAN, f64::NAN, 0.0, -0.0, f64::INFINITY),
+        ];
         let mut ours = Vec::new();
         windows(&mut ours, &list, Fields::ALL);
         assert_eq!(String::from_utf8(ours).unwrap(), serde_json::to_string(&list).unwrap());

@@ -123,7 +123,7 @@ impl Sketch {
         }
     }
 
-    /// The `q`-quantile (0 ≤ q ≤ 1), the value of rank ⌊q·(n−1)⌋ in sorted order (exact while
+    /// The `q`-quantile (0 ≤ q ≤ 1), the value of rank ⌈q·n⌉ (1-based) in sorted order (exact while
     /// the sketch holds values, within [`RELATIVE_ACCURACY`] after). `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         self.quantiles([q]).map(|[v]| v)
@@ -136,11 +136,17 @@ impl Sketch {
         if n == 0 || qs.iter().any(|q| !(0.0..=1.0).contains(q)) {
             return None;
         }
-        let rank = |q: f64| (q * (n - 1) as f64).floor() as u64;
+        // Nearest rank, as SQL's percentile_disc: the first value with at least a fraction q of
+        // the values at or below it (the p99 of two values is the larger one). The epsilon keeps
+        // q·n = 95.000000000000001 from rounding up a whole rank.
+        let rank = |q: f64| ((q * n as f64 - 1e-9).ceil().max(1.0) as u64 - 1).min(n - 1);
         match self {
+            // Most windows of a sparse sensor hold one reading.
+            Sketch::Exact(values) if values.len() == 1 => Some([values[0]; N]),
             Sketch::Exact(values) => {
-                let mut sorted = values.clone();
-                sorted.sort_by(f64::total_cmp);
+                // On the stack while the window holds few values, as most do.
+                let mut sorted: SmallVec<[f64; EXACT_MAX]> = values.iter().copied().collect();
+                sorted.sort_unstable_by(f64::total_cmp);
                 let mut out = [0.0; N];
                 for (o, q) in out.iter_mut().zip(qs) {
                     *o = *sorted.get(rank(q) as usize)?;
@@ -225,7 +231,7 @@ mod tests {
         let below = sorted.partition_point(|v| *v < estimate);
         let upto = sorted.partition_point(|v| *v <= estimate);
         let n = sorted.len() as f64;
-        let target = q * (n - 1.0);
+        let target = (q * n).ceil().max(1.0) - 1.0;
         // The estimate's rank is any position among values equal to it.
         if (below as f64) <= target && target <= upto as f64 {
             0.0
@@ -299,6 +305,20 @@ mod tests {
         assert!(matches!(s, Sketch::Buckets(_)), "the test covers both kinds");
         assert_eq!(s.quantiles([0.5, 1.5]), None);
         assert_eq!(Sketch::default().quantiles([0.5]), None);
+    }
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let of = |values: &[f64]| {
+            let mut s = Sketch::default();
+            values.iter().for_each(|v| s.add(*v));
+            s.quantiles([0.0, 0.5, 0.95, 0.99, 1.0]).unwrap()
+        };
+        assert_eq!(of(&[12.0]), [12.0; 5]);
+        // A window of two readings: its p95 and p99 are the larger one, not the smaller.
+        assert_eq!(of(&[20.0, 12.0]), [12.0, 12.0, 20.0, 20.0, 20.0]);
+        let ten: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        assert_eq!(of(&ten), [1.0, 5.0, 10.0, 10.0, 10.0]);
     }
 
     #[test]
