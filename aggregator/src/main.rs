@@ -17,6 +17,10 @@ struct Cli {
     /// The configuration file (TOML); see `generate-config`.
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Check a configuration file without starting anything: exit 0 if the aggregator can use it,
+    /// else 1 with the file, the key and the reason.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -423,6 +427,19 @@ fn main() -> ExitCode {
             }));
         }
         None => {}
+    }
+    if let Some(path) = cli.check_config {
+        return report(load_config(&path).map(|c| {
+            format!(
+                "{}: ok\n  data in {}\n  listens on {}{}\n  {} agent(s), pipeline version {}",
+                path.display(),
+                c.data_dir.display(),
+                c.http.listen,
+                if c.http.tls_cert.is_some() { " (HTTPS)" } else { "" },
+                c.agents.len(),
+                c.pipeline.version
+            )
+        }));
     }
     let Some(path) = cli.config else {
         eprintln!("error: --config FILE is required (or run `generate-config` to print an example)");
