@@ -30,6 +30,8 @@ pub struct Config {
     pub spool: SpoolConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub clock: ClockConfig,
     /// Serial ports to read (`[[serial]]` tables, any number). Default: none.
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
@@ -123,7 +125,8 @@ pub struct MqttConfig {
     /// Embedded mode: the broker's listen address. Default `127.0.0.1:1883`.
     #[serde(default = "default_mqtt_listen")]
     pub listen: SocketAddr,
-    /// Client mode: the broker, `mqtt://host:port` (port defaults to 1883). Required in client mode.
+    /// Client mode: the broker, `mqtt://host:port` (port defaults to 1883), or `mqtts://host:port`
+    /// for MQTT over TLS (port defaults to 8883). Required in client mode.
     pub url: Option<url::Url>,
     /// Client mode: the MQTT client id of the persistent session. Default `tributary-<agent_id>`.
     pub client_id: Option<String>,
@@ -155,6 +158,51 @@ pub struct MqttConfig {
     /// Client mode: a file holding the password (surrounding whitespace ignored), relative to the
     /// configuration file. Instead of `password`. Default: none.
     pub password_file: Option<PathBuf>,
+    /// Embedded mode: a second listener, for MQTT over TLS (conventionally port 8883), beside the
+    /// plain one on `listen`. Set with `tls_cert` and `tls_key`. Default: none.
+    pub tls_listen: Option<SocketAddr>,
+    /// Embedded mode: the broker's certificate on `tls_listen` (PEM; intermediates after it),
+    /// relative to the configuration file. Default: none.
+    pub tls_cert: Option<PathBuf>,
+    /// Embedded mode: the private key of `tls_cert` (PEM: PKCS#8, PKCS#1 or SEC1). Default: none.
+    pub tls_key: Option<PathBuf>,
+    /// Embedded mode: the CA certificates (PEM) that clients' certificates must be signed by on
+    /// `tls_listen`; a client without such a certificate is refused at the handshake. Default:
+    /// none (no client certificate asked for).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Client mode, `mqtts://` url: the CA certificates (PEM) the broker's certificate must be signed
+    /// by, relative to the configuration file. When set, only these are trusted, not the system's.
+    /// Default: none (the system's CA certificates).
+    pub ca_file: Option<PathBuf>,
+    /// Client mode, `mqtts://` url: the agent's certificate (PEM), shown to a broker that asks for
+    /// one (Mosquitto: `require_certificate true`). Set with `client_key`. Default: none.
+    pub client_cert: Option<PathBuf>,
+    /// Client mode: the private key of `client_cert` (PEM). Default: none.
+    pub client_key: Option<PathBuf>,
+    /// The TLS settings made at load from the files above (so that a missing or broken file is a
+    /// configuration error): the embedded broker's for `tls_listen`, or the client's for an
+    /// `mqtts://` url. `None` without TLS.
+    #[serde(skip)]
+    pub tls: Option<MqttTls>,
+}
+
+/// The rustls settings of `[mqtt]`, made at load.
+#[derive(Clone)]
+pub enum MqttTls {
+    /// The embedded broker's `tls_listen`: from `tls_cert`, `tls_key` and `tls_client_ca`.
+    Server(Arc<rustls::ServerConfig>),
+    /// Client mode with an `mqtts://` url: from `ca_file`, `client_cert` and `client_key`.
+    Client(Arc<rustls::ClientConfig>),
+}
+
+// Not rustls' own Debug, as for UpstreamTls.
+impl std::fmt::Debug for MqttTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MqttTls::Server(_) => f.write_str("MqttTls::Server(..)"),
+            MqttTls::Client(_) => f.write_str("MqttTls::Client(..)"),
+        }
+    }
 }
 
 /// One client of the embedded broker (`[[mqtt.users]]`).
@@ -191,20 +239,28 @@ pub struct ValidationConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
-    /// fsync every commit: an acknowledged reading survives power loss.
+    /// Every commit is fsync'ed within `spool.sync_interval` (at once with `"0s"`): a power cut
+    /// loses at most that much of what was committed.
     Full,
-    /// fsync at checkpoints only: survives a process crash, not power loss. Less flash wear.
+    /// fsync at checkpoints only: survives a process crash; a power cut may lose minutes of commits.
     Normal,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
-    /// Group-commit interval: readings arriving within it share one block and one commit.
-    /// It bounds how long a reading the embedded broker acknowledged waits before it is durable.
-    /// Default 5 ms.
+    /// Group-commit interval under load: readings arriving within it share one block and one
+    /// commit. Default 5 ms.
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// While readings are few, the interval grows up to this, so that a commit holds several of
+    /// them (a commit costs a page or two of flash whatever it holds); it is back at
+    /// `commit_interval` as soon as a commit holds many. A reading after a quiet spell is committed
+    /// at once. It bounds how long a reading waits to be committed and forwarded: in embedded
+    /// mode, what a crash can lose of what the broker acknowledged; in client mode, how late a
+    /// PUBACK goes out. Equal to `commit_interval`: a fixed interval. Default 4 s.
+    #[serde(default = "default_max_commit_interval", with = "humantime_serde")]
+    pub max_commit_interval: Duration,
     /// Most readings in one block. Default 10,000.
     #[serde(default = "default_max_block_readings")]
     pub max_block_readings: usize,
@@ -216,6 +272,12 @@ pub struct SpoolConfig {
     /// `full` (default) or `normal`; see [`SyncMode`].
     #[serde(default = "default_sync")]
     pub sync: SyncMode,
+    /// With `sync = "full"`: commits are visible to the forwarder (and safe from a process crash)
+    /// at once, and fsync'ed at most this long after; a power cut loses at most this much. `"0s"`:
+    /// every commit is fsync'ed before anything learns of it. Default 30 s (the kernel's own
+    /// writeback of dirty pages takes about as long).
+    #[serde(default = "default_sync_interval", with = "humantime_serde")]
+    pub sync_interval: Duration,
     /// Spool size limit in bytes of stored blocks; beyond it readings are dropped by `overflow`
     /// and counted (the aggregator records the gap). If it does not fit on the spool's file system
     /// (free space plus the spool's current size), the agent uses 80 % of what fits and logs it.
@@ -287,6 +349,66 @@ fn default_serial_baud() -> u32 {
     115_200
 }
 
+/// `[clock]`: gateways without a real-time clock, and devices whose clocks are off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockConfig {
+    /// How the agent learns that the gateway clock is synchronised: `"adjtimex"` (the kernel's
+    /// NTP state, as chrony, ntpd and systemd-timesyncd set it: set this on gateways without a
+    /// real-time clock) or `"none"` (trust the clock, as on a gateway with a real-time clock).
+    /// Default `"none"`: many hosts whose clock is right never tell the kernel (containers, VMs,
+    /// no NTP daemon), and there `"adjtimex"` would hold every reading the agent stamps.
+    #[serde(default)]
+    pub sync_check: SyncCheck,
+    /// How long blocks of readings the agent stamped before the clock was first synchronised
+    /// wait in the spool for it (then they are re-stamped and sent); past this they go out
+    /// flagged and the aggregator quarantines them. `"0s"` sends them flagged at once. Default 10 minutes.
+    #[serde(default = "default_hold_unsynced", with = "humantime_serde")]
+    pub hold_unsynced: Duration,
+    /// What happens to a device timestamp more than `validation.max_clock_skew` ahead of the
+    /// synchronised gateway clock (or older than `max_device_age`): `"reject"` (counted as
+    /// `bad_timestamp`), `"restamp"` (the agent's receive time replaces it) or `"flag"` (kept,
+    /// sent flagged, quarantined by the aggregator as `device_clock_skew`). Default `"reject"`.
+    #[serde(default)]
+    pub on_device_skew: OnDeviceSkew,
+    /// Device timestamps older than this, against the synchronised gateway clock, are treated as
+    /// skewed too. Unset by default: old timestamps are normal for a device delivering its backlog.
+    #[serde(default, with = "humantime_serde")]
+    pub max_device_age: Option<Duration>,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        ClockConfig {
+            sync_check: SyncCheck::default(),
+            hold_unsynced: default_hold_unsynced(),
+            on_device_skew: OnDeviceSkew::default(),
+            max_device_age: None,
+        }
+    }
+}
+
+fn default_hold_unsynced() -> Duration {
+    Duration::from_secs(600)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncCheck {
+    Adjtimex,
+    #[default]
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeviceSkew {
+    #[default]
+    Reject,
+    Restamp,
+    Flag,
+}
+
 /// `[health]`: the gateway's own health as readings (see [`crate::health`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -348,6 +470,15 @@ fn default_max_clock_skew() -> Duration {
 fn default_commit_interval() -> Duration {
     Duration::from_millis(5)
 }
+fn default_max_commit_interval() -> Duration {
+    Duration::from_secs(4)
+}
+fn default_sync_interval() -> Duration {
+    Duration::from_secs(30)
+}
+/// Upper bounds of `spool.max_commit_interval` and `spool.sync_interval`.
+const MAX_COMMIT_INTERVAL: Duration = Duration::from_secs(60);
+const MAX_SYNC_INTERVAL: Duration = Duration::from_secs(3600);
 fn default_max_block_readings() -> usize {
     10_000
 }
@@ -381,6 +512,14 @@ impl Default for MqttConfig {
             username: None,
             password: String::new(),
             password_file: None,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            tls: None,
         }
     }
 }
@@ -398,9 +537,11 @@ impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             commit_interval: default_commit_interval(),
+            max_commit_interval: default_max_commit_interval(),
             max_block_readings: default_max_block_readings(),
             max_queued_readings: default_max_queued_readings(),
             sync: default_sync(),
+            sync_interval: default_sync_interval(),
             max_bytes: default_max_bytes(),
             overflow: Overflow::default(),
             max_age: None,
@@ -457,9 +598,16 @@ impl Config {
         Ok(())
     }
 
+    /// Reads the TLS files of `[upstream]` and `[mqtt]` (relative to the configuration file) and
+    /// makes their TLS settings.
+    fn load_tls(&mut self, file: &Path) -> Result<(), (&'static str, String)> {
+        self.load_upstream_tls(file)?;
+        self.load_mqtt_tls(file)
+    }
+
     /// Reads `ca_file`, `client_cert` and `client_key` (relative to the configuration file) and
     /// makes the TLS settings of an `https://` url from them.
-    fn load_tls(&mut self, file: &Path) -> Result<(), (&'static str, String)> {
+    fn load_upstream_tls(&mut self, file: &Path) -> Result<(), (&'static str, String)> {
         let upstream = &mut self.upstream;
         let set = [
             ("upstream.ca_file", upstream.ca_file.is_some()),
@@ -473,73 +621,132 @@ impl Config {
             }
             return Ok(());
         }
-        let relative = |path: &Path| file.parent().map_or_else(|| path.to_path_buf(), |dir| dir.join(path));
-        // Explicitly ring, as everywhere in the agent: `--check-config` runs before main installs it.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ("upstream.url", format!("no TLS version to offer: {e}")))?;
-        let builder = match &upstream.ca_file {
-            Some(ca_file) => {
-                let path = relative(ca_file);
-                let mut roots = rustls::RootCertStore::empty();
-                for (i, cert) in read_certificates("upstream.ca_file", &path)?.into_iter().enumerate() {
-                    roots.add(cert).map_err(|e| {
-                        (
-                            "upstream.ca_file",
-                            format!("certificate #{} in {} is not a usable CA: {e}", i + 1, path.display()),
-                        )
-                    })?;
-                }
-                builder.with_root_certificates(roots)
-            }
-            None => {
-                // As reqwest does by default: the system's CA certificates, read once, here.
-                let verifier = rustls_platform_verifier::Verifier::new(provider).map_err(|e| {
-                    (
-                        "upstream.ca_file",
-                        format!(
-                            "upstream.url is https:// but this system has no CA certificates to check the \
-                             aggregator's with ({e}): set ca_file to the PEM file of the CA that signed it \
-                             (or install the system's CA certificates, e.g. the ca-certificates package)"
-                        ),
-                    )
-                })?;
-                builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
-            }
+        let files = ClientTlsFiles {
+            ca_file: upstream.ca_file.as_deref(),
+            client_cert: upstream.client_cert.as_deref(),
+            client_key: upstream.client_key.as_deref(),
         };
-        let mut tls = match (&upstream.client_cert, &upstream.client_key) {
-            (None, None) => builder.with_no_client_auth(),
-            (Some(_), None) => {
-                return Err((
-                    "upstream.client_key",
-                    "required with client_cert: the PEM file of its private key".into(),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err((
-                    "upstream.client_cert",
-                    "required with client_key: the PEM file of the agent's certificate".into(),
-                ));
-            }
-            (Some(cert), Some(key)) => {
-                let (cert, key) = (relative(cert), relative(key));
-                let chain = read_certificates("upstream.client_cert", &cert)?;
-                let key_der = read_private_key("upstream.client_key", &key)?;
-                builder.with_client_auth_cert(chain, key_der).map_err(|e| {
-                    let reason = match e {
-                        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-                            format!("{} is not the private key of {}", key.display(), cert.display())
-                        }
-                        e => format!("{} cannot sign for {}: {e}", key.display(), cert.display()),
-                    };
-                    ("upstream.client_key", reason)
-                })?
-            }
-        };
+        let mut tls = client_tls(&UPSTREAM_TLS_KEYS, "https", &files, file)?;
         // HTTP/1.1 only, as reqwest offers it when it builds TLS itself (no http2 feature here).
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         upstream.tls = Some(UpstreamTls(Arc::new(tls)));
+        Ok(())
+    }
+
+    /// `[mqtt]`'s TLS: the embedded broker's `tls_listen` (from `tls_cert`, `tls_key`,
+    /// `tls_client_ca`), or client mode's `mqtts://` url (from `ca_file`, `client_cert`,
+    /// `client_key`); each mode's keys refused in the other.
+    fn load_mqtt_tls(&mut self, file: &Path) -> Result<(), (&'static str, String)> {
+        let mqtt = &mut self.mqtt;
+        let server_keys = [
+            ("mqtt.tls_listen", mqtt.tls_listen.is_some()),
+            ("mqtt.tls_cert", mqtt.tls_cert.is_some()),
+            ("mqtt.tls_key", mqtt.tls_key.is_some()),
+            ("mqtt.tls_client_ca", mqtt.tls_client_ca.is_some()),
+        ];
+        let client_keys = [
+            ("mqtt.ca_file", mqtt.ca_file.is_some()),
+            ("mqtt.client_cert", mqtt.client_cert.is_some()),
+            ("mqtt.client_key", mqtt.client_key.is_some()),
+        ];
+        let first_set = |keys: &[(&'static str, bool)]| keys.iter().find(|(_, set)| *set).map(|(key, _)| *key);
+        match mqtt.mode {
+            MqttMode::Embedded => {
+                if let Some(key) = first_set(&client_keys) {
+                    return Err((
+                        key,
+                        "is how the agent checks a broker it joins in client mode (mqtts://); the embedded \
+                         broker's TLS keys are tls_listen, tls_cert, tls_key and tls_client_ca"
+                            .into(),
+                    ));
+                }
+                let Some(listen) = mqtt.tls_listen else {
+                    if let Some(key) = first_set(&server_keys) {
+                        return Err((
+                            "mqtt.tls_listen",
+                            format!("required with {}: the TLS listener's address, e.g. \"0.0.0.0:8883\"", short(key)),
+                        ));
+                    }
+                    return Ok(());
+                };
+                if listen == mqtt.listen && listen.port() != 0 {
+                    return Err((
+                        "mqtt.tls_listen",
+                        format!("{listen} is mqtt.listen's address too: TLS needs a listener of its own (port 8883)"),
+                    ));
+                }
+                let relative = |path: &Path| relative_to(file, path);
+                let (cert, key) = match (&mqtt.tls_cert, &mqtt.tls_key) {
+                    (Some(cert), Some(key)) => (relative(cert), relative(key)),
+                    (_, None) => {
+                        return Err((
+                            "mqtt.tls_key",
+                            "required with tls_listen: the PEM file of the broker certificate's private key".into(),
+                        ));
+                    }
+                    (None, Some(_)) => {
+                        return Err((
+                            "mqtt.tls_cert",
+                            "required with tls_listen: the PEM file of the broker's certificate".into(),
+                        ));
+                    }
+                };
+                // Explicitly ring, as everywhere in the agent: `--check-config` runs before main installs it.
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| ("mqtt.tls_cert", format!("no TLS version to offer: {e}")))?;
+                let builder = match &mqtt.tls_client_ca {
+                    None => builder.with_no_client_auth(),
+                    Some(ca) => {
+                        let ca = relative(ca);
+                        let roots = read_roots("mqtt.tls_client_ca", &ca)?;
+                        let verifier =
+                            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                                .build()
+                                .map_err(|e| ("mqtt.tls_client_ca", format!("{}: {e}", ca.display())))?;
+                        builder.with_client_cert_verifier(verifier)
+                    }
+                };
+                let chain = read_certificates("mqtt.tls_cert", &cert)?;
+                let key_der = read_private_key("mqtt.tls_key", &key)?;
+                let tls = builder
+                    .with_single_cert(chain, key_der)
+                    .map_err(|e| ("mqtt.tls_key", key_mismatch(e, &key, &cert)))?;
+                mqtt.tls = Some(MqttTls::Server(Arc::new(tls)));
+            }
+            MqttMode::Client => {
+                if let Some(key) = first_set(&server_keys) {
+                    return Err((
+                        key,
+                        "only the embedded broker listens; in client mode TLS is an mqtts:// mqtt.url, with \
+                         ca_file (and client_cert, client_key)"
+                            .into(),
+                    ));
+                }
+                // A missing url is check()'s to report.
+                let Some(url) = &mqtt.url else { return Ok(()) };
+                if !is_mqtt_tls(url) {
+                    if let Some(key) = first_set(&client_keys) {
+                        return Err((
+                            key,
+                            format!(
+                                "TLS needs an mqtts:// mqtt.url (e.g. mqtts://{}:8883), not {url}",
+                                url.host_str().unwrap_or("broker")
+                            ),
+                        ));
+                    }
+                    return Ok(());
+                }
+                let files = ClientTlsFiles {
+                    ca_file: mqtt.ca_file.as_deref(),
+                    client_cert: mqtt.client_cert.as_deref(),
+                    client_key: mqtt.client_key.as_deref(),
+                };
+                let tls = client_tls(&MQTT_TLS_KEYS, url.scheme(), &files, file)?;
+                mqtt.tls = Some(MqttTls::Client(Arc::new(tls)));
+            }
+        }
         Ok(())
     }
 
@@ -586,8 +793,8 @@ impl Config {
         if self.mqtt.mode == MqttMode::Client {
             match &self.mqtt.url {
                 None => return Err(("mqtt.url", "required when mqtt.mode = \"client\"".into())),
-                Some(url) if !matches!(url.scheme(), "mqtt" | "tcp") || url.host_str().is_none() => {
-                    return Err(("mqtt.url", format!("expected mqtt://host:port, got {url}")));
+                Some(url) if !matches!(url.scheme(), "mqtt" | "tcp" | "mqtts" | "ssl") || url.host_str().is_none() => {
+                    return Err(("mqtt.url", format!("expected mqtt://host:port or mqtts://host:port, got {url}")));
                 }
                 Some(_) => {}
             }
@@ -606,6 +813,25 @@ impl Config {
             return Err((
                 "spool.commit_interval",
                 "at most 1s: the embedded broker has acknowledged readings that wait this long".into(),
+            ));
+        }
+        if self.spool.max_commit_interval < self.spool.commit_interval {
+            return Err((
+                "spool.max_commit_interval",
+                "must be at least spool.commit_interval (equal: a fixed commit interval)".into(),
+            ));
+        }
+        if self.spool.max_commit_interval > MAX_COMMIT_INTERVAL {
+            return Err((
+                "spool.max_commit_interval",
+                "at most 60s: a quiet gateway's readings wait this long to be committed and forwarded".into(),
+            ));
+        }
+        if self.spool.sync_interval > MAX_SYNC_INTERVAL {
+            return Err((
+                "spool.sync_interval",
+                "at most 1h: a power cut loses up to this much of what was committed (\"0s\": fsync every commit)"
+                    .into(),
             ));
         }
         self.check_serial()?;
@@ -730,6 +956,120 @@ fn read_private_key(
     path: &Path,
 ) -> Result<rustls::pki_types::PrivateKeyDer<'static>, (&'static str, String)> {
     tributary_shared::pem::private_key(path).map_err(|reason| (key, reason))
+}
+
+/// A path of the configuration, relative to the configuration file `file`.
+fn relative_to(file: &Path, path: &Path) -> PathBuf {
+    file.parent().map_or_else(|| path.to_path_buf(), |dir| dir.join(path))
+}
+
+/// A key's last part: `tls_cert` of `mqtt.tls_cert`.
+fn short(key: &str) -> &str {
+    key.rsplit('.').next().unwrap_or(key)
+}
+
+/// Whether a client-mode url asks for MQTT over TLS.
+pub fn is_mqtt_tls(url: &url::Url) -> bool {
+    matches!(url.scheme(), "mqtts" | "ssl")
+}
+
+/// The CA certificates of a PEM file, as trust roots.
+fn read_roots(key: &'static str, path: &Path) -> Result<rustls::RootCertStore, (&'static str, String)> {
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in read_certificates(key, path)?.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| (key, format!("certificate #{} in {} is not a usable CA: {e}", i + 1, path.display())))?;
+    }
+    Ok(roots)
+}
+
+/// Why a certificate and a private key do not go together.
+fn key_mismatch(e: rustls::Error, key: &Path, cert: &Path) -> String {
+    match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            format!("{} is not the private key of {}", key.display(), cert.display())
+        }
+        e => format!("{} cannot sign for {}: {e}", key.display(), cert.display()),
+    }
+}
+
+/// The keys a client's TLS settings come from, and what its server is called, for messages.
+struct ClientTlsKeys {
+    url: &'static str,
+    ca_file: &'static str,
+    client_cert: &'static str,
+    client_key: &'static str,
+    server: &'static str,
+}
+
+const UPSTREAM_TLS_KEYS: ClientTlsKeys = ClientTlsKeys {
+    url: "upstream.url",
+    ca_file: "upstream.ca_file",
+    client_cert: "upstream.client_cert",
+    client_key: "upstream.client_key",
+    server: "the aggregator",
+};
+
+const MQTT_TLS_KEYS: ClientTlsKeys = ClientTlsKeys {
+    url: "mqtt.url",
+    ca_file: "mqtt.ca_file",
+    client_cert: "mqtt.client_cert",
+    client_key: "mqtt.client_key",
+    server: "the MQTT broker",
+};
+
+/// A client's TLS files, as configured (relative to the configuration file).
+struct ClientTlsFiles<'a> {
+    ca_file: Option<&'a Path>,
+    client_cert: Option<&'a Path>,
+    client_key: Option<&'a Path>,
+}
+
+/// A TLS client's settings: trusting only `ca_file` if set (else the system's CA certificates),
+/// showing `client_cert` if set. `scheme` is the url's, for messages.
+fn client_tls(
+    keys: &ClientTlsKeys,
+    scheme: &str,
+    files: &ClientTlsFiles<'_>,
+    file: &Path,
+) -> Result<rustls::ClientConfig, (&'static str, String)> {
+    // Explicitly ring, as everywhere in the agent: `--check-config` runs before main installs it.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| (keys.url, format!("no TLS version to offer: {e}")))?;
+    let builder = match files.ca_file {
+        Some(ca_file) => builder.with_root_certificates(read_roots(keys.ca_file, &relative_to(file, ca_file))?),
+        None => {
+            // As reqwest does by default: the system's CA certificates, read once, here.
+            let verifier = rustls_platform_verifier::Verifier::new(provider).map_err(|e| {
+                (
+                    keys.ca_file,
+                    format!(
+                        "{} is {scheme}:// but this system has no CA certificates to check {}'s with ({e}): set \
+                         ca_file to the PEM file of the CA that signed it (or install the system's CA \
+                         certificates, e.g. the ca-certificates package)",
+                        keys.url, keys.server
+                    ),
+                )
+            })?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
+        }
+    };
+    match (files.client_cert, files.client_key) {
+        (None, None) => Ok(builder.with_no_client_auth()),
+        (Some(_), None) => Err((keys.client_key, "required with client_cert: the PEM file of its private key".into())),
+        (None, Some(_)) => {
+            Err((keys.client_cert, "required with client_key: the PEM file of the agent's certificate".into()))
+        }
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (relative_to(file, cert), relative_to(file, key));
+            let chain = read_certificates(keys.client_cert, &cert)?;
+            let key_der = read_private_key(keys.client_key, &key)?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| (keys.client_key, key_mismatch(e, &key, &cert)))
+        }
+    }
 }
 
 /// Resolves one secret: reads `from_file` (relative to the configuration file `file`, whitespace
@@ -868,6 +1208,35 @@ token = "t"
         assert!(e.contains("max_age"), "{e}");
     }
 
+    #[test]
+    fn idle_commits_and_syncs_are_bounded_and_documented_with_their_defaults() {
+        let (example, minimal) = (parse(EXAMPLE).unwrap().spool, parse(MINIMAL).unwrap().spool);
+        assert_eq!(minimal.max_commit_interval, Duration::from_secs(4));
+        assert_eq!(minimal.sync_interval, Duration::from_secs(30));
+        assert_eq!(
+            (example.max_commit_interval, example.sync_interval),
+            (minimal.max_commit_interval, minimal.sync_interval)
+        );
+        assert_eq!(example.sync, minimal.sync);
+        let old = parse(&format!("{MINIMAL}[spool]\nmax_commit_interval = \"5ms\"\nsync_interval = \"0s\"\n")).unwrap();
+        assert_eq!(
+            (old.spool.max_commit_interval, old.spool.sync_interval),
+            (old.spool.commit_interval, Duration::ZERO)
+        );
+        for (spool, key) in [
+            (
+                "commit_interval = \"1s\"\nmax_commit_interval = \"500ms\"",
+                "spool.max_commit_interval: must be at least",
+            ),
+            ("max_commit_interval = \"2m\"", "spool.max_commit_interval: at most 60s"),
+            ("sync_interval = \"2h\"", "spool.sync_interval: at most 1h"),
+            ("sync_interval = \"soon\"", "spool.sync_interval"),
+        ] {
+            let e = parse(&format!("{MINIMAL}[spool]\n{spool}\n")).unwrap_err();
+            assert!(e.contains(key), "{spool}: {e}");
+        }
+    }
+
     /// `dir/tls/ca.pem`, and `dir/tls/client.pem` with its key `client.key`, signed by that CA.
     fn write_certificates(dir: &Path) {
         let tls = dir.join("tls");
@@ -916,6 +1285,54 @@ token = "t"
             .unwrap_err()
             .to_string();
         assert!(e.contains("upstream.ca_file: TLS needs an https:// upstream.url"), "{e}");
+    }
+
+    #[test]
+    fn mqtt_tls_files_are_read_at_load_and_each_modes_keys_refused_in_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        write_certificates(dir.path());
+        let file = dir.path().join("agent.toml");
+        let mqtt = |keys: &str| Config::parse(&format!("{MINIMAL}[mqtt]\n{keys}\n"), &file);
+        let error = |keys: &str| mqtt(keys).unwrap_err().to_string();
+
+        // The embedded broker's TLS listener.
+        let server = "tls_listen = \"127.0.0.1:8883\"\ntls_cert = \"tls/client.pem\"\ntls_key = \"tls/client.key\"";
+        let config = mqtt(server).unwrap();
+        assert!(matches!(config.mqtt.tls, Some(MqttTls::Server(_))), "{:?}", config.mqtt.tls);
+        let config = mqtt(&format!("{server}\ntls_client_ca = \"tls/ca.pem\"")).unwrap();
+        assert!(matches!(config.mqtt.tls, Some(MqttTls::Server(_))));
+        assert!(parse(MINIMAL).unwrap().mqtt.tls.is_none(), "no TLS by default");
+        let e = error("tls_cert = \"tls/client.pem\"\ntls_key = \"tls/client.key\"");
+        assert!(e.contains("mqtt.tls_listen: required with tls_cert"), "{e}");
+        let e = error("tls_listen = \"127.0.0.1:8883\"\ntls_cert = \"tls/client.pem\"");
+        assert!(e.contains("mqtt.tls_key: required with tls_listen"), "{e}");
+        let e = error("tls_listen = \"127.0.0.1:1883\"\ntls_cert = \"tls/client.pem\"\ntls_key = \"tls/client.key\"");
+        assert!(e.contains("mqtt.tls_listen: 127.0.0.1:1883 is mqtt.listen's address too"), "{e}");
+        let e = error(&format!("{server}\ntls_client_ca = \"tls/none.pem\""));
+        assert!(e.contains("mqtt.tls_client_ca: cannot read") && e.contains("none.pem"), "{e}");
+        let e = error(&server.replace("tls/client.key", "tls/ca.pem"));
+        assert!(e.contains("mqtt.tls_key") && e.contains("holds no private key"), "{e}");
+        let e = error("ca_file = \"tls/ca.pem\"");
+        assert!(e.contains("mqtt.ca_file: is how the agent checks a broker it joins in client mode"), "{e}");
+
+        // Client mode: mqtts:// with the agent's own files.
+        let client = "mode = \"client\"\nurl = \"mqtts://broker.example\"";
+        let config = mqtt(&format!(
+            "{client}\nca_file = \"tls/ca.pem\"\nclient_cert = \"tls/client.pem\"\nclient_key = \"tls/client.key\""
+        ))
+        .unwrap();
+        let Some(MqttTls::Client(tls)) = &config.mqtt.tls else { panic!("{:?}", config.mqtt.tls) };
+        assert!(tls.client_auth_cert_resolver.has_certs(), "the client certificate is offered");
+        let e = error(&format!("{client}\nca_file = \"tls/nope.pem\""));
+        assert!(e.contains("mqtt.ca_file: cannot read") && e.contains("nope.pem"), "{e}");
+        let e = error(&format!("{client}\nclient_cert = \"tls/client.pem\""));
+        assert!(e.contains("mqtt.client_key: required with client_cert"), "{e}");
+        let e = error("mode = \"client\"\nurl = \"mqtt://broker.example\"\nca_file = \"tls/ca.pem\"");
+        assert!(e.contains("mqtt.ca_file: TLS needs an mqtts:// mqtt.url (e.g. mqtts://broker.example:8883)"), "{e}");
+        let e = error(&format!("{client}\ntls_listen = \"127.0.0.1:8883\""));
+        assert!(e.contains("mqtt.tls_listen: only the embedded broker listens"), "{e}");
+        let e = error("mode = \"client\"\nurl = \"https://broker.example\"");
+        assert!(e.contains("expected mqtt://host:port or mqtts://host:port"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
-use tributary_shared::reading::{ReadingError, validate_sensor_id, validate_ts_at, validate_value};
+use tributary_shared::reading::{ReadingError, validate_sensor_id, validate_ts, validate_ts_at, validate_value};
+
+use crate::config::OnDeviceSkew;
 
 /// Why a message (or one field of it) was not turned into a reading. The label is the
 /// `reason` of `tributary_agent_rejected_total`.
@@ -100,12 +102,71 @@ impl TopicFilter {
     }
 }
 
+/// Where a reading's timestamp comes from: the agent routes each kind to blocks of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stamp {
+    /// The agent's receive time.
+    Agent,
+    /// The device's own timestamp: within the limits, or not judged (the gateway clock has not
+    /// been synchronised, so it cannot tell).
+    Device,
+    /// The device's own timestamp beyond the limits, kept to be sent flagged (`on_device_skew = "flag"`).
+    Skewed,
+    /// The device's own timestamp beyond the limits, replaced by the agent's receive time
+    /// (`on_device_skew = "restamp"`).
+    Restamped,
+}
+
+/// What the agent does with device timestamps, judged against the synchronised gateway clock.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceTsPolicy {
+    /// `validation.max_clock_skew`: how far ahead of the gateway clock a device timestamp may be.
+    pub max_skew_ms: i64,
+    /// `clock.max_device_age`: how far behind it may be (unset: any age).
+    pub max_age_ms: Option<i64>,
+    pub on_skew: OnDeviceSkew,
+}
+
+impl DeviceTsPolicy {
+    pub fn new(max_skew_ms: i64) -> DeviceTsPolicy {
+        DeviceTsPolicy { max_skew_ms, max_age_ms: None, on_skew: OnDeviceSkew::Reject }
+    }
+
+    /// The timestamp and stamp of a reading: the device's `ts` if it has one, else `now`, the
+    /// gateway clock (`trusted` once it has been synchronised). Agent stamps of an untrusted clock
+    /// are not checked (they may read 1970: the spool re-stamps them). A device timestamp before
+    /// 2000 is always an error; beyond the limits of a trusted clock it goes by `on_skew` (an
+    /// error for `reject`, whose reason counts as `bad_timestamp` either way).
+    pub fn judge(&self, ts: Option<i64>, now: i64, trusted: bool) -> Result<(i64, Stamp), ReadingError> {
+        let Some(ts) = ts else {
+            if trusted {
+                validate_ts(now)?;
+            }
+            return Ok((now, Stamp::Agent));
+        };
+        validate_ts(ts)?;
+        if !trusted {
+            return Ok((ts, Stamp::Device));
+        }
+        let ahead = validate_ts_at(ts, now, self.max_skew_ms);
+        let too_old = self.max_age_ms.is_some_and(|age| ts < now.saturating_sub(age));
+        if ahead.is_ok() && !too_old {
+            return Ok((ts, Stamp::Device));
+        }
+        match self.on_skew {
+            OnDeviceSkew::Reject => Err(ahead.err().unwrap_or(ReadingError::TooOld(ts))),
+            OnDeviceSkew::Restamp => Ok((now, Stamp::Restamped)),
+            OnDeviceSkew::Flag => Ok((ts, Stamp::Skewed)),
+        }
+    }
+}
+
 /// Turns MQTT messages into validated readings.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     filters: Vec<TopicFilter>,
     max_payload_bytes: usize,
-    max_skew_ms: i64,
+    device: DeviceTsPolicy,
     max_readings_per_message: usize,
     sensors: Option<SensorLimiter>,
 }
@@ -116,7 +177,7 @@ impl Decoder {
         Decoder {
             filters: topics.iter().map(|t| TopicFilter::new(t)).collect(),
             max_payload_bytes,
-            max_skew_ms,
+            device: DeviceTsPolicy::new(max_skew_ms),
             max_readings_per_message: usize::MAX,
             sensors: None,
         }
@@ -128,6 +189,17 @@ impl Decoder {
         self.max_readings_per_message = max_readings_per_message;
         self.sensors = (max_new_sensors_per_minute > 0).then(|| SensorLimiter::new(max_new_sensors_per_minute));
         self
+    }
+
+    /// Device timestamps beyond the skew limit, or older than `max_age_ms`, go by `on_skew`.
+    pub fn with_device_policy(mut self, on_skew: OnDeviceSkew, max_age_ms: Option<i64>) -> Decoder {
+        self.device.on_skew = on_skew;
+        self.device.max_age_ms = max_age_ms;
+        self
+    }
+
+    pub fn device_policy(&self) -> DeviceTsPolicy {
+        self.device
     }
 
     /// The sensor id a topic maps to: the topic after the first matching filter's fixed prefix
@@ -147,9 +219,23 @@ impl Decoder {
         payload: &[u8],
         now_ms: i64,
         mut emit: impl FnMut(&str, i64, f64),
+        reject: impl FnMut(Reject),
+    ) -> usize {
+        self.decode_stamped(topic, payload, now_ms, true, |sensor, ts, value, _| emit(sensor, ts, value), reject)
+    }
+
+    /// As [`Decoder::decode`], with the gateway clock's trust (`trusted`: synchronised) and each
+    /// reading's [`Stamp`].
+    pub fn decode_stamped(
+        &mut self,
+        topic: &[u8],
+        payload: &[u8],
+        now_ms: i64,
+        trusted: bool,
+        mut emit: impl FnMut(&str, i64, f64, Stamp),
         mut reject: impl FnMut(Reject),
     ) -> usize {
-        match self.decode_message(topic, payload, now_ms, &mut emit, &mut reject) {
+        match self.decode_message(topic, payload, now_ms, trusted, &mut emit, &mut reject) {
             Ok(n) => n,
             Err(r) => {
                 reject(r);
@@ -163,7 +249,8 @@ impl Decoder {
         topic: &[u8],
         payload: &[u8],
         now_ms: i64,
-        emit: &mut impl FnMut(&str, i64, f64),
+        trusted: bool,
+        emit: &mut impl FnMut(&str, i64, f64, Stamp),
         reject: &mut impl FnMut(Reject),
     ) -> Result<usize, Reject> {
         if payload.len() > self.max_payload_bytes {
@@ -185,23 +272,23 @@ impl Decoder {
             })?;
             check_value(value)?;
             self.admit(sensor, now_ms)?;
-            emit(sensor, now_ms, value);
+            emit(sensor, now_ms, value, Stamp::Agent);
             return Ok(1);
         }
 
         let object: Object = serde_json::from_str(text).map_err(|_| Reject::Malformed)?;
         let ts = match object.ts {
-            None => now_ms,
-            Some(Field::Number(ts)) if ts.fract() == 0.0 && ts.abs() < 9.0e15 => ts as i64,
+            None => None,
+            Some(Field::Number(ts)) if ts.fract() == 0.0 && ts.abs() < 9.0e15 => Some(ts as i64),
             Some(_) => return Err(Reject::BadTimestamp),
         };
         // The timestamp concerns the whole message: check it once, before any reading goes out.
-        validate_ts_at(ts, now_ms, self.max_skew_ms).map_err(|e| Reject::from_reading_error(&e))?;
+        let (ts, stamp) = self.device.judge(ts, now_ms, trusted).map_err(|e| Reject::from_reading_error(&e))?;
         match object.value {
             Some(Field::Number(value)) => {
                 check_value(value)?;
                 self.admit(sensor, now_ms)?;
-                emit(sensor, ts, value);
+                emit(sensor, ts, value, stamp);
                 Ok(1)
             }
             Some(Field::Other) => Err(Reject::NotANumber),
@@ -223,7 +310,7 @@ impl Decoder {
                         .and_then(|()| self.admit(&id, now_ms));
                     match checked {
                         Ok(()) => {
-                            emit(&id, ts, value);
+                            emit(&id, ts, value, stamp);
                             emitted += 1;
                         }
                         Err(r) => {
@@ -530,6 +617,56 @@ mod tests {
         let mut rejects = Vec::new();
         decoder.decode(b"sensors/\xff", b"1", NOW, |_, _, _| {}, |r| rejects.push(r));
         assert_eq!(rejects, [Reject::NonUtf8Topic]);
+    }
+
+    fn stamped(decoder: &mut Decoder, payload: &str, now: i64, trusted: bool) -> (Vec<(i64, Stamp)>, Vec<Reject>) {
+        let (mut out, mut rejects) = (Vec::new(), Vec::new());
+        decoder.decode_stamped(
+            b"sensors/a",
+            payload.as_bytes(),
+            now,
+            trusted,
+            |_, ts, _, stamp| out.push((ts, stamp)),
+            |r| rejects.push(r),
+        );
+        (out, rejects)
+    }
+
+    #[test]
+    fn an_unsynchronised_clock_stamps_in_1970_and_does_not_judge_device_timestamps() {
+        let mut decoder = Decoder::new(&["sensors/#".to_string()], 1024, 300_000);
+        let boot_1970 = 5_000;
+        assert_eq!(stamped(&mut decoder, "21.5", boot_1970, false).0, [(boot_1970, Stamp::Agent)]);
+        assert_eq!(stamped(&mut decoder, r#"{"value": 1}"#, boot_1970, false).0, [(boot_1970, Stamp::Agent)]);
+        // Synchronised, the same clock reading is an error (as before the clock section).
+        assert_eq!(stamped(&mut decoder, r#"{"value": 1}"#, boot_1970, true).1, [Reject::BadTimestamp]);
+        // A device timestamp far ahead of a 1970 clock is not judged by it; one before 2000 still fails.
+        assert_eq!(
+            stamped(&mut decoder, r#"{"value": 1, "ts": 1764000000000}"#, boot_1970, false).0,
+            [(1_764_000_000_000, Stamp::Device)]
+        );
+        assert_eq!(stamped(&mut decoder, r#"{"value": 1, "ts": 12}"#, boot_1970, false).1, [Reject::BadTimestamp]);
+    }
+
+    #[test]
+    fn device_timestamps_beyond_the_limits_go_by_on_device_skew() {
+        let ahead = format!(r#"{{"value": 1, "ts": {}}}"#, NOW + 300_001);
+        let old = format!(r#"{{"value": 1, "ts": {}}}"#, NOW - 86_400_001);
+        let fine = format!(r#"{{"value": 1, "ts": {}}}"#, NOW - 1_000);
+        let day = Some(86_400_000);
+        let mut reject =
+            Decoder::new(&["sensors/#".to_string()], 1024, 300_000).with_device_policy(OnDeviceSkew::Reject, day);
+        assert_eq!(stamped(&mut reject, &ahead, NOW, true).1, [Reject::BadTimestamp]);
+        assert_eq!(stamped(&mut reject, &old, NOW, true).1, [Reject::BadTimestamp]);
+        assert_eq!(stamped(&mut reject, &fine, NOW, true).0, [(NOW - 1_000, Stamp::Device)]);
+        let mut restamp =
+            Decoder::new(&["sensors/#".to_string()], 1024, 300_000).with_device_policy(OnDeviceSkew::Restamp, day);
+        assert_eq!(stamped(&mut restamp, &ahead, NOW, true).0, [(NOW, Stamp::Restamped)]);
+        assert_eq!(stamped(&mut restamp, &old, NOW, true).0, [(NOW, Stamp::Restamped)]);
+        let mut flag =
+            Decoder::new(&["sensors/#".to_string()], 1024, 300_000).with_device_policy(OnDeviceSkew::Flag, None);
+        assert_eq!(stamped(&mut flag, &ahead, NOW, true).0, [(NOW + 300_001, Stamp::Skewed)]);
+        assert_eq!(stamped(&mut flag, &old, NOW, true).0, [(NOW - 86_400_001, Stamp::Device)], "no age limit set");
     }
 
     #[test]

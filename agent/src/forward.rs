@@ -32,8 +32,10 @@ use reqwest::header::CONTENT_TYPE;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tributary_shared::batch::POSTCARD_CONTENT_TYPE;
-use tributary_shared::{Batch, Block, GapReports, IngestAck, WireBlock};
+use tributary_shared::block::FORMAT_FLAGGED;
+use tributary_shared::{Batch, Block, BlockClock, GapReports, IngestAck, WireBlock};
 
+use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::spool::{MAX_BLOCK_READINGS, Spool, StoredBlock, slice_block};
@@ -72,6 +74,10 @@ pub struct Forwarder {
     pub metrics: Arc<Metrics>,
     /// The bearer token; SIGHUP can replace it (a 401 is fixed without a restart).
     pub token: watch::Receiver<String>,
+    /// Blocks stamped before the clock was synchronised wait for it up to `hold_unsynced`
+    /// (`[clock]`), measured by the boot-time clock; then they go out flagged.
+    pub clock: Arc<Clock>,
+    pub hold_unsynced: Duration,
 }
 
 /// How a request went, from the forwarder's point of view.
@@ -117,6 +123,25 @@ impl Outgoing {
     fn end(&self) -> u64 {
         self.first_seq + u64::from(self.count)
     }
+}
+
+/// How much longer a stored block waits for the clock: one stamped by the agent before the clock
+/// was synchronised in this boot (`boot_id`, now `boot_ms` after boot), whose oldest reading is
+/// less than `hold_ms` old by the boot-time clock. `None` for every other block: synced ones, and
+/// unsynced ones of an earlier boot (nothing can re-stamp them) or held long enough, which go out
+/// flagged for the aggregator to quarantine.
+fn held_for(data: &[u8], boot_id: [u8; 16], boot_ms: i64, hold_ms: i64) -> Option<Duration> {
+    if data.first() != Some(&FORMAT_FLAGGED) {
+        return None;
+    }
+    let BlockClock::Unsynced { boot_id: stamped_in, offset_ms } = BlockClock::of(data).ok()? else { return None };
+    if stamped_in != boot_id {
+        return None;
+    }
+    let oldest = Block::decode(data).ok()?.entries.iter().map(|e| e.ts).min()?;
+    let age = boot_ms.saturating_sub(oldest.saturating_sub(offset_ms));
+    let left = hold_ms.saturating_sub(age.max(0));
+    (left > 0).then(|| Duration::from_millis(left as u64))
 }
 
 /// Exponential backoff with full jitter (AWS's "full jitter": uniform in [0, min(cap, base·2ⁿ)]).
@@ -219,8 +244,8 @@ impl Forwarder {
             // Mark before reading: a commit landing after the read then still wakes the wait below.
             let head = *end.borrow_and_update();
             let budget = max_body - max_body / 16;
-            let stored = match self.spool.read_from(cursor, self.config.batch_max_readings, budget).await {
-                Ok(b) => b,
+            let (stored, held) = match self.spool.read_from(cursor, self.config.batch_max_readings, budget).await {
+                Ok(b) => self.hold_unsynced(b),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the spool");
                     if sleep_or_shutdown(backoff.next(), &mut shutdown).await {
@@ -264,6 +289,8 @@ impl Forwarder {
                 tokio::select! {
                     _ = end.changed() => {}
                     _ = shutdown.changed() => {}
+                    // The hold of a block stamped before the clock was synchronised ends.
+                    _ = tokio::time::sleep(held.unwrap_or_default()), if held.is_some() => {}
                     _ = tokio::time::sleep_until((last_delete + DELETE_INTERVAL).into()), if undeleted.is_some() => {
                         if let Some(next_seq) = undeleted.take() {
                             if self.spool.ack(next_seq).is_err() {
@@ -290,6 +317,7 @@ impl Forwarder {
                 let most = self.config.batch_max_readings.saturating_add(MAX_BLOCK_READINGS);
                 match self.spool.read_from(from, most, usize::MAX).await {
                     Ok(tail) => {
+                        let (tail, _) = self.hold_unsynced(tail);
                         let newest = plan_live(&tail, from, head, &skips, budget);
                         if !newest.is_empty() {
                             (outgoing, live) = (newest, true);
@@ -316,6 +344,8 @@ impl Forwarder {
                 Outcome::Acked(ack) => {
                     let delivered = readings.min(ack.accepted + ack.duplicates);
                     self.metrics.readings_forwarded.inc_by(delivered);
+                    let flagged = outgoing.iter().filter(|b| b.data.first() == Some(&FORMAT_FLAGGED));
+                    self.metrics.readings_forwarded_flagged.inc_by(flagged.map(|b| u64::from(b.count)).sum());
                     if let Some(from) = epoch.unverified {
                         // This request carried only blocks older than `from`: its ack is the mark.
                         if !self.settle(&mut epoch, from, ack.next_seq, &mut shutdown).await {
@@ -417,6 +447,20 @@ impl Forwarder {
             let _ = self.spool.ack(next_seq);
         }
         tracing::debug!("forwarder stopped");
+    }
+
+    /// Cuts `stored` before the first block held for the clock (see [`held_for`]); returns what is
+    /// left and how long until that block's hold ends.
+    fn hold_unsynced(&self, mut stored: Vec<StoredBlock>) -> (Vec<StoredBlock>, Option<Duration>) {
+        let (boot_id, boot_ms) = (self.clock.boot_id(), self.clock.boot_ms());
+        let hold_ms = i64::try_from(self.hold_unsynced.as_millis()).unwrap_or(i64::MAX);
+        for (i, block) in stored.iter().enumerate() {
+            if let Some(left) = held_for(&block.data, boot_id, boot_ms, hold_ms) {
+                stored.truncate(i);
+                return (stored, Some(left));
+            }
+        }
+        (stored, None)
     }
 
     /// The HTTP client, with the TLS settings the configuration made for an `https://` url.
@@ -933,7 +977,17 @@ mod tests {
         )
         .unwrap();
         let token = watch::channel(config.upstream.token.clone()).1;
-        (Forwarder { spool, agent_id: "gw".into(), config: config.upstream, metrics, token }, dir, thread)
+        let clock = Arc::new(Clock::new(Box::new(crate::clock::SystemClock::new(crate::config::SyncCheck::None))));
+        let forwarder = Forwarder {
+            spool,
+            agent_id: "gw".into(),
+            config: config.upstream,
+            metrics,
+            token,
+            clock,
+            hold_unsynced: Duration::from_secs(600),
+        };
+        (forwarder, dir, thread)
     }
 
     #[test]
@@ -970,5 +1024,23 @@ mod tests {
                 assert!(matches!(outcome, Outcome::Retry(_)), "{status} {}", String::from_utf8_lossy(body));
             }
         }
+    }
+
+    #[test]
+    fn only_unsynced_blocks_of_this_boot_younger_than_the_hold_are_held() {
+        let boot = [4u8; 16];
+        let block = |clock: BlockClock, ts: i64| {
+            let mut b = tributary_shared::BlockBuilder::default();
+            b.push("s", ts, 1.0);
+            b.push("s", ts + 5_000, 1.0);
+            Block { clock, ..b.finish() }.encode()
+        };
+        // Stamped 10 s after boot (1970), now 70 s after boot: 60 s old, by its oldest reading.
+        let unsynced = block(BlockClock::Unsynced { boot_id: boot, offset_ms: 0 }, 10_000);
+        assert_eq!(held_for(&unsynced, boot, 70_000, 600_000), Some(Duration::from_secs(540)));
+        assert_eq!(held_for(&unsynced, boot, 70_000, 60_000), None, "held long enough: sent flagged");
+        assert_eq!(held_for(&unsynced, [5; 16], 70_000, 600_000), None, "an earlier boot's cannot wait for anything");
+        assert_eq!(held_for(&block(BlockClock::Synced, 1_764_000_000_000), boot, 70_000, 600_000), None);
+        assert_eq!(held_for(&block(BlockClock::DeviceSkew, 1_764_000_000_000), boot, 70_000, 600_000), None);
     }
 }

@@ -5,7 +5,8 @@
 //! Every `[health] interval`: `cpu` (the agent's CPU use since the last sample, in % of one
 //! core), `rss_bytes`, `disk_free_bytes` (of the spool's file system, for unprivileged users),
 //! `spool_bytes`, `spool_readings`, and `clock_synced` (1 when the kernel says the clock is
-//! synchronised, e.g. by NTP; 0 when not).
+//! synchronised, e.g. by NTP; 0 when not). Stamped like every reading the agent stamps
+//! (see [`crate::clock`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,9 +14,11 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use crate::clock::kernel_clock_synced;
+use crate::decode::Stamp;
 use crate::input::Intake;
 use crate::metrics::Metrics;
-use crate::spool::{SpoolError, now_ms};
+use crate::spool::SpoolError;
 
 /// Samples the health readings and hands them to `intake` until `stop`.
 pub struct Health {
@@ -36,9 +39,16 @@ impl Health {
                 _ = ticker.tick() => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
-            let now = now_ms();
+            // Stamped like any reading the agent stamps: re-stamped if the clock is not synchronised yet.
+            let now = intake.clock_now();
             for (what, value) in self.sample(&mut last_cpu) {
-                intake.take_reading(&format!("_agent/{}/{what}", self.agent_id), now, value);
+                intake.take_stamped(
+                    &format!("_agent/{}/{what}", self.agent_id),
+                    now.wall_ms,
+                    value,
+                    Stamp::Agent,
+                    &now,
+                );
             }
             intake.try_flush()?;
         }
@@ -64,7 +74,7 @@ impl Health {
         }
         out.push(("spool_bytes", self.metrics.spool_bytes.get() as f64));
         out.push(("spool_readings", self.metrics.spool_readings.get() as f64));
-        if let Some(synced) = clock_synced() {
+        if let Some(synced) = kernel_clock_synced() {
             out.push(("clock_synced", if synced { 1.0 } else { 0.0 }));
         }
         out
@@ -99,18 +109,6 @@ fn disk_free_bytes(dir: &Path) -> Option<u64> {
     Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
-/// Whether the kernel considers the clock synchronised (adjtimex: not `TIME_ERROR`, no
-/// `STA_UNSYNC`). `None` where it cannot be asked.
-fn clock_synced() -> Option<bool> {
-    // SAFETY: adjtimex with modes 0 only reads the kernel's state into the struct we pass.
-    let mut timex: libc::timex = unsafe { std::mem::zeroed() };
-    let state = unsafe { libc::adjtimex(&mut timex) };
-    if state < 0 {
-        return None;
-    }
-    Some(state != libc::TIME_ERROR && timex.status & libc::STA_UNSYNC == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +118,5 @@ mod tests {
         assert!(cpu_seconds().is_some());
         assert!(rss_bytes().is_some_and(|b| b > 1 << 20));
         assert!(disk_free_bytes(Path::new("/")).is_some());
-        assert!(clock_synced().is_some());
     }
 }

@@ -9,7 +9,10 @@
 //! Every input's [`input::Intake`] runs the pre-[`filter`]s before the spool.
 //! A configuration read again on SIGHUP ([`reload`]) changes filters, serial ports and the upstream
 //! token in place; the rest waits for a restart.
+//! The [`clock`] stamps readings; until the gateway clock is first synchronised, what the agent
+//! stamps is held and re-stamped once it is.
 
+pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod filter;
@@ -28,6 +31,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::clock::{Clock, ClockWatcher};
 use crate::config::{Config, MqttMode};
 use crate::decode::Decoder;
 use crate::forward::Forwarder;
@@ -81,11 +85,19 @@ pub async fn run_with_reload(
         config.mqtt.max_payload_bytes,
         config.validation.max_clock_skew.as_millis() as i64,
     );
-    let decoder = decoder.with_caps(config.mqtt.max_readings_per_message, config.validation.max_new_sensors_per_minute);
+    let decoder = decoder
+        .with_caps(config.mqtt.max_readings_per_message, config.validation.max_new_sensors_per_minute)
+        .with_device_policy(
+            config.clock.on_device_skew,
+            config.clock.max_device_age.map(|age| i64::try_from(age.as_millis()).unwrap_or(i64::MAX)),
+        );
+    // Stamps every input's readings; see `clock` for what happens before it is synchronised.
+    let clock = Arc::new(Clock::from_config(&config.clock));
     // Every input's intake, and the intakes of serial ports started later, take filter rules from here.
     let (filters_tx, filters_rx) = watch::channel(config.filter.as_slice().into());
-    let intake =
-        Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings).with_filter_updates(filters_rx);
+    let intake = Intake::new(decoder, &spool, metrics.clone(), config.spool.max_queued_readings)
+        .with_filter_updates(filters_rx)
+        .with_clock(clock.clone());
     // Each serial port reads into its own intake; the spool's group commit batches them all.
     let mut serial =
         SerialPorts::start(&config.serial, intake.another(), config.validation.max_clock_skew.as_millis() as i64);
@@ -113,7 +125,11 @@ pub async fn run_with_reload(
     };
     let (token_tx, token_rx) = watch::channel(config.upstream.token.clone());
     let mut reloader = Reloader::new(config.clone(), filters_tx, token_tx, metrics.clone());
+    let watcher = ClockWatcher { clock: clock.clone(), spool: spool.clone(), metrics: metrics.clone() };
+    let watcher = tokio::spawn(watcher.run(stop_rx.clone()));
     let forwarder = Forwarder {
+        clock,
+        hold_unsynced: config.clock.hold_unsynced,
         spool,
         agent_id: config.agent_id.clone(),
         config: config.upstream.clone(),
@@ -153,6 +169,7 @@ pub async fn run_with_reload(
     // The serial inputs hand over what they read and end.
     result = result.and(serial.join().await);
     let _ = forwarder.await;
+    let _ = watcher.await;
     match http_server.await {
         Ok(Err(e)) => result = result.and(Err(AgentError::Http(e))),
         Err(e) => result = result.and(Err(AgentError::Task(e.to_string()))),

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub broker_rejected: Counter,
     /// Clients the embedded broker refused at CONNECT for a missing or wrong username or password.
     pub broker_auth_failures: Counter,
+    /// TLS handshakes that failed or timed out on the embedded broker's `tls_listen`.
+    pub broker_tls_handshake_failures: Counter,
     /// Messages the embedded broker acknowledged but evicted before the agent read them.
     pub broker_dropped: Counter,
     /// Readings committed to the spool.
@@ -121,6 +123,16 @@ pub struct Metrics {
     /// Readings a damaged spool gave back at start, and readings it could not.
     pub spool_salvaged_readings: Counter,
     pub spool_salvage_lost_readings: Counter,
+    /// 1 once the gateway clock has been synchronised since the agent started, 0 before.
+    pub clock_synced: Gauge,
+    /// Readings stamped before the clock was synchronised and re-stamped once it was.
+    pub clock_restamped_readings: Counter,
+    /// Readings sent in flagged blocks (stamped by a clock never synchronised in time, or device
+    /// timestamps beyond the limits with `on_device_skew = "flag"`): the aggregator quarantines them.
+    pub readings_forwarded_flagged: Counter,
+    /// Device timestamps beyond `validation.max_clock_skew` (or `clock.max_device_age`) that were
+    /// re-stamped or flagged (`clock.on_device_skew`; rejected ones count as `bad_timestamp`).
+    pub device_skew_readings: Counter,
     /// Readings the aggregator acknowledged.
     pub readings_forwarded: Counter,
     /// Readings sent ahead of an older backlog (live first after an outage); also in `readings_forwarded`.
@@ -177,6 +189,7 @@ impl Metrics {
             rejected: Family::default(),
             broker_rejected: Counter::default(),
             broker_auth_failures: Counter::default(),
+            broker_tls_handshake_failures: Counter::default(),
             broker_dropped: Counter::default(),
             readings_spooled: Counter::default(),
             spool_commits: Counter::default(),
@@ -190,6 +203,10 @@ impl Metrics {
             spool_renumbered_readings: Counter::default(),
             spool_salvaged_readings: Counter::default(),
             spool_salvage_lost_readings: Counter::default(),
+            clock_synced: Gauge::default(),
+            clock_restamped_readings: Counter::default(),
+            readings_forwarded_flagged: Counter::default(),
+            device_skew_readings: Counter::default(),
             readings_forwarded: Counter::default(),
             readings_forwarded_live_first: Counter::default(),
             forward_requests: Family::default(),
@@ -229,6 +246,12 @@ impl Metrics {
             m.broker_auth_failures.clone(),
         );
         registry.register(
+            "broker_tls_handshake_failures",
+            "TLS handshakes that failed or timed out on the embedded broker's mqtt.tls_listen (wrong CA, no \
+             client certificate, a plain MQTT client, ...)",
+            m.broker_tls_handshake_failures.clone(),
+        );
+        registry.register(
             "broker_dropped",
             "Messages the embedded broker acknowledged but evicted before the agent read them",
             m.broker_dropped.clone(),
@@ -246,6 +269,26 @@ impl Metrics {
             m.spool_readings.clone(),
         );
         registry.register("spool_bytes", "Bytes of blocks in the spool", m.spool_bytes.clone());
+        registry.register(
+            "clock_synced",
+            "1 once the gateway clock has been synchronised since the agent started",
+            m.clock_synced.clone(),
+        );
+        registry.register(
+            "clock_restamped_readings",
+            "Readings stamped before the clock was synchronised, re-stamped once it was",
+            m.clock_restamped_readings.clone(),
+        );
+        registry.register(
+            "readings_forwarded_flagged",
+            "Readings sent in blocks flagged unsynced or device-skewed (quarantined by the aggregator)",
+            m.readings_forwarded_flagged.clone(),
+        );
+        registry.register(
+            "device_skew_readings",
+            "Device timestamps beyond the limits that were re-stamped or flagged (clock.on_device_skew)",
+            m.device_skew_readings.clone(),
+        );
         registry.register(
             "spool_dropped_readings",
             "Readings dropped because the spool reached its size limit or its file system was full",
@@ -433,12 +476,17 @@ mod tests {
             "tributary_agent_rejected_total{reason=\"not_finite\"} 0",
             "tributary_agent_broker_rejected_total",
             "tributary_agent_broker_auth_failures_total 0",
+            "tributary_agent_broker_tls_handshake_failures_total 0",
             "tributary_agent_broker_dropped_total",
             "tributary_agent_readings_spooled_total",
             "tributary_agent_spool_commits_total",
             "tributary_agent_spool_commit_seconds_bucket{le=\"0.005\"} 1",
             "tributary_agent_spool_readings",
             "tributary_agent_spool_bytes",
+            "tributary_agent_clock_synced",
+            "tributary_agent_clock_restamped_readings_total",
+            "tributary_agent_readings_forwarded_flagged_total",
+            "tributary_agent_device_skew_readings_total",
             "tributary_agent_spool_dropped_readings_total",
             "tributary_agent_spool_max_bytes",
             "tributary_agent_spool_disk_full_total",

@@ -131,6 +131,7 @@ const RESTART_ONLY_TABLES: &[(&str, Part)] = &[
     ("validation", |c| format!("{:?}", c.validation)),
     ("spool", |c| format!("{:?}", c.spool)),
     ("health", |c| format!("{:?}", c.health)),
+    ("clock", |c| format!("{:?}", c.clock)),
     ("upstream", |c| {
         let upstream = UpstreamConfig { token: String::new(), token_file: None, ..c.upstream.clone() };
         format!("{upstream:?}")

@@ -5,10 +5,18 @@
 //! chunk over whenever the writer's short queue has room; while the writer is busy (an fsync can
 //! take a hundred milliseconds on a shared disk, more on an SD card) the chunk just grows. One
 //! writer thread owns the write connection and group-commits: it waits for the first command, lets
-//! `commit_interval` pass since its previous commit, takes everything queued, and writes it as one
+//! the commit interval pass since its previous commit, takes everything queued, and writes it as one
 //! or more blocks plus any pending deletion of acknowledged blocks, in one transaction. A reading's
 //! sequence number is its block's `first_seq` plus its index. The spool epoch, a random id made with
 //! the file, keeps a replaced disk from colliding with its past.
+//!
+//! A commit costs a page or two of WAL whatever it holds, and an fsync'ed one a 4 KiB write to the
+//! flash: on a quiet gateway, where every reading would be its own commit, that is what wears the SD
+//! card. So the interval follows the rate ([`CommitPace`]): `commit_interval` under load, growing up
+//! to `max_commit_interval` while commits hold few readings (a reading after a quiet spell is
+//! committed at once); and with `sync = "full"` commits are fsync'ed at most `sync_interval` after
+//! they are made rather than each on its own (SQLite's `synchronous=NORMAL` plus the writer's own
+//! fsync of the WAL). A clean stop commits and fsyncs everything at once.
 //!
 //! The forwarder's commands ([`Spool::ack`], [`Spool::dead_letter`], [`Spool::verify`]) travel on a
 //! second, unbounded channel, so deleting what the aggregator holds never waits behind appends, not
@@ -17,7 +25,8 @@
 //! hole in the sequence numbers.
 //!
 //! Sequence numbers are never reused: every transaction that deletes (acks, drops, dead letters) or
-//! skips numbers also writes `meta.next_seq`, and opening takes the highest number anything holds.
+//! skips numbers also persists the end, as `meta.next_seq` or as the end of the newest block it keeps,
+//! and opening takes the highest number anything holds.
 //! The blocks in the file when it is opened are original content, safe to resend; numbers given out
 //! from `meta.unverified_from` on may collide with a timeline the file lost (a restored image, a WAL
 //! tail lost to a power cut), so the forwarder learns the aggregator's mark before sending them and
@@ -32,7 +41,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot, watch};
 use tributary_shared::gap::MAX_REPORTED_SENSORS;
-use tributary_shared::{Block, BlockBuilder, GapReport};
+use tributary_shared::{Block, BlockBuilder, BlockClock, GapReport};
 
 use crate::config::{Overflow, SpoolConfig, SyncMode};
 use crate::metrics::Metrics;
@@ -76,6 +85,17 @@ const AGE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Forwarder commands that failed to commit are retried after this, doubling up to the max.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Readings a commit should gather before the commit interval stops growing: a commit costs a page
+/// or two of WAL whatever it holds, so at 8 readings a commit that is an eighth per reading. Kept
+/// below the inflight windows of common brokers (Mosquitto and VerneMQ 20, RabbitMQ 10, EMQX 32):
+/// in client mode each PUBACK waits for its commit, and a broker that ran out of window before a
+/// commit gathered this many would make the interval grow instead of shrink.
+const COMMIT_TARGET_READINGS: f64 = 8.0;
+/// Group-commit waits up to this long sleep the writer thread, as under load: inputs meanwhile
+/// grow their chunks instead of handing over every message. Longer waits (a quiet gateway) take
+/// chunks as they come, so that a stop (a closed queue, [`Command::Flush`]) or a due fsync is not
+/// held up by them.
+const SHORT_WAIT: Duration = Duration::from_millis(50);
 
 /// The writer's queue of readings, on a short bounded channel: the batching happens in the
 /// [`Chunk`] an input fills while the queue is full.
@@ -83,6 +103,8 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub enum Command {
     /// Readings to commit.
     Append(Chunk),
+    /// Commit what is queued now, whatever the interval (an input stopping: its acks wait on it).
+    Flush,
 }
 
 /// The forwarder's commands, on an unbounded channel: they are few (one per request) and must
@@ -98,6 +120,9 @@ enum Control {
     /// The aggregator stored these gap reports (`from_seq`, `to_seq`): forget them. One that grew
     /// since it was read no longer matches and is sent again.
     Reported { ranges: Vec<(u64, u64)> },
+    /// The clock is synchronised in boot `boot_id`, its wall clock `offset_ms` ahead of its
+    /// boot-time clock: re-stamp the blocks of that boot stamped before (see [`crate::clock`]).
+    Restamp { boot_id: [u8; 16], offset_ms: i64 },
 }
 
 /// What [`Spool::verify`] did.
@@ -115,16 +140,102 @@ pub struct Verified {
 pub struct Chunk {
     pub readings: BlockBuilder,
     pub through: u64,
+    /// Readings to be stored in flagged blocks (boxed: most chunks have none).
+    pub flagged: Option<Box<FlaggedReadings>>,
+}
+
+/// The readings of a chunk that go into flagged blocks.
+#[derive(Debug, Default)]
+pub struct FlaggedReadings {
+    /// Readings the agent stamped before the clock was synchronised, in the frame of the flag
+    /// ([`BlockClock::Unsynced`]) their block gets (see [`crate::clock`]).
+    pub unsynced: Option<(BlockClock, BlockBuilder)>,
+    /// Device timestamps beyond the limits, kept to be sent flagged ([`BlockClock::DeviceSkew`]).
+    pub skewed: BlockBuilder,
 }
 
 impl Chunk {
     pub fn len(&self) -> usize {
         self.readings.len()
+            + self.flagged.as_ref().map_or(0, |f| f.unsynced.as_ref().map_or(0, |(_, b)| b.len()) + f.skewed.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.readings.is_empty()
+        self.len() == 0
     }
+
+    /// Takes the flagged readings out of the chunk, as blocks of their own: the unsynced ones
+    /// re-based onto the frame of `frame` (the first unsynced flag of the batch) if they share its
+    /// boot, so that chunks of one boot make one block.
+    fn take_flagged(&mut self, frame: &mut Option<BlockClock>) -> Vec<Block> {
+        let mut out = Vec::new();
+        let Some(flagged) = self.flagged.take() else { return out };
+        let FlaggedReadings { unsynced, skewed } = *flagged;
+        if let Some((clock, builder)) = unsynced {
+            let mut block = Block { clock, ..builder.finish() };
+            match (*frame, clock) {
+                (
+                    Some(BlockClock::Unsynced { boot_id: to_boot, offset_ms: to }),
+                    BlockClock::Unsynced { boot_id, offset_ms: from },
+                ) if to_boot == boot_id => {
+                    for e in &mut block.entries {
+                        e.ts = e.ts.saturating_sub(from).saturating_add(to);
+                    }
+                    block.clock = BlockClock::Unsynced { boot_id, offset_ms: to };
+                }
+                _ => *frame = frame.or(Some(clock)),
+            }
+            out.push(block);
+        }
+        if !skewed.is_empty() {
+            out.push(Block { clock: BlockClock::DeviceSkew, ..skewed.finish() });
+        }
+        out
+    }
+}
+
+/// The flagged readings of a batch of chunks as encoded blocks of at most `max_block_readings`,
+/// one run per flag; unsynced readings of the boot `restamp` names are re-stamped on the way
+/// (the clock was synchronised after they were stamped and before they reached the spool).
+fn flagged_blocks(
+    chunks: &mut [Chunk],
+    max_block_readings: usize,
+    restamp: Option<([u8; 16], i64)>,
+) -> (Vec<(usize, Vec<u8>)>, u64) {
+    let mut frame = None;
+    let mut merged: Vec<(BlockClock, BlockBuilder)> = Vec::new();
+    for chunk in chunks.iter_mut() {
+        for block in chunk.take_flagged(&mut frame) {
+            let at = match merged.iter().position(|(clock, _)| *clock == block.clock) {
+                Some(at) => at,
+                None => {
+                    merged.push((block.clock, BlockBuilder::default()));
+                    merged.len() - 1
+                }
+            };
+            for (sensor, ts, value) in block.readings() {
+                merged[at].1.push(sensor, ts, value);
+            }
+        }
+    }
+    let mut restamped = 0u64;
+    let mut out = Vec::new();
+    for (clock, builder) in merged {
+        let mut block = Block { clock, ..builder.finish() };
+        if let Some(fixed) = restamp.and_then(|(boot_id, offset_ms)| crate::clock::restamp(&block, boot_id, offset_ms))
+        {
+            restamped += fixed.len() as u64;
+            block = fixed;
+        }
+        let step = max_block_readings.max(1);
+        let mut from = 0;
+        while from < block.len() {
+            let part = block.sub_block(from..from + step);
+            out.push((part.len(), part.encode()));
+            from += step;
+        }
+    }
+    (out, restamped)
 }
 
 /// A block as stored: `count` readings numbered from `first_seq`.
@@ -205,8 +316,13 @@ struct Writer {
     age_drops: DropLog,
     /// When the spool last looked for readings older than `max_age`.
     last_age_check: Instant,
+    /// The first commit not fsync'ed yet, with `sync = "full"` and a `sync_interval`.
+    unsynced_since: Option<Instant>,
     end: watch::Sender<u64>,
     committed: watch::Sender<u64>,
+    /// Set once the clock is synchronised ([`Spool::restamp`]): unsynced blocks of this boot that
+    /// arrive later are re-stamped before they are stored.
+    restamp: Option<([u8; 16], i64)>,
     /// Held while the writer lives: one process at a time writes a spool.
     _lock: File,
 }
@@ -267,7 +383,7 @@ impl Spool {
         if let Some(pages) = max_pages {
             conn.pragma_update(None, "max_page_count", pages as i64).map_err(open_err)?;
         }
-        let opened = init_schema(&conn, config.sync).map_err(open_err)?;
+        let opened = init_schema(&conn, fsync_each_commit(config)).map_err(open_err)?;
         let reader =
             Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .map_err(open_err)?;
@@ -305,8 +421,10 @@ impl Spool {
             full_drops: DropLog::default(),
             age_drops: DropLog::default(),
             last_age_check: Instant::now().checked_sub(AGE_CHECK_INTERVAL).unwrap_or_else(Instant::now),
+            unsynced_since: None,
             end: end_tx,
             committed: committed_tx,
+            restamp: None,
             _lock: lock,
         };
         let thread = std::thread::Builder::new()
@@ -402,6 +520,13 @@ impl Spool {
     /// next commit. Never waits.
     pub fn reported(&self, ranges: Vec<(u64, u64)>) -> Result<(), SpoolError> {
         self.control.send(Control::Reported { ranges }).map_err(|_| SpoolError::Closed)
+    }
+
+    /// The clock is synchronised in boot `boot_id`, its wall clock `offset_ms` ahead of its
+    /// boot-time clock: the blocks of that boot stamped before are re-stamped with the next
+    /// commit (and so is any that arrives later), then [`Spool::end`] wakes the forwarder. Never waits.
+    pub fn restamp(&self, boot_id: [u8; 16], offset_ms: i64) -> Result<(), SpoolError> {
+        self.control.send(Control::Restamp { boot_id, offset_ms }).map_err(|_| SpoolError::Closed)
     }
 
     /// Blocks holding readings from `seq` on, oldest first, up to about `max_readings` readings
@@ -570,13 +695,20 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-fn init_schema(conn: &Connection, sync: SyncMode) -> rusqlite::Result<Opened> {
+/// Whether SQLite fsyncs every commit itself (`synchronous=FULL`): `sync = "full"` with
+/// `sync_interval = "0s"`. Otherwise it runs `NORMAL` (fsyncs at checkpoints) and, with
+/// `sync = "full"`, the writer fsyncs the WAL within `sync_interval` of a commit.
+fn fsync_each_commit(config: &SpoolConfig) -> bool {
+    config.sync == SyncMode::Full && config.sync_interval.is_zero()
+}
+
+fn init_schema(conn: &Connection, fsync_each_commit: bool) -> rusqlite::Result<Opened> {
     // Every commit writes whole pages, and an idle gateway commits one reading at a time: 1 KiB
     // pages keep a commit within one 4 KiB page of the OS (4 KiB pages straddle two), which halves
     // the bytes written to flash when idle and cuts a third when busy. Takes effect on a new file.
     conn.pragma_update(None, "page_size", 1024)?;
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
-    conn.pragma_update(None, "synchronous", if sync == SyncMode::Full { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "synchronous", if fsync_each_commit { "FULL" } else { "NORMAL" })?;
     conn.busy_timeout(Duration::from_secs(5))?;
     create_tables(conn)?;
     // The epoch is made once, with the file; 63 bits so it is a non-negative SQLite integer.
@@ -691,7 +823,7 @@ pub fn slice_block(block: &Block, from: usize, to: usize) -> Block {
     for e in block.entries.get(from..to).unwrap_or(&[]) {
         builder.push(block.sensor_of(e), e.ts, e.value);
     }
-    builder.finish()
+    Block { clock: block.clock, ..builder.finish() }
 }
 
 /// Forwarder commands waiting for a commit.
@@ -701,6 +833,7 @@ struct Pending {
     dead_letters: Vec<(u64, u32, String)>,
     verifies: Vec<(u64, u64, oneshot::Sender<Verified>)>,
     reported: Vec<(u64, u64)>,
+    restamp: Option<([u8; 16], i64)>,
 }
 
 impl Pending {
@@ -710,16 +843,21 @@ impl Pending {
             Control::DeadLetter { first_seq, count, reason } => self.dead_letters.push((first_seq, count, reason)),
             Control::Verify { from, mark, reply } => self.verifies.push((from, mark, reply)),
             Control::Reported { ranges } => self.reported.extend(ranges),
+            Control::Restamp { boot_id, offset_ms } => self.restamp = Some((boot_id, offset_ms)),
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.ack.is_none() && self.dead_letters.is_empty() && self.verifies.is_empty() && self.reported.is_empty()
+        self.ack.is_none()
+            && self.dead_letters.is_empty()
+            && self.verifies.is_empty()
+            && self.reported.is_empty()
+            && self.restamp.is_none()
     }
 
     /// Commands other than acks: these need room on disk (a dead letter copies its block).
     fn has_moves(&self) -> bool {
-        !self.dead_letters.is_empty() || !self.verifies.is_empty()
+        !self.dead_letters.is_empty() || !self.verifies.is_empty() || self.restamp.is_some()
     }
 }
 
@@ -749,6 +887,92 @@ struct Applied {
     acked: bool,
     /// The gap reports the aggregator stored were forgotten.
     forgot_reports: bool,
+    /// Readings re-stamped now that the clock is synchronised.
+    restamped: u64,
+}
+
+/// What woke the writer.
+enum Event {
+    Append(Option<Command>),
+    Control(Option<Control>),
+    Timer,
+}
+
+/// Whether the writer's queues are still open.
+struct Queues {
+    appends_open: bool,
+    control_open: bool,
+}
+
+impl Queues {
+    /// Takes what woke the writer. True if it should commit at once: an input is stopping
+    /// ([`Command::Flush`]) or a queue closed (the agent is stopping).
+    fn take(&mut self, event: Event, chunks: &mut Vec<Chunk>, pending: &mut Pending) -> bool {
+        match event {
+            Event::Append(Some(Command::Append(chunk))) => {
+                chunks.push(chunk);
+                false
+            }
+            Event::Append(Some(Command::Flush)) => true,
+            Event::Append(None) => {
+                self.appends_open = false;
+                true
+            }
+            Event::Control(Some(c)) => {
+                pending.add(c);
+                false
+            }
+            Event::Control(None) => {
+                self.control_open = false;
+                true
+            }
+            Event::Timer => false,
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The group-commit interval, following the rate readings arrive at: after each commit of
+/// readings, the time [`COMMIT_TARGET_READINGS`] took to arrive at that commit's pace (since the
+/// previous one), kept between `commit_interval` and `max_commit_interval`. One busy commit brings
+/// it down to `commit_interval`; a commit of a reading or two after a quiet spell takes it to the
+/// max. A commit waits for the interval since the previous commit only, so a reading after a
+/// spell longer than the interval is committed at once, and none waits longer than the max.
+#[derive(Debug)]
+struct CommitPace {
+    min: Duration,
+    max: Duration,
+    interval: Duration,
+    /// When the last commit of readings began (the spool's opening before the first).
+    last: Instant,
+}
+
+impl CommitPace {
+    fn new(min: Duration, max: Duration, now: Instant) -> CommitPace {
+        CommitPace { min, max: max.max(min), interval: min, last: now }
+    }
+
+    fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// A commit that began `at` held `readings` readings (0: only the forwarder's commands, which
+    /// say nothing of the rate).
+    fn committed(&mut self, at: Instant, readings: u64) {
+        if readings == 0 {
+            return;
+        }
+        let since = at.saturating_duration_since(self.last);
+        self.last = at;
+        let gather = since.as_secs_f64() * COMMIT_TARGET_READINGS / readings as f64;
+        self.interval = Duration::from_secs_f64(gather.min(self.max.as_secs_f64())).max(self.min);
+    }
 }
 
 impl Writer {
@@ -758,43 +982,76 @@ impl Writer {
         mut appends: mpsc::Receiver<Command>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
-        let interval = self.config.commit_interval;
-        let mut last_commit = Instant::now() - interval;
+        let mut pace = CommitPace::new(self.config.commit_interval, self.config.max_commit_interval, Instant::now());
+        let mut last_commit: Option<Instant> = None;
         let mut pending = Pending::default();
         let mut retry = RETRY_MIN;
-        let (mut appends_open, mut control_open) = (true, true);
-        while appends_open || control_open {
+        let mut queues = Queues { appends_open: true, control_open: true };
+        while queues.appends_open || queues.control_open {
             let mut chunks = Vec::new();
             let held = !pending.is_empty();
-            runtime.block_on(async {
+            let sync_at = self.sync_due();
+            let first = runtime.block_on(async {
                 tokio::select! {
-                    c = appends.recv(), if appends_open => match c {
-                        Some(Command::Append(chunk)) => chunks.push(chunk),
-                        None => appends_open = false,
-                    },
-                    c = control.recv(), if control_open => match c {
-                        Some(c) => pending.add(c),
-                        None => control_open = false,
-                    },
-                    _ = tokio::time::sleep(retry), if held => {}
+                    c = appends.recv(), if queues.appends_open => Event::Append(c),
+                    c = control.recv(), if queues.control_open => Event::Control(c),
+                    _ = tokio::time::sleep(retry), if held => Event::Timer,
+                    _ = sleep_until(sync_at), if sync_at.is_some() => Event::Timer,
                 }
             });
-            // Group commit: let the interval since the last commit pass, then take everything queued.
-            let wait = (last_commit + interval).saturating_duration_since(Instant::now());
-            if !wait.is_zero() {
-                std::thread::sleep(wait);
+            let mut now = queues.take(first, &mut chunks, &mut pending);
+            if !now && chunks.is_empty() && pending.is_empty() {
+                // An fsync fell due.
+                self.sync_if_due();
+                continue;
             }
-            while let Ok(Command::Append(chunk)) = appends.try_recv() {
-                chunks.push(chunk);
+            // Group commit: let the interval since the last commit pass, then take everything queued.
+            // A stop (Flush, a closed queue) commits at once.
+            while !now {
+                self.sync_if_due();
+                // A commit's worth gathered (a burst after a quiet spell): only the short interval
+                // applies, so a burst is never held for the quiet gateway's long one.
+                let gathered: usize = chunks.iter().map(Chunk::len).sum();
+                let interval = match gathered as f64 >= COMMIT_TARGET_READINGS {
+                    true => pace.min,
+                    false => pace.interval(),
+                };
+                let Some(deadline) = last_commit.map(|at| at + interval) else { break };
+                let wait = deadline.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    break;
+                }
+                if wait <= SHORT_WAIT {
+                    std::thread::sleep(wait);
+                    break;
+                }
+                let wake = self.sync_due().map_or(deadline, |at| at.min(deadline));
+                let event = runtime.block_on(async {
+                    tokio::select! {
+                        c = appends.recv(), if queues.appends_open => Event::Append(c),
+                        c = control.recv(), if queues.control_open => Event::Control(c),
+                        _ = tokio::time::sleep_until(wake.into()) => Event::Timer,
+                    }
+                });
+                now = queues.take(event, &mut chunks, &mut pending);
+            }
+            while let Ok(c) = appends.try_recv() {
+                if let Command::Append(chunk) = c {
+                    chunks.push(chunk);
+                }
             }
             while let Ok(c) = control.try_recv() {
                 pending.add(c);
             }
             if chunks.is_empty() && pending.is_empty() {
+                self.sync_if_due();
                 continue;
             }
-            last_commit = Instant::now();
+            let started = Instant::now();
+            last_commit = Some(started);
+            let readings: u64 = chunks.iter().map(|c| c.len() as u64).sum();
             self.process(chunks, &mut pending, &mut control);
+            pace.committed(started, readings);
             retry = if pending.is_empty() { RETRY_MIN } else { (retry * 2).min(RETRY_MAX) };
         }
         if !pending.is_empty() {
@@ -805,15 +1062,61 @@ impl Writer {
                 tracing::warn!("the spool stopped before applying some of the forwarder's commands");
             }
         }
+        if self.unsynced_since.is_some() {
+            self.sync_wal();
+        }
         self.log_drops(0, 0, true);
         tracing::debug!("spool writer stopped");
+    }
+
+    /// When the oldest commit not fsync'ed yet is due to be.
+    fn sync_due(&self) -> Option<Instant> {
+        self.unsynced_since.map(|since| since + self.config.sync_interval)
+    }
+
+    fn sync_if_due(&mut self) {
+        if self.sync_due().is_some_and(|at| at <= Instant::now()) {
+            self.sync_wal();
+        }
+    }
+
+    /// fsyncs the WAL, which holds every commit since the last checkpoint (SQLite fsyncs the WAL
+    /// before a checkpoint and the database after it): what was committed is now on the disk. The
+    /// WAL takes no locks (SQLite's are on the database and `-shm` files), so opening and closing
+    /// it beside SQLite's own handle is safe.
+    fn sync_wal(&mut self) {
+        let wal = PathBuf::from(format!("{}-wal", self.path.display()));
+        match File::open(&wal).and_then(|f| f.sync_data()) {
+            Ok(()) => self.unsynced_since = None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.unsynced_since = None,
+            Err(error) => {
+                // Tried again after another interval; the commits stay safe from a process crash.
+                tracing::error!(path = %wal.display(), %error, "cannot fsync the spool's WAL");
+                self.unsynced_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// A transaction committed: with a `sync_interval`, it is due to be fsync'ed within it.
+    fn note_unsynced(&mut self) {
+        if self.config.sync == SyncMode::Full && !fsync_each_commit(&self.config) && self.unsynced_since.is_none() {
+            self.unsynced_since = Some(Instant::now());
+        }
     }
 
     /// Commits the chunks and the pending forwarder commands. A disk that refuses (SQLITE_FULL)
     /// lowers the spool's limit and drops by `spool.overflow`; other errors hold the readings and
     /// retry. Either way acks keep being applied.
-    fn process(&mut self, chunks: Vec<Chunk>, pending: &mut Pending, control: &mut mpsc::UnboundedReceiver<Control>) {
-        let batch = Batch::from_chunks(chunks, self.config.max_block_readings);
+    fn process(
+        &mut self,
+        mut chunks: Vec<Chunk>,
+        pending: &mut Pending,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) {
+        let (flagged, restamped) = flagged_blocks(&mut chunks, self.config.max_block_readings, self.restamp);
+        self.metrics.clock_restamped_readings.inc_by(restamped);
+        let mut batch = Batch::from_chunks(chunks, self.config.max_block_readings);
+        batch.blocks.extend(flagged);
         self.maybe_lift_disk_cap();
         let mut scope = Scope::All;
         let mut full_attempts = 0;
@@ -964,6 +1267,7 @@ impl Writer {
         })();
         match result {
             Ok((readings, bytes)) => {
+                self.note_unsynced();
                 self.readings = self.readings.saturating_sub(readings);
                 self.bytes = self.bytes.saturating_sub(bytes);
                 self.metrics.spool_commits.inc();
@@ -1054,6 +1358,11 @@ impl Writer {
             if !pending.verifies.is_empty() {
                 tx.execute("DELETE FROM meta WHERE key = 'unverified_from'", [])?;
             }
+            if let Some((boot_id, offset_ms)) = pending.restamp {
+                let (readings, before, after) = restamp_stored(&tx, boot_id, offset_ms)?;
+                a.restamped = readings;
+                a.bytes = (a.bytes + after).saturating_sub(before);
+            }
         }
         if let Some(ack) = pending.ack {
             let mut target = ack;
@@ -1101,6 +1410,7 @@ impl Writer {
             }
             record_gap(&tx, &newest, reason)?;
         }
+        note_unsynced(&tx, blocks, self.next_seq)?;
         if overflow == Overflow::DropOldest && a.bytes > cap {
             let (r, b) = drop_oldest(&tx, a.bytes - cap, reason)?;
             a.dropped += r;
@@ -1118,15 +1428,20 @@ impl Writer {
             a.bytes = a.bytes.saturating_sub(b);
             persist_end |= r > 0;
         }
-        if persist_end {
+        // The newest block kept, if it ends at the spool's end, persists it already: on a quiet
+        // gateway, where each commit deletes what was acknowledged and adds a block, that spares a
+        // second page (the meta table's) in every commit.
+        if persist_end && newest_block_end(&tx)? != Some(a.next_seq) {
             tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?1)", [a.next_seq as i64])?;
         }
         tx.commit()?;
         Ok(a)
     }
 
-    /// The transaction is durable: only now does anything outside learn of it.
+    /// The transaction is committed (durable, or due to be fsync'ed within `sync_interval`): only
+    /// now does anything outside learn of it.
     fn apply(&mut self, a: Applied, pending: &mut Pending, scope: Scope) {
+        self.note_unsynced();
         let moved_end = a.next_seq != self.next_seq;
         self.next_seq = a.next_seq;
         self.readings = a.readings;
@@ -1149,6 +1464,16 @@ impl Writer {
         }
         if scope == Scope::All {
             pending.dead_letters.clear();
+            if let Some(restamp) = pending.restamp.take() {
+                // Blocks of this boot that reach the spool from now on are re-stamped as they come.
+                self.restamp = Some(restamp);
+                m.clock_restamped_readings.inc_by(a.restamped);
+                tracing::info!(
+                    readings = a.restamped,
+                    "re-stamped the spooled readings stamped before the clock was synchronised"
+                );
+                self.end.send_replace(self.next_seq);
+            }
             for ((from, mark, reply), (_, _, verified)) in pending.verifies.drain(..).zip(a.verified) {
                 if verified.shift > 0 {
                     m.spool_rewinds.inc();
@@ -1196,6 +1521,15 @@ impl Writer {
             "spool full: dropped the {which} readings (spool.overflow); the aggregator records the gap"
         );
     }
+}
+
+/// Where the newest stored block ends (a rowid lookup: the table's last page).
+fn newest_block_end(tx: &rusqlite::Transaction) -> rusqlite::Result<Option<u64>> {
+    let end: Option<i64> = tx
+        .prepare_cached("SELECT first_seq + count FROM blocks ORDER BY first_seq DESC LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(end.map(|e| e.max(0) as u64))
 }
 
 fn is_disk_full(error: &rusqlite::Error) -> bool {
@@ -1471,6 +1805,47 @@ fn renumber(tx: &rusqlite::Transaction, from: u64, shift: u64) -> rusqlite::Resu
     Ok(readings as u64)
 }
 
+/// Re-stamps the stored blocks of boot `boot_id` stamped before the clock was synchronised (see
+/// [`crate::clock::restamp`]); returns (readings, bytes before, bytes after).
+/// Only blocks from `meta.unsynced_from` on are looked at (none if it is unset, as in every spool
+/// that never held an unsynced block), and it is cleared: what is left flagged then is of an
+/// earlier boot, which no later synchronisation can re-stamp.
+fn restamp_stored(tx: &rusqlite::Transaction, boot_id: [u8; 16], offset_ms: i64) -> rusqlite::Result<(u64, u64, u64)> {
+    let from: Option<i64> =
+        tx.query_row("SELECT value FROM meta WHERE key = 'unsynced_from'", [], |r| r.get(0)).optional()?;
+    let Some(from) = from else { return Ok((0, 0, 0)) };
+    tx.execute("DELETE FROM meta WHERE key = 'unsynced_from'", [])?;
+    let flagged: Vec<(i64, Vec<u8>)> = tx
+        .prepare_cached("SELECT first_seq, data FROM blocks WHERE first_seq >= ?1 AND substr(data, 1, 1) = ?2")?
+        .query_map(params![from, vec![tributary_shared::block::FORMAT_FLAGGED]], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut update = tx.prepare_cached("UPDATE blocks SET data = ?2 WHERE first_seq = ?1")?;
+    let (mut readings, mut before, mut after) = (0u64, 0u64, 0u64);
+    for (first_seq, data) in flagged {
+        // A block that does not decode is left for the aggregator to judge (and `spool check` to name).
+        let Some(fixed) = Block::decode(&data).ok().and_then(|b| crate::clock::restamp(&b, boot_id, offset_ms)) else {
+            continue;
+        };
+        let encoded = fixed.encode();
+        update.execute(params![first_seq, encoded])?;
+        readings += fixed.len() as u64;
+        before += data.len() as u64;
+        after += encoded.len() as u64;
+    }
+    Ok((readings, before, after))
+}
+
+/// Remembers where the first block stamped by an unsynchronised clock may be (`meta.unsynced_from`,
+/// at most `next_seq`, the number of the first of `blocks`), so that re-stamping need not read the
+/// whole spool.
+fn note_unsynced(tx: &rusqlite::Transaction, blocks: &[(usize, Vec<u8>)], next_seq: u64) -> rusqlite::Result<()> {
+    let unsynced = |data: &[u8]| matches!(BlockClock::of(data), Ok(BlockClock::Unsynced { .. }));
+    if blocks.iter().any(|(_, data)| unsynced(data)) {
+        tx.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('unsynced_from', ?1)", [next_seq as i64])?;
+    }
+    Ok(())
+}
+
 /// Everything one transaction appends, prepared from the queued chunks.
 struct Batch {
     /// (count, encoded block)
@@ -1684,8 +2059,14 @@ mod tests {
     use super::*;
     use tributary_shared::Block;
 
+    /// A fixed 1 ms commit interval, unless a test lets it grow.
     fn config() -> SpoolConfig {
-        SpoolConfig { commit_interval: Duration::from_millis(1), max_block_readings: 100, ..SpoolConfig::default() }
+        SpoolConfig {
+            commit_interval: Duration::from_millis(1),
+            max_commit_interval: Duration::from_millis(1),
+            max_block_readings: 100,
+            ..SpoolConfig::default()
+        }
     }
 
     /// `n` readings over three sensors.
@@ -2142,10 +2523,201 @@ mod tests {
     }
 
     #[test]
+    fn the_commit_interval_grows_while_readings_are_few_and_snaps_back_under_load() {
+        let (min, max) = (Duration::from_millis(5), Duration::from_secs(2));
+        let close_to = |d: Duration, secs: f64| (d.as_secs_f64() - secs).abs() < 1e-6;
+        let mut at = Instant::now();
+        let mut pace = CommitPace::new(min, max, at);
+        assert_eq!(pace.interval(), min, "a spool starts at commit_interval");
+        // One sensor, a reading a second: 8 readings would take 8 s, so the max.
+        for _ in 0..3 {
+            at += Duration::from_secs(1);
+            pace.committed(at, 1);
+            assert_eq!(pace.interval(), max);
+        }
+        // Traffic grows: 2,000 readings in those 2 s bring it down in one commit.
+        at += max;
+        pace.committed(at, 2_000);
+        assert!(close_to(pace.interval(), 0.008), "{:?}", pace.interval());
+        at += pace.interval();
+        pace.committed(at, 80);
+        assert_eq!(pace.interval(), min, "10,000 readings/s: commit_interval");
+        // Ten sensors, a reading a second each: 8 readings' worth, and it stays there.
+        at += Duration::from_secs(1);
+        pace.committed(at, 10);
+        assert!(close_to(pace.interval(), 0.8), "{:?}", pace.interval());
+        at += pace.interval();
+        pace.committed(at, 8);
+        assert!(close_to(pace.interval(), 0.8), "{:?}", pace.interval());
+        // Commits of the forwarder's commands alone say nothing of the rate.
+        pace.committed(at + Duration::from_secs(60), 0);
+        assert!(close_to(pace.interval(), 0.8), "{:?}", pace.interval());
+    }
+
+    #[test]
+    fn the_commit_interval_never_leaves_its_bounds() {
+        let (min, max) = (Duration::from_millis(5), Duration::from_secs(2));
+        let mut at = Instant::now();
+        let mut pace = CommitPace::new(min, max, at);
+        let mut rng = fastrand::Rng::with_seed(9);
+        for _ in 0..10_000 {
+            at += Duration::from_micros(rng.u64(0..10_000_000));
+            let readings = [0, 1, 2, 7, 8, 9, 1_000, u64::MAX][rng.usize(0..8)];
+            pace.committed(at, readings);
+            assert!(min <= pace.interval() && pace.interval() <= max, "{readings} readings: {:?}", pace.interval());
+        }
+        // A clock that did not move, then a year of silence.
+        pace.committed(at, 1);
+        assert_eq!(pace.interval(), min);
+        pace.committed(at + Duration::from_secs(365 * 86_400), 1);
+        assert_eq!(pace.interval(), max);
+        // max_commit_interval = commit_interval (or below, as the config refuses): a fixed interval.
+        let mut fixed = CommitPace::new(min, Duration::ZERO, at);
+        fixed.committed(at + Duration::from_secs(10), 1);
+        assert_eq!(fixed.interval(), min);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_spool_commits_a_lone_reading_at_once_and_lets_the_next_ones_gather() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let config = SpoolConfig { max_commit_interval: Duration::from_secs(30), ..config() };
+        let (spool, thread) = Spool::open(dir.path(), &config, metrics.clone()).unwrap();
+        // A quiet second: after the next commit, the interval is at least 8 s.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        append_and_wait(&spool, readings(1, 0)).await;
+        assert_eq!(spans(&spool).await, [(0, 1)]);
+        let mut committed = spool.committed();
+        for (i, through) in [(1, 2), (2, 3)] {
+            spool.send(Command::Append(Chunk { through, ..readings(1, i) })).await.unwrap();
+        }
+        assert_eq!(*spool.end().borrow(), 1, "the next readings wait for the interval");
+        // An input stopping commits them at once, in one block.
+        spool.send(Command::Flush).await.unwrap();
+        committed.wait_for(|c| *c >= 3).await.unwrap();
+        assert_eq!(spans(&spool).await, [(0, 1), (1, 2)]);
+        assert_eq!(metrics.spool_commits.get(), 2);
+        close(spool, thread);
+    }
+
+    #[tokio::test]
+    async fn a_stop_commits_what_a_quiet_spool_gathers_without_waiting_out_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig { max_commit_interval: Duration::from_secs(60), ..config() };
+        let (spool, thread) = Spool::open(dir.path(), &config, Arc::new(Metrics::new())).unwrap();
+        // Two quiet seconds: the interval after the next commit is at least 16 s.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        append_and_wait(&spool, readings(1, 0)).await;
+        spool.send(Command::Append(readings(3, 1))).await.unwrap();
+        let stopping = Instant::now();
+        close(spool, thread);
+        assert!(stopping.elapsed() < Duration::from_secs(8), "the stop waited {:?}", stopping.elapsed());
+        let (spool, thread) = Spool::open(dir.path(), &config, Arc::new(Metrics::new())).unwrap();
+        assert_eq!(spans(&spool).await, [(0, 1), (1, 3)]);
+        close(spool, thread);
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_deletes_and_adds_a_block_lets_the_block_keep_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        // A fixed one-second interval: an ack and the readings right behind it share a commit.
+        let second = Duration::from_secs(1);
+        let config = SpoolConfig { commit_interval: second, max_commit_interval: second, ..config() };
+        let (spool, thread) = Spool::open(dir.path(), &config, Arc::new(Metrics::new())).unwrap();
+        append_and_wait(&spool, readings(5, 0)).await;
+        spool.ack(5).unwrap();
+        append_and_wait(&spool, readings(3, 10)).await;
+        assert_eq!(spans(&spool).await, [(5, 3)]);
+        let stored_end = |dir: &Path| {
+            let conn = Connection::open_with_flags(dir.join(SPOOL_FILE), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            let meta: Option<i64> =
+                conn.query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| r.get(0)).optional().unwrap();
+            (meta, stored_next_seq(&conn).unwrap())
+        };
+        // One page written, not two: the meta table's next_seq is not touched, the block holds the end.
+        let (meta, end) = stored_end(dir.path());
+        assert!(meta.is_none_or(|m| m < 8), "{meta:?}");
+        assert_eq!(end, 8);
+        // Deleting the last block leaves nothing to hold the end: then meta does.
+        ack_and_wait(&spool, 8).await;
+        assert_eq!(stored_end(dir.path()), (Some(8), 8));
+        close(spool, thread);
+        let (spool, thread) = Spool::open(dir.path(), &config, Arc::new(Metrics::new())).unwrap();
+        append_and_wait(&spool, readings(1, 20)).await;
+        assert_eq!(spans(&spool).await, [(8, 1)]);
+        close(spool, thread);
+    }
+
+    #[test]
     fn byte_sizes_read_like_a_person_wrote_them() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1 << 30), "1 GiB");
         assert_eq!(human_bytes(3_355_443), "3.2 MiB");
         assert_eq!(human_bytes(200 << 20), "200 MiB");
+    }
+
+    /// A chunk of `n` readings stamped 1 s apart by a clock not synchronised yet in boot `boot_id`,
+    /// whose wall clock read `offset_ms` ahead of its boot-time clock.
+    fn unsynced(n: usize, boot_id: [u8; 16], offset_ms: i64, first_wall: i64) -> Chunk {
+        let mut part = BlockBuilder::default();
+        for i in 0..n {
+            part.push("agent-stamped", first_wall + i as i64 * 1000, i as f64);
+        }
+        let flagged = FlaggedReadings {
+            unsynced: Some((BlockClock::Unsynced { boot_id, offset_ms }, part)),
+            ..Default::default()
+        };
+        Chunk { flagged: Some(Box::new(flagged)), ..Chunk::default() }
+    }
+
+    async fn stored_blocks(spool: &Spool) -> Vec<Block> {
+        let stored = spool.read_from(0, usize::MAX, usize::MAX).await.unwrap();
+        stored.iter().map(|b| Block::decode(&b.data).unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn unsynced_readings_are_restamped_at_the_first_sync_and_an_earlier_boots_stay_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (spool, thread) = Spool::open(dir.path(), &config(), metrics.clone()).unwrap();
+        let (this_boot, earlier_boot) = ([1u8; 16], [2u8; 16]);
+        // Booted in 1970: wall clock = boot-time clock. The first reading 5 s after boot.
+        let mut mixed = unsynced(3, this_boot, 0, 5_000);
+        mixed.readings.push("device-stamped", 1_764_000_000_000, 7.0);
+        append_and_wait(&spool, mixed).await;
+        append_and_wait(&spool, unsynced(2, earlier_boot, 0, 9_000)).await;
+        let blocks = stored_blocks(&spool).await;
+        let clocks: Vec<BlockClock> = blocks.iter().map(|b| b.clock).collect();
+        assert_eq!(
+            clocks,
+            [
+                BlockClock::Synced,
+                BlockClock::Unsynced { boot_id: this_boot, offset_ms: 0 },
+                BlockClock::Unsynced { boot_id: earlier_boot, offset_ms: 0 }
+            ],
+            "the device-stamped reading in a block of its own, unflagged"
+        );
+        assert_eq!(blocks[1].entries[0].ts, 5_000, "stored as stamped, in 1970");
+
+        // NTP sets the clock 60 s after boot: the wall clock reads T, offset T - 60 s.
+        let t = 1_764_000_100_000;
+        spool.restamp(this_boot, t - 60_000).unwrap();
+        append_and_wait(&spool, Chunk::default()).await;
+        let blocks = stored_blocks(&spool).await;
+        assert_eq!(blocks[1].clock, BlockClock::Synced);
+        let ts: Vec<i64> = blocks[1].entries.iter().map(|e| e.ts).collect();
+        assert_eq!(ts, [t - 55_000, t - 54_000, t - 53_000], "each at its time since boot");
+        assert_eq!(blocks[1].validate(), Ok(()));
+        assert_eq!(blocks[0].entries[0].ts, 1_764_000_000_000, "device timestamps do not move");
+        assert!(matches!(blocks[2].clock, BlockClock::Unsynced { .. }), "an earlier boot's cannot be re-stamped");
+        assert_eq!(metrics.clock_restamped_readings.get(), 3);
+
+        // Stamped before the sync, reaching the spool after it: re-stamped on the way in, and a
+        // reading stamped before 2000 becomes valid.
+        append_and_wait(&spool, unsynced(1, this_boot, 0, 59_000)).await;
+        let last = stored_blocks(&spool).await.pop().unwrap();
+        assert_eq!((last.clock, last.entries[0].ts), (BlockClock::Synced, t - 1_000));
+        assert_eq!(metrics.clock_restamped_readings.get(), 4);
+        close(spool, thread);
     }
 }

@@ -4,6 +4,10 @@
 //! from the previous reading, value), in postcard's varint encoding: about 11 bytes a reading before
 //! compression. The stored form is one format byte followed by the payload, so the format can change
 //! without guessing.
+//!
+//! A block whose timestamps the agent could not trust carries a [`BlockClock`] flag: format byte 3,
+//! the flag (postcard), then the block in format 1 or 2. Blocks of formats 1 and 2 (all blocks
+//! written before the flag existed) read as [`BlockClock::Synced`].
 
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
@@ -11,13 +15,16 @@ use alloc::vec::Vec;
 use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::reading::{ReadingError, validate_sensor_id, validate_value_and_ts};
+use crate::reading::{MIN_TS_MS, ReadingError, validate_sensor_id, validate_value, validate_value_and_ts};
 
 /// Format byte: postcard, uncompressed.
 const FORMAT_POSTCARD: u8 = 1;
 /// Format byte: postcard, zstd-compressed.
 #[cfg(feature = "std")]
 const FORMAT_POSTCARD_ZSTD: u8 = 2;
+
+/// Format byte: a [`BlockClock`] flag (postcard) followed by a block in format 1 or 2.
+pub const FORMAT_FLAGGED: u8 = 3;
 
 /// Upper bound on a decoded block, so a corrupt or hostile blob cannot make a decoder allocate
 /// without limit (a 65,536-reading block with long ids stays well below it).
@@ -35,11 +42,74 @@ pub struct Entry {
     pub value: f64,
 }
 
-/// A decoded block: its interned sensor ids and its readings in sequence order.
+/// A decoded block: its interned sensor ids, its readings in sequence order, and whether their
+/// timestamps come from a clock the agent trusted.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Block {
     pub sensors: Vec<String>,
     pub entries: Vec<Entry>,
+    pub clock: BlockClock,
+}
+
+/// Whether a block's timestamps can be trusted. The aggregator quarantines the readings of a
+/// flagged block instead of folding them into windows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockClock {
+    /// Stamped by a synchronised clock, or by the device; also every block of formats 1 and 2.
+    #[default]
+    Synced,
+    /// Stamped by the gateway's clock before it was first synchronised in the boot `boot_id`
+    /// (`/proc/sys/kernel/random/boot_id`), when its wall clock read `offset_ms` ahead of its
+    /// boot-time clock (`CLOCK_BOOTTIME`): each reading was taken `ts - offset_ms` ms after boot,
+    /// so the agent re-stamps the block once the clock is synchronised in that boot. Timestamps
+    /// may read as early as 1970 (a gateway without a real-time clock).
+    Unsynced { boot_id: [u8; 16], offset_ms: i64 },
+    /// Device timestamps further from the gateway's synchronised clock than its limits
+    /// (`[clock] on_device_skew = "flag"`).
+    DeviceSkew,
+}
+
+impl BlockClock {
+    /// The flag of a stored block, read from its first bytes without decoding the readings.
+    pub fn of(blob: &[u8]) -> Result<BlockClock, BlockError> {
+        match blob.split_first() {
+            None => Err(BlockError::Empty),
+            Some((&FORMAT_FLAGGED, payload)) => Ok(split_flag(payload)?.0),
+            Some(_) => Ok(BlockClock::Synced),
+        }
+    }
+
+    /// The reason the aggregator quarantines a flagged block's readings under.
+    pub fn quarantine_reason(self) -> Option<&'static str> {
+        match self {
+            BlockClock::Synced => None,
+            BlockClock::Unsynced { .. } => Some("clock_unsynced"),
+            BlockClock::DeviceSkew => Some("device_clock_skew"),
+        }
+    }
+}
+
+/// A flagged block's flag and the inner block's bytes (format 1 or 2).
+fn split_flag(payload: &[u8]) -> Result<(BlockClock, &[u8]), BlockError> {
+    let (clock, inner): (BlockClock, _) =
+        postcard::take_from_bytes(payload).map_err(|e| BlockError::Malformed(e.to_string()))?;
+    match inner.first() {
+        Some(&FORMAT_FLAGGED) => Err(BlockError::Malformed("a flagged block inside a flagged block".to_string())),
+        _ => Ok((clock, inner)),
+    }
+}
+
+/// Prefixes an encoded block with its flag, unless it is [`BlockClock::Synced`].
+fn flagged(clock: BlockClock, inner: Vec<u8>) -> Vec<u8> {
+    if clock == BlockClock::Synced {
+        return inner;
+    }
+    let mut out = postcard::to_allocvec(&(FORMAT_FLAGGED, clock)).unwrap_or_default();
+    if out.is_empty() {
+        return inner;
+    }
+    out.extend_from_slice(&inner);
+    out
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -79,7 +149,11 @@ impl Block {
 
     /// Encodes the block, compressing it when that makes it smaller.
     pub fn encode(&self) -> Vec<u8> {
-        let raw = self.encode_postcard();
+        flagged(self.clock, self.encode_unflagged())
+    }
+
+    fn encode_unflagged(&self) -> Vec<u8> {
+        let raw = self.encode_postcard_unflagged();
         #[cfg(feature = "std")]
         if self.entries.len() >= COMPRESS_MIN_ENTRIES {
             // Level 1: most of the gain (timestamps and repeated values) at the lowest CPU cost,
@@ -96,8 +170,13 @@ impl Block {
         raw
     }
 
-    /// Encodes without compression (the format byte followed by the postcard payload).
+    /// Encodes without compression (the format byte followed by the postcard payload, after the
+    /// flag if there is one).
     pub fn encode_postcard(&self) -> Vec<u8> {
+        flagged(self.clock, self.encode_postcard_unflagged())
+    }
+
+    fn encode_postcard_unflagged(&self) -> Vec<u8> {
         let repr = Repr { sensors: &self.sensors, entries: DeltaEntries(&self.entries) };
         let mut out = postcard::to_allocvec(&(FORMAT_POSTCARD, repr)).unwrap_or_default();
         // postcard cannot fail on these types short of allocation failure; keep the format byte anyway.
@@ -119,18 +198,23 @@ impl Block {
                     .map_err(|e| BlockError::Malformed(e.to_string()))?;
                 Self::decode_postcard(&raw)
             }
+            FORMAT_FLAGGED => {
+                let (clock, inner) = split_flag(payload)?;
+                Ok(Block { clock, ..Self::decode(inner)? })
+            }
             other => Err(BlockError::UnknownFormat(other)),
         }
     }
 
     fn decode_postcard(payload: &[u8]) -> Result<Block, BlockError> {
         let (sensors, entries) = decode_parts::<String>(payload)?;
-        Ok(Block { sensors, entries })
+        Ok(Block { sensors, entries, clock: BlockClock::Synced })
     }
 
-    /// Checks every sensor id and every reading against the rules that hold everywhere.
+    /// Checks every sensor id and every reading against the rules that hold everywhere (for a
+    /// [`BlockClock::Unsynced`] block, timestamps from 1970 on).
     pub fn validate(&self) -> Result<(), BlockError> {
-        validate_parts(self.sensors.iter().map(String::as_str), &self.entries)
+        validate_parts(self.sensors.iter().map(String::as_str), &self.entries, self.clock)
     }
 
     /// The readings from `skip` on, as a new block (used when a peer resends a block that is
@@ -149,7 +233,7 @@ impl Block {
         for e in &self.entries[start..end] {
             builder.push(self.sensor_of(e), e.ts, e.value);
         }
-        builder.finish()
+        Block { clock: self.clock, ..builder.finish() }
     }
 }
 
@@ -187,6 +271,11 @@ impl BlockBuilder {
 
     pub fn len(&self) -> usize {
         self.block.entries.len()
+    }
+
+    /// How many sensor ids are interned so far.
+    pub fn sensor_count(&self) -> usize {
+        self.block.sensors.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -233,6 +322,14 @@ impl BlockDecoder {
     /// Decodes like [`Block::decode`].
     pub fn decode<'a>(&'a mut self, blob: &'a [u8]) -> Result<BlockView<'a>, BlockError> {
         let (&format, payload) = blob.split_first().ok_or(BlockError::Empty)?;
+        let (clock, format, payload) = match format {
+            FORMAT_FLAGGED => {
+                let (clock, inner) = split_flag(payload)?;
+                let (&format, payload) = inner.split_first().ok_or(BlockError::Empty)?;
+                (clock, format, payload)
+            }
+            _ => (BlockClock::Synced, format, payload),
+        };
         let payload: &'a [u8] = match format {
             FORMAT_POSTCARD => payload,
             FORMAT_POSTCARD_ZSTD => {
@@ -249,7 +346,7 @@ impl BlockDecoder {
             other => return Err(BlockError::UnknownFormat(other)),
         };
         let (sensors, entries) = decode_parts::<&str>(payload)?;
-        Ok(BlockView { sensors, entries })
+        Ok(BlockView { sensors, entries, clock })
     }
 }
 
@@ -258,6 +355,7 @@ impl BlockDecoder {
 pub struct BlockView<'a> {
     pub sensors: Vec<&'a str>,
     pub entries: Vec<Entry>,
+    pub clock: BlockClock,
 }
 
 impl BlockView<'_> {
@@ -271,7 +369,7 @@ impl BlockView<'_> {
 
     /// As [`Block::validate`].
     pub fn validate(&self) -> Result<(), BlockError> {
-        validate_parts(self.sensors.iter().copied(), &self.entries)
+        validate_parts(self.sensors.iter().copied(), &self.entries, self.clock)
     }
 }
 
@@ -294,12 +392,21 @@ fn decode_parts<'a, S: Deserialize<'a>>(payload: &'a [u8]) -> Result<(Vec<S>, Ve
     Ok((repr.sensors, entries))
 }
 
-fn validate_parts<'a>(sensors: impl Iterator<Item = &'a str>, entries: &[Entry]) -> Result<(), BlockError> {
+fn validate_parts<'a>(
+    sensors: impl Iterator<Item = &'a str>,
+    entries: &[Entry],
+    clock: BlockClock,
+) -> Result<(), BlockError> {
     for (index, id) in sensors.enumerate() {
         validate_sensor_id(id).map_err(|error| BlockError::Reading { index, error })?;
     }
     for (index, e) in entries.iter().enumerate() {
-        validate_value_and_ts(e.ts, e.value).map_err(|error| BlockError::Reading { index, error })?;
+        let checked = match clock {
+            // A clock never set reads 1970: the readings are kept (and quarantined) all the same.
+            BlockClock::Unsynced { .. } if (0..MIN_TS_MS).contains(&e.ts) => validate_value(e.value),
+            _ => validate_value_and_ts(e.ts, e.value),
+        };
+        checked.map_err(|error| BlockError::Reading { index, error })?;
     }
     Ok(())
 }
@@ -402,5 +509,43 @@ mod tests {
         let tail = block.tail(4);
         assert_eq!(tail.len(), 6);
         assert_eq!(tail.readings().next(), block.readings().nth(4));
+    }
+
+    #[test]
+    fn flagged_blocks_round_trip_and_old_formats_read_as_synced() {
+        let boot_id = [7u8; 16];
+        for clock in [BlockClock::Unsynced { boot_id, offset_ms: -1_700_000_000_000 }, BlockClock::DeviceSkew] {
+            for n in [1, 15, 1000] {
+                let block = Block { clock, ..sample(n) };
+                for blob in [block.encode(), block.encode_postcard()] {
+                    assert_eq!(blob[0], FORMAT_FLAGGED);
+                    assert_eq!(Block::decode(&blob).unwrap(), block, "n = {n}");
+                    assert_eq!(BlockClock::of(&blob), Ok(clock));
+                    let mut decoder = BlockDecoder::default();
+                    let view = decoder.decode(&blob).unwrap();
+                    assert_eq!((view.clock, view.entries.len()), (clock, n));
+                }
+                assert_eq!(block.sub_block(0..1).clock, clock, "a part keeps its block's flag");
+            }
+        }
+        let old = sample(20).encode();
+        assert_eq!(BlockClock::of(&old), Ok(BlockClock::Synced));
+        assert_eq!(Block::decode(&old).unwrap().clock, BlockClock::Synced);
+        assert_eq!(sample(3).encode()[0], FORMAT_POSTCARD, "an unflagged block keeps its old format");
+    }
+
+    #[test]
+    fn only_unsynced_blocks_may_hold_1970_timestamps_and_flags_do_not_nest() {
+        let mut b = BlockBuilder::default();
+        b.push("s", 12_345, 1.0);
+        let block = b.finish();
+        assert!(matches!(block.validate(), Err(BlockError::Reading { index: 0, .. })));
+        let unsynced = Block { clock: BlockClock::Unsynced { boot_id: [1; 16], offset_ms: 0 }, ..block.clone() };
+        assert_eq!(unsynced.validate(), Ok(()));
+        assert!(Block { clock: BlockClock::DeviceSkew, ..block }.validate().is_err());
+        let mut nested = alloc::vec![FORMAT_FLAGGED];
+        nested.extend(unsynced.encode());
+        assert!(matches!(Block::decode(&nested), Err(BlockError::Malformed(_))));
+        assert!(Block::decode(&[FORMAT_FLAGGED, 9]).is_err());
     }
 }

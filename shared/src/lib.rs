@@ -28,6 +28,6 @@ pub mod reading;
 pub use batch::{Batch, IngestAck, JsonBatch, JsonBlock, WireBlock};
 #[cfg(feature = "std")]
 pub use block::BlockDecoder;
-pub use block::{Block, BlockBuilder, BlockError, BlockView, Entry};
+pub use block::{Block, BlockBuilder, BlockClock, BlockError, BlockView, Entry};
 pub use gap::{GapReport, GapReports};
 pub use reading::{MAX_SENSOR_ID_LEN, MAX_TS_MS, MIN_TS_MS, Reading, ReadingError};

@@ -109,7 +109,10 @@ fn same_block(a: &Block, b: &Block) -> bool {
 /// A borrowed decoding holds the same ids and readings (values by bits).
 fn same_view(view: &BlockView<'_>, block: &Block) -> bool {
     view.sensors == block.sensors.iter().map(String::as_str).collect::<Vec<_>>()
-        && same_block(&Block { sensors: block.sensors.clone(), entries: view.entries.clone() }, block)
+        && same_block(
+            &Block { sensors: block.sensors.clone(), entries: view.entries.clone(), clock: view.clock },
+            block,
+        )
 }
 
 fn zstd_form(block: &Block) -> Vec<u8> {
@@ -190,7 +193,7 @@ proptest! {
         // Deltas between the ends of i64 overflow; they wrap on both sides, so even invalid
         // times (which `validate` then refuses) come back as they went in.
         let entries: Vec<Entry> = ts.iter().map(|&ts| Entry { sensor: 0, ts, value: 1.0 }).collect();
-        let block = Block { sensors: vec![id], entries };
+        let block = Block { sensors: vec![id], entries, ..Block::default() };
         for blob in [block.encode(), block.encode_postcard()] {
             prop_assert!(same_block(&Block::decode(&blob).unwrap(), &block));
         }

@@ -327,6 +327,8 @@ pub enum MqttInput {
     Embedded,
     /// A client of the broker at this port, with this client id.
     Client { port: u16 },
+    /// A client of the broker's TLS listener at this port (`mqtts://`); `extra` sets `ca_file` etc.
+    ClientTls { port: u16 },
 }
 
 /// The agent's own health readings (`_agent/<id>/...`) are off unless a test's `extra` sets
@@ -373,6 +375,12 @@ impl Agent {
             MqttInput::Client { port } => (
                 format!(
                     "[mqtt]\nmode = \"client\"\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"tributary-{id}\"\n"
+                ),
+                port,
+            ),
+            MqttInput::ClientTls { port } => (
+                format!(
+                    "[mqtt]\nmode = \"client\"\nurl = \"mqtts://127.0.0.1:{port}\"\nclient_id = \"tributary-{id}\"\n"
                 ),
                 port,
             ),
@@ -450,6 +458,18 @@ pub async fn start_client_mode(dir: &Path, id: &str) -> (Mosquitto, Aggregator, 
 pub struct Mosquitto {
     pub process: Process,
     pub port: u16,
+    /// The TLS listener's port, if started with one ([`Mosquitto::start_with_tls`]).
+    pub tls_port: Option<u16>,
+}
+
+/// A TLS listener for Mosquitto, beside its plain one: PEM files (absolute paths).
+pub struct MosquittoTls<'a> {
+    /// The CA that client certificates must be signed by (Mosquitto's `cafile`).
+    pub cafile: &'a Path,
+    pub certfile: &'a Path,
+    pub keyfile: &'a Path,
+    /// Every client must show a certificate signed by `cafile`.
+    pub require_certificate: bool,
 }
 
 impl Mosquitto {
@@ -460,7 +480,28 @@ impl Mosquitto {
     /// [`Mosquitto::start`] that lets in only `users` (username, password), from a password file
     /// made with `mosquitto_passwd`; with none, anyone.
     pub async fn start_with_users(dir: &Path, users: &[(&str, &str)]) -> Mosquitto {
+        Mosquitto::start_configured(dir, users, None).await
+    }
+
+    /// [`Mosquitto::start`] with a TLS listener on `tls_port` besides the plain one on `port`.
+    pub async fn start_with_tls(dir: &Path, tls: &MosquittoTls<'_>) -> Mosquitto {
+        Mosquitto::start_configured(dir, &[], Some(tls)).await
+    }
+
+    async fn start_configured(dir: &Path, users: &[(&str, &str)], tls: Option<&MosquittoTls<'_>>) -> Mosquitto {
         let port = free_port();
+        let tls_port = tls.map(|_| free_port());
+        // Per-listener keys follow their `listener` line: the TLS one comes last.
+        let tls_listener = match (tls, tls_port) {
+            (Some(tls), Some(tls_port)) => format!(
+                "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+                tls.cafile.display(),
+                tls.certfile.display(),
+                tls.keyfile.display(),
+                tls.require_certificate
+            ),
+            _ => String::new(),
+        };
         let config = dir.join("mosquitto.conf");
         let auth = match users {
             [] => "allow_anonymous true\n".to_string(),
@@ -483,7 +524,8 @@ impl Mosquitto {
             &config,
             format!(
                 "listener {port} 127.0.0.1\n{auth}persistence false\n\
-                 max_queued_messages 100000\nmax_inflight_messages 100\nlog_type error\nlog_type warning\n"
+                 max_queued_messages 100000\nmax_inflight_messages 100\nlog_type error\nlog_type warning\n\
+                 {tls_listener}"
             ),
         )
         .expect("write mosquitto.conf");
@@ -499,11 +541,13 @@ impl Mosquitto {
             dir.join("mosquitto.log"),
         );
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for port in std::iter::once(port).chain(tls_port) {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        Mosquitto { process, port }
+        Mosquitto { process, port, tls_port }
     }
 }
 

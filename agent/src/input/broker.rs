@@ -30,6 +30,13 @@
 //! With `[[mqtt.users]]` configured, a client must present one's username and password in its
 //! CONNECT; any other is answered CONNACK 4 (bad username or password), counted as
 //! `tributary_agent_broker_auth_failures_total`, and closed before the router hears of it.
+//!
+//! With `mqtt.tls_listen`, a second listener takes MQTT over TLS (tokio-rustls; with
+//! `tls_client_ca`, only clients whose certificate that CA signed), beside the plain one on
+//! `mqtt.listen`, as Mosquitto users expect (1883 and 8883). Each connection's handshake runs in
+//! the connection's own task, within [`HANDSHAKE_TIMEOUT`], so a client that stalls or fails it
+//! delays no one; failures are counted as `tributary_agent_broker_tls_handshake_failures_total`
+//! and logged. After the handshake a TLS connection is served exactly as a plain one.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -47,13 +54,14 @@ use rumqttd::protocol::{
     PubCompReason, PubRec, PubRecReason, Publish,
 };
 use rumqttd::{Notification, Router, RouterConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{RwLock, Semaphore, watch};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use super::Intake;
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, MqttTls};
 use crate::metrics::Metrics;
 
 /// rumqttd's in-memory log per filter: segments of this size, this many kept, evicted oldest first
@@ -68,6 +76,10 @@ const SEGMENT_COUNT: usize = 8;
 const MAX_CONNECTIONS: usize = 10_000;
 /// A client that opened a connection must send CONNECT within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client of `tls_listen` must finish its TLS handshake within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection may take to say so (a TLS close_notify, a TCP FIN).
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Stop step 4: reading up to the marker only waits for the router to forward what it holds.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stop step 5: how long connections may take to write the acks due to their clients.
@@ -79,8 +91,8 @@ const SMALL_READ: usize = 2 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("mqtt.listen {addr}: cannot listen: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{key} {addr}: cannot listen: {source}")]
+    Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("embedded broker: {0}")]
     Setup(String),
     #[error("the embedded broker stopped: {0}")]
@@ -96,6 +108,8 @@ type Link = (LinkTx, LinkRx, Notification);
 /// A running embedded broker and the agent's link into it.
 pub struct EmbeddedBroker {
     listener: TcpListener,
+    /// `tls_listen`'s listener, and the handshakes it makes.
+    tls_listener: Option<(TcpListener, TlsAcceptor)>,
     new_link: NewLink,
     link_tx: LinkTx,
     link_rx: LinkRx,
@@ -108,7 +122,22 @@ impl EmbeddedBroker {
     /// Listens on `mqtt.listen` and starts rumqttd's router on its own thread.
     pub async fn start(config: &MqttConfig) -> Result<EmbeddedBroker, BrokerError> {
         let addr = config.listen;
-        let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr, source })?;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { key: "mqtt.listen", addr, source })?;
+        let tls_listener = match (config.tls_listen, &config.tls) {
+            (Some(addr), Some(MqttTls::Server(tls))) => {
+                let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind {
+                    key: "mqtt.tls_listen",
+                    addr,
+                    source,
+                })?;
+                Some((listener, TlsAcceptor::from(tls.clone())))
+            }
+            (Some(_), _) => {
+                return Err(BrokerError::Setup("mqtt.tls_listen: no TLS settings (tls_cert, tls_key) loaded".into()));
+            }
+            (None, _) => None,
+        };
         let router_tx = Router::new(0, router_config()).spawn();
         let new_link: NewLink = Arc::new(move |client_id, clean, will| {
             let builder = LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).last_will(will);
@@ -119,16 +148,39 @@ impl EmbeddedBroker {
         link_tx.subscribe("#").map_err(|e| BrokerError::Setup(format!("subscribe: {e}")))?;
         let users: HashMap<String, String> =
             config.users.iter().map(|u| (u.username.clone(), u.password.clone())).collect();
-        if users.is_empty() && !addr.ip().is_loopback() {
-            tracing::warn!(
-                %addr,
-                "the embedded MQTT broker listens beyond this host and lets in any client: list the \
-                 allowed clients in [[mqtt.users]]"
-            );
+        // Client certificates let in only the clients their CA signed, on the TLS listener.
+        let open = [Some(addr), config.tls_listen.filter(|_| config.tls_client_ca.is_none())];
+        for addr in open.into_iter().flatten() {
+            if users.is_empty() && !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "the embedded MQTT broker listens beyond this host and lets in any client: list the \
+                     allowed clients in [[mqtt.users]]"
+                );
+            }
         }
-        tracing::info!(%addr, users = users.len(), "embedded MQTT broker listening");
+        if let Some(tls_addr) = config.tls_listen {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    %tls_addr,
+                    "the embedded MQTT broker takes unencrypted MQTT from beyond this host beside TLS: set \
+                     mqtt.listen to a loopback address (127.0.0.1:1883) to take only TLS from the network"
+                );
+            }
+            tracing::info!(
+                %addr,
+                %tls_addr,
+                users = users.len(),
+                client_certificates = config.tls_client_ca.is_some(),
+                "embedded MQTT broker listening (plain and TLS)"
+            );
+        } else {
+            tracing::info!(%addr, users = users.len(), "embedded MQTT broker listening");
+        }
         Ok(EmbeddedBroker {
             listener,
+            tls_listener,
             new_link,
             link_tx,
             link_rx,
@@ -141,13 +193,19 @@ impl EmbeddedBroker {
 
     /// Reads messages until shutdown, then stops as the module doc describes.
     pub async fn run(self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), BrokerError> {
-        let EmbeddedBroker { listener, new_link, mut link_tx, link_rx, max_packet, users } = self;
+        let EmbeddedBroker { listener, tls_listener, new_link, mut link_tx, link_rx, max_packet, users } = self;
         let metrics = intake.metrics().clone();
         let shared = Arc::new(Shared { new_link, gate: RwLock::new(false), max_packet, metrics, users });
         let (phase_tx, phase) = watch::channel(Phase::Open);
         // Every connection task holds a clone; recv() returns None once all have ended.
         let (ended_tx, mut ended) = tokio::sync::mpsc::channel::<()>(1);
-        tokio::spawn(accept(listener, shared.clone(), phase, ended_tx));
+        // Connections of both listeners share the limit on connections.
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        if let Some((tls_listener, acceptor)) = tls_listener {
+            let (shared, phase, ended_tx, slots) = (shared.clone(), phase.clone(), ended_tx.clone(), slots.clone());
+            tokio::spawn(accept(tls_listener, Some(acceptor), slots, shared, phase, ended_tx));
+        }
+        tokio::spawn(accept(listener, None, slots, shared.clone(), phase, ended_tx));
 
         let spool = intake.sender();
         let mut reader = LinkReader { link_rx, last_offset: None, marker: None };
@@ -230,13 +288,15 @@ struct Shared {
     users: HashMap<String, String>,
 }
 
+/// Accepts connections until the broker stops; `tls`: handshakes each first (`tls_listen`).
 async fn accept(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    slots: Arc<Semaphore>,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
     ended: tokio::sync::mpsc::Sender<()>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = Duration::from_millis(10);
     loop {
         let slot = tokio::select! {
@@ -251,9 +311,17 @@ async fn accept(
         match accepted {
             Ok((socket, addr)) => {
                 backoff = Duration::from_millis(10);
-                let (shared, phase, ended) = (shared.clone(), phase.clone(), ended.clone());
+                let (shared, phase, ended, tls) = (shared.clone(), phase.clone(), ended.clone(), tls.clone());
                 tokio::spawn(async move {
-                    serve(socket, addr, &shared, phase).await;
+                    let _ = socket.set_nodelay(true);
+                    match tls {
+                        None => serve(socket, addr, &shared, phase).await,
+                        Some(acceptor) => {
+                            if let Some(socket) = handshake(&acceptor, socket, addr, &shared, phase.clone()).await {
+                                serve(socket, addr, &shared, phase).await;
+                            }
+                        }
+                    }
                     drop((slot, ended));
                 });
             }
@@ -266,6 +334,55 @@ async fn accept(
         }
     }
     // The listener closes here: new connections are refused from now on.
+}
+
+/// The TLS handshake of a `tls_listen` client: its stream, or `None` if it failed (counted and
+/// logged), timed out, or the broker stopped meanwhile.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    socket: TcpStream,
+    addr: SocketAddr,
+    shared: &Shared,
+    mut phase: watch::Receiver<Phase>,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let done = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)) => r,
+        _ = phase.wait_for(|p| *p != Phase::Open) => return None,
+    };
+    let error = match done {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(error)) => error,
+        Err(_) => {
+            shared.metrics.broker_tls_handshake_failures.inc();
+            tracing::debug!(%addr, timeout = ?HANDSHAKE_TIMEOUT, "embedded broker: TLS handshake timed out");
+            return None;
+        }
+    };
+    shared.metrics.broker_tls_handshake_failures.inc();
+    // rustls' own verdicts say what to fix; a client that closed without a word (a port probe) does not.
+    let verdict = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+    let hint = match verdict {
+        None => {
+            tracing::debug!(%addr, %error, "embedded broker: TLS handshake failed");
+            return None;
+        }
+        Some(rustls::Error::InvalidMessage(_)) => {
+            "the client does not speak TLS: plain MQTT belongs on mqtt.listen, TLS clients connect to mqtt.tls_listen"
+        }
+        Some(rustls::Error::NoCertificatesPresented) => {
+            "the client showed no certificate: with mqtt.tls_client_ca set, every client needs one signed by that CA"
+        }
+        Some(rustls::Error::InvalidCertificate(_)) => {
+            "the client's certificate is not signed by a CA in mqtt.tls_client_ca, or has expired"
+        }
+        Some(rustls::Error::AlertReceived(_)) => {
+            "the client refused the broker's certificate: it must trust the CA that signed mqtt.tls_cert \
+             and connect by a name (or address) the certificate holds"
+        }
+        Some(_) => "check the client's TLS settings against mqtt.tls_cert and tls_client_ca",
+    };
+    tracing::warn!(%addr, %error, hint, "embedded broker: refused a client: TLS handshake failed");
+    None
 }
 
 /// Why a connection ended.
@@ -285,9 +402,10 @@ enum End {
     Stopped,
 }
 
-/// One client: its socket and its buffers.
-struct Connection {
-    socket: TcpStream,
+/// One client: its socket (TCP, or TLS over TCP) and its buffers.
+struct Connection<S> {
+    socket: S,
+    peer: SocketAddr,
     read: BytesMut,
     write: BytesMut,
     max_packet: usize,
@@ -318,14 +436,31 @@ struct Batch {
     goodbye: bool,
 }
 
-async fn serve(socket: TcpStream, addr: SocketAddr, shared: &Shared, mut phase: watch::Receiver<Phase>) {
-    let _ = socket.set_nodelay(true);
+/// Serves one client until either side ends, then closes the connection (a TLS one with its
+/// close_notify).
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: S,
+    addr: SocketAddr,
+    shared: &Shared,
+    phase: watch::Receiver<Phase>,
+) {
     let mut conn = Connection {
         socket,
+        peer: addr,
         read: BytesMut::with_capacity(READ_CHUNK),
         write: BytesMut::with_capacity(1024),
         max_packet: shared.max_packet,
     };
+    serve_client(&mut conn, shared, phase).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.socket.shutdown()).await;
+}
+
+async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    shared: &Shared,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let addr = conn.peer;
     let first = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, conn.read_packet()) => r,
         _ = phase.wait_for(|p| *p != Phase::Open) => return,
@@ -433,7 +568,7 @@ async fn hand_over(shared: &Shared, link_tx: &mut LinkTx, mut packets: Vec<Packe
     Ok(true)
 }
 
-impl Connection {
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads until one packet is complete (the CONNECT).
     async fn read_packet(&mut self) -> Result<Packet, End> {
         loop {
@@ -608,13 +743,17 @@ impl Connection {
                 tracing::warn!(error = %e, "embedded broker: cannot encode a packet for a client");
             }
         }
-        let r = self.socket.write_all(&self.write).await;
+        let mut r = self.socket.write_all(&self.write).await;
+        if r.is_ok() {
+            // TLS holds written data until flushed; TCP's flush does nothing.
+            r = self.socket.flush().await;
+        }
         self.write.clear();
         r
     }
 
     fn peer(&self) -> SocketAddr {
-        self.socket.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.peer
     }
 }
 

@@ -17,10 +17,12 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::decode::Decoder;
+use crate::clock::{Clock, Now};
+use crate::config::SyncCheck;
+use crate::decode::{Decoder, DeviceTsPolicy, Stamp};
 use crate::filter::{FilterConfig, FilterCounters, Filters};
 use crate::metrics::Metrics;
-use crate::spool::{Chunk, Command, Spool, SpoolError, now_ms};
+use crate::spool::{Chunk, Command, Spool, SpoolError};
 
 /// Decodes messages into a pending [`Chunk`] and hands it to the spool writer whenever the
 /// writer's queue has room. While the writer is busy, the chunk grows, up to `max_pending`
@@ -46,6 +48,31 @@ pub struct Intake {
     /// the agent runs.
     rules: FilterRules,
     filter_updates: Option<watch::Receiver<FilterRules>>,
+    /// Stamps readings; until it is synchronised, agent-stamped readings go to the chunk's
+    /// unsynced part (see [`crate::clock`]).
+    clock: Arc<Clock>,
+    /// The last reading of the clock before it was synchronised (None once it is).
+    untrusted: Option<Now>,
+}
+
+/// Which part of the pending chunk a reading goes to.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Plain,
+    /// Stamped by the agent with the clock as read then, not synchronised yet.
+    Unsynced(Now),
+    /// A device timestamp beyond the limits, flagged.
+    Skewed,
+}
+
+impl Part {
+    fn of(stamp: Stamp, now: &Now) -> Part {
+        match stamp {
+            Stamp::Agent if !now.trusted => Part::Unsynced(*now),
+            Stamp::Skewed => Part::Skewed,
+            _ => Part::Plain,
+        }
+    }
 }
 
 /// `[[filter]]` rules as shared by every intake.
@@ -71,7 +98,38 @@ impl Intake {
             rules: Arc::new([]),
             filter_updates: None,
             metrics,
+            // Trusted as before the clock section existed; the agent sets its own with `with_clock`.
+            clock: Arc::new(Clock::new(Box::new(crate::clock::SystemClock::new(SyncCheck::None)))),
+            untrusted: None,
         }
+    }
+
+    /// Stamps readings with `clock` (shared by every input of the agent).
+    pub fn with_clock(mut self, clock: Arc<Clock>) -> Intake {
+        self.clock = clock;
+        self
+    }
+
+    /// The decoder's rules for device timestamps (serial ports judge theirs the same way).
+    pub fn device_policy(&self) -> DeviceTsPolicy {
+        self.decoder.device_policy()
+    }
+
+    /// The clock, read now: `trusted` once it has been synchronised. At the first reading that
+    /// finds it synchronised, whatever the filters hold goes out first, still as unsynced readings
+    /// (they were stamped before), so that no held 1970 stamp reaches a plain block.
+    pub fn clock_now(&mut self) -> Now {
+        let now = self.clock.now();
+        if !now.trusted {
+            self.untrusted = Some(now);
+        } else if let Some(before) = self.untrusted.take() {
+            let Intake { pending, pending_ids, pending_bytes, filters, metrics, .. } = self;
+            filters.finish(before.wall_ms, &mut |sensor, ts, value| {
+                push_reading(pending, pending_ids, pending_bytes, metrics, Part::Unsynced(before), sensor, ts, value)
+            });
+            self.pending.through = self.pending.through.max(*self.committed.borrow());
+        }
+        now
     }
 
     /// Runs `[[filter]]` rules on every reading before it is queued.
@@ -106,6 +164,8 @@ impl Intake {
             filters: Filters::new(&[], FilterCounters::new(&self.metrics)),
             rules: Arc::new([]),
             filter_updates: None,
+            clock: self.clock.clone(),
+            untrusted: None,
         };
         match &self.filter_updates {
             // The latest rules, even if this intake has not taken them yet.
@@ -121,9 +181,11 @@ impl Intake {
             return;
         }
         self.rules = updates.borrow_and_update().clone();
-        let Intake { pending, pending_ids, pending_bytes, filters, rules, .. } = self;
-        filters.reconfigure(rules, now_ms(), &mut |sensor, ts, value| {
-            push_reading(pending, pending_ids, pending_bytes, sensor, ts, value)
+        let now = self.clock_now();
+        let part = Part::of(Stamp::Agent, &now);
+        let Intake { pending, pending_ids, pending_bytes, filters, rules, metrics, .. } = self;
+        filters.reconfigure(rules, now.wall_ms, &mut |sensor, ts, value| {
+            push_reading(pending, pending_ids, pending_bytes, metrics, part, sensor, ts, value)
         });
         // Nothing acknowledges the readings handed over: carry the number already committed (see take_reading).
         self.pending.through = self.pending.through.max(*self.committed.borrow());
@@ -138,20 +200,27 @@ impl Intake {
     /// rejected, or dropped or held by the filters), the previous message's.
     pub fn take(&mut self, topic: &[u8], payload: &[u8]) -> u64 {
         self.update_filters();
+        let now = self.clock_now();
         let Intake { decoder, pending, pending_ids, pending_bytes, metrics, filters, .. } = self;
         metrics.messages.inc();
-        let now = now_ms();
         let mut queued = 0usize;
-        let mut push = |sensor: &str, ts: i64, value: f64| {
+        let mut push = |part: Part, sensor: &str, ts: i64, value: f64| {
             queued += 1;
-            push_reading(pending, pending_ids, pending_bytes, sensor, ts, value);
+            push_reading(pending, pending_ids, pending_bytes, metrics, part, sensor, ts, value);
         };
-        let readings = decoder.decode(
+        let readings = decoder.decode_stamped(
             topic,
             payload,
-            now,
+            now.wall_ms,
+            now.trusted,
             // Without filters, `apply` hands each reading straight to `push`.
-            |sensor, ts, value| filters.apply(sensor, ts, value, now, &mut push),
+            |sensor, ts, value, stamp| {
+                if stamp == Stamp::Restamped {
+                    metrics.device_skew_readings.inc();
+                }
+                let part = Part::of(stamp, &now);
+                filters.apply(sensor, ts, value, now.wall_ms, &mut |sensor, ts, value| push(part, sensor, ts, value))
+            },
             |reason| {
                 tracing::debug!(topic = %String::from_utf8_lossy(topic), reason = reason.label(), "rejected");
                 metrics.reject(reason);
@@ -230,12 +299,24 @@ impl Intake {
     /// Nothing acknowledges it, so it takes no intake number: its chunk carries the number already
     /// committed, so that committing it never moves [`Spool::committed`] past a message not yet durable.
     pub fn take_reading(&mut self, sensor: &str, ts: i64, value: f64) {
+        let now = self.clock_now();
+        self.take_stamped(sensor, ts, value, Stamp::Device, &now);
+    }
+
+    /// As [`Intake::take_reading`], for a reading stamped `stamp` with the clock read as `now`
+    /// (from [`Intake::clock_now`]).
+    pub fn take_stamped(&mut self, sensor: &str, ts: i64, value: f64, stamp: Stamp, now: &Now) {
         self.update_filters();
         self.metrics.readings_accepted.inc();
-        let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
-        let mut push =
-            |sensor: &str, ts: i64, value: f64| push_reading(pending, pending_ids, pending_bytes, sensor, ts, value);
-        filters.apply(sensor, ts, value, now_ms(), &mut push);
+        if stamp == Stamp::Restamped {
+            self.metrics.device_skew_readings.inc();
+        }
+        let part = Part::of(stamp, now);
+        let Intake { pending, pending_ids, pending_bytes, filters, metrics, .. } = self;
+        let mut push = |sensor: &str, ts: i64, value: f64| {
+            push_reading(pending, pending_ids, pending_bytes, metrics, part, sensor, ts, value)
+        };
+        filters.apply(sensor, ts, value, now.wall_ms, &mut push);
         self.pending.through = self.pending.through.max(*self.committed.borrow());
     }
 
@@ -263,9 +344,11 @@ impl Intake {
             *ticker = self.ticker();
         }
         if !self.filters.is_empty() {
-            let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
-            filters.tick(now_ms(), &mut |sensor, ts, value| {
-                push_reading(pending, pending_ids, pending_bytes, sensor, ts, value)
+            let now = self.clock_now();
+            let part = Part::of(Stamp::Agent, &now);
+            let Intake { pending, pending_ids, pending_bytes, filters, metrics, .. } = self;
+            filters.tick(now.wall_ms, &mut |sensor, ts, value| {
+                push_reading(pending, pending_ids, pending_bytes, metrics, part, sensor, ts, value)
             });
             // Nothing acknowledges these readings: carry the number already committed (see take_reading).
             self.pending.through = self.pending.through.max(*self.committed.borrow());
@@ -275,31 +358,69 @@ impl Intake {
 
     /// At a clean stop: queues everything the filters hold, then hands the chunk over.
     pub async fn finish(&mut self) -> Result<(), SpoolError> {
-        let Intake { pending, pending_ids, pending_bytes, filters, .. } = self;
-        filters.finish(now_ms(), &mut |sensor, ts, value| {
-            push_reading(pending, pending_ids, pending_bytes, sensor, ts, value)
+        let now = self.clock_now();
+        let part = Part::of(Stamp::Agent, &now);
+        let Intake { pending, pending_ids, pending_bytes, filters, metrics, .. } = self;
+        filters.finish(now.wall_ms, &mut |sensor, ts, value| {
+            push_reading(pending, pending_ids, pending_bytes, metrics, part, sensor, ts, value)
         });
         self.pending.through = self.pending.through.max(*self.committed.borrow());
-        self.flush().await
+        self.flush().await?;
+        // The writer may be letting a quiet gateway's readings gather: commit them now.
+        self.tx.send(Command::Flush).await.map_err(|_| SpoolError::Closed)
     }
 }
 
-/// Appends a reading to the pending chunk, counting its bytes (and its sensor id's, the first time
-/// the chunk sees it) so that the byte budget of [`Intake::is_full`] bounds every input.
+/// Appends a reading to its part of the pending chunk, counting its bytes (and its sensor id's,
+/// the first time that part sees it) so that the byte budget of [`Intake::is_full`] bounds every input.
+#[allow(clippy::too_many_arguments)]
 fn push_reading(
     pending: &mut Chunk,
     pending_ids: &mut usize,
     pending_bytes: &mut usize,
+    metrics: &Metrics,
+    part: Part,
     sensor: &str,
     ts: i64,
     value: f64,
 ) {
-    let index = pending.readings.intern(sensor);
-    if index as usize == *pending_ids {
-        *pending_ids += 1;
+    let (builder, ts) = match part {
+        Part::Plain => {
+            let index = pending.readings.intern(sensor);
+            if index as usize == *pending_ids {
+                *pending_ids += 1;
+                *pending_bytes += ID_OVERHEAD_BYTES + 2 * sensor.len();
+            }
+            pending.readings.push_interned(index, ts, value);
+            *pending_bytes += READING_BYTES;
+            return;
+        }
+        Part::Unsynced(now) => {
+            let flagged = pending.flagged.get_or_insert_with(Box::default);
+            let (clock, builder) = flagged
+                .unsynced
+                .get_or_insert_with(|| (now.unsynced_flag(), tributary_shared::BlockBuilder::default()));
+            // Into the frame of the part's flag, so the boot-time clock stays exact if the wall
+            // clock stepped meanwhile (still unsynchronised).
+            let ts = match *clock {
+                tributary_shared::BlockClock::Unsynced { offset_ms, .. } => {
+                    ts.saturating_sub(now.offset_ms).saturating_add(offset_ms)
+                }
+                _ => ts,
+            };
+            (builder, ts)
+        }
+        Part::Skewed => {
+            metrics.device_skew_readings.inc();
+            (&mut pending.flagged.get_or_insert_with(Box::default).skewed, ts)
+        }
+    };
+    let known = builder.sensor_count();
+    let index = builder.intern(sensor);
+    if index as usize == known {
         *pending_bytes += ID_OVERHEAD_BYTES + 2 * sensor.len();
     }
-    pending.readings.push_interned(index, ts, value);
+    builder.push_interned(index, ts, value);
     *pending_bytes += READING_BYTES;
 }
 
@@ -324,7 +445,7 @@ mod tests {
         let decoder = Decoder::new(&["sensors/#".into()], 1024, 300_000);
         let mut first = Intake::new(decoder, &spool, metrics, 10).with_filter_updates(rx);
         let mut second = first.another();
-        let now = now_ms();
+        let now = crate::spool::now_ms();
         for intake in [&mut first, &mut second] {
             intake.take_reading("a", now, 1.0);
             intake.take_reading("a", now + 1, 2.0);

@@ -14,6 +14,10 @@
 //! connection on a larger packet, and the broker would redeliver it for ever; so the agent raises
 //! its limit to that packet's size for the next connection only, reads it, counts it as rejected
 //! (`too_large`) and acknowledges it.
+//!
+//! With an `mqtts://` url the agent speaks MQTT over TLS (rustls, the settings made at load from
+//! `mqtt.ca_file`, `client_cert` and `client_key`). A handshake the broker or the agent refuses is
+//! retried like any lost connection, and logged with the file to check.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,12 +25,12 @@ use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, Publish, QoS, StateError,
-    SubscribeReasonCode,
+    SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 
 use super::Intake;
-use crate::config::Config;
+use crate::config::{Config, MqttConfig, MqttTls};
 
 /// The largest packet MQTT allows (its remaining length field's maximum).
 const MQTT_MAX_PACKET: usize = 268_435_455;
@@ -62,13 +66,23 @@ pub enum ClientError {
 pub struct MqttClient {
     options: MqttOptions,
     topics: Vec<String>,
+    /// With TLS: what to tell the user when a handshake fails.
+    tls_hints: Option<TlsHints>,
 }
 
 impl MqttClient {
     pub fn new(config: &Config) -> Result<MqttClient, ClientError> {
         let url = config.mqtt.url.as_ref().ok_or_else(|| ClientError::Url("required in client mode".into()))?;
         let host = url.host_str().ok_or_else(|| ClientError::Url(format!("{url} has no host")))?;
-        let mut options = MqttOptions::new(config.mqtt_client_id(), host, url.port().unwrap_or(1883));
+        let tls = match &config.mqtt.tls {
+            Some(MqttTls::Client(tls)) => Some(tls.clone()),
+            _ if crate::config::is_mqtt_tls(url) => {
+                return Err(ClientError::Url(format!("{url}: no TLS settings loaded (mqtt.ca_file)")));
+            }
+            _ => None,
+        };
+        let port = url.port().unwrap_or(if tls.is_some() { 8883 } else { 1883 });
+        let mut options = MqttOptions::new(config.mqtt_client_id(), host, port);
         options
             .set_clean_session(false)
             .set_manual_acks(true)
@@ -81,7 +95,11 @@ impl MqttClient {
         } else if !url.username().is_empty() {
             options.set_credentials(url.username(), url.password().unwrap_or(""));
         }
-        Ok(MqttClient { options, topics: config.mqtt.topics.clone() })
+        let tls_hints = tls.map(|tls| {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+            TlsHints::new(&config.mqtt, host)
+        });
+        Ok(MqttClient { options, topics: config.mqtt.topics.clone(), tls_hints })
     }
 
     pub async fn run(self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
@@ -214,7 +232,10 @@ impl MqttClient {
                             "the MQTT broker refused the agent's login: check mqtt.username and mqtt.password \
                              (or password_file) against the broker's users"
                         ),
-                        _ => tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection lost"),
+                        e => match self.tls_hints.as_ref().and_then(|hints| hints.explain(e)) {
+                            Some(hint) => tracing::error!(error = %e, retry_in = ?wait, "{hint}"),
+                            None => tracing::warn!(error = %e, retry_in = ?wait, "MQTT connection lost"),
+                        },
                     }
                     delay = (delay * 2).min(Duration::from_secs(30));
                     tokio::select! {
@@ -246,4 +267,76 @@ impl MqttClient {
         metrics.mqtt_connected.set(0);
         Ok(())
     }
+}
+
+/// What to check when TLS with the broker fails, naming the configured files.
+struct TlsHints {
+    host: String,
+    ca_file: Option<String>,
+    client_cert: Option<String>,
+}
+
+impl TlsHints {
+    fn new(mqtt: &MqttConfig, host: &str) -> TlsHints {
+        TlsHints {
+            host: host.to_string(),
+            ca_file: mqtt.ca_file.as_ref().map(|p| p.display().to_string()),
+            client_cert: mqtt.client_cert.as_ref().map(|p| p.display().to_string()),
+        }
+    }
+
+    /// A message for a connection that failed on TLS; `None` for other failures.
+    fn explain(&self, e: &ConnectionError) -> Option<String> {
+        let tls = rustls_error(e)?;
+        let host = &self.host;
+        Some(match tls {
+            rustls::Error::InvalidCertificate(reason) => match &self.ca_file {
+                Some(ca_file) => format!(
+                    "the MQTT broker's certificate was refused ({reason:?}): check that mqtt.ca_file ({ca_file}) \
+                     holds the CA that signed it, that it is valid now, and that it names {host} (the host of \
+                     mqtt.url)"
+                ),
+                None => format!(
+                    "the MQTT broker's certificate was refused ({reason:?}): it is not signed by a CA this system \
+                     trusts, or does not name {host}; set mqtt.ca_file to the PEM file of the CA that signed it"
+                ),
+            },
+            rustls::Error::AlertReceived(alert) => match &self.client_cert {
+                Some(cert) => format!(
+                    "the MQTT broker refused the TLS handshake ({alert:?}): check that mqtt.client_cert ({cert}) is \
+                     signed by a CA the broker trusts (Mosquitto: cafile) and is valid now"
+                ),
+                None => format!(
+                    "the MQTT broker refused the TLS handshake ({alert:?}): if it asks every client for a \
+                     certificate (Mosquitto: require_certificate true), set mqtt.client_cert and client_key"
+                ),
+            },
+            rustls::Error::InvalidMessage(_) => format!(
+                "the MQTT broker at {host} does not answer in TLS: check that mqtt.url's port is its TLS listener \
+                 (usually 8883), or use mqtt:// for a plain one"
+            ),
+            other => format!(
+                "TLS with the MQTT broker failed ({other}): check mqtt.ca_file, client_cert and client_key against \
+                 the broker's TLS listener"
+            ),
+        })
+    }
+}
+
+/// The rustls verdict behind a connection error, if TLS failed: rumqttc wraps it in I/O errors.
+fn rustls_error(e: &ConnectionError) -> Option<&rustls::Error> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = next {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // io::Error's source() skips the error it wraps.
+        if let Some(inner) = error.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                return Some(tls);
+            }
+        }
+        next = error.source();
+    }
+    None
 }

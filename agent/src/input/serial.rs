@@ -31,13 +31,14 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio_serial::SerialPortBuilderExt;
 use tributary_shared::frame::{Deframer, FrameError, MAX_ENCODED_LEN};
-use tributary_shared::reading::{ReadingError, validate_sensor_id, validate_ts_at, validate_value};
+use tributary_shared::reading::{ReadingError, validate_sensor_id, validate_value};
 
 use super::Intake;
 use crate::AgentError;
 use crate::config::{SerialConfig, SerialFormat};
+use crate::decode::{DeviceTsPolicy, Stamp};
 use crate::metrics::{Metrics, PortLabels, SerialRejectLabels};
-use crate::spool::{SpoolError, now_ms};
+use crate::spool::SpoolError;
 
 /// Longest text line, `\r\n` excluded; longer ones are counted as `too_long` and skipped.
 pub const MAX_LINE_LEN: usize = 1024;
@@ -161,7 +162,8 @@ pub struct PortDecoder {
     port: String,
     format: Format,
     prefix: Option<String>,
-    max_skew_ms: i64,
+    /// How device timestamps are judged (`validation.max_clock_skew`, `[clock]`).
+    device: DeviceTsPolicy,
     /// Reused for `<prefix>/<id>`.
     id: String,
 }
@@ -181,7 +183,7 @@ impl PortDecoder {
             port: config.name(),
             format,
             prefix: config.sensor_prefix.clone(),
-            max_skew_ms,
+            device: DeviceTsPolicy::new(max_skew_ms),
             id: String::new(),
         }
     }
@@ -201,10 +203,23 @@ impl PortDecoder {
         bytes: &[u8],
         now: i64,
         mut emit: impl FnMut(&str, i64, f64),
+        reject: impl FnMut(Reason),
+    ) -> usize {
+        self.feed_stamped(bytes, now, true, |sensor, ts, value, _| emit(sensor, ts, value), reject)
+    }
+
+    /// As [`PortDecoder::feed`], with the gateway clock's trust (`trusted`: synchronised) and
+    /// each reading's [`Stamp`].
+    pub fn feed_stamped(
+        &mut self,
+        bytes: &[u8],
+        now: i64,
+        trusted: bool,
+        mut emit: impl FnMut(&str, i64, f64, Stamp),
         mut reject: impl FnMut(Reason),
     ) -> usize {
-        let PortDecoder { port, format, prefix, max_skew_ms, id } = self;
-        let mut out = Emitter { port, prefix: prefix.as_deref(), max_skew_ms: *max_skew_ms, now, id, emitted: 0 };
+        let PortDecoder { port, format, prefix, device, id } = self;
+        let mut out = Emitter { port, prefix: prefix.as_deref(), device: *device, trusted, now, id, emitted: 0 };
         match format {
             Format::Frames(deframer) => deframer.feed(bytes, |frame| match frame {
                 Ok(frame) => {
@@ -227,7 +242,8 @@ impl PortDecoder {
 struct Emitter<'a> {
     port: &'a str,
     prefix: Option<&'a str>,
-    max_skew_ms: i64,
+    device: DeviceTsPolicy,
+    trusted: bool,
     now: i64,
     id: &'a mut String,
     emitted: usize,
@@ -240,7 +256,7 @@ impl Emitter<'_> {
         sensor: &str,
         ts: Option<i64>,
         value: f64,
-        emit: &mut impl FnMut(&str, i64, f64),
+        emit: &mut impl FnMut(&str, i64, f64, Stamp),
         reject: &mut impl FnMut(Reason),
     ) {
         let Some(prefix) = self.prefix else { return self.checked(sensor, ts, value, emit, reject) };
@@ -259,16 +275,15 @@ impl Emitter<'_> {
         sensor: &str,
         ts: Option<i64>,
         value: f64,
-        emit: &mut impl FnMut(&str, i64, f64),
+        emit: &mut impl FnMut(&str, i64, f64, Stamp),
         reject: &mut impl FnMut(Reason),
     ) {
-        let ts = ts.unwrap_or(self.now);
         let valid = validate_sensor_id(sensor)
             .and_then(|()| validate_value(value))
-            .and_then(|()| validate_ts_at(ts, self.now, self.max_skew_ms));
+            .and_then(|()| self.device.judge(ts, self.now, self.trusted));
         match valid {
-            Ok(()) => {
-                emit(sensor, ts, value);
+            Ok((ts, stamp)) => {
+                emit(sensor, ts, value, stamp);
                 self.emitted += 1;
             }
             Err(e) => reject(Reason::from_reading_error(&e)),
@@ -277,7 +292,7 @@ impl Emitter<'_> {
 
     /// `sensor=value[,sensor=value...]` or a bare number. A line that does not parse as a whole is
     /// rejected whole (it is probably noise); parsed readings are then validated one by one.
-    fn line(&mut self, line: &[u8], emit: &mut impl FnMut(&str, i64, f64), reject: &mut impl FnMut(Reason)) {
+    fn line(&mut self, line: &[u8], emit: &mut impl FnMut(&str, i64, f64, Stamp), reject: &mut impl FnMut(Reason)) {
         let Ok(text) = std::str::from_utf8(line) else { return reject(Reason::BadLine) };
         let text = text.trim();
         if text.is_empty() {
@@ -485,10 +500,12 @@ impl SerialInput {
     fn take(&mut self, bytes: &[u8], intake: &mut Intake) {
         let SerialInput { decoder, metrics, name, .. } = self;
         metrics.bytes.inc_by(bytes.len() as u64);
-        let n = decoder.feed(
+        let now = intake.clock_now();
+        let n = decoder.feed_stamped(
             bytes,
-            now_ms(),
-            |sensor, ts, value| intake.take_reading(sensor, ts, value),
+            now.wall_ms,
+            now.trusted,
+            |sensor, ts, value, stamp| intake.take_stamped(sensor, ts, value, stamp, &now),
             |reason| {
                 tracing::debug!(port = %name, reason = reason.label(), "serial input rejected");
                 metrics.reject(reason);
@@ -526,7 +543,8 @@ impl SerialPorts {
 
     fn spawn(&mut self, config: SerialConfig) {
         let (stop, stopped) = watch::channel(false);
-        let input = SerialInput::new(&config, self.max_skew_ms, self.intake.metrics());
+        let mut input = SerialInput::new(&config, self.max_skew_ms, self.intake.metrics());
+        input.decoder.device = self.intake.device_policy();
         let task = tokio::spawn(input.run(self.intake.another(), stopped));
         self.running.push(RunningPort { config, stop, task });
     }

@@ -159,8 +159,10 @@ pub struct Pipeline {
 pub struct Staged {
     pub point: Point,
     pub offset: u64,
-    /// Stamped further ahead of its block's arrival than `max_clock_skew`: quarantined.
-    pub future: bool,
+    /// Why it is quarantined instead of folded: stamped further ahead of its block's arrival
+    /// than `max_clock_skew` (`future`), or its block is flagged by the agent (a clock never
+    /// synchronised, `clock_unsynced`; a device clock beyond the agent's limits, `device_clock_skew`).
+    pub quarantine: Option<&'static str>,
 }
 
 /// Readings staged before they are folded at the latest (a few MiB).
@@ -215,13 +217,14 @@ impl Pipeline {
     ) -> Result<(), StoreError> {
         let map: Vec<u32> = block.sensors.iter().map(|id| self.series.intern(id)).collect();
         let horizon = received_at.saturating_add(self.spec.max_clock_skew_ms);
+        let flagged = block.clock.quarantine_reason();
         self.staged.reserve(block.entries.len());
         for (i, entry) in block.entries.iter().enumerate() {
             let Some(&series) = map.get(entry.sensor as usize) else { continue };
             self.staged.push(Staged {
                 point: Point { series, ts: entry.ts, value: entry.value, received_at, block: first_offset },
                 offset: first_offset + i as u64,
-                future: entry.ts > horizon,
+                quarantine: flagged.or((entry.ts > horizon).then_some("future")),
             });
         }
         self.agents.add_block(agent_id, block.entries.len() as u64, received_at);
@@ -245,7 +248,7 @@ impl Pipeline {
         let mut others = |conn: &Connection| -> Result<(), StoreError> {
             for s in &staged {
                 let point = &s.point;
-                if s.future {
+                if let Some(reason) = s.quarantine {
                     sensors.quarantine(point);
                     quarantine.push(Quarantined {
                         offset: s.offset,
@@ -253,7 +256,7 @@ impl Pipeline {
                         ts: point.ts,
                         value: point.value,
                         received_at: point.received_at,
-                        reason: "future",
+                        reason,
                     });
                     continue;
                 }

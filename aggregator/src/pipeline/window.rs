@@ -287,7 +287,7 @@ impl WindowOperator {
     pub fn add_staged(&mut self, conn: Option<&Connection>, staged: &[super::Staged]) -> Result<(), StoreError> {
         let reader = self.reader.take();
         let result = match reader.as_ref().or(conn) {
-            Some(conn) => staged.iter().filter(|s| !s.future).try_for_each(|s| self.add(conn, &s.point)),
+            Some(conn) => staged.iter().filter(|s| s.quarantine.is_none()).try_for_each(|s| self.add(conn, &s.point)),
             None => Err(StoreError::Corrupt("a window operator without a connection to the store".into())),
         };
         self.reader = reader;
