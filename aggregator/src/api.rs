@@ -740,18 +740,20 @@ async fn multi_windows(
         for part in matching.chunks(chunk) {
             let (part, plan) = (part.to_vec(), plan.clone());
             let snapshot = snapshot.clone();
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(STREAM_CHUNKS);
+            // Unbounded: a later part must not wait for the earlier ones to be sent, or the parts
+            // would run one after the other. What it holds is bounded by the window cap.
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<bytes::Bytes, std::io::Error>>();
             receivers.push(rx);
             tokio::spawn(async move {
                 let sink = tx.clone();
                 let read = snapshot.read(move |conn| {
-                    let mut emit = |chunk: Vec<u8>| sink.blocking_send(Ok(chunk.into())).is_ok();
+                    let mut emit = |chunk: Vec<u8>| sink.send(Ok(chunk.into())).is_ok();
                     windows_part(conn, &plan, &part, from, to, fields, csv, &mut emit)
                 });
                 if let Err(e) = read.await {
                     // Headers are gone: all that is left is to cut the answer short, visibly.
                     tracing::warn!(error = %e, "fleet window read failed mid-answer");
-                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string())));
                 }
             });
         }
@@ -785,9 +787,9 @@ async fn multi_windows(
         if total > MAX_MULTI_WINDOWS {
             return Err(too_many(MAX_MULTI_WINDOWS, total));
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         for c in chunks {
-            let _ = tx.try_send(Ok(c));
+            let _ = tx.send(Ok(c));
         }
         receivers.push(rx);
     }
@@ -795,8 +797,6 @@ async fn multi_windows(
     Ok(([(header::CONTENT_TYPE, content_type)], axum::body::Body::from_stream(body)).into_response())
 }
 
-/// Chunks in flight per part of a streamed fleet read (each about [`CHUNK_BYTES`]).
-const STREAM_CHUNKS: usize = 8;
 /// A part's answer leaves in chunks of about this size: big enough for few socket writes, small
 /// enough that a 13 MB answer is never copied whole to grow a buffer.
 const CHUNK_BYTES: usize = 256 << 10;
@@ -816,7 +816,7 @@ fn stored_windows(calendar: &Calendar, from: i64, to: i64) -> u64 {
 /// parts, then `closing`.
 fn joined(
     opening: bytes::Bytes,
-    receivers: Vec<tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>>,
+    receivers: Vec<tokio::sync::mpsc::UnboundedReceiver<Result<bytes::Bytes, std::io::Error>>>,
     closing: Option<bytes::Bytes>,
     csv: bool,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
