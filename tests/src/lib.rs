@@ -4,6 +4,8 @@
 //! Every process writes its log to a file in the test's temporary directory; when a test panics,
 //! the tail of each log is printed so a failure explains itself.
 
+pub mod certs;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::future::Future;

@@ -3,52 +3,18 @@
 //! client certificates (`tls_client_ca`), and client mode joining a real Mosquitto's TLS listener
 //! (`mqtts://`, `ca_file`, `client_cert`, `client_key`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tributary_tests::certs::{ExtendedKeyUsagePurpose, TestCa};
 use tributary_tests::{Agent, Aggregator, Mosquitto, MosquittoTls, MqttInput, eventually, free_port, publish};
 
 const TOKEN: &str = "secret-gw-1";
 const TLS_FAILURES: &str = "tributary_agent_broker_tls_handshake_failures_total";
-
-/// A test CA that writes its certificate and the ones it issues as PEM files into a directory.
-struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    dir: PathBuf,
-}
-
-impl TestCa {
-    /// A CA named `name`; its certificate is `<dir>/<name>.pem`.
-    fn new(dir: &Path, name: &str) -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, format!("Tributary test CA {name}"));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), issuer.pem()).unwrap();
-        TestCa { issuer, dir: dir.to_path_buf() }
-    }
-
-    /// Issues `<name>.pem` and `<name>.key` for `names` (DNS names or IP addresses).
-    fn issue(&self, name: &str, names: &[&str], purpose: ExtendedKeyUsagePurpose) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![purpose];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        std::fs::write(self.dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(self.dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-    }
-}
 
 /// `dir/ca.pem` with `dir/server.{pem,key}` (127.0.0.1, localhost) and `dir/client.{pem,key}`;
 /// an unrelated `dir/other-ca.pem` with `dir/stranger.{pem,key}`, a client certificate it signed.

@@ -3,51 +3,16 @@
 //! every client for a certificate (`tls_client_ca`), and a refused handshake keeps the readings in
 //! the spool and says why.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tributary_tests::certs::{ExtendedKeyUsagePurpose, TestCa};
 use tributary_tests::{Agent, Aggregator, MqttInput, bin, eventually, publish};
 
 const TOKEN_1: &str = "secret-gw-1";
 const TOKEN_2: &str = "secret-gw-2";
-
-/// A test CA that writes its certificate and the ones it issues as PEM files into a directory.
-struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    dir: PathBuf,
-}
-
-impl TestCa {
-    /// A CA named `name`; its certificate is `<dir>/<name>.pem`.
-    fn new(dir: &Path, name: &str) -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, format!("Tributary test CA {name}"));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), issuer.pem()).unwrap();
-        TestCa { issuer, dir: dir.to_path_buf() }
-    }
-
-    /// Issues `<name>.pem` and `<name>.key` for `names` (DNS names or IP addresses), for a server
-    /// or for a client.
-    fn issue(&self, name: &str, names: &[&str], purpose: ExtendedKeyUsagePurpose) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![purpose];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        std::fs::write(self.dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(self.dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-    }
-}
 
 /// `dir/ca.pem` with `dir/server.{pem,key}` (127.0.0.1 and localhost) and `dir/client.{pem,key}`,
 /// and an unrelated `dir/other-ca.pem`.
