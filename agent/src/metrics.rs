@@ -103,8 +103,9 @@ pub struct Metrics {
     /// Readings committed to the spool.
     pub readings_spooled: Counter,
     pub spool_commits: Counter,
-    /// How long a spool transaction takes, fsync included: with `spool.commit_interval`, the time
-    /// a reading the embedded broker acknowledged waits before it is durable.
+    /// How long a spool transaction takes (its fsync too with `spool.sync_interval = "0s"`): with
+    /// the commit interval, the time a reading the embedded broker acknowledged waits before it
+    /// is committed.
     pub spool_commit_seconds: Histogram,
     /// Readings and bytes in the spool, not yet acknowledged by the aggregator.
     pub spool_readings: Gauge,
@@ -260,7 +261,7 @@ impl Metrics {
         registry.register("spool_commits", "Spool transactions committed", m.spool_commits.clone());
         registry.register(
             "spool_commit_seconds",
-            "Duration of spool transactions, fsync included",
+            "Duration of spool transactions (fsync included only when spool.sync_interval is 0s)",
             m.spool_commit_seconds.clone(),
         );
         registry.register(

@@ -17,8 +17,10 @@
 //! 5. connections write the acks still due (for at most [`ACK_FLUSH`]) and close.
 //!
 //! rumqttd acknowledges a QoS-1 publish as soon as it is in its in-memory log, before the agent has
-//! read it; the spool's group commit follows within `spool.commit_interval`. That interval is the
-//! only window in which a crash can lose an acknowledged reading. QoS 2 gets the same guarantee:
+//! read it; the spool's group commit follows within `spool.commit_interval` under load, within
+//! `spool.max_commit_interval` on a quiet gateway. That interval is the only window in which a
+//! crash can lose an acknowledged reading (a power cut also loses the commits of the last
+//! `spool.sync_interval`). QoS 2 gets the same guarantee:
 //! connections hand QoS-2 publishes to the router as QoS 1 and answer PUBREC only once the router
 //! has logged the message (rumqttd itself would answer PUBREC first and log on PUBREL).
 //!
