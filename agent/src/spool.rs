@@ -1616,22 +1616,7 @@ fn read_gap_reports(conn: &Connection, limit: usize) -> Result<Vec<GapReport>, S
         "SELECT from_seq, to_seq, readings, first_ts, last_ts, sensors, sensor_count, reason, recorded_at
          FROM gap_reports ORDER BY from_seq LIMIT ?1",
     )?;
-    let reports = stmt
-        .query_map([limit as i64], |r| {
-            let sensors: String = r.get(5)?;
-            Ok(GapReport {
-                from_seq: r.get::<_, i64>(0)?.max(0) as u64,
-                to_seq: r.get::<_, i64>(1)?.max(0) as u64,
-                readings: r.get::<_, i64>(2)?.max(0) as u64,
-                first_ts: r.get(3)?,
-                last_ts: r.get(4)?,
-                sensors: serde_json::from_str(&sensors).unwrap_or_default(),
-                sensor_count: r.get::<_, i64>(6)?.max(0) as u64,
-                reason: r.get(7)?,
-                recorded_at: r.get(8)?,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
+    let reports = stmt.query_map([limit as i64], GapReport::from_row)?.collect::<Result<_, _>>()?;
     Ok(reports)
 }
 

@@ -400,22 +400,7 @@ pub fn gaps(
     )?;
     for gap in &mut rows {
         let range = params![gap.agent, gap.epoch, gap.from_seq as i64, gap.to_seq as i64, REPORTS_PER_GAP];
-        gap.reports = reports
-            .query_map(range, |r| {
-                let sensors: String = r.get(5)?;
-                Ok(GapReport {
-                    from_seq: r.get::<_, i64>(0)?.max(0) as u64,
-                    to_seq: r.get::<_, i64>(1)?.max(0) as u64,
-                    readings: r.get::<_, i64>(2)?.max(0) as u64,
-                    first_ts: r.get(3)?,
-                    last_ts: r.get(4)?,
-                    sensors: serde_json::from_str(&sensors).unwrap_or_default(),
-                    sensor_count: r.get::<_, i64>(6)?.max(0) as u64,
-                    reason: r.get(7)?,
-                    recorded_at: r.get(8)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
+        gap.reports = reports.query_map(range, GapReport::from_row)?.collect::<Result<_, _>>()?;
     }
     Ok((rows, more))
 }

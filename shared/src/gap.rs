@@ -38,3 +38,24 @@ pub struct GapReport {
     /// When the agent dropped them (its clock, Unix ms).
     pub recorded_at: i64,
 }
+
+#[cfg(feature = "sqlite")]
+impl GapReport {
+    /// A report from a row that starts `from_seq, to_seq, readings, first_ts, last_ts, sensors,
+    /// sensor_count, reason, recorded_at`, as the agent's spool and the aggregator's log both keep
+    /// them (`sensors` a JSON array).
+    pub fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GapReport> {
+        let sensors: String = r.get(5)?;
+        Ok(GapReport {
+            from_seq: r.get::<_, i64>(0)?.max(0) as u64,
+            to_seq: r.get::<_, i64>(1)?.max(0) as u64,
+            readings: r.get::<_, i64>(2)?.max(0) as u64,
+            first_ts: r.get(3)?,
+            last_ts: r.get(4)?,
+            sensors: serde_json::from_str(&sensors).unwrap_or_default(),
+            sensor_count: r.get::<_, i64>(6)?.max(0) as u64,
+            reason: r.get(7)?,
+            recorded_at: r.get(8)?,
+        })
+    }
+}
