@@ -566,28 +566,46 @@ pub async fn publish_as(port: u16, client_id: &str, login: Option<(&str, &str)>,
     if let Some((username, password)) = login {
         options.set_credentials(username, password);
     }
+    if let Err(e) = try_publish_with(options, messages).await {
+        panic!("MQTT publisher on port {port}: {e}");
+    }
+}
+
+/// Publishes `messages` at QoS 1 through a client made with `options` and waits until every one
+/// is acknowledged; the first connection error, 10 s without an event or 60 s in all is an error
+/// (no retry: a refused client stays refused).
+pub async fn try_publish_with(options: MqttOptions, messages: &[(String, Vec<u8>)]) -> Result<(), String> {
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     let total = messages.len();
     let to_send = messages.to_vec();
     // Publishing from a task other than the one polling the event loop: rumqttc deadlocks otherwise.
     let sender = tokio::spawn(async move {
         for (topic, payload) in to_send {
-            client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publish");
+            if client.publish(topic, QoS::AtLeastOnce, false, payload).await.is_err() {
+                break;
+            }
         }
         client
     });
     let mut acked = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while acked < total {
-        assert!(Instant::now() < deadline, "only {acked} of {total} publishes acknowledged");
-        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("MQTT publisher on port {port}: {e}"),
-            Err(_) => panic!("MQTT publisher on port {port}: no event for 10 s ({acked}/{total} acknowledged)"),
+        let failed = match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            _ if Instant::now() >= deadline => Some(format!("only {acked} of {total} publishes acknowledged")),
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                acked += 1;
+                None
+            }
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("{e} ({e:?})")),
+            Err(_) => Some(format!("no event for 10 s ({acked}/{total} acknowledged)")),
+        };
+        if let Some(error) = failed {
+            sender.abort();
+            return Err(error);
         }
     }
-    let client = sender.await.expect("publisher task");
+    let client = sender.await.map_err(|e| format!("publisher task: {e}"))?;
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while let Ok(e) = eventloop.poll().await {
@@ -597,6 +615,7 @@ pub async fn publish_as(port: u16, client_id: &str, login: Option<(&str, &str)>,
         }
     })
     .await;
+    Ok(())
 }
 
 impl Agent {

@@ -7,11 +7,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tributary_tests::certs::{ExtendedKeyUsagePurpose, TestCa};
-use tributary_tests::{Agent, Aggregator, Mosquitto, MosquittoTls, MqttInput, eventually, free_port, publish};
+use tributary_tests::{
+    Agent, Aggregator, Mosquitto, MosquittoTls, MqttInput, eventually, free_port, publish, try_publish_with,
+};
 
 const TOKEN: &str = "secret-gw-1";
 const TLS_FAILURES: &str = "tributary_agent_broker_tls_handshake_failures_total";
@@ -65,40 +67,7 @@ async fn publish_over(
     if let Some(tls) = tls {
         options.set_transport(Transport::tls_with_config(tls));
     }
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
-    let to_send = messages.to_vec();
-    // Publishing from a task other than the one polling the event loop: rumqttc deadlocks otherwise.
-    let sender = tokio::spawn(async move {
-        for (topic, payload) in to_send {
-            if client.publish(topic, QoS::AtLeastOnce, false, payload).await.is_err() {
-                break;
-            }
-        }
-        client
-    });
-    let mut acked = 0;
-    while acked < messages.len() {
-        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                sender.abort();
-                return Err(format!("{e} ({e:?})"));
-            }
-            Err(_) => return Err(format!("no event for 10 s ({acked}/{} acknowledged)", messages.len())),
-        }
-    }
-    let client = sender.await.unwrap();
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(e) = eventloop.poll().await {
-            if matches!(e, Event::Outgoing(Outgoing::Disconnect)) {
-                break;
-            }
-        }
-    })
-    .await;
-    Ok(())
+    try_publish_with(options, messages).await
 }
 
 fn messages(sensor: &str, n: usize) -> Vec<(String, Vec<u8>)> {
