@@ -326,6 +326,9 @@ pub fn restamp(block: &Block, boot_id: [u8; 16], offset_ms: i64) -> Option<Block
     out.clock = BlockClock::Synced;
     for e in &mut out.entries {
         e.ts = e.ts.saturating_add(shift);
+        // A time no synchronised block may carry (before 2000, after 9999: offsets gone wild):
+        // the block stays flagged and is quarantined, never refused whole by the aggregator.
+        tributary_shared::reading::validate_ts(e.ts).ok()?;
     }
     Some(out)
 }
@@ -443,6 +446,18 @@ mod tests {
         let synced = Block { clock: BlockClock::Synced, ..earlier.clone() };
         assert_eq!(restamp(&synced, [9; 16], REAL), None);
         assert_eq!(restamp(&earlier, [9; 16], REAL).unwrap().entries[0].ts, REAL + 10_000);
+    }
+
+    #[test]
+    fn a_block_that_restamping_would_put_outside_2000_to_9999_stays_flagged() {
+        let mut b = BlockBuilder::default();
+        b.push("a", 10_000, 1.0);
+        b.push("a", 20_000, 2.0);
+        let block = Block { clock: BlockClock::Unsynced { boot_id: BOOT, offset_ms: 0 }, ..b.finish() };
+        // An offset that leaves the readings in 1970, or one past the year 9999.
+        assert_eq!(restamp(&block, BOOT, 1_000), None);
+        assert_eq!(restamp(&block, BOOT, i64::MAX), None);
+        assert!(restamp(&block, BOOT, REAL).is_some());
     }
 
     #[test]
