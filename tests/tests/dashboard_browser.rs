@@ -60,3 +60,36 @@ async fn the_dashboard_shows_fleet_sensors_charts_live_readings_and_alerts_in_ch
     assert!(output.status.success(), "the browser run failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("no console errors"), "{stdout}");
 }
+
+/// 10,000 sensors of 100 agents (`tests/browser/large_fleet.mjs` posts them): the fleet view lists
+/// every agent, the sensor list shows a page of 100 and pages on, its search finds a sensor of the
+/// last page, and live readings reach the rows shown. What it shows, not how fast: the load times
+/// are `tests/bench/page.sh`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_pages_a_fleet_of_100_agents_and_10000_sensors() {
+    const AGENTS: usize = 100;
+    let driver = browser_dir().join("node_modules/playwright-core");
+    assert!(driver.exists(), "{} is missing: run `npm ci --prefix tests/browser`", driver.display());
+    let dir = tempfile::tempdir().unwrap();
+    let agents: Vec<(String, String)> =
+        (1..=AGENTS).map(|n| (format!("gw-{n:03}"), format!("secret-gw-{n:03}"))).collect();
+    let agents: Vec<(&str, &str)> = agents.iter().map(|(id, token)| (id.as_str(), token.as_str())).collect();
+    let aggregator = Aggregator::start(dir.path(), &agents).await;
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
+    let url = aggregator.url();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(browser_dir().join("large_fleet.mjs"))
+            .args([url.as_str(), &AGENTS.to_string()])
+            .arg(&shots)
+            .output()
+            .expect("run node (install Node.js)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "the browser run failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("no console errors"), "{stdout}");
+}

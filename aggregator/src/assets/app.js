@@ -2,6 +2,8 @@
 // /api/v1/stream (no polling). Routes live in the URL hash, so back/forward and links work:
 //   #/fleet   #/sensors?prefix=room1/   #/sensor/<id>?range=1h&overlay=<id>,<id>&at=<ms>   #/alerts
 // Sensor ids come from outside: they only ever reach the page as text (textContent), never as HTML.
+// Sized for fleets of 10,000 sensors and more: lists come a page at a time, each view's stream
+// carries only what it shows, and live events change rows in place, drawn once per animation frame.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -37,6 +39,23 @@ function el(tag, attrs, ...children) {
   }
   for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return node;
+}
+
+// Sets a property (textContent, className, title) only when it changes: an equal value would
+// still cost the browser style and layout work, on every live event.
+function set(node, prop, value) {
+  if (node[prop] !== value) node[prop] = value;
+}
+
+// `fn` at most once per animation frame, however often it is asked for: a burst of live events
+// is drawn once. Nothing is drawn while the tab is hidden; the next frame draws the latest state.
+function perFrame(fn) {
+  let pending = false;
+  return () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; fn(); });
+  };
 }
 
 class ApiError extends Error {
@@ -103,11 +122,14 @@ function render() {
 const stream = {
   source: null,
   url: null,
+  // `url` null: no stream (a view that knows what to follow only once it has loaded).
   follow(url) {
     if (url === this.url) return;
     if (this.source) this.source.close();
+    this.source = null;
     this.url = url;
     const conn = $("conn");
+    if (!url) { conn.textContent = "connecting…"; conn.className = "conn"; return; }
     const source = new EventSource(url);
     this.source = source;
     source.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
@@ -122,24 +144,45 @@ const stream = {
 
 // ---- Fleet ----
 function Fleet() {
-  const agents = new Map();  // id -> {readings, last_seen, rate, sample: [t, readings]}
+  const agents = new Map();   // id -> {readings, last_seen, rate, sample: [t, readings]}
+  const rows = new Map();     // id -> its row's cells, made once and updated in place
+  const changed = new Set();  // ids whose row the next frame redraws
+  let closed = false;
+  // The rows, in id order; made again only when the set of agents changes.
+  let shown = null;  // the ids the rows are of
+  const layout = () => {
+    const ids = [...agents.keys()].sort();
+    if (closed || ids.join("\n") === shown) return;
+    shown = ids.join("\n");
+    rows.clear();
+    $("agents").replaceChildren(...(ids.length ? ids.map((id) => {
+      const cells = { badge: el("span", {}), readings: el("td", { class: "num" }), backlog: el("td", { class: "num" }),
+        rate: el("td", { class: "num wide" }), seen: el("td", {}) };
+      rows.set(id, cells);
+      return el("tr", {}, el("td", {}, id), el("td", {}, cells.badge), cells.readings, cells.backlog, cells.rate, cells.seen);
+    }) : [el("tr", {}, el("td", { class: "empty", colSpan: 6 }, "no agents configured"))]));
+  };
   const draw = () => {
-    const rows = [...agents.values()].map((a) => {
+    if (closed) return;
+    for (const id of changed) {
+      const a = agents.get(id), row = rows.get(id);
+      if (!a || !row) continue;
       const heard = Math.max(a.last_seen || 0, a.last_contact || 0);
       // The server says whether an agent is catching up (its spool's backlog); silence is local.
       const state = !heard ? "never" : Date.now() - heard > OFFLINE_MS ? "offline" : a.state === "catching_up" ? "catching_up" : "online";
-      const label = { never: "never seen", catching_up: "catching up" }[state] || state;
-      return el("tr", {},
-        el("td", {}, a.id),
-        el("td", {}, el("span", { class: "badge " + state }, label)),
-        el("td", { class: "num" }, a.readings.toLocaleString("en")),
-        el("td", { class: "num", title: a.backlog_bytes == null ? "" : `${a.backlog_bytes.toLocaleString("en")} bytes` },
-          a.backlog_readings == null ? "—" : a.backlog_readings.toLocaleString("en")),
-        el("td", { class: "num wide" }, a.rate == null ? "—" : a.rate.toFixed(1)),
-        el("td", { title: fmtTime(a.last_seen) }, fmtAgo(a.last_seen)));
-    });
-    $("agents").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { class: "empty", colSpan: 6 }, "no agents configured"))]));
+      set(row.badge, "className", "badge " + state);
+      set(row.badge, "textContent", { never: "never seen", catching_up: "catching up" }[state] || state);
+      set(row.readings, "textContent", a.readings.toLocaleString("en"));
+      set(row.backlog, "textContent", a.backlog_readings == null ? "—" : a.backlog_readings.toLocaleString("en"));
+      set(row.backlog, "title", a.backlog_bytes == null ? "" : `${a.backlog_bytes.toLocaleString("en")} bytes`);
+      set(row.rate, "textContent", a.rate == null ? "—" : a.rate.toFixed(1));
+      set(row.seen, "textContent", fmtAgo(a.last_seen));
+      set(row.seen, "title", fmtTime(a.last_seen));
+    }
+    changed.clear();
   };
+  const drawSoon = perFrame(draw);
+  const drawAll = () => { for (const id of agents.keys()) changed.add(id); drawSoon(); };
   // State and backlog come with the agent list, not with the live events: refreshed with the pipeline.
   const refresh = async () => {
     const { body } = await api("/api/v1/agents").catch(() => ({ body: [] }));
@@ -147,7 +190,7 @@ function Fleet() {
       const known = agents.get(a.id);
       if (known) agents.set(a.id, { ...known, state: a.state, last_contact: a.last_contact, backlog_readings: a.backlog_readings, backlog_bytes: a.backlog_bytes });
     }
-    draw();
+    drawAll();
   };
   const pipeline = async () => {
     const text = await fetch("/metrics").then((r) => r.text()).catch(() => "");
@@ -171,13 +214,15 @@ function Fleet() {
     if (replay) $("replay-bar").style.width = (replay.head > 0 ? (100 * (replay.offset || 0)) / replay.head : 100).toFixed(1) + "%";
   };
   let lastPipeline = 0;
-  const tick = setInterval(draw, 1000);  // relative times only; no request
+  const tick = setInterval(drawAll, 1000);  // relative times only; no request
   return {
     subscription: "/api/v1/stream?types=agent",
     async load() {
       const { body } = await api("/api/v1/agents");
       agents.clear();
       for (const a of body) agents.set(a.id, { ...a, rate: null, sample: [Date.now(), a.readings] });
+      layout();
+      for (const id of agents.keys()) changed.add(id);
       draw();
       await pipeline();
     },
@@ -191,36 +236,62 @@ function Fleet() {
           known.rate = ((a.readings - r0) * 1000) / (now - t0);
           known.sample = [now, a.readings];
         }
+        if (!agents.has(a.id)) { agents.set(a.id, known); layout(); }
         agents.set(a.id, { ...known, readings: a.readings, last_seen: a.last_seen });
+        changed.add(a.id);
       }
-      draw();
+      drawSoon();
       if (now - lastPipeline > 2000) { lastPipeline = now; pipeline(); refresh(); }
     },
-    close() { clearInterval(tick); },
+    close() { closed = true; clearInterval(tick); },
   };
 }
 
 // ---- Sensors ----
 function Sensors(r) {
   const prefix = r.params.get("prefix") || "";
-  const rows = new Map();  // id -> {row, value cell, fresh cell, status cell, sensor}
+  const rows = new Map();     // id -> {value, fresh, badge: its cells; sensor: what they show}
+  const changed = new Set();  // ids whose row the next frame redraws
   let pages = [`/api/v1/sensors?limit=${PAGE}&prefix=${encodeURIComponent(prefix)}`];  // visited pages
-  let next = null;
+  let next = null, closed = false;
   const input = $("prefix");
   if (document.activeElement !== input) input.value = prefix;
-  const stale = (s) => s.status === "stale";
+  const onePage = () => pages.length === 1 && !next;
   const draw = (list) => {
     rows.clear();
+    changed.clear();
     const trs = list.map((s) => {
       const value = el("td", { class: "num" }, fmtValue(s.last_value));
       const fresh = el("td", { title: fmtTime(s.last_seen) }, fmtAgo(s.last_seen));
-      const status = el("td", {}, el("span", { class: "badge " + s.status }, s.status));
-      const tr = el("tr", { class: "link" }, el("td", {}, el("a", { href: sensorHref(s.id) }, s.id)), value, fresh, status);
+      const badge = el("span", { class: "badge " + s.status }, s.status);
+      const tr = el("tr", { class: "link" }, el("td", {}, el("a", { href: sensorHref(s.id) }, s.id)), value, fresh, el("td", {}, badge));
       tr.addEventListener("click", (e) => { if (e.target.tagName !== "A") location.hash = sensorHref(s.id); });
-      rows.set(s.id, { value, fresh, status, sensor: s });
+      rows.set(s.id, { value, fresh, badge, sensor: s });
       return tr;
     });
     $("sensors").replaceChildren(...(trs.length ? trs : [el("tr", {}, el("td", { class: "empty", colSpan: 4 }, prefix ? `no sensor id starts with “${prefix}”` : "no sensors yet"))]));
+  };
+  const paint = perFrame(() => {
+    if (closed) return;
+    for (const id of changed) {
+      const row = rows.get(id);
+      if (!row) continue;
+      set(row.value, "textContent", fmtValue(row.sensor.last_value));
+      set(row.fresh, "textContent", fmtAgo(row.sensor.last_seen));
+      set(row.fresh, "title", fmtTime(row.sensor.last_seen));
+      set(row.badge, "className", "badge " + row.sensor.status);
+      set(row.badge, "textContent", row.sensor.status);
+    }
+    changed.clear();
+  });
+  // What the stream carries is what the page shows, not the whole fleet: a list that fits one page
+  // follows every sensor its prefix matches (a new one then appears), a page of a longer list
+  // only its own rows (a new sensor shows when the page is loaded again).
+  const subscription = (list) => {
+    const base = "/api/v1/stream?types=window";
+    if (onePage()) return base + (prefix ? "&sensor=" + encodeURIComponent(globOf(prefix) + "**") : "");
+    if (!list.length) return null;
+    return base + "&sensor=" + encodeURIComponent("{" + list.map((s) => globOf(s.id).replace(/,/g, "[,]")).join(",") + "}");
   };
   let reload = null, lastShow = 0;
   const reloadSoon = () => {
@@ -230,10 +301,12 @@ function Sensors(r) {
   const show = async () => {
     lastShow = Date.now();
     const { body, link } = await api(pages[pages.length - 1]);
+    if (closed) return;
     next = link ? (link.match(/<([^>]+)>/) || [])[1] : null;
     $("prev").disabled = pages.length < 2;
     $("next").disabled = !next;
     draw(body);
+    stream.follow(subscription(body));
   };
   const onInput = () => {
     clearTimeout(onInput.timer);
@@ -245,34 +318,34 @@ function Sensors(r) {
   $("prev").addEventListener("click", onPrev);
   $("next").addEventListener("click", onNext);
   const tick = setInterval(() => {
-    for (const { fresh, sensor } of rows.values()) fresh.textContent = fmtAgo(sensor.last_seen);
+    for (const id of rows.keys()) changed.add(id);
+    paint();
   }, 1000);
   return {
-    subscription: "/api/v1/stream?types=window" + (prefix ? "&sensor=" + encodeURIComponent(globOf(prefix) + "**") : ""),
+    subscription: null,  // known once the page's rows are: show() follows them
     load: show,
     on(kind, data) {
       if (kind !== "window") return;
       for (const w of data) {
         const row = rows.get(w.sensor);
         if (!row) {
-          // A sensor not shown is new (the page holds every id between its first and last): reload
-          // if it sorts into this page.
-          const ids = [...rows.keys()];
-          const afterFirst = pages.length === 1 || (ids.length && w.sensor > ids[0]);
-          const beforeLast = !next || (ids.length && w.sensor < ids[ids.length - 1]);
-          if (afterFirst && beforeLast) reloadSoon();
+          // Only a one-page list hears of sensors it does not show: new ones, to be listed.
+          if (onePage()) reloadSoon();
           continue;
         }
-        if (row.sensor.last_ts == null || w.last.ts >= row.sensor.last_ts) {
-          row.sensor.last_ts = w.last.ts;
-          row.value.textContent = fmtValue(w.last.value);
+        const s = row.sensor;
+        if (s.last_ts == null || w.last.ts >= s.last_ts) {
+          s.last_ts = w.last.ts;
+          s.last_value = w.last.value;
         }
-        row.sensor.last_seen = Date.now();
-        row.fresh.textContent = fmtAgo(row.sensor.last_seen);
-        row.status.replaceChildren(el("span", { class: "badge online" }, "online"));
+        s.last_seen = Date.now();
+        s.status = "online";
+        changed.add(w.sensor);
       }
+      paint();
     },
     close() {
+      closed = true;
       clearInterval(tick);
       clearTimeout(reload);
       input.removeEventListener("input", onInput);
@@ -291,7 +364,8 @@ function SensorChart(r) {
   const span = RANGES.find(([n]) => n === rangeName)[1];
   const at = Number(r.params.get("at")) || null;  // an alert's time: centre the range on it
   const overlays = (r.params.get("overlay") || "").split(",").filter(Boolean);
-  let plot = null, data = null, step = null, alerts = [], refetch = null, lastLoad = 0;
+  let plot = null, data = null, step = null, alerts = [], refetch = null, lastLoad = 0, closed = false;
+  const redraw = perFrame(() => { if (!closed) plot.setData(data); });
   const link = (changes) => {
     const p = { range: rangeName, overlay: overlays.join(","), ...changes };
     for (const k of Object.keys(p)) if (!p[k]) delete p[k];
@@ -400,13 +474,14 @@ function SensorChart(r) {
         const i = data[0].indexOf(w.start / 1000);
         if (w.size === step && i >= 0) {
           data[1][i] = w.min; data[2][i] = w.max; data[3][i] = w.mean;
-          plot.setData(data);
+          redraw();
         } else {
           scheduleReload();  // a new bucket, or windows of another size than the chart's step
         }
       }
     },
     close() {
+      closed = true;
       clearTimeout(refetch);
       window.removeEventListener("resize", onResize);
       $("overlay-add").removeEventListener("click", addOverlay);
@@ -440,8 +515,9 @@ function fmtStep(ms) {
 
 // ---- Alerts ----
 function Alerts() {
-  let list = [];
+  let list = [], closed = false;
   const draw = () => {
+    if (closed) return;
     const rows = list.map((a) => {
       const sensor = a.sensor;
       const since = a.kind === "stale" ? a.fired_at : a.fired_ts;
@@ -457,6 +533,7 @@ function Alerts() {
     });
     $("alerts").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { class: "empty", colSpan: 5 }, "no alerts"))]));
   };
+  const drawSoon = perFrame(draw);
   return {
     subscription: "/api/v1/stream?types=alert",
     async load() {
@@ -473,8 +550,9 @@ function Alerts() {
           list.unshift({ kind: "reading", id: t.id, rule: t.rule, sensor: t.sensor, severity: t.severity, state: t.state, fired_ts: t.ts });
         }
       }
-      draw();
+      drawSoon();
     },
+    close() { closed = true; },
   };
 }
 
