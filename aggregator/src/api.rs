@@ -381,10 +381,9 @@ async fn sensor_path(
         }
         Some(_) => {
             let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-            let csv = wants_csv(query.format.as_deref(), &headers)?;
+            let format = answer_format(query.format.as_deref(), &headers)?;
             let row = find_sensor(&app, id).await?;
-            let body = sensor_windows(&app, &row, &query, csv).await?;
-            Ok(if csv { csv_response(body) } else { json_response(body) })
+            sensor_windows(&app, &row, &query, format).await
         }
     }
 }
@@ -427,20 +426,39 @@ pub(crate) struct WindowQuery {
     sensor: Option<String>,
     /// Which members of each window to return (`json::FIELDS`); all by default.
     fields: Option<String>,
-    /// `json` (default) or `csv` (also chosen by `Accept: text/csv`).
+    /// `json` (default), `csv` (also chosen by `Accept: text/csv`) or `parquet` (a download,
+    /// `application/vnd.apache.parquet`, also chosen by that `Accept`).
     format: Option<String>,
 }
 
-/// Whether an answer goes out as CSV: `format=csv`, or `Accept: text/csv` without a `format`.
-pub(crate) fn wants_csv(format: Option<&str>, headers: &HeaderMap) -> Result<bool, ApiError> {
+/// What an answer is written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Json,
+    Csv,
+    Parquet,
+}
+
+/// `format=json|csv|parquet`; without a `format`, the first of `text/csv` and
+/// `application/vnd.apache.parquet` that `Accept` names, else JSON.
+pub(crate) fn answer_format(format: Option<&str>, headers: &HeaderMap) -> Result<Format, ApiError> {
     match format.map(str::trim) {
-        None | Some("") => Ok(headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|accept| accept.split(',').any(|m| m.trim().starts_with("text/csv")))),
-        Some("csv") => Ok(true),
-        Some("json") => Ok(false),
-        Some(other) => Err(ApiError::BadRequest(format!("format {other:?} must be json or csv"))),
+        None | Some("") => {
+            let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            Ok(accept
+                .split(',')
+                .map(str::trim)
+                .find_map(|media| match media {
+                    m if m.starts_with("text/csv") => Some(Format::Csv),
+                    m if m.starts_with(crate::parquet::CONTENT_TYPE) => Some(Format::Parquet),
+                    _ => None,
+                })
+                .unwrap_or(Format::Json))
+        }
+        Some("json") => Ok(Format::Json),
+        Some("csv") => Ok(Format::Csv),
+        Some("parquet") => Ok(Format::Parquet),
+        Some(other) => Err(ApiError::BadRequest(format!("format {other:?} must be json, csv or parquet"))),
     }
 }
 
@@ -599,45 +617,66 @@ pub(crate) fn read_windows(
     cap: usize,
     quantiles: bool,
 ) -> Result<Vec<WindowView>, StoreError> {
+    let mut out: Vec<WindowView> = Vec::new();
+    each_window(conn, plan, series, from, to, quantiles, |w| {
+        out.push(w);
+        out.len() <= cap
+    })?;
+    Ok(out)
+}
+
+/// [`read_windows`] a window at a time, in order, until `each` says stop: an export streams them
+/// without holding the list.
+fn each_window(
+    conn: &rusqlite::Connection,
+    plan: &Plan,
+    series: u32,
+    from: i64,
+    to: i64,
+    quantiles: bool,
+    mut each: impl FnMut(WindowView) -> bool,
+) -> Result<(), StoreError> {
     // Every event time is within 2000..9999 (shared::reading), so clamping the range there
     // loses nothing and keeps the index arithmetic far from overflow.
     let (lo, hi) =
         (from.max(tributary_shared::MIN_TS_MS - 86_400_000), to.min(tributary_shared::MAX_TS_MS + 86_400_000));
     if lo >= hi {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let first = plan.calendar.index_of(lo);
     let last = plan.calendar.index_of(hi - 1);
-    let mut out: Vec<WindowView> = Vec::new();
+    let in_range = |start: i64| from <= start && start < to;
     let mut current: Option<(i64, i64, Window)> = None;
+    let mut more = true;
     store::windows_each(conn, &plan.calendar, series, first, last, |index, window| {
         let (start, end) = plan.bucket(plan.calendar.start_of(index));
         if plan.factor == 1 {
             // Served as stored: each window straight into the answer, nothing to merge.
-            push_in_range(&mut out, start, end, &window, from, to, quantiles);
-            return out.len() <= cap;
+            if in_range(start) {
+                more = each(WindowView::new(start, end, &window, quantiles));
+            }
+            return more;
         }
         match &mut current {
             Some((s, _, acc)) if *s == start => acc.merge(&window),
             _ => {
-                if let Some((s, e, w)) = current.take() {
-                    push_in_range(&mut out, s, e, &w, from, to, quantiles);
+                if let Some((s, e, w)) = current.take()
+                    && in_range(s)
+                {
+                    more = each(WindowView::new(s, e, &w, quantiles));
                 }
                 current = Some((start, end, window));
             }
         }
-        out.len() <= cap
+        more
     })?;
-    if let Some((s, e, w)) = current {
-        push_in_range(&mut out, s, e, &w, from, to, quantiles);
+    if more
+        && let Some((s, e, w)) = current
+        && in_range(s)
+    {
+        each(WindowView::new(s, e, &w, quantiles));
     }
-    Ok(out)
-}
-
-fn push_in_range(out: &mut Vec<WindowView>, start: i64, end: i64, w: &Window, from: i64, to: i64, quantiles: bool) {
-    if from <= start && start < to {
-        out.push(WindowView::new(start, end, w, quantiles));
-    }
+    Ok(())
 }
 
 /// `from`/`to`; missing or empty means unbounded (the window cap still applies).
@@ -661,7 +700,12 @@ pub(crate) fn json_response(body: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
-async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery, csv: bool) -> Result<Vec<u8>, ApiError> {
+async fn sensor_windows(
+    app: &AppState,
+    row: &SensorRow,
+    query: &WindowQuery,
+    format: Format,
+) -> Result<Response, ApiError> {
     if query.sensor.is_some() {
         return Err(ApiError::BadRequest("`sensor` belongs to /api/v1/windows; here the sensor is in the path".into()));
     }
@@ -670,6 +714,14 @@ async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery, cs
     let (from, to) = range(query)?;
     let fields = json::Fields::parse(query.fields.as_deref()).map_err(ApiError::BadRequest)?;
     let id = row.id.clone();
+    if format == Format::Parquet {
+        let lookup = id.clone();
+        let series = snapshot.read(move |conn| store::series_id(conn, &lookup)).await?;
+        let sensors = series.map(|s| (s, id.clone())).into_iter().collect();
+        let export = WindowsExport { plan, from, to, fields, cap: MAX_WINDOWS };
+        return parquet_windows(snapshot, sensors, export, &format!("{id}-windows")).await;
+    }
+    let csv = format == Format::Csv;
     let result = snapshot
         .read(move |conn| {
             let views = match store::series_id(conn, &id)? {
@@ -689,7 +741,80 @@ async fn sensor_windows(app: &AppState, row: &SensorRow, query: &WindowQuery, cs
             Ok(Ok(body))
         })
         .await?;
-    result.map_err(|n| too_many(MAX_WINDOWS, n))
+    let body = result.map_err(|n| too_many(MAX_WINDOWS, n))?;
+    Ok(if csv { csv_response(body) } else { json_response(body) })
+}
+
+/// What a Parquet window export reads.
+struct WindowsExport {
+    plan: Plan,
+    from: i64,
+    to: i64,
+    fields: json::Fields,
+    /// More windows than this is the JSON answer's 400.
+    cap: usize,
+}
+
+/// Some sensors' windows as a Parquet download ([`crate::parquet`]), streamed as they are read,
+/// a window at a time. Once the body has started no 400 can follow, so when the range could
+/// hold more than the cap the windows are counted first (a read without quantiles).
+async fn parquet_windows(
+    snapshot: store::StoreSnapshot,
+    sensors: Vec<(u32, String)>,
+    export: WindowsExport,
+    filename: &str,
+) -> Result<Response, ApiError> {
+    let WindowsExport { plan, from, to, fields, cap } = export;
+    let stored = stored_windows(&plan.calendar, from, to).saturating_mul(sensors.len() as u64);
+    if stored > cap as u64 {
+        let (plan, sensors) = (plan.clone(), sensors.clone());
+        let counted = snapshot
+            .read(move |conn| {
+                let mut n = 0usize;
+                for (series, _) in &sensors {
+                    each_window(conn, &plan, *series, from, to, false, |_| {
+                        n += 1;
+                        n <= cap
+                    })?;
+                    if n > cap {
+                        break;
+                    }
+                }
+                Ok(n)
+            })
+            .await?;
+        if counted > cap {
+            return Err(too_many(cap, counted));
+        }
+    }
+    let (mut export, abort, response) = crate::parquet::windows(filename, fields)
+        .map_err(|e| ApiError::Unavailable(format!("the export cannot start ({e}); try again shortly")))?;
+    tokio::spawn(async move {
+        let written = snapshot
+            .read(move |conn| {
+                for (series, name) in sensors {
+                    let name = bytes::Bytes::from(name);
+                    let mut pushed = Ok(());
+                    each_window(conn, &plan, series, from, to, fields.quantiles(), |w| {
+                        pushed = export.push(&name, &w);
+                        pushed.is_ok()
+                    })?;
+                    if let Err(e) = pushed {
+                        return Ok(Err(e));
+                    }
+                }
+                Ok(export.finish())
+            })
+            .await;
+        // After the first bytes, an error can only cut the download short (see `Abort`), as the
+        // streamed JSON answer of `multi_windows` does.
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => abort.fail("a Parquet window export", &e),
+            Err(e) => abort.fail("a Parquet window export", &e),
+        }
+    });
+    Ok(response)
 }
 
 /// `GET /api/v1/windows?sensor=<glob>&size=&from=&to=`: many sensors' windows in one request.
@@ -699,7 +824,8 @@ async fn multi_windows(
     query: Result<Query<WindowQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let csv = wants_csv(query.format.as_deref(), &headers)?;
+    let format = answer_format(query.format.as_deref(), &headers)?;
+    let csv = format == Format::Csv;
     let pattern = query.sensor.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
         ApiError::BadRequest("sensor=<glob> is required, e.g. sensor=line1/* (* within a level, ** across)".into())
     })?;
@@ -716,6 +842,10 @@ async fn multi_windows(
             Ok(all)
         })
         .await?;
+    if format == Format::Parquet {
+        let export = WindowsExport { plan, from, to, fields, cap: MAX_MULTI_WINDOWS };
+        return parquet_windows(snapshot, matching, export, "windows").await;
+    }
     // A fleet-wide read is a few thousand small queries and a few MB of JSON: split it over the
     // cores, each part on its own read connection, and send the parts in sensor order.
     let parts = std::thread::available_parallelism().map_or(1, |n| n.get()).min(matching.len() / 64).max(1);

@@ -51,7 +51,7 @@ impl Fields {
         Ok(Fields(bits))
     }
 
-    fn has(self, i: usize) -> bool {
+    pub(crate) fn has(self, i: usize) -> bool {
         self.0 & (1 << i) != 0
     }
 

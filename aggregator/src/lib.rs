@@ -29,6 +29,7 @@ pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod openapi;
+pub mod parquet;
 pub mod pipeline;
 pub mod prometheus;
 pub mod retention;

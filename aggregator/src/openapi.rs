@@ -165,24 +165,50 @@ fn sensors() {}
 #[allow(dead_code)]
 fn sensor() {}
 
-/// One sensor's windows of one size (a stored size or a whole multiple of one) in `[from, to)`.
+/// One sensor's windows of one size (a stored size or a whole multiple of one) in `[from, to)`;
+/// `format=csv` for CSV, `format=parquet` for a Parquet download.
 #[utoipa::path(get, path = "/api/v1/sensors/{id}/windows", tag = "read",
     params(("id" = String, Path, description = "The sensor id"), WindowQuery),
-    responses((status = 200, body = [WindowView]), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, description = "The windows: JSON, CSV (`format=csv`) or Parquet (`format=parquet`)", content(
+            ([WindowView] = "application/json"),
+            (String = "text/csv"),
+            (Vec<u8> = "application/vnd.apache.parquet"),
+        )),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)
+    ))]
 #[allow(dead_code)]
 fn windows() {}
 
 /// One sensor as a chart reads it: buckets of `step` (or the coarsest stored size giving at
-/// most `max_points`), `null` for empty buckets; `format=csv` for CSV.
+/// most `max_points`), `null` for empty buckets; `format=csv` for CSV, `format=parquet` for a
+/// Parquet download (`time`, then a column per aggregate).
 #[utoipa::path(get, path = "/api/v1/sensors/{id}/series", tag = "read",
     params(("id" = String, Path, description = "The sensor id"), SeriesQuery),
-    responses((status = 200, body = SeriesView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, description = "The series: JSON, CSV (`format=csv`) or Parquet (`format=parquet`)", content(
+            (SeriesView = "application/json"),
+            (String = "text/csv"),
+            (Vec<u8> = "application/vnd.apache.parquet"),
+        )),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)
+    ))]
 #[allow(dead_code)]
 fn series() {}
 
-/// The windows of every sensor a glob matches (`*` within a level, `**` across).
+/// The windows of every sensor a glob matches (`*` within a level, `**` across); `format=csv`
+/// for CSV, `format=parquet` for a Parquet download (one row per window, `sensor` first).
 #[utoipa::path(get, path = "/api/v1/windows", tag = "read", params(WindowQuery),
-    responses((status = 200, body = [SensorWindows]), (status = 400, body = ErrorBody)))]
+    responses(
+        (status = 200, description = "The windows: JSON, CSV (`format=csv`) or Parquet (`format=parquet`)", content(
+            ([SensorWindows] = "application/json"),
+            (String = "text/csv"),
+            (Vec<u8> = "application/vnd.apache.parquet"),
+        )),
+        (status = 400, body = ErrorBody)
+    ))]
 #[allow(dead_code)]
 fn multi_windows() {}
 

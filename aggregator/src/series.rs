@@ -32,6 +32,8 @@ pub struct SeriesQuery {
     step: Option<String>,
     max_points: Option<String>,
     agg: Option<String>,
+    /// `json` (default), `csv` (also chosen by `Accept: text/csv`) or `parquet` (a download,
+    /// `application/vnd.apache.parquet`, also chosen by that `Accept`).
     format: Option<String>,
 }
 
@@ -210,14 +212,15 @@ fn grid(layout: &api::ApiLayout, query: &SeriesQuery, now: i64) -> Result<Grid, 
     Ok(Grid { plan, starts })
 }
 
-/// The answer for one sensor, as JSON or, with `format=csv` or `Accept: text/csv`, as CSV.
+/// The answer for one sensor, as JSON or, with `format=csv` or `Accept: text/csv`, as CSV, or with
+/// `format=parquet` or `Accept: application/vnd.apache.parquet`, as a Parquet download.
 pub async fn answer(
     app: &AppState,
     sensor: &str,
     query: &SeriesQuery,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let csv = api::wants_csv(query.format.as_deref(), headers)?;
+    let format = api::answer_format(query.format.as_deref(), headers)?;
     let aggs = parse_aggs(query.agg.as_deref()).map_err(ApiError::BadRequest)?;
     let (layout, snapshot) = app.serving();
     let grid = grid(&layout, query, crate::unix_ms())?;
@@ -234,7 +237,10 @@ pub async fn answer(
         })
         .await?;
     let columns = columns(&grid.starts, &windows, &aggs);
-    if csv {
+    if format == api::Format::Parquet {
+        return parquet(sensor, grid.starts, &aggs, columns);
+    }
+    if format == api::Format::Csv {
         let mut response = to_csv(&grid.starts, &aggs, &columns).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
         return Ok(response);
@@ -258,6 +264,31 @@ pub async fn answer(
         body.insert(agg.name().into(), values.into());
     }
     Ok(axum::Json(serde_json::Value::Object(body)).into_response())
+}
+
+/// The series as a Parquet download ([`crate::parquet`]): `time`, then a column per aggregate.
+/// The grid is in memory already (at most [`MAX_POINTS`] buckets); the file is encoded on a
+/// blocking thread and streamed.
+fn parquet(sensor: &str, starts: Vec<i64>, aggs: &[Agg], columns: Vec<Vec<Option<f64>>>) -> Result<Response, ApiError> {
+    let names: Vec<(&str, bool)> = aggs.iter().map(|a| (a.name(), *a == Agg::Count)).collect();
+    let (mut export, abort, response) = crate::parquet::series(&format!("{sensor}-series"), &names)
+        .map_err(|e| ApiError::Unavailable(format!("the export cannot start ({e}); try again shortly")))?;
+    tokio::spawn(async move {
+        let written = tokio::task::spawn_blocking(move || {
+            for (i, start) in starts.iter().enumerate() {
+                export.push(*start, columns.iter().map(|column| column[i]))?;
+            }
+            export.finish()
+        })
+        .await;
+        // After the first bytes an error can only cut the download short (see `parquet::Abort`).
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => abort.fail("a Parquet series export", &e),
+            Err(e) => abort.fail("a Parquet series export", &e),
+        }
+    });
+    Ok(response)
 }
 
 /// One column per aggregate, one entry per bucket: `None` where no window starts at the bucket.
