@@ -10,16 +10,18 @@
 //! listened in the last [`LINGER`] (a client reconnecting must find what it missed).
 
 use std::collections::VecDeque;
+use std::io::Write as _;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::IntoResponse;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -35,6 +37,8 @@ pub const MAX_EVENT_READINGS: usize = 20_000;
 pub const MAX_CLIENTS: usize = 1_000;
 /// How long recording goes on after the last client left.
 pub const LINGER: Duration = Duration::from_secs(60);
+/// A comment line goes out after this long without an event, so proxies keep the connection.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// The kinds of events, as the SSE `event:` field names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +71,9 @@ pub struct Event {
     /// (index into `sensors`, or `usize::MAX` for none; the item as JSON).
     items: Vec<(usize, String)>,
     omitted: u64,
-    /// The data for a client without a filter, built once for all of them.
-    all: OnceLock<String>,
+    /// The whole SSE frame for a client without a filter, built once and shared by all of them:
+    /// each such client writes the same bytes, without a copy of its own.
+    all: OnceLock<Bytes>,
 }
 
 impl Event {
@@ -77,34 +82,38 @@ impl Event {
             + self.sensors.iter().map(|s| s.len() + 24).sum::<usize>()
     }
 
-    fn data(&self, keep: Option<&[bool]>) -> Option<String> {
-        let join = |items: &mut dyn Iterator<Item = &str>| {
-            let mut out = String::from("[");
-            for (i, item) in items.enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(item);
-            }
-            out.push(']');
-            out
+    /// The SSE frame for a client with `keep` (which of `sensors` it follows), or without a
+    /// filter; `None` when nothing in the event is for it.
+    fn frame(&self, keep: Option<&[bool]>) -> Option<Bytes> {
+        let Some(keep) = keep else {
+            return Some(self.all.get_or_init(|| self.frame_of(&mut self.items.iter().map(|(_, j)| j.as_str()))).clone());
         };
-        let list = match keep {
-            None => self.all.get_or_init(|| join(&mut self.items.iter().map(|(_, j)| j.as_str()))).clone(),
-            Some(keep) => {
-                let mut matching =
-                    self.items.iter().filter(|(s, _)| keep.get(*s).copied().unwrap_or(true)).map(|(_, j)| j.as_str());
-                let list = join(&mut matching);
-                if list == "[]" {
-                    return None;
-                }
-                list
+        let mut matching = self.items.iter().filter(|(s, _)| keep.get(*s).copied().unwrap_or(true)).peekable();
+        matching.peek()?;
+        Some(self.frame_of(&mut matching.map(|(_, j)| j.as_str())))
+    }
+
+    /// `id: …`, `event: …` and the items as one JSON list (`{"readings": […], "omitted": n}` for
+    /// readings) on a `data:` line. The items are JSON, which has no raw line break.
+    fn frame_of(&self, items: &mut dyn Iterator<Item = &str>) -> Bytes {
+        let mut out = Vec::with_capacity(64 + self.items.iter().map(|(_, j)| j.len() + 1).sum::<usize>());
+        let _ = write!(out, "id: {}\nevent: {}\ndata: ", self.id, self.kind.name());
+        if self.kind == Kind::Reading {
+            out.extend_from_slice(b"{\"readings\":");
+        }
+        out.push(b'[');
+        for (i, item) in items.enumerate() {
+            if i > 0 {
+                out.push(b',');
             }
-        };
-        Some(match self.kind {
-            Kind::Reading => format!("{{\"readings\":{list},\"omitted\":{}}}", self.omitted),
-            _ => list,
-        })
+            out.extend_from_slice(item.as_bytes());
+        }
+        out.push(b']');
+        if self.kind == Kind::Reading {
+            let _ = write!(out, ",\"omitted\":{}}}", self.omitted);
+        }
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
     }
 }
 
@@ -235,12 +244,12 @@ struct Client {
     next: u64,
     glob: Option<globset::GlobMatcher>,
     kinds: Vec<Kind>,
-    queue: VecDeque<SseEvent>,
+    queue: VecDeque<Bytes>,
     _guard: ClientGuard,
 }
 
 impl Client {
-    async fn next_event(&mut self) -> Option<SseEvent> {
+    async fn next_event(&mut self) -> Option<Bytes> {
         loop {
             if let Some(event) = self.queue.pop_front() {
                 return Some(event);
@@ -258,22 +267,18 @@ impl Client {
                         let keep =
                             self.glob.as_ref().map(|g| event.sensors.iter().map(|s| g.is_match(s)).collect::<Vec<_>>());
                         // An agent event is about no sensor: every client gets it.
-                        let data = match (&keep, event.kind) {
-                            (Some(_), Kind::Agent) | (None, _) => event.data(None),
-                            (Some(keep), _) => event.data(Some(keep)),
+                        let frame = match (&keep, event.kind) {
+                            (Some(_), Kind::Agent) | (None, _) => event.frame(None),
+                            (Some(keep), _) => event.frame(Some(keep)),
                         };
-                        if let Some(data) = data {
-                            self.queue.push_back(
-                                SseEvent::default().id(event.id.to_string()).event(event.kind.name()).data(data),
-                            );
-                        }
+                        self.queue.extend(frame);
                     }
                 }
                 Err(()) => {
                     let latest = *self.latest.borrow();
                     self.next = latest + 1;
-                    let data = format!("{{\"next\":{}}}", self.next);
-                    self.queue.push_back(SseEvent::default().id(latest.to_string()).event("reset").data(data));
+                    let frame = format!("id: {latest}\nevent: reset\ndata: {{\"next\":{}}}\n\n", self.next);
+                    self.queue.push_back(Bytes::from(frame));
                 }
             }
         }
@@ -321,8 +326,20 @@ pub async fn stream(
     }
     let client =
         Client { hub: hub.clone(), latest, next, glob, kinds, queue: VecDeque::new(), _guard: ClientGuard(hub) };
-    let events = futures_util::stream::unfold(client, |mut client| async move {
-        client.next_event().await.map(|event| (Ok::<_, Infallible>(event), client))
+    // The frames are written as they are (not through axum's `Sse`, which copies each event's
+    // data into a buffer of its own per client): a hundred clients without a filter write the
+    // same shared bytes. `next_event` can be dropped at its await (it keeps its place in
+    // `next`), so a keep-alive comment may go out in between.
+    let frames = futures_util::stream::unfold(client, |mut client| async move {
+        let frame = match tokio::time::timeout(KEEP_ALIVE, client.next_event()).await {
+            Ok(frame) => frame?,
+            Err(_) => Bytes::from_static(b":\n\n"),
+        };
+        Some((Ok::<_, Infallible>(frame), client))
     });
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ];
+    Ok((headers, Body::from_stream(frames)).into_response())
 }
