@@ -107,7 +107,9 @@ pub fn csv_header(out: &mut Vec<u8>, fields: Fields) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// One CSV row per window (RFC 4180; a value that is not a finite number is empty).
+/// One CSV row per window (RFC 4180; a value that is not a finite number is empty). Times
+/// (`start`, `end`, `first_ts`, `last_ts`, `updated_at`) are ISO-8601 with their offset, as a
+/// spreadsheet or `pandas.read_csv(parse_dates=...)` reads them.
 pub fn csv_rows(out: &mut Vec<u8>, sensor: &str, list: &[WindowView], fields: Fields) {
     let mut quoted = Vec::new();
     if sensor.contains([',', '"', '\r', '\n']) {
@@ -131,10 +133,11 @@ pub fn csv_rows(out: &mut Vec<u8>, sensor: &str, list: &[WindowView], fields: Fi
             out.push(b',');
             match value {
                 Value::Int(v) => int(out, *v),
+                Value::Time(ms) => out.extend_from_slice(crate::series::iso8601(*ms).as_bytes()),
                 Value::Count(v) => int(out, *v),
                 Value::Float(v) => cell(out, *v),
                 Value::Point(p) => {
-                    int(out, p.ts);
+                    out.extend_from_slice(crate::series::iso8601(p.ts).as_bytes());
                     out.push(b',');
                     cell(out, p.value);
                 }
@@ -147,6 +150,8 @@ pub fn csv_rows(out: &mut Vec<u8>, sensor: &str, list: &[WindowView], fields: Fi
 /// A member's value.
 enum Value<'a> {
     Int(i64),
+    /// Unix milliseconds.
+    Time(i64),
     Count(u64),
     Float(f64),
     Point(&'a Point),
@@ -156,8 +161,8 @@ enum Value<'a> {
 fn values(w: &WindowView) -> [Value<'_>; FIELDS.len()] {
     let WindowView { start, end, count, min, max, mean, stddev, first, last, p50, p95, p99, revision, updated_at } = w;
     [
-        Value::Int(*start),
-        Value::Int(*end),
+        Value::Time(*start),
+        Value::Time(*end),
         Value::Count(*count),
         Value::Float(*min),
         Value::Float(*max),
@@ -169,7 +174,7 @@ fn values(w: &WindowView) -> [Value<'_>; FIELDS.len()] {
         Value::Float(*p95),
         Value::Float(*p99),
         Value::Int(i64::from(*revision)),
-        Value::Int(*updated_at),
+        Value::Time(*updated_at),
     ]
 }
 

@@ -436,10 +436,16 @@ fn windows_come_as_csv_for_one_sensor_or_many_with_the_members_asked_for() {
     let first: Vec<&str> = lines[1].split(',').collect();
     let w = &json[0];
     assert_eq!(first[0], "a/x");
-    assert_eq!(first[1], w["start"].to_string());
+    // Times are ISO-8601 with their offset; the rest as the JSON has them.
+    let iso = |ms: &serde_json::Value| tributary_aggregator::series::iso8601(ms.as_i64().unwrap());
+    assert_eq!(first[1], iso(&w["start"]));
+    assert!(first[1].ends_with("+00:00") && first[1].contains('T'), "{}", first[1]);
+    assert_eq!(first[2], iso(&w["end"]));
     assert_eq!(first[3], w["count"].to_string());
     assert_eq!(first[6].parse::<f64>().unwrap(), w["mean"].as_f64().unwrap());
-    assert_eq!(first[8], w["first"]["ts"].to_string());
+    assert_eq!(first[8], iso(&w["first"]["ts"]));
+    assert_eq!(first[15], w["revision"].to_string());
+    assert_eq!(first[16], iso(&w["updated_at"]));
 
     // Accept: text/csv does the same; many sensors under one header, odd ids quoted.
     let headers = [("Accept", "text/csv".to_string())];
