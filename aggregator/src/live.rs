@@ -10,8 +10,8 @@
 //! listened in the last [`LINGER`] (a client reconnecting must find what it missed).
 
 use std::collections::VecDeque;
-use std::io::Write as _;
 use std::convert::Infallible;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -86,7 +86,9 @@ impl Event {
     /// filter; `None` when nothing in the event is for it.
     fn frame(&self, keep: Option<&[bool]>) -> Option<Bytes> {
         let Some(keep) = keep else {
-            return Some(self.all.get_or_init(|| self.frame_of(&mut self.items.iter().map(|(_, j)| j.as_str()))).clone());
+            return Some(
+                self.all.get_or_init(|| self.frame_of(&mut self.items.iter().map(|(_, j)| j.as_str()))).clone(),
+            );
         };
         let mut matching = self.items.iter().filter(|(s, _)| keep.get(*s).copied().unwrap_or(true)).peekable();
         matching.peek()?;
@@ -326,20 +328,94 @@ pub async fn stream(
     }
     let client =
         Client { hub: hub.clone(), latest, next, glob, kinds, queue: VecDeque::new(), _guard: ClientGuard(hub) };
-    // The frames are written as they are (not through axum's `Sse`, which copies each event's
-    // data into a buffer of its own per client): a hundred clients without a filter write the
-    // same shared bytes. `next_event` can be dropped at its await (it keeps its place in
-    // `next`), so a keep-alive comment may go out in between.
-    let frames = futures_util::stream::unfold(client, |mut client| async move {
-        let frame = match tokio::time::timeout(KEEP_ALIVE, client.next_event()).await {
-            Ok(frame) => frame?,
-            Err(_) => Bytes::from_static(b":\n\n"),
-        };
-        Some((Ok::<_, Infallible>(frame), client))
-    });
+    let frames = frames(client, KEEP_ALIVE);
     let headers = [
         (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
         (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
     ];
     Ok((headers, Body::from_stream(frames)).into_response())
+}
+
+/// The client's frames as the response body, with a comment line after `keep_alive` without one.
+/// They are written as they are (not through axum's `Sse`, which copies each event's data into a
+/// buffer of its own per client): a hundred clients without a filter write the same shared bytes.
+/// `next_event` can be dropped at its await (it keeps its place in `next`), so a keep-alive may go
+/// out in between.
+fn frames(client: Client, keep_alive: Duration) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    futures_util::stream::unfold(client, move |mut client| async move {
+        let frame = match tokio::time::timeout(keep_alive, client.next_event()).await {
+            Ok(frame) => frame?,
+            Err(_) => Bytes::from_static(b":\n\n"),
+        };
+        Some((Ok(frame), client))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn client(hub: &Hub, glob: Option<&str>) -> Client {
+        hub.clients.fetch_add(1, Ordering::Relaxed);
+        let latest = hub.latest.subscribe();
+        let next = *latest.borrow() + 1;
+        Client {
+            hub: hub.clone(),
+            latest,
+            next,
+            glob: glob.map(|g| parse_glob(g).unwrap()),
+            kinds: Kind::ALL.to_vec(),
+            queue: VecDeque::new(),
+            _guard: ClientGuard(hub.clone()),
+        }
+    }
+
+    /// The next frame (time is paused: a minute passes at once when nothing else can happen).
+    async fn next(stream: &mut (impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Unpin)) -> String {
+        let frame =
+            tokio::time::timeout(Duration::from_secs(60), stream.next()).await.expect("a frame within a minute");
+        match frame {
+            Some(Ok(bytes)) => String::from_utf8(bytes.to_vec()).unwrap(),
+            None => "(end)".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_clients_get_keep_alives_and_each_the_events_of_its_sensors() {
+        let hub = Hub::new();
+        let mut all = Box::pin(frames(client(&hub, None), KEEP_ALIVE));
+        let mut other = Box::pin(frames(client(&hub, Some("b/*")), KEEP_ALIVE));
+        // Nothing published: a comment after the keep-alive interval, for proxies.
+        assert_eq!(next(&mut all).await, ":\n\n");
+
+        let batch = || Batch {
+            sensors: vec!["a/x".into()],
+            readings: vec![(0, r#"["a/x",1000,2.5]"#.into()), (0, r#"["a/x",2000,3.5]"#.into())],
+            ..Batch::default()
+        };
+        hub.publish(batch());
+        let frame = next(&mut all).await;
+        let id = frame.strip_prefix("id: ").and_then(|rest| rest.split('\n').next()).unwrap();
+        assert!(id.parse::<u64>().is_ok(), "{frame:?}");
+        assert!(
+            frame.ends_with(
+                "\nevent: reading\ndata: {\"readings\":[[\"a/x\",1000,2.5],[\"a/x\",2000,3.5]],\"omitted\":0}\n\n"
+            ),
+            "{frame:?}"
+        );
+        // A client following other sensors gets none of it, only the keep-alive.
+        assert_eq!(next(&mut other).await, ":\n\n");
+
+        // A client whose glob matches every item gets the bytes an unfiltered client gets.
+        let mut again = Box::pin(frames(client(&hub, Some("a/*")), KEEP_ALIVE));
+        hub.publish(batch());
+        let (one, two) = (next(&mut all).await, next(&mut again).await);
+        assert_eq!(one, two);
+        assert_ne!(one, frame, "a new event has a new id");
+        assert_eq!(hub.clients(), 3);
+        drop((all, other, again));
+        assert_eq!(hub.clients(), 0);
+    }
 }
