@@ -322,6 +322,15 @@ pub struct HttpConfig {
     /// present a certificate signed by one of the CAs in this PEM file, relative to the
     /// configuration file. Default: none (no client certificate asked for).
     pub tls_client_ca: Option<PathBuf>,
+    /// Most clients following `/api/v1/stream` at once (the dashboard's open pages); one more
+    /// gets 503 until one leaves. Each holds a connection (a file descriptor) and a task. 0 turns
+    /// the stream off. Default: 1,000.
+    #[serde(default = "default_max_stream_clients")]
+    pub max_stream_clients: usize,
+}
+
+fn default_max_stream_clients() -> usize {
+    crate::live::DEFAULT_MAX_CLIENTS
 }
 
 impl Default for HttpConfig {
@@ -333,6 +342,7 @@ impl Default for HttpConfig {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            max_stream_clients: default_max_stream_clients(),
         }
     }
 }

@@ -178,7 +178,7 @@ pub async fn serve_with_reload(
         metrics.clone(),
         &tokio::runtime::Handle::current(),
     );
-    let live = live::Hub::new();
+    let live = live::Hub::new(config.http.max_stream_clients);
     let starter = versions::Starter {
         data_dir: data_dir.clone(),
         log_path: log_path.clone(),

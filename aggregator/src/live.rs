@@ -33,8 +33,9 @@ pub const RING_BYTES: usize = 16 << 20;
 /// Readings one `reading` event carries at most; a commit of more (a catch-up after downtime)
 /// says how many it left out. Its windows are still sent.
 pub const MAX_EVENT_READINGS: usize = 20_000;
-/// Most clients at once; one more gets 503 (each holds a connection and a task).
-pub const MAX_CLIENTS: usize = 1_000;
+/// Most clients at once by default (`[http] max_stream_clients`); one more gets 503 (each holds
+/// a connection and a task).
+pub const DEFAULT_MAX_CLIENTS: usize = 1_000;
 /// How long recording goes on after the last client left.
 pub const LINGER: Duration = Duration::from_secs(60);
 /// A comment line goes out after this long without an event, so proxies keep the connection.
@@ -142,18 +143,19 @@ pub struct Hub {
     ring: Arc<Mutex<Ring>>,
     latest: watch::Sender<u64>,
     clients: Arc<AtomicUsize>,
+    max_clients: usize,
     /// When the last client left (Unix ms); 0 if never.
     left_at: Arc<AtomicI64>,
 }
 
 impl Default for Hub {
     fn default() -> Self {
-        Hub::new()
+        Hub::new(DEFAULT_MAX_CLIENTS)
     }
 }
 
 impl Hub {
-    pub fn new() -> Hub {
+    pub fn new(max_clients: usize) -> Hub {
         // Ids start from the clock, so a client's id from before a restart is older than the
         // ring and gets `reset` rather than events that are not the ones after it.
         let first = (crate::unix_ms().max(0) as u64) * 1_000;
@@ -161,6 +163,7 @@ impl Hub {
             ring: Arc::new(Mutex::new(Ring { events: VecDeque::new(), bytes: 0, next_id: first })),
             latest: watch::channel(first.saturating_sub(1)).0,
             clients: Arc::new(AtomicUsize::new(0)),
+            max_clients,
             left_at: Arc::new(AtomicI64::new(0)),
         }
     }
@@ -320,10 +323,11 @@ pub async fn stream(
             Err(_) => 0,
         },
     };
-    if hub.clients.fetch_add(1, Ordering::Relaxed) >= MAX_CLIENTS {
+    if hub.clients.fetch_add(1, Ordering::Relaxed) >= hub.max_clients {
         hub.clients.fetch_sub(1, Ordering::Relaxed);
         return Err(ApiError::Unavailable(format!(
-            "{MAX_CLIENTS} clients are following the stream already (the limit); try again later"
+            "{} clients are following the stream already (the limit, [http] max_stream_clients); try again later",
+            hub.max_clients
         )));
     }
     let client =
@@ -384,7 +388,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_clients_get_keep_alives_and_each_the_events_of_its_sensors() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let mut all = Box::pin(frames(client(&hub, None), KEEP_ALIVE));
         let mut other = Box::pin(frames(client(&hub, Some("b/*")), KEEP_ALIVE));
         // Nothing published: a comment after the keep-alive interval, for proxies.

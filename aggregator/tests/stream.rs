@@ -78,7 +78,7 @@ fn open(addr: SocketAddr, query: &str, last_event_id: Option<&str>) -> Stream {
 impl Stream {
     /// The first event of `kind` within 20 s whose data passes `pred`.
     fn wait_for(&self, kind: &str, pred: impl Fn(&serde_json::Value) -> bool) -> SseEvent {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let event = self.events.recv_timeout(left).unwrap_or_else(|_| panic!("no {kind} event within 20 s"));
@@ -154,4 +154,92 @@ fn a_client_that_reconnects_gets_what_it_missed_or_a_reset() {
     assert!(reset.data["next"].as_u64().is_some(), "{reset:?}");
     agg.ingest_ok(0, &postcard_batch("gw-1", 1, &[(3, &[("s/a", T0 + 3, 4.0)])]));
     stale.wait_for("reading", |d| has_reading(d, "s/a", 4.0));
+}
+
+/// A stream request without a reader thread: (status line's code, the socket kept open, the body
+/// of an error answer).
+fn connect(addr: SocketAddr) -> (u16, BufReader<TcpStream>, String) {
+    let mut socket = TcpStream::connect(addr).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(socket, "GET /api/v1/stream HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(socket);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
+    let mut length = 0;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+    (status, reader, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Sets this process's soft limit on open files (`None`: to the hard limit); children inherit it.
+fn set_open_files(soft: Option<u64>) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = soft.unwrap_or(limit.rlim_max).min(limit.rlim_max);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    assert!(limit.rlim_max >= 2_100, "this test needs 2,100 open files; the hard limit is {}", limit.rlim_max);
+}
+
+#[test]
+fn the_thousand_and_first_client_waits_for_a_place() {
+    // The aggregator starts with the soft limit systemd gives services (1,024) and raises it
+    // itself; the test process then raises its own for its sockets.
+    set_open_files(Some(1_024));
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(dir.path());
+    set_open_files(None);
+    // The default cap: 1,000 clients follow the stream at once.
+    let mut clients: Vec<_> = (0..1_000)
+        .map(|i| {
+            let (status, socket, body) = connect(agg.addr);
+            assert_eq!(status, 200, "client {i}: {body}");
+            socket
+        })
+        .collect();
+    let (status, _, body) = connect(agg.addr);
+    assert_eq!(status, 503, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(error["detail"].as_str().unwrap().contains("max_stream_clients"), "{body}");
+    // Health still answers.
+    assert_eq!(agg.get("/healthz").status, 200);
+    // One leaves: the next one gets its place.
+    clients.pop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let (status, socket, body) = connect(agg.addr);
+        if status == 200 {
+            clients.push(socket);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no place freed: {status} {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn max_stream_clients_sets_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with_http(dir.path(), "max_stream_clients = 2\n", "");
+    let first = connect(agg.addr);
+    let second = connect(agg.addr);
+    assert_eq!((first.0, second.0), (200, 200));
+    let (status, _, body) = connect(agg.addr);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("2 clients are following the stream already"), "{body}");
 }
