@@ -808,11 +808,7 @@ async fn parquet_windows(
             .await;
         // After the first bytes, an error can only cut the download short (see `Abort`), as the
         // streamed JSON answer of `multi_windows` does.
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => abort.fail("a Parquet window export", &e),
-            Err(e) => abort.fail("a Parquet window export", &e),
-        }
+        abort.settle("a Parquet window export", written);
     });
     Ok(response)
 }

@@ -249,6 +249,16 @@ fn file_name(stem: &str) -> String {
 pub struct Abort(mpsc::Sender<Chunk>);
 
 impl Abort {
+    /// What the producer ended with: nothing to do when it wrote the whole file (or the client
+    /// left), else [`Abort::fail`] with the error.
+    pub fn settle<E: std::fmt::Display>(&self, what: &str, written: Result<Result<(), ExportError>, E>) {
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.fail(what, &e),
+            Err(e) => self.fail(what, &e),
+        }
+    }
+
     pub fn fail(&self, what: &str, error: &dyn std::fmt::Display) {
         if self.0.is_closed() {
             tracing::debug!(%error, "{what}: the client hung up");

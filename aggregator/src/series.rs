@@ -282,11 +282,7 @@ fn parquet(sensor: &str, starts: Vec<i64>, aggs: &[Agg], columns: Vec<Vec<Option
         })
         .await;
         // After the first bytes an error can only cut the download short (see `parquet::Abort`).
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => abort.fail("a Parquet series export", &e),
-            Err(e) => abort.fail("a Parquet series export", &e),
-        }
+        abort.settle("a Parquet series export", written);
     });
     Ok(response)
 }

@@ -25,30 +25,8 @@ struct Stream {
 }
 
 fn open(addr: SocketAddr, query: &str, last_event_id: Option<&str>) -> Stream {
-    let mut socket = TcpStream::connect(addr).unwrap();
-    let mut head = format!("GET /api/v1/stream{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
-    if let Some(id) = last_event_id {
-        head.push_str(&format!("Last-Event-ID: {id}\r\n"));
-    }
-    head.push_str("\r\n");
-    socket.write_all(head.as_bytes()).unwrap();
-    let mut reader = BufReader::new(socket);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
-    let mut content_type = String::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        if line.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            if k.eq_ignore_ascii_case("content-type") {
-                content_type = v.trim().to_string();
-            }
-        }
-    }
+    let (head, mut reader) = request(addr, query, last_event_id);
+    let (status, content_type) = (head.status, head.content_type);
     let (tx, events) = mpsc::channel();
     std::thread::spawn(move || {
         // Chunked transfer: chunk-size lines are not `field: value` lines and are skipped.
@@ -156,17 +134,28 @@ fn a_client_that_reconnects_gets_what_it_missed_or_a_reset() {
     stale.wait_for("reading", |d| has_reading(d, "s/a", 4.0));
 }
 
-/// A stream request without a reader thread: (status line's code, the socket kept open, the body
-/// of an error answer).
-fn connect(addr: SocketAddr) -> (u16, BufReader<TcpStream>, String) {
+/// The status line and headers of an answer.
+struct Head {
+    status: u16,
+    content_type: String,
+    content_length: usize,
+}
+
+/// Sends a stream request and reads the answer's head; the socket stays open, at the body.
+fn request(addr: SocketAddr, query: &str, last_event_id: Option<&str>) -> (Head, BufReader<TcpStream>) {
     let mut socket = TcpStream::connect(addr).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(socket, "GET /api/v1/stream HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    let mut head = format!("GET /api/v1/stream{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+    if let Some(id) = last_event_id {
+        head.push_str(&format!("Last-Event-ID: {id}\r\n"));
+    }
+    head.push_str("\r\n");
+    socket.write_all(head.as_bytes()).unwrap();
     let mut reader = BufReader::new(socket);
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
     let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
-    let mut length = 0;
+    let mut head = Head { status, content_type: String::new(), content_length: 0 };
     loop {
         line.clear();
         reader.read_line(&mut line).unwrap();
@@ -174,14 +163,22 @@ fn connect(addr: SocketAddr) -> (u16, BufReader<TcpStream>, String) {
             break;
         }
         if let Some((k, v)) = line.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().unwrap();
+            if k.eq_ignore_ascii_case("content-type") {
+                head.content_type = v.trim().to_string();
+            } else if k.eq_ignore_ascii_case("content-length") {
+                head.content_length = v.trim().parse().unwrap();
             }
         }
     }
-    let mut body = vec![0; length];
+    (head, reader)
+}
+
+/// A stream request without a reader thread: (status, the socket kept open, an error's body).
+fn connect(addr: SocketAddr) -> (u16, BufReader<TcpStream>, String) {
+    let (head, mut reader) = request(addr, "", None);
+    let mut body = vec![0; head.content_length];
     std::io::Read::read_exact(&mut reader, &mut body).unwrap();
-    (status, reader, String::from_utf8_lossy(&body).into_owned())
+    (head.status, reader, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Sets this process's soft limit on open files (`None`: to the hard limit); children inherit it.

@@ -5,7 +5,7 @@
 // for a person to look at.
 import { execFileSync } from "node:child_process";
 import { mkdirSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { launch, newPage } from "./chromium.mjs";
 
 const [url, mqttPort, out] = process.argv.slice(2);
 mkdirSync(out, { recursive: true });
@@ -15,18 +15,11 @@ const publish = (payload) =>
   execFileSync("mosquitto_pub", ["-h", "127.0.0.1", "-p", mqttPort, "-q", "1", "-t", TOPIC, "-m", JSON.stringify(payload)]);
 const step = (text) => console.log(`- ${text}`);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const errors = [];
 let failed = false;
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-  page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
-  page.on("pageerror", (e) => errors.push(String(e)));
-  page.setDefaultTimeout(20_000);
+  const page = await newPage(browser, errors);
 
   step("the fleet view lists the agent as online");
   await page.goto(`${url}/#/fleet`);

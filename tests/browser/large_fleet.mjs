@@ -4,7 +4,7 @@
 // The aggregator must know agents gw-001... (fleet.mjs); this posts 100 sensors per agent. Exits
 // non-zero, saying what it did not see, on the first failed check.
 import { mkdirSync } from "node:fs";
-import { chromium } from "playwright-core";
+import { launch, newPage } from "./chromium.mjs";
 import { Fleet, agentId, waitProcessed } from "./fleet.mjs";
 
 const [url, agentsArg, out] = process.argv.slice(2);
@@ -19,18 +19,11 @@ await fleet.seed(2);
 await waitProcessed(url, sensors * 2);
 step(`${sensors} sensors of ${agents} agents posted`);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const errors = [];
 let failed = false;
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-  page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
-  page.on("pageerror", (e) => errors.push(String(e)));
-  page.setDefaultTimeout(20_000);
+  const page = await newPage(browser, errors);
   // What the page's event stream brings: it should carry the sensors shown, not the whole fleet.
   const streamed = [];
   const cdp = await page.context().newCDPSession(page);

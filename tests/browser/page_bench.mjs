@@ -10,7 +10,7 @@
 // and bytes transferred until quiet (not counting the event stream), JS heap after a GC, DOM
 // nodes. Then, on one open page of each view, 10 s of live updates: the event stream's bytes
 // and main-thread time per second. Prints a table; timings only, nothing passes or fails.
-import { chromium } from "playwright-core";
+import { launch } from "./chromium.mjs";
 import { Fleet, waitProcessed } from "./fleet.mjs";
 
 const [url, agentsArg, loadsArg] = process.argv.slice(2);
@@ -27,11 +27,7 @@ console.log(`${sensors.toLocaleString("en")} sensors of ${agents} agents seeded 
   `${((Date.now() - t) / 1000).toFixed(1)} s to post and process); readings keep coming, each sensor every 10 s`);
 const stopLive = fleet.live();
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 
 // Installed before the page's own script: records when what is measured is first on screen.
 function marker({ agents, firstPage }) {

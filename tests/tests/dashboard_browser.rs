@@ -17,14 +17,19 @@ fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_shows_fleet_sensors_charts_live_readings_and_alerts_in_chromium() {
+/// Fails at once, saying what to install, when the browser driver is missing.
+fn require_browser() {
     let driver = browser_dir().join("node_modules/playwright-core");
     assert!(
         driver.exists(),
         "{} is missing: run `npm ci --prefix tests/browser` (and `apt-get install chromium mosquitto-clients`)",
         driver.display()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_fleet_sensors_charts_live_readings_and_alerts_in_chromium() {
+    require_browser();
     let dir = tempfile::tempdir().unwrap();
     let rule = "[[alerts]]\nname = \"too-hot\"\nsensor = \"*/temperature\"\nabove = 100.0\n";
     let aggregator = Aggregator::start_with(dir.path(), &[("gw-1", TOKEN)], rule).await;
@@ -41,13 +46,17 @@ async fn the_dashboard_shows_fleet_sensors_charts_live_readings_and_alerts_in_ch
         (aggregator.total_readings().await > 0).then_some(())
     })
     .await;
+    run_browser("dashboard.mjs", vec![aggregator.url(), agent.mqtt_port.to_string()]).await;
+}
+
+/// Runs `tests/browser/<script> <args...> <screenshot dir>` in Node (playwright-core driving
+/// Debian's chromium) and checks that it passed with no console errors on the page.
+async fn run_browser(script: &'static str, args: Vec<String>) {
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
-    let mqtt_port = agent.mqtt_port.to_string();
-    let url = aggregator.url();
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node")
-            .arg(browser_dir().join("dashboard.mjs"))
-            .args([url.as_str(), mqtt_port.as_str()])
+            .arg(browser_dir().join(script))
+            .args(&args)
             .arg(&shots)
             .output()
             .expect("run node (install Node.js)")
@@ -68,28 +77,11 @@ async fn the_dashboard_shows_fleet_sensors_charts_live_readings_and_alerts_in_ch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_pages_a_fleet_of_100_agents_and_10000_sensors() {
     const AGENTS: usize = 100;
-    let driver = browser_dir().join("node_modules/playwright-core");
-    assert!(driver.exists(), "{} is missing: run `npm ci --prefix tests/browser`", driver.display());
+    require_browser();
     let dir = tempfile::tempdir().unwrap();
     let agents: Vec<(String, String)> =
         (1..=AGENTS).map(|n| (format!("gw-{n:03}"), format!("secret-gw-{n:03}"))).collect();
     let agents: Vec<(&str, &str)> = agents.iter().map(|(id, token)| (id.as_str(), token.as_str())).collect();
     let aggregator = Aggregator::start(dir.path(), &agents).await;
-    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
-    let url = aggregator.url();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(browser_dir().join("large_fleet.mjs"))
-            .args([url.as_str(), &AGENTS.to_string()])
-            .arg(&shots)
-            .output()
-            .expect("run node (install Node.js)")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
-    assert!(output.status.success(), "the browser run failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("no console errors"), "{stdout}");
+    run_browser("large_fleet.mjs", vec![aggregator.url(), AGENTS.to_string()]).await;
 }
