@@ -143,6 +143,13 @@ pub struct MqttConfig {
     /// `too_many_readings`. Default 1,000.
     #[serde(default = "default_max_readings_per_message")]
     pub max_readings_per_message: usize,
+    /// Embedded mode: the size of the broker's in-memory log of messages not yet read by the agent,
+    /// in rumqttd's measure (4 bytes + topic + payload per message; the memory it takes is about
+    /// five times that for small messages). Clients wait (their connection is not read) while the
+    /// agent is half this behind, so nothing is evicted unread; a larger log lets
+    /// bursts through without waits at the cost of memory. Default 131,072 (128 KiB), at least 16,384.
+    #[serde(default = "default_broker_buffer_bytes")]
+    pub broker_buffer_bytes: usize,
     /// Embedded mode: the clients allowed to connect (`[[mqtt.users]]` tables). When any are listed,
     /// a client must present one's username and password or is refused at CONNECT (counted as
     /// `tributary_agent_broker_auth_failures_total`). Default: none, every client is let in.
@@ -456,6 +463,9 @@ fn default_topics() -> Vec<String> {
 fn default_max_payload_bytes() -> usize {
     256 * 1024
 }
+fn default_broker_buffer_bytes() -> usize {
+    128 * 1024
+}
 fn default_max_readings_per_message() -> usize {
     1_000
 }
@@ -508,6 +518,7 @@ impl Default for MqttConfig {
             topics: default_topics(),
             max_payload_bytes: default_max_payload_bytes(),
             max_readings_per_message: default_max_readings_per_message(),
+            broker_buffer_bytes: default_broker_buffer_bytes(),
             users: Vec::new(),
             username: None,
             password: String::new(),
@@ -786,6 +797,9 @@ impl Config {
         }
         if self.mqtt.max_payload_bytes == 0 {
             return Err(("mqtt.max_payload_bytes", "must be at least 1".into()));
+        }
+        if self.mqtt.broker_buffer_bytes < 16 * 1024 {
+            return Err(("mqtt.broker_buffer_bytes", "must be at least 16384".into()));
         }
         if self.mqtt.max_readings_per_message == 0 {
             return Err(("mqtt.max_readings_per_message", "must be at least 1".into()));
@@ -1160,6 +1174,7 @@ token = "t"
         assert_eq!(example.mqtt.mode, MqttMode::Embedded);
         assert_eq!(example.mqtt.topics, minimal.mqtt.topics);
         assert_eq!(example.mqtt.max_payload_bytes, minimal.mqtt.max_payload_bytes);
+        assert_eq!(example.mqtt.broker_buffer_bytes, minimal.mqtt.broker_buffer_bytes);
         assert_eq!(example.spool.commit_interval, minimal.spool.commit_interval);
         assert_eq!(example.spool.max_queued_readings, minimal.spool.max_queued_readings);
         assert_eq!(example.validation.max_clock_skew, Duration::from_secs(300));

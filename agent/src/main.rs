@@ -142,7 +142,24 @@ fn run() -> anyhow::Result<()> {
     // ARM gateways); ring it is.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    limit_malloc_arenas();
+    // The embedded broker takes up to 10,000 device connections; systemd's soft limit of 1,024
+    // open files would stop it accepting at about a thousand.
+    if let Some(open_files) = tributary_shared::process::raise_open_files().filter(|n| *n < 4_096) {
+        tracing::warn!(
+            open_files,
+            "the open-file limit is low for many MQTT clients: raise it (LimitNOFILE=, ulimit -n)"
+        );
+    }
+    // Two workers carry every connection, the intake and the forwarder (the router and the spool
+    // writer have their own threads); a blocking pool of a few threads is enough for the short
+    // spool reads and the broker's link set-up, where tokio's default (up to 512) would start a
+    // thread, a stack and a malloc arena for each of a thousand sensors connecting at once.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(BLOCKING_THREADS)
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
         // Installed before anything runs: a SIGHUP never kills the agent.
@@ -236,6 +253,26 @@ fn utc(ms: i64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Threads of tokio's blocking pool.
+const BLOCKING_THREADS: usize = 4;
+/// glibc's malloc arenas when `MALLOC_ARENA_MAX` does not say (see [`limit_malloc_arenas`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_ARENAS: libc::c_int = 1;
+
+/// glibc gives each thread that allocates its own malloc arena (up to 8 per core), and each keeps
+/// the memory it freed for itself: under load that was 5 MiB of the agent's RSS. One arena is
+/// shared by the few threads that allocate (tokio's workers, the router, the spool writer) at no
+/// measurable cost in CPU. `MALLOC_ARENA_MAX` in the environment (glibc's own knob) overrides it.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a malloc parameter; called before the agent starts threads.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        }
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -100,6 +100,9 @@ pub struct Metrics {
     pub broker_tls_handshake_failures: Counter,
     /// Messages the embedded broker acknowledged but evicted before the agent read them.
     pub broker_dropped: Counter,
+    /// Times an embedded-broker connection waited before handing publishes over, because the
+    /// agent was `mqtt.broker_buffer_bytes` behind (its client was slowed down, nothing was lost).
+    pub broker_backlog_waits: Counter,
     /// Readings committed to the spool.
     pub readings_spooled: Counter,
     pub spool_commits: Counter,
@@ -192,6 +195,7 @@ impl Metrics {
             broker_auth_failures: Counter::default(),
             broker_tls_handshake_failures: Counter::default(),
             broker_dropped: Counter::default(),
+            broker_backlog_waits: Counter::default(),
             readings_spooled: Counter::default(),
             spool_commits: Counter::default(),
             spool_commit_seconds: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
@@ -256,6 +260,12 @@ impl Metrics {
             "broker_dropped",
             "Messages the embedded broker acknowledged but evicted before the agent read them",
             m.broker_dropped.clone(),
+        );
+        registry.register(
+            "broker_backlog_waits",
+            "Times an embedded-broker connection waited for the agent to read what the broker holds \
+             (mqtt.broker_buffer_bytes behind): its client was slowed down, nothing was lost",
+            m.broker_backlog_waits.clone(),
         );
         registry.register("readings_spooled", "Readings committed to the spool", m.readings_spooled.clone());
         registry.register("spool_commits", "Spool transactions committed", m.spool_commits.clone());
@@ -479,6 +489,7 @@ mod tests {
             "tributary_agent_broker_auth_failures_total 0",
             "tributary_agent_broker_tls_handshake_failures_total 0",
             "tributary_agent_broker_dropped_total",
+            "tributary_agent_broker_backlog_waits_total 0",
             "tributary_agent_readings_spooled_total",
             "tributary_agent_spool_commits_total",
             "tributary_agent_spool_commit_seconds_bucket{le=\"0.005\"} 1",

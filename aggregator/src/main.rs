@@ -497,40 +497,18 @@ fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Raises the soft limit on open files to the hard one, as Go's runtime and nginx's
-/// `worker_rlimit_nofile` do: systemd starts services with a soft limit of 1,024, below
-/// what the stream's clients, the agents' connections and SQLite's files need together.
-/// Warns when even the hard limit leaves too little room for `stream_clients`.
+/// Raises the soft limit on open files to the hard one (systemd gives services 1,024), and warns
+/// when even that leaves too little room for `stream_clients` beside the agents' connections.
 fn raise_open_files(stream_clients: usize) {
-    #[cfg(unix)]
-    {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit/setrlimit read and write the struct we pass.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-            return;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            // SAFETY: as above.
-            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-                limit = raised;
-            }
-        }
-        let wanted = stream_clients as u64 + 1_024;
-        // rlim_t is 32 bits wide on some 32-bit targets.
-        #[allow(clippy::unnecessary_cast)]
-        let open_files = limit.rlim_cur as u64;
-        if open_files < wanted {
-            tracing::warn!(
-                open_files,
-                wanted,
-                "the open-file limit is low for [http] max_stream_clients plus agents: raise it \
-                 (LimitNOFILE= in the systemd unit, ulimit -n) or lower max_stream_clients"
-            );
-        }
+    let wanted = stream_clients as u64 + 1_024;
+    if let Some(open_files) = tributary_shared::process::raise_open_files().filter(|n| *n < wanted) {
+        tracing::warn!(
+            open_files,
+            wanted,
+            "the open-file limit is low for [http] max_stream_clients plus agents: raise it \
+             (LimitNOFILE= in the systemd unit, ulimit -n) or lower max_stream_clients"
+        );
     }
-    #[cfg(not(unix))]
-    let _ = stream_clients;
 }
 
 /// Reads the configuration again on each SIGHUP and hands it over; a file that does not load

@@ -23,6 +23,8 @@ pub mod frame;
 pub mod gap;
 #[cfg(feature = "tls")]
 pub mod pem;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod reading;
 
 pub use batch::{Batch, IngestAck, JsonBatch, JsonBlock, WireBlock};

@@ -25,9 +25,13 @@
 //! has logged the message (rumqttd itself would answer PUBREC first and log on PUBREL).
 //!
 //! The agent reads through a local link subscribed to `#` (one commit log inside the broker, however
-//! many topics), and matches topics against its own filters. rumqttd keeps a bounded in-memory log;
-//! if the agent fell so far behind that the broker evicted unread messages, the gap in the link's
-//! offsets is counted as `tributary_agent_broker_dropped_total`.
+//! many topics), and matches topics against its own filters. rumqttd keeps a bounded in-memory log
+//! (`mqtt.broker_buffer_bytes`) and evicts its oldest messages when full, read or not. So that it
+//! never evicts what the agent has not read, connections hand publishes over only while the agent's
+//! link is less than the log's size behind ([`Backlog`]); past that they wait, and stop reading
+//! their sockets, which slows the clients down instead of losing their messages. Were messages
+//! evicted all the same, the gap in the link's offsets is counted as
+//! `tributary_agent_broker_dropped_total`.
 //!
 //! With `[[mqtt.users]]` configured, a client must present one's username and password in its
 //! CONNECT; any other is answered CONNACK 4 (bad username or password), counted as
@@ -45,6 +49,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -58,7 +63,7 @@ use rumqttd::protocol::{
 use rumqttd::{Notification, Router, RouterConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{RwLock, Semaphore, watch};
+use tokio::sync::{Notify, RwLock, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
@@ -66,13 +71,18 @@ use super::Intake;
 use crate::config::{MqttConfig, MqttTls};
 use crate::metrics::Metrics;
 
-/// rumqttd's in-memory log per filter: segments of this size, this many kept, evicted oldest first
-/// whatever the agent has read. It only has to cover the agent's scheduling delays: the agent takes
-/// messages as fast as they come (they wait for a slow disk in the intake's chunk, 24 bytes a
-/// reading, not here at about three times their size). 8 x 64 KiB holds at least 6,000 small
-/// messages, some 50 ms at 100,000 messages/s, for about 2 MiB of memory.
-const SEGMENT_BYTES: usize = 64 * 1024;
-const SEGMENT_COUNT: usize = 8;
+/// rumqttd's in-memory log per filter is `mqtt.broker_buffer_bytes` in this many segments, evicted
+/// oldest first whatever the agent has read. It only has to cover the agent's scheduling delays:
+/// the agent takes messages as fast as they come (they wait for a slow disk in the intake's chunk,
+/// 24 bytes a reading, not here at five times their size: rumqttd keeps some 230 bytes per message
+/// besides its topic and payload), and connections wait while the agent is behind by half the log
+/// ([`Backlog`]).
+const SEGMENT_COUNT: usize = 4;
+/// rumqttd refuses smaller segments.
+const MIN_SEGMENT_BYTES: usize = 1024;
+/// With the agent's link this long without a message, what it has not read is nothing (see
+/// [`Backlog::settle`]).
+const BACKLOG_SETTLE: Duration = Duration::from_millis(200);
 
 /// Client connections at once (rumqttd's router refuses more anyway).
 const MAX_CONNECTIONS: usize = 10_000;
@@ -118,6 +128,7 @@ pub struct EmbeddedBroker {
     max_packet: usize,
     /// Username → password; empty: every client is let in.
     users: HashMap<String, String>,
+    backlog: Arc<Backlog>,
 }
 
 impl EmbeddedBroker {
@@ -140,7 +151,8 @@ impl EmbeddedBroker {
             }
             (None, _) => None,
         };
-        let router_tx = Router::new(0, router_config()).spawn();
+        let segment_bytes = (config.broker_buffer_bytes / SEGMENT_COUNT).max(MIN_SEGMENT_BYTES);
+        let router_tx = Router::new(0, router_config(segment_bytes)).spawn();
         let new_link: NewLink = Arc::new(move |client_id, clean, will| {
             let builder = LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).last_will(will);
             builder.build().map_err(|e| e.to_string())
@@ -190,14 +202,23 @@ impl EmbeddedBroker {
             // only far larger packets make the broker drop the client.
             max_packet: config.max_payload_bytes.saturating_mul(8),
             users,
+            backlog: Arc::new(Backlog::new(segment_bytes * (SEGMENT_COUNT - 2), segment_bytes)),
         })
     }
 
     /// Reads messages until shutdown, then stops as the module doc describes.
     pub async fn run(self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), BrokerError> {
-        let EmbeddedBroker { listener, tls_listener, new_link, mut link_tx, link_rx, max_packet, users } = self;
+        let EmbeddedBroker { listener, tls_listener, new_link, mut link_tx, link_rx, max_packet, users, backlog } =
+            self;
         let metrics = intake.metrics().clone();
-        let shared = Arc::new(Shared { new_link, gate: RwLock::new(false), max_packet, metrics, users });
+        let shared = Arc::new(Shared {
+            new_link,
+            gate: RwLock::new(false),
+            max_packet,
+            metrics,
+            users,
+            backlog: backlog.clone(),
+        });
         let (phase_tx, phase) = watch::channel(Phase::Open);
         // Every connection task holds a clone; recv() returns None once all have ended.
         let (ended_tx, mut ended) = tokio::sync::mpsc::channel::<()>(1);
@@ -210,8 +231,11 @@ impl EmbeddedBroker {
         tokio::spawn(accept(listener, None, slots, shared.clone(), phase, ended_tx));
 
         let spool = intake.sender();
-        let mut reader = LinkReader { link_rx, last_offset: None, marker: None };
+        let mut reader =
+            LinkReader { link_rx, last_offset: None, marker: None, backlog, read_since_settle: 0, settle_handed: 0 };
         let mut ticker = intake.ticker();
+        let mut settle = tokio::time::interval(BACKLOG_SETTLE);
+        settle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             tokio::select! {
                 // What the pre-filters held long enough goes out even when no message comes.
@@ -226,6 +250,7 @@ impl EmbeddedBroker {
                     Ok(None) => {}
                     Err(e) => break Err(BrokerError::Stopped(format!("local link: {e}"))),
                 },
+                _ = settle.tick(), if !intake.is_full() && reader.backlog.behind() > 0 => reader.settle(),
                 _ = shutdown.changed() => break Ok(()),
             }
         };
@@ -288,6 +313,92 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Username → password; empty: every client is let in.
     users: HashMap<String, String>,
+    backlog: Arc<Backlog>,
+}
+
+/// How far the agent's link is behind what connections handed to the router, in rumqttd's own
+/// measure of a message's size (4 bytes + topic + payload), so that connections can wait before
+/// rumqttd's log would evict what the agent has not read.
+///
+/// Connections add what they hand over, the agent's link what it reads. The two counts can part
+/// for good only in rare cases (a publish the router refuses after it was counted, a will the
+/// router publishes itself); [`LinkReader::settle`] mends that when the link has been idle for
+/// [`BACKLOG_SETTLE`] while the agent was ready to read.
+struct Backlog {
+    handed: AtomicU64,
+    read: AtomicU64,
+    /// Connections wait while more than this is unread: the log's size less two segments (rumqttd
+    /// drops a whole segment when it starts one past its count, and a segment may exceed its size
+    /// by a message).
+    limit: u64,
+    /// What [`LinkReader::settle`] lets connections hand over at a time: a segment.
+    slack: u64,
+    /// A connection waits on `room`.
+    waiting: AtomicBool,
+    room: Notify,
+}
+
+impl Backlog {
+    fn new(limit: usize, slack: usize) -> Backlog {
+        Backlog {
+            handed: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            limit: limit as u64,
+            slack: slack as u64,
+            waiting: AtomicBool::new(false),
+            room: Notify::new(),
+        }
+    }
+
+    /// rumqttd's size of a publish the agent's link (`#`) receives; 0 for others.
+    fn size(packet: &Packet) -> u64 {
+        match packet {
+            // `#` does not match topics starting with `$` (rumqttd follows MQTT there).
+            Packet::Publish(p, _) if p.topic.first() != Some(&b'$') => 4 + (p.topic.len() + p.payload.len()) as u64,
+            _ => 0,
+        }
+    }
+
+    fn behind(&self) -> u64 {
+        self.handed.load(Ordering::SeqCst).saturating_sub(self.read.load(Ordering::SeqCst))
+    }
+
+    /// Waits until `bytes` more fit within the limit (or nothing is unread: a message larger than
+    /// the log goes alone), or until the broker stops taking publishes.
+    async fn room_for(&self, bytes: u64, phase: &watch::Receiver<Phase>, metrics: &Metrics) {
+        let fits = |behind: u64| behind == 0 || behind + bytes <= self.limit;
+        if bytes == 0 || fits(self.behind()) {
+            return;
+        }
+        metrics.broker_backlog_waits.inc();
+        let mut phase = phase.clone();
+        loop {
+            let notified = self.room.notified();
+            let mut notified = pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.store(true, Ordering::SeqCst);
+            if fits(self.behind()) {
+                return;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = phase.wait_for(|p| *p != Phase::Open) => return,
+            }
+        }
+    }
+
+    fn handed(&self, bytes: u64) {
+        if bytes > 0 {
+            self.handed.fetch_add(bytes, Ordering::SeqCst);
+        }
+    }
+
+    fn read(&self, bytes: u64) {
+        self.read.fetch_add(bytes, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) && self.waiting.swap(false, Ordering::SeqCst) {
+            self.room.notify_waiters();
+        }
+    }
 }
 
 /// Accepts connections until the broker stops; `tls`: handshakes each first (`tls_listen`).
@@ -556,6 +667,44 @@ fn refuse(shared: &Shared, addr: SocketAddr, reason: &str) {
     tracing::warn!(%addr, reason, "embedded broker: refused a client's packet and closed its connection");
 }
 
+/// Hands packets to the router in pieces that fit in its log, each once the agent's link is close
+/// enough behind that rumqttd would evict nothing unread ([`Backlog`]); `false` if the gate was
+/// closed before the first piece (once a piece is in, the rest counts as handed over: at worst the
+/// connection waits [`ACK_FLUSH`] for acks that do not come).
+async fn hand_over_paced(
+    shared: &Shared,
+    link_tx: &mut LinkTx,
+    packets: Vec<Packet>,
+    phase: &watch::Receiver<Phase>,
+) -> Result<bool, LinkError> {
+    let backlog = &shared.backlog;
+    // In pieces of a segment at most: what a settle lets through at a time.
+    let total: u64 = packets.iter().map(Backlog::size).sum();
+    if total <= backlog.slack {
+        backlog.room_for(total, phase, &shared.metrics).await;
+        return hand_over(shared, link_tx, packets).await;
+    }
+    let mut handed = false;
+    let mut piece = Vec::new();
+    let mut piece_bytes = 0;
+    let mut packets = packets.into_iter().peekable();
+    while let Some(packet) = packets.next() {
+        piece_bytes += Backlog::size(&packet);
+        piece.push(packet);
+        let next = packets.peek().map_or(u64::MAX, Backlog::size);
+        if packets.peek().is_none() || piece_bytes.saturating_add(next) > backlog.slack {
+            backlog.room_for(piece_bytes, phase, &shared.metrics).await;
+            let ok = hand_over(shared, link_tx, std::mem::take(&mut piece)).await?;
+            if !ok {
+                return Ok(handed);
+            }
+            handed = true;
+            piece_bytes = 0;
+        }
+    }
+    Ok(handed)
+}
+
 /// Hands packets to the router unless the gate is closed; `false` if it was.
 async fn hand_over(shared: &Shared, link_tx: &mut LinkTx, mut packets: Vec<Packet>) -> Result<bool, LinkError> {
     let Some(last) = packets.pop() else { return Ok(true) };
@@ -564,9 +713,11 @@ async fn hand_over(shared: &Shared, link_tx: &mut LinkTx, mut packets: Vec<Packe
     if *sealed {
         return Ok(false);
     }
+    let bytes = packets.iter().chain([&last]).map(Backlog::size).sum();
     link_tx.buffer().extend(packets);
     // Pushes `last` and wakes the router (a blocking send: the router only ever waits on its own queue).
     link_tx.send(last).await?;
+    shared.backlog.handed(bytes);
     Ok(true)
 }
 
@@ -603,7 +754,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     ) -> End {
         // A client may send packets right behind its CONNECT, without waiting for CONNACK.
         if !self.read.is_empty() {
-            if let Err(end) = self.take_input(shared, link_tx, session).await {
+            if let Err(end) = self.take_input(shared, link_tx, session, phase).await {
                 return end;
             }
         }
@@ -645,7 +796,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         Ok(Err(e)) => return End::Closed(Some(e)),
                         Ok(Ok(_)) => {}
                     }
-                    if let Err(end) = self.take_input(shared, link_tx, session).await {
+                    if let Err(end) = self.take_input(shared, link_tx, session, phase).await {
                         return end;
                     }
                 }
@@ -655,9 +806,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Hands the complete packets read so far to the router, and answers what the connection
     /// answers itself.
-    async fn take_input(&mut self, shared: &Shared, link_tx: &mut LinkTx, session: &mut Session) -> Result<(), End> {
+    async fn take_input(
+        &mut self,
+        shared: &Shared,
+        link_tx: &mut LinkTx,
+        session: &mut Session,
+        phase: &watch::Receiver<Phase>,
+    ) -> Result<(), End> {
         let Batch { packets, acks, qos2, replies, goodbye } = self.frame(session).map_err(End::Protocol)?;
-        match hand_over(shared, link_tx, packets).await {
+        match hand_over_paced(shared, link_tx, packets, phase).await {
             Ok(true) => {
                 session.acks_due += acks;
                 session.qos2_logged.extend(qos2);
@@ -876,6 +1033,11 @@ struct LinkReader {
     last_offset: Option<u64>,
     /// The stop marker's topic, once published.
     marker: Option<Bytes>,
+    backlog: Arc<Backlog>,
+    /// Messages read since the last [`LinkReader::settle`].
+    read_since_settle: u64,
+    /// What connections had handed over at the last [`LinkReader::settle`].
+    settle_handed: u64,
 }
 
 impl LinkReader {
@@ -883,6 +1045,8 @@ impl LinkReader {
     async fn handle(&mut self, notification: Notification, intake: &mut Intake) -> Result<bool, BrokerError> {
         match notification {
             Notification::Forward(forward) => {
+                self.read_since_settle += 1;
+                self.backlog.read(4 + (forward.publish.topic.len() + forward.publish.payload.len()) as u64);
                 if let Some((_, offset)) = forward.cursor {
                     if let Some(last) = self.last_offset {
                         if offset > last + 1 {
@@ -909,11 +1073,36 @@ impl LinkReader {
     }
 }
 
-fn router_config() -> RouterConfig {
+impl LinkReader {
+    /// Called every [`BACKLOG_SETTLE`] while the agent is ready to read and something counts as
+    /// unread: if since the last call the link gave nothing and no connection handed anything
+    /// over, either the counts parted (see [`Backlog`]) or rumqttd holds messages it will only
+    /// forward once something new arrives (its router wakes a link on new data). Either way the
+    /// connections may hand over one more segment: the unread stays a segment short of the log
+    /// even in the second case, and in the first, settles one after the other mend the counts.
+    /// (Declaring everything read at once let rumqttd evict unread messages in the second case.)
+    fn settle(&mut self) {
+        let handed = self.backlog.handed.load(Ordering::SeqCst);
+        if std::mem::take(&mut self.read_since_settle) == 0 && handed == self.settle_handed {
+            let mut floor = handed.saturating_sub(self.backlog.limit.saturating_sub(self.backlog.slack));
+            if self.backlog.read.load(Ordering::SeqCst) >= floor {
+                // A segment's room did not get things going (a message larger than a segment
+                // waits, or the counts parted): nothing counts as unread any more.
+                floor = handed;
+            }
+            self.backlog.read.fetch_max(floor, Ordering::SeqCst);
+            self.backlog.waiting.store(false, Ordering::SeqCst);
+            self.backlog.room.notify_waiters();
+        }
+        self.settle_handed = handed;
+    }
+}
+
+fn router_config(segment_bytes: usize) -> RouterConfig {
     RouterConfig {
         max_connections: MAX_CONNECTIONS + 1,
         max_outgoing_packet_count: 200,
-        max_segment_size: SEGMENT_BYTES,
+        max_segment_size: segment_bytes,
         max_segment_count: SEGMENT_COUNT,
         ..RouterConfig::default()
     }
