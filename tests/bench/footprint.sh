@@ -28,7 +28,7 @@
 #
 # The binaries: a release build without LTO (CARGO_PROFILE_RELEASE_LTO=false, 16 codegen units:
 # faster to build; the shipped profile uses fat LTO and one codegen unit, which makes a smaller
-# binary and slightly less CPU) into /work/target-prof, unless TRIBUTARY_BIN=<dir> names a directory
+# binary and slightly less CPU) into target/bench (BENCH_TARGET_DIR), unless TRIBUTARY_BIN=<dir> names a directory
 # holding tributary-agent, tributary-aggregator and tributary-sim (e.g. target/release for the
 # shipped profile). The size printed is the agent's after `strip`, whatever the build.
 # Extra agent config lines: FOOTPRINT_AGENT_TOML (appended at the top level, before any table),
@@ -43,23 +43,15 @@ cd "$ROOT"
 if [ -n "${TRIBUTARY_BIN:-}" ]; then
   BIN=$TRIBUTARY_BIN; BUILD="binaries from $BIN"
 else
-  CARGO_TARGET_DIR=/work/target-prof CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+  TARGET=${BENCH_TARGET_DIR:-$ROOT/target/bench}
+  CARGO_TARGET_DIR=$TARGET CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
     cargo build --release --bins --quiet
-  BIN=/work/target-prof/release; BUILD="release build without LTO (16 codegen units)"
+  BIN=$TARGET/release; BUILD="release build without LTO (16 codegen units)"
 fi
-TMP=$(mktemp -d); PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && { kill -9 "$p"; wait "$p"; } 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+. "$ROOT/tests/bench/common.sh"
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "$1 not up"; exit 1; }
 api_count() { curl -fs "http://127.0.0.1:$AP/api/v1/agents" | python3 -c 'import json,sys; print(sum(a["readings"] for a in json.load(sys.stdin)))'; }
 metric() { curl -fs "http://127.0.0.1:$HP/metrics" | awk -v k="$1" '$1 == k { printf "%d", $2 }'; }
-write_bytes() { awk '/^write_bytes/ { print $2 }' "/proc/$1/io"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 rollup_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/smaps_rollup"; }
 threads() { # pid: "comm ticks" per thread

@@ -21,12 +21,8 @@ FB_BENCH=${FLUENT_BIT_BENCH:-$ROOT/../shared/peers/fluent-bit/bench.sh}
 cd "$ROOT"
 cargo build --release --bins --quiet
 BIN=$ROOT/target/release
-TMP=$(mktemp -d); PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
+. "$ROOT/tests/bench/common.sh"
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "$1 not up"; exit 1; }
 api_count() { curl -fs "http://127.0.0.1:$AP/api/v1/agents" | python3 -c 'import json,sys; print(sum(a["readings"] for a in json.load(sys.stdin)))'; }
 wait_count() { # n, seconds
   for _ in $(seq $(($2 * 20))); do [ "$(api_count)" -ge "$1" ] && return 0; sleep 0.05; done; return 1; }

@@ -18,17 +18,9 @@ S=${1:-20000}; D=${2:-8}
 cd "$ROOT"
 cargo build --release --bins --quiet
 BIN=$ROOT/target/release
-TMP=$(mktemp -d); PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && { kill -9 "$p"; wait "$p"; } 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+. "$ROOT/tests/bench/common.sh"
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "$1 not up"; exit 1; }
 metric() { curl -fs "http://127.0.0.1:$HP/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 now() { date +%s.%N; }
 
 AP=$(free_port); HP=$(free_port); MP=$(free_port)

@@ -21,30 +21,22 @@
 #   default  the agent's defaults (see deploy/agent.toml)
 #   anything else: WEAR_SPOOL_<name> holds the [spool] lines, e.g.
 #            WEAR_SPOOL_slow='max_commit_interval = "5s"' tests/bench/wear.sh 60 slow
-# Needs: python3, curl. Builds the release binaries first (into /work/target-prof unless
+# Needs: python3, curl. Builds the release binaries first (into target/bench unless
 # WEAR_TARGET_DIR says otherwise; WEAR_NO_BUILD=1 uses what is there).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SECS=${1:-60}; POLICIES=${2:-old default}; RATES=${3:-1 10 100 10000}
-TARGET=${WEAR_TARGET_DIR:-/work/target-prof}
+TARGET=${WEAR_TARGET_DIR:-$ROOT/target/bench}
 cd "$ROOT"
 if [ -z "${WEAR_NO_BUILD:-}" ]; then
   CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
     cargo build --release --bins --quiet --target-dir "$TARGET"
 fi
 BIN=$TARGET/release
-TMP=$(mktemp -d); PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && { kill -9 "$p"; wait "$p"; } 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+. "$ROOT/tests/bench/common.sh"
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; echo "$1 not up"; exit 1; }
 api_count() { curl -fs "http://127.0.0.1:$AP/api/v1/agents" | python3 -c 'import json,sys; print(sum(a["readings"] for a in json.load(sys.stdin)))'; }
 metric() { curl -fs "http://127.0.0.1:$HP/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
-write_bytes() { awk '/^write_bytes/ { print $2 }' "/proc/$1/io"; }
 
 spool_keys() {
   case "$1" in
