@@ -12,3 +12,19 @@ wait_http() { for _ in $(seq 200); do curl -fs "$1" >/dev/null 2>&1 && return 0;
 # Bytes a process has caused to be written to storage, and its CPU time in clock ticks.
 write_bytes() { awk '/^write_bytes/ { print $2 }' "/proc/$1/io"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# An aggregator from $BIN for agent gw-1 (token secret-gw-1), data in $TMP/aggregator, on port $AP
+# (a free one unless set); sets AGG to its pid, once it answers.
+start_aggregator() {
+  AP=${AP:-$(free_port)}
+  cat >"$TMP/aggregator.toml" <<EOT
+data_dir = "$TMP/aggregator"
+[http]
+listen = "127.0.0.1:$AP"
+[[agents]]
+id = "gw-1"
+token = "secret-gw-1"
+EOT
+  "$BIN/tributary-aggregator" --config "$TMP/aggregator.toml" >>"$TMP/aggregator.log" 2>&1 &
+  AGG=$!; PIDS+=("$AGG"); wait_http "http://127.0.0.1:$AP/healthz"
+}

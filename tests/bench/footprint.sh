@@ -60,17 +60,7 @@ threads() { # pid: "comm ticks" per thread
 cp "$(readlink -f "$BIN/tributary-agent")" "$TMP/agent-stripped"
 SIZE=$(strip "$TMP/agent-stripped" 2>/dev/null && stat -c %s "$TMP/agent-stripped" || echo 0); rm "$TMP/agent-stripped"
 
-AP=$(free_port)
-cat >"$TMP/aggregator.toml" <<EOF
-data_dir = "$TMP/aggregator"
-[http]
-listen = "127.0.0.1:$AP"
-[[agents]]
-id = "gw-1"
-token = "secret-gw-1"
-EOF
-"$BIN/tributary-aggregator" --config "$TMP/aggregator.toml" >>"$TMP/aggregator.log" 2>&1 &
-PIDS+=($!); wait_http "http://127.0.0.1:$AP/healthz"
+start_aggregator
 
 start_agent() { # extra config (tables)
   HP=$(free_port); MP=$(free_port)

@@ -33,18 +33,6 @@ a, n = int(sys.argv[1]), int(sys.argv[2])
 w = sys.stdout.write
 for i in range(a, a + n): w("{\"seq\": %d, \"value\": %d.5, \"ts\": %d}\n" % (i, i % 100, 1764000000000 + i))' "$1" "$2"; }
 
-start_aggregator() {
-  cat >"$TMP/aggregator.toml" <<EOF
-data_dir = "$TMP/aggregator"
-[http]
-listen = "127.0.0.1:$AP"
-[[agents]]
-id = "gw-1"
-token = "secret-gw-1"
-EOF
-  "$BIN/tributary-aggregator" --config "$TMP/aggregator.toml" >>"$TMP/aggregator.log" 2>&1 &
-  AGG=$!; PIDS+=("$AGG"); wait_http "http://127.0.0.1:$AP/healthz"
-}
 start_agent() {
   cat >"$TMP/agent.toml" <<EOF
 agent_id = "gw-1"

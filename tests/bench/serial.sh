@@ -23,17 +23,8 @@ BIN=$ROOT/target/release
 metric() { curl -fs "http://127.0.0.1:$HP/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
 now() { date +%s.%N; }
 
-AP=$(free_port); HP=$(free_port); MP=$(free_port)
-cat >"$TMP/aggregator.toml" <<EOF
-data_dir = "$TMP/aggregator"
-[http]
-listen = "127.0.0.1:$AP"
-[[agents]]
-id = "gw-1"
-token = "secret-gw-1"
-EOF
-"$BIN/tributary-aggregator" --config "$TMP/aggregator.toml" >>"$TMP/aggregator.log" 2>&1 &
-PIDS+=($!); wait_http "http://127.0.0.1:$AP/healthz"
+HP=$(free_port); MP=$(free_port)
+start_aggregator
 
 socat pty,raw,echo=0,link="$TMP/frames-agent" pty,raw,echo=0,link="$TMP/frames-device" 2>>"$TMP/socat.log" &
 PIDS+=($!)

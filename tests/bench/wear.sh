@@ -47,17 +47,7 @@ spool_keys() {
   esac
 }
 
-AP=$(free_port)
-cat >"$TMP/aggregator.toml" <<EOF
-data_dir = "$TMP/aggregator"
-[http]
-listen = "127.0.0.1:$AP"
-[[agents]]
-id = "gw-1"
-token = "secret-gw-1"
-EOF
-"$BIN/tributary-aggregator" --config "$TMP/aggregator.toml" >>"$TMP/aggregator.log" 2>&1 &
-PIDS+=($!); wait_http "http://127.0.0.1:$AP/healthz"
+start_aggregator
 
 # policy, rate, devices, interval between one device's messages, seconds measured
 run() {
