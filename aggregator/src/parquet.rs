@@ -37,6 +37,10 @@ pub const ROW_GROUP_ROWS: usize = 8_192;
 const CHUNK_BYTES: usize = 256 << 10;
 /// Chunks written but not yet taken by the connection: the producer waits past this.
 const CHANNEL_CHUNKS: usize = 2;
+/// How long the producer waits for the connection to take a chunk before it gives up: a waiting
+/// export holds a blocking thread and a read transaction on the store (which keeps the store's
+/// WAL from being checkpointed), so a client that stops reading must not hold them for ever.
+const STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 type Chunk = Result<Bytes, std::io::Error>;
 
@@ -45,6 +49,8 @@ pub enum ExportError {
     /// The client closed the connection: nobody is left to tell.
     #[error("the client hung up")]
     Gone,
+    #[error("the client took no data for {} s; the export stopped", .0.as_secs())]
+    Stalled(std::time::Duration),
     #[error("writing Parquet failed: {0}")]
     Parquet(#[from] ParquetError),
 }
@@ -53,6 +59,8 @@ pub enum ExportError {
 struct Sink {
     buf: Vec<u8>,
     tx: mpsc::Sender<Chunk>,
+    /// [`STALL`].
+    stall: std::time::Duration,
 }
 
 impl Sink {
@@ -62,7 +70,12 @@ impl Sink {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4)));
-        self.tx.blocking_send(Ok(chunk)).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        // On the blocking thread the export runs on: wait there, for at most `stall`.
+        let sent = tokio::runtime::Handle::current().block_on(self.tx.send_timeout(Ok(chunk), self.stall));
+        sent.map_err(|e| match e {
+            mpsc::error::SendTimeoutError::Timeout(_) => std::io::Error::from(std::io::ErrorKind::TimedOut),
+            mpsc::error::SendTimeoutError::Closed(_) => std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+        })
     }
 }
 
@@ -160,7 +173,7 @@ impl Table {
             .set_compression(Compression::SNAPPY)
             .set_created_by(format!("tributary-aggregator {}", env!("CARGO_PKG_VERSION")))
             .build();
-        let sink = Sink { buf: Vec::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4), tx: tx.clone() };
+        let sink = Sink { buf: Vec::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4), tx: tx.clone(), stall: STALL };
         let file = SerializedFileWriter::new(sink, Arc::new(schema), Arc::new(properties))?;
         Ok(Table { file, columns, rows: 0, tx })
     }
@@ -214,9 +227,16 @@ impl Table {
         finished.map_err(|e| self.failed(e))
     }
 
-    /// A write error: the client is gone (the channel is closed), or the encoding failed.
+    /// A write error: the client is gone (the channel is closed), stopped reading, or the
+    /// encoding failed.
     fn failed(&self, error: ParquetError) -> ExportError {
-        if self.tx.is_closed() { ExportError::Gone } else { ExportError::Parquet(error) }
+        let timed_out = matches!(&error, ParquetError::External(e)
+            if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut));
+        match () {
+            _ if self.tx.is_closed() => ExportError::Gone,
+            _ if timed_out => ExportError::Stalled(self.file.inner().stall),
+            _ => ExportError::Parquet(error),
+        }
     }
 }
 
@@ -473,6 +493,26 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(result, Err(ExportError::Gone)), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_stops_the_writer_after_the_stall_limit() {
+        let (mut export, _, response) = windows("x", Fields::ALL).unwrap();
+        export.table.file.inner_mut().stall = std::time::Duration::from_millis(200);
+        let name = Bytes::from_static(b"x");
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            for i in 0..(ROW_GROUP_ROWS * 100) as i64 {
+                export.push(&name, &view(i))?;
+            }
+            export.finish()
+        })
+        .await
+        .unwrap();
+        // The connection is open (the response is alive) but takes nothing.
+        assert!(matches!(result, Err(ExportError::Stalled(_))), "{result:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        drop(response);
     }
 
     #[tokio::test]
