@@ -479,19 +479,24 @@ mod tests {
         assert_eq!(row, expected);
     }
 
-    #[tokio::test]
-    async fn a_client_that_hangs_up_stops_the_writer() {
-        let (mut export, _, response) = windows("x", Fields::ALL).unwrap();
-        drop(response);
+    /// Writes 100 row groups of windows on a blocking thread, as an export does.
+    async fn write_many(mut export: Windows) -> Result<(), ExportError> {
         let name = Bytes::from_static(b"x");
-        let result = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             for i in 0..(ROW_GROUP_ROWS * 100) as i64 {
                 export.push(&name, &view(i))?;
             }
             export.finish()
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_stops_the_writer() {
+        let (export, _, response) = windows("x", Fields::ALL).unwrap();
+        drop(response);
+        let result = write_many(export).await;
         assert!(matches!(result, Err(ExportError::Gone)), "{result:?}");
     }
 
@@ -499,16 +504,8 @@ mod tests {
     async fn a_client_that_stops_reading_stops_the_writer_after_the_stall_limit() {
         let (mut export, _, response) = windows("x", Fields::ALL).unwrap();
         export.table.file.inner_mut().stall = std::time::Duration::from_millis(200);
-        let name = Bytes::from_static(b"x");
         let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            for i in 0..(ROW_GROUP_ROWS * 100) as i64 {
-                export.push(&name, &view(i))?;
-            }
-            export.finish()
-        })
-        .await
-        .unwrap();
+        let result = write_many(export).await;
         // The connection is open (the response is alive) but takes nothing.
         assert!(matches!(result, Err(ExportError::Stalled(_))), "{result:?}");
         assert!(started.elapsed() < std::time::Duration::from_secs(30));
