@@ -8,6 +8,14 @@ export const launch = () => chromium.launch({
     "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
 
+// After a failure: a screenshot of the page open in `browser`, if any, for the test's output.
+export async function failureShot(browser, path) {
+  try {
+    const [page] = browser.contexts()[0]?.pages() ?? [];
+    if (page) await page.screenshot({ path, fullPage: true });
+  } catch {}
+}
+
 // A page of `browser` whose console errors and uncaught exceptions land in `errors`.
 export async function newPage(browser, errors, viewport = { width: 1280, height: 900 }) {
   const page = await browser.newPage({ viewport });

@@ -5,7 +5,7 @@
 // for a person to look at.
 import { execFileSync } from "node:child_process";
 import { mkdirSync } from "node:fs";
-import { launch, newPage } from "./chromium.mjs";
+import { failureShot, launch, newPage } from "./chromium.mjs";
 
 const [url, mqttPort, out] = process.argv.slice(2);
 mkdirSync(out, { recursive: true });
@@ -92,10 +92,7 @@ try {
 } catch (e) {
   failed = true;
   console.error(`FAILED: ${e.message}`);
-  try {
-    const [page] = browser.contexts()[0]?.pages() ?? [];
-    if (page) await page.screenshot({ path: `${out}/failure.png`, fullPage: true });
-  } catch {}
+  await failureShot(browser, `${out}/failure.png`);
 } finally {
   await browser.close();
 }

@@ -4,7 +4,7 @@
 // The aggregator must know agents gw-001... (fleet.mjs); this posts 100 sensors per agent. Exits
 // non-zero, saying what it did not see, on the first failed check.
 import { mkdirSync } from "node:fs";
-import { launch, newPage } from "./chromium.mjs";
+import { failureShot, launch, newPage } from "./chromium.mjs";
 import { Fleet, agentId, waitProcessed } from "./fleet.mjs";
 
 const [url, agentsArg, out] = process.argv.slice(2);
@@ -85,10 +85,7 @@ try {
 } catch (e) {
   failed = true;
   console.error(`FAILED: ${e.message}`);
-  try {
-    const [page] = browser.contexts()[0]?.pages() ?? [];
-    if (page) await page.screenshot({ path: `${out}/large-failure.png`, fullPage: true });
-  } catch {}
+  await failureShot(browser, `${out}/large-failure.png`);
 } finally {
   await browser.close();
 }
