@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Live ingest and processing together, from postcard batches (tributary-sim load, 4 connections),
+# Live ingest and processing together, from postcard batches (tributary-sim load, 4 connections unless told),
 # into a release aggregator with the default pipeline (10s, 1m, 1h windows with sketches).
 #
-#   tests/bench/live.sh [first=10000000] [then=40000000] [sensors=1000] [rate] [period_ms=1000]
+#   tests/bench/live.sh [first=10000000] [then=40000000] [sensors=1000] [rate] [period_ms=1000] [connections=4]
 #
 # Phase 1 sends `first` readings, phase 2 `then` more: as fast as the acks come back, or at a
 # steady `rate` readings/s (does the processor keep up, and in how much memory?). Each sensor
@@ -18,7 +18,7 @@
 # the store.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-FIRST=${1:-10000000}; THEN=${2:-40000000}; SENSORS=${3:-1000}; RATE=${4:-}; PERIOD_MS=${5:-1000}
+FIRST=${1:-10000000}; THEN=${2:-40000000}; SENSORS=${3:-1000}; RATE=${4:-}; PERIOD_MS=${5:-1000}; CONNECTIONS=${6:-4}
 cd "$ROOT"
 # TRIBUTARY_BIN=dir uses binaries already built there (e.g. without LTO, faster to build).
 BIN=${TRIBUTARY_BIN:-}
@@ -50,13 +50,18 @@ cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$AGG/stat"; }
 phase() { # name, readings, seed, seconds before now at which its event times end
   local start_end; start_end=$(metric tributary_log_end_offset)
   local cpu0; cpu0=$(cpu_s)
-  local t0; t0=$(date +%s.%N)
   : >"$TMP/samples"
   ( while true; do
       echo "$(metric tributary_processor_lag_readings) $(rss_kib)" >>"$TMP/samples"; sleep 0.2
     done ) & local sampler=$!
   "$BIN/tributary-sim" load --url "http://127.0.0.1:$PORT" --readings "$2" --sensors "$SENSORS" \
-    --seed "$3" --ago-s "$4" --period-ms "$PERIOD_MS" --connections 4 ${RATE:+--rate "$RATE"} >"$TMP/load.out" 2>&1
+    --seed "$3" --ago-s "$4" --period-ms "$PERIOD_MS" --connections "$CONNECTIONS" ${RATE:+--rate "$RATE"} >"$TMP/load.out" 2>&1 &
+  local sim=$!
+  # The simulator encodes every batch before it sends the first (6 s for 10 M readings): the
+  # clock starts when it starts sending, or the rates count its preparation.
+  until grep -q 'sending' "$TMP/load.out" || ! kill -0 "$sim" 2>/dev/null; do sleep 0.02; done
+  local t0; t0=$(date +%s.%N)
+  wait "$sim"
   local t_acked; t_acked=$(date +%s.%N)
   local target=$((start_end + $2))
   while [ "$(metric tributary_processor_offset)" -lt "$target" ]; do sleep 0.05; done
