@@ -12,11 +12,12 @@
 //!
 //! A commit costs a page or two of WAL whatever it holds, and an fsync'ed one a 4 KiB write to the
 //! flash: on a quiet gateway, where every reading would be its own commit, that is what wears the SD
-//! card. So the interval follows the rate ([`CommitPace`]): `commit_interval` under load, growing up
-//! to `max_commit_interval` while commits hold few readings (a reading after a quiet spell is
-//! committed at once); and with `sync = "full"` commits are fsync'ed at most `sync_interval` after
-//! they are made rather than each on its own (SQLite's `synchronous=NORMAL` plus the writer's own
-//! fsync of the WAL). A clean stop commits and fsyncs everything at once.
+//! card. So the interval follows the rate ([`CommitPace`]): under load `gather_interval` (25 ms), or
+//! `commit_interval` (5 ms) while an input's acknowledgements wait for commits (client mode, see
+//! [`AckWaiters`]), growing up to `max_commit_interval` while commits hold few readings (a reading
+//! after a quiet spell is committed at once); and with `sync = "full"` commits are fsync'ed at most
+//! `sync_interval` after they are made rather than each on its own (SQLite's `synchronous=NORMAL`
+//! plus the writer's own fsync of the WAL). A clean stop commits and fsyncs everything at once.
 //!
 //! The forwarder's commands ([`Spool::ack`], [`Spool::dead_letter`], [`Spool::verify`]) travel on a
 //! second, unbounded channel, so deleting what the aggregator holds never waits behind appends, not
@@ -34,6 +35,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -89,7 +91,9 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// or two of WAL whatever it holds, so at 8 readings a commit that is an eighth per reading. Kept
 /// below the inflight windows of common brokers (Mosquitto and VerneMQ 20, RabbitMQ 10, EMQX 32):
 /// in client mode each PUBACK waits for its commit, and a broker that ran out of window before a
-/// commit gathered this many would make the interval grow instead of shrink.
+/// commit gathered this many would make the interval grow instead of shrink. Above this many
+/// readings a commit, the floor takes over: `gather_interval` where nothing waits for commits, so
+/// that a busy gateway's commits hold a few hundred readings ([`CommitPace`]).
 const COMMIT_TARGET_READINGS: f64 = 8.0;
 /// Group-commit waits up to this long sleep the writer thread, as under load: inputs meanwhile
 /// grow their chunks instead of handing over every message. Longer waits (a quiet gateway) take
@@ -287,8 +291,41 @@ pub struct Spool {
     reader: Arc<Mutex<Connection>>,
     end: watch::Receiver<u64>,
     committed: watch::Receiver<u64>,
+    ack_waiters: AckWaiters,
     epoch: u64,
     unverified_from: u64,
+}
+
+/// The inputs whose acknowledgements wait for a commit, counted while they run (client mode: each
+/// PUBACK waits for its message's commit, and the broker sends no more than its inflight window,
+/// Mosquitto's 20 by default, ahead of the PUBACKs). While there is any, the spool commits every
+/// `commit_interval` under load; while there is none (the embedded broker, which acknowledges from
+/// its own log, and serial ports, which acknowledge nothing), every `gather_interval`, so that a
+/// commit, its WAL pages and the forwarder's request carry a few hundred readings rather than fifty.
+#[derive(Debug, Clone, Default)]
+pub struct AckWaiters(Arc<AtomicUsize>);
+
+impl AckWaiters {
+    /// Counts one more input whose acks wait for commits, until the guard is dropped.
+    pub fn hold(&self) -> AcksWaiting {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        AcksWaiting(self.0.clone())
+    }
+
+    fn any(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// An input whose acks wait for commits, counted in [`AckWaiters`] until dropped.
+#[derive(Debug)]
+#[must_use = "the input counts only while the guard lives"]
+pub struct AcksWaiting(Arc<AtomicUsize>);
+
+impl Drop for AcksWaiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What the writer thread keeps between commits.
@@ -320,6 +357,8 @@ struct Writer {
     unsynced_since: Option<Instant>,
     end: watch::Sender<u64>,
     committed: watch::Sender<u64>,
+    /// Inputs whose acks wait for commits: while there is any, the short floor (`commit_interval`).
+    ack_waiters: AckWaiters,
     /// Set once the clock is synchronised ([`Spool::restamp`]): unsynced blocks of this boot that
     /// arrive later are re-stamped before they are stored.
     restamp: Option<([u8; 16], i64)>,
@@ -404,6 +443,7 @@ impl Spool {
         let (committed_tx, committed_rx) = watch::channel(0);
         let (tx, rx) = mpsc::channel(QUEUE_COMMANDS);
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let ack_waiters = AckWaiters::default();
         let writer = Writer {
             conn,
             path: path.clone(),
@@ -424,6 +464,7 @@ impl Spool {
             unsynced_since: None,
             end: end_tx,
             committed: committed_tx,
+            ack_waiters: ack_waiters.clone(),
             restamp: None,
             _lock: lock,
         };
@@ -446,6 +487,7 @@ impl Spool {
             reader: Arc::new(Mutex::new(reader)),
             end: end_rx,
             committed: committed_rx,
+            ack_waiters,
             epoch: opened.epoch,
             unverified_from: opened.unverified_from,
         };
@@ -475,6 +517,11 @@ impl Spool {
     /// The intake number ([`Chunk::through`]) of the last committed (or dropped) chunk.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
+    }
+
+    /// Where inputs whose acknowledgements wait for commits say so (see [`AckWaiters`]).
+    pub fn ack_waiters(&self) -> AckWaiters {
+        self.ack_waiters.clone()
     }
 
     /// The sequence number after the last committed reading; changes after every commit.
@@ -940,26 +987,47 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The group-commit interval, following the rate readings arrive at: after each commit of
 /// readings, the time [`COMMIT_TARGET_READINGS`] took to arrive at that commit's pace (since the
-/// previous one), kept between `commit_interval` and `max_commit_interval`. One busy commit brings
-/// it down to `commit_interval`; a commit of a reading or two after a quiet spell takes it to the
-/// max. A commit waits for the interval since the previous commit only, so a reading after a
-/// spell longer than the interval is committed at once, and none waits longer than the max.
+/// previous one), kept between a floor and `max_commit_interval`. The floor is `commit_interval`
+/// while an input's acks wait for commits ([`AckWaiters`]: client mode), `gather_interval` otherwise
+/// (kept within `commit_interval` ..= `max_commit_interval`). One busy commit brings the interval
+/// down to the floor; a commit of a reading or two after a quiet spell takes it to the max. A commit
+/// waits for the interval since the previous commit only, so a reading after a spell longer than
+/// the interval is committed at once, and none waits longer than the max.
+///
+/// The floor only matters above 8 readings per floor (320 readings/s with the default 25 ms): below
+/// that, the time 8 readings take is longer, and quiet gateways commit as before. Above, a commit
+/// holds `rate × gather_interval` readings (250 at 10,000 readings/s) instead of `rate ×
+/// commit_interval` (50), which is what a commit's fixed costs (a WAL page or two, a wake-up of the
+/// writer, the forwarder's request) are shared by. The price, bounded: under load a reading waits up
+/// to `gather_interval` (instead of `commit_interval`) to be committed and forwarded, and in embedded
+/// mode what a crash can lose of what the broker acknowledged is that much; client mode keeps
+/// `commit_interval`, so a broker's inflight window (20 at Mosquitto) turns over every 5 ms, not 25.
 #[derive(Debug)]
 struct CommitPace {
+    /// `commit_interval`: the floor while acks wait for commits.
     min: Duration,
+    /// `gather_interval`, within `min ..= max`: the floor while none do.
+    gather: Duration,
     max: Duration,
-    interval: Duration,
+    /// The time the target took to arrive at the last commit's pace, within `min ..= max`.
+    paced: Duration,
     /// When the last commit of readings began (the spool's opening before the first).
     last: Instant,
 }
 
 impl CommitPace {
-    fn new(min: Duration, max: Duration, now: Instant) -> CommitPace {
-        CommitPace { min, max: max.max(min), interval: min, last: now }
+    fn new(min: Duration, gather: Duration, max: Duration, now: Instant) -> CommitPace {
+        let max = max.max(min);
+        CommitPace { min, gather: gather.clamp(min, max), max, paced: min, last: now }
     }
 
-    fn interval(&self) -> Duration {
-        self.interval
+    /// The shortest interval: `commit_interval` while acks wait for commits, `gather_interval` otherwise.
+    fn floor(&self, acks_wait: bool) -> Duration {
+        if acks_wait { self.min } else { self.gather }
+    }
+
+    fn interval(&self, acks_wait: bool) -> Duration {
+        self.paced.max(self.floor(acks_wait))
     }
 
     /// A commit that began `at` held `readings` readings (0: only the forwarder's commands, which
@@ -971,7 +1039,7 @@ impl CommitPace {
         let since = at.saturating_duration_since(self.last);
         self.last = at;
         let gather = since.as_secs_f64() * COMMIT_TARGET_READINGS / readings as f64;
-        self.interval = Duration::from_secs_f64(gather.min(self.max.as_secs_f64())).max(self.min);
+        self.paced = Duration::from_secs_f64(gather.min(self.max.as_secs_f64())).max(self.min);
     }
 }
 
@@ -982,7 +1050,12 @@ impl Writer {
         mut appends: mpsc::Receiver<Command>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
-        let mut pace = CommitPace::new(self.config.commit_interval, self.config.max_commit_interval, Instant::now());
+        let mut pace = CommitPace::new(
+            self.config.commit_interval,
+            self.config.gather_interval,
+            self.config.max_commit_interval,
+            Instant::now(),
+        );
         let mut last_commit: Option<Instant> = None;
         let mut pending = Pending::default();
         let mut retry = RETRY_MIN;
@@ -1009,12 +1082,13 @@ impl Writer {
             // A stop (Flush, a closed queue) commits at once.
             while !now {
                 self.sync_if_due();
-                // A commit's worth gathered (a burst after a quiet spell): only the short interval
-                // applies, so a burst is never held for the quiet gateway's long one.
+                // A commit's worth gathered (a burst after a quiet spell): only the floor applies,
+                // so a burst is never held for the quiet gateway's long interval.
                 let gathered: usize = chunks.iter().map(Chunk::len).sum();
+                let acks_wait = self.ack_waiters.any();
                 let interval = match gathered as f64 >= COMMIT_TARGET_READINGS {
-                    true => pace.min,
-                    false => pace.interval(),
+                    true => pace.floor(acks_wait),
+                    false => pace.interval(acks_wait),
                 };
                 let Some(deadline) = last_commit.map(|at| at + interval) else { break };
                 let wait = deadline.saturating_duration_since(Instant::now());
@@ -2509,57 +2583,108 @@ mod tests {
 
     #[test]
     fn the_commit_interval_grows_while_readings_are_few_and_snaps_back_under_load() {
-        let (min, max) = (Duration::from_millis(5), Duration::from_secs(2));
+        let (min, gather, max) = (Duration::from_millis(5), Duration::from_millis(25), Duration::from_secs(2));
         let close_to = |d: Duration, secs: f64| (d.as_secs_f64() - secs).abs() < 1e-6;
         let mut at = Instant::now();
-        let mut pace = CommitPace::new(min, max, at);
-        assert_eq!(pace.interval(), min, "a spool starts at commit_interval");
+        let mut pace = CommitPace::new(min, gather, max, at);
+        // Client mode: acks wait for commits, and the floor is commit_interval.
+        let waited = true;
+        assert_eq!(pace.interval(waited), min, "a spool starts at commit_interval");
         // One sensor, a reading a second: 8 readings would take 8 s, so the max.
         for _ in 0..3 {
             at += Duration::from_secs(1);
             pace.committed(at, 1);
-            assert_eq!(pace.interval(), max);
+            assert_eq!(pace.interval(waited), max);
         }
         // Traffic grows: 2,000 readings in those 2 s bring it down in one commit.
         at += max;
         pace.committed(at, 2_000);
-        assert!(close_to(pace.interval(), 0.008), "{:?}", pace.interval());
-        at += pace.interval();
+        assert!(close_to(pace.interval(waited), 0.008), "{:?}", pace.interval(waited));
+        at += pace.interval(waited);
         pace.committed(at, 80);
-        assert_eq!(pace.interval(), min, "10,000 readings/s: commit_interval");
+        assert_eq!(pace.interval(waited), min, "10,000 readings/s: commit_interval");
         // Ten sensors, a reading a second each: 8 readings' worth, and it stays there.
         at += Duration::from_secs(1);
         pace.committed(at, 10);
-        assert!(close_to(pace.interval(), 0.8), "{:?}", pace.interval());
-        at += pace.interval();
+        assert!(close_to(pace.interval(waited), 0.8), "{:?}", pace.interval(waited));
+        at += pace.interval(waited);
         pace.committed(at, 8);
-        assert!(close_to(pace.interval(), 0.8), "{:?}", pace.interval());
+        assert!(close_to(pace.interval(waited), 0.8), "{:?}", pace.interval(waited));
         // Commits of the forwarder's commands alone say nothing of the rate.
         pace.committed(at + Duration::from_secs(60), 0);
-        assert!(close_to(pace.interval(), 0.8), "{:?}", pace.interval());
+        assert!(close_to(pace.interval(waited), 0.8), "{:?}", pace.interval(waited));
+    }
+
+    #[test]
+    fn under_load_with_no_acks_waiting_commits_gather_for_gather_interval() {
+        let (min, gather, max) = (Duration::from_millis(5), Duration::from_millis(25), Duration::from_secs(4));
+        let close_to = |d: Duration, secs: f64| (d.as_secs_f64() - secs).abs() < 1e-6;
+        let mut at = Instant::now();
+        let mut pace = CommitPace::new(min, gather, max, at);
+        assert_eq!(pace.interval(false), gather, "the embedded broker and serial ports start at gather_interval");
+        // 10,000 readings/s: 250 readings a commit, not 50; with acks waiting, 5 ms as before.
+        for _ in 0..10 {
+            at += pace.interval(false);
+            pace.committed(at, 250);
+            assert_eq!(pace.interval(false), gather);
+        }
+        assert_eq!(pace.interval(true), min, "an input whose acks wait takes the interval back to 5 ms");
+        assert_eq!(pace.floor(false), gather, "a burst after a quiet spell waits for gather_interval only");
+        // 1,000 readings/s: still the floor (8 readings take 8 ms); 25 readings a commit.
+        at += gather;
+        pace.committed(at, 25);
+        assert_eq!((pace.interval(false), pace.interval(true)), (gather, Duration::from_millis(8)));
+        // Below 320 readings/s the floor no longer matters: the quiet gateway's pace is unchanged.
+        at += Duration::from_millis(100);
+        pace.committed(at, 20);
+        assert!(close_to(pace.interval(false), 0.04), "{:?}", pace.interval(false));
+        assert_eq!(pace.interval(false), pace.interval(true));
+        at += Duration::from_secs(4);
+        pace.committed(at, 1);
+        assert_eq!((pace.interval(false), pace.interval(true)), (max, max));
+        // gather_interval is kept within commit_interval ..= max_commit_interval.
+        let fixed = CommitPace::new(min, gather, min, at);
+        assert_eq!((fixed.interval(false), fixed.floor(false)), (min, min), "a fixed interval stays fixed");
+        let below = CommitPace::new(min, Duration::from_millis(1), max, at);
+        assert_eq!(below.floor(false), min);
     }
 
     #[test]
     fn the_commit_interval_never_leaves_its_bounds() {
-        let (min, max) = (Duration::from_millis(5), Duration::from_secs(2));
+        let (min, gather, max) = (Duration::from_millis(5), Duration::from_millis(25), Duration::from_secs(2));
         let mut at = Instant::now();
-        let mut pace = CommitPace::new(min, max, at);
+        let mut pace = CommitPace::new(min, gather, max, at);
         let mut rng = fastrand::Rng::with_seed(9);
         for _ in 0..10_000 {
             at += Duration::from_micros(rng.u64(0..10_000_000));
             let readings = [0, 1, 2, 7, 8, 9, 1_000, u64::MAX][rng.usize(0..8)];
             pace.committed(at, readings);
-            assert!(min <= pace.interval() && pace.interval() <= max, "{readings} readings: {:?}", pace.interval());
+            for (waited, floor) in [(true, min), (false, gather)] {
+                let interval = pace.interval(waited);
+                assert!(floor <= interval && interval <= max, "{readings} readings, {waited}: {interval:?}");
+            }
         }
         // A clock that did not move, then a year of silence.
         pace.committed(at, 1);
-        assert_eq!(pace.interval(), min);
+        assert_eq!((pace.interval(true), pace.interval(false)), (min, gather));
         pace.committed(at + Duration::from_secs(365 * 86_400), 1);
-        assert_eq!(pace.interval(), max);
+        assert_eq!((pace.interval(true), pace.interval(false)), (max, max));
         // max_commit_interval = commit_interval (or below, as the config refuses): a fixed interval.
-        let mut fixed = CommitPace::new(min, Duration::ZERO, at);
+        let mut fixed = CommitPace::new(min, gather, Duration::ZERO, at);
         fixed.committed(at + Duration::from_secs(10), 1);
-        assert_eq!(fixed.interval(), min);
+        assert_eq!((fixed.interval(true), fixed.interval(false)), (min, min));
+    }
+
+    #[test]
+    fn an_input_whose_acks_wait_is_counted_while_it_runs() {
+        let waiters = AckWaiters::default();
+        assert!(!waiters.any());
+        let client = waiters.hold();
+        let another = waiters.clone().hold();
+        drop(client);
+        assert!(waiters.any(), "one input still waits");
+        drop(another);
+        assert!(!waiters.any());
     }
 
     #[tokio::test]
@@ -2582,6 +2707,31 @@ mod tests {
         committed.wait_for(|c| *c >= 3).await.unwrap();
         assert_eq!(spans(&spool).await, [(0, 1), (1, 2)]);
         assert_eq!(metrics.spool_commits.get(), 2);
+        close(spool, thread);
+    }
+
+    #[tokio::test]
+    async fn a_busy_spool_gathers_for_gather_interval_unless_an_input_waits_for_its_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        // A gather_interval no test outlives, so that "still waiting" is not a matter of timing.
+        let long = Duration::from_secs(60);
+        let config = SpoolConfig { gather_interval: long, max_commit_interval: long, ..config() };
+        let (spool, thread) = Spool::open(dir.path(), &config, metrics.clone()).unwrap();
+        append_and_wait(&spool, readings(20, 0)).await;
+        // A commit's worth (8 readings or more) waits for the floor: gather_interval, no input waits.
+        let mut committed = spool.committed();
+        let through = *committed.borrow();
+        spool.send(Command::Append(Chunk { through: through + 1, ..readings(20, 100) })).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*spool.end().borrow(), 20, "the next readings gather");
+        // Client mode starts: its acks wait, so commits come every commit_interval (1 ms) again.
+        let client = spool.ack_waiters().hold();
+        spool.send(Command::Append(Chunk { through: through + 2, ..readings(20, 200) })).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(30), committed.wait_for(|c| *c >= through + 2)).await;
+        assert!(waited.is_ok(), "the readings of an input whose acks wait were held for gather_interval");
+        assert_eq!(spans(&spool).await, [(0, 20), (20, 40)]);
+        drop(client);
         close(spool, thread);
     }
 

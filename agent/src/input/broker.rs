@@ -17,7 +17,7 @@
 //! 5. connections write the acks still due (for at most [`ACK_FLUSH`]) and close.
 //!
 //! rumqttd acknowledges a QoS-1 publish as soon as it is in its in-memory log, before the agent has
-//! read it; the spool's group commit follows within `spool.commit_interval` under load, within
+//! read it; the spool's group commit follows within `spool.gather_interval` under load, within
 //! `spool.max_commit_interval` on a quiet gateway. That interval is the only window in which a
 //! crash can lose an acknowledged reading (a power cut also loses the commits of the last
 //! `spool.sync_interval`). QoS 2 gets the same guarantee:

@@ -22,7 +22,7 @@ use crate::config::SyncCheck;
 use crate::decode::{Decoder, DeviceTsPolicy, Stamp};
 use crate::filter::{FilterConfig, FilterCounters, Filters};
 use crate::metrics::Metrics;
-use crate::spool::{Chunk, Command, Spool, SpoolError};
+use crate::spool::{AckWaiters, AcksWaiting, Chunk, Command, Spool, SpoolError};
 
 /// Decodes messages into a pending [`Chunk`] and hands it to the spool writer whenever the
 /// writer's queue has room. While the writer is busy, the chunk grows, up to `max_pending`
@@ -36,6 +36,8 @@ pub struct Intake {
     decoder: Decoder,
     tx: mpsc::Sender<Command>,
     committed: watch::Receiver<u64>,
+    /// Where an input whose acks wait for commits says so ([`Intake::acks_wait_for_commits`]).
+    ack_waiters: AckWaiters,
     metrics: Arc<Metrics>,
     pending: Chunk,
     /// Sensor ids interned in `pending`, and its size in bytes (estimated from what it holds).
@@ -89,6 +91,7 @@ impl Intake {
             decoder,
             tx: spool.sender(),
             committed: spool.committed(),
+            ack_waiters: spool.ack_waiters(),
             pending: Chunk::default(),
             pending_ids: 0,
             pending_bytes: 0,
@@ -155,6 +158,7 @@ impl Intake {
             decoder: self.decoder.clone(),
             tx: self.tx.clone(),
             committed: self.committed.clone(),
+            ack_waiters: self.ack_waiters.clone(),
             metrics: self.metrics.clone(),
             pending: Chunk::default(),
             pending_ids: 0,
@@ -193,6 +197,13 @@ impl Intake {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// For an input that acknowledges messages only once [`Spool::committed`] reaches them (client
+    /// mode): while the guard lives, the spool commits every `spool.commit_interval` under load
+    /// rather than every `spool.gather_interval`, so acks are not held (see [`AckWaiters`]).
+    pub fn acks_wait_for_commits(&self) -> AcksWaiting {
+        self.ack_waiters.hold()
     }
 
     /// Decodes one message into the pending chunk, through the filters. Returns the intake number

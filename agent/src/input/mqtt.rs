@@ -104,6 +104,9 @@ impl MqttClient {
 
     pub async fn run(self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), ClientError> {
         let metrics = intake.metrics().clone();
+        // Each PUBACK waits for its message's commit: under load the spool commits every
+        // commit_interval, not gather_interval, so the broker's inflight window turns over quickly.
+        let _acks_wait = intake.acks_wait_for_commits();
         let base_limit = self.options.max_packet_size();
         let (client, mut eventloop) = AsyncClient::new(self.options, 1024);
         let connection = Arc::new(AtomicU64::new(0));
