@@ -13,14 +13,20 @@
 # 3. tributary-sim's own rate with multi-field messages (to the agent's broker), and the aggregator's
 #    ingest rate from postcard batches (tributary-sim load).
 # 4. Fluent Bit's bench (FLUENT_BIT_BENCH, default ../shared/peers/fluent-bit/bench.sh), then both side by side.
-# Needs: mosquitto-clients, python3, curl. Builds the release binaries first.
+# Needs: mosquitto-clients, python3, curl. Builds the release binaries first, unless TRIBUTARY_BIN=<dir>
+# names a directory holding tributary-agent, tributary-aggregator and tributary-sim (e.g. a build
+# without LTO, faster to make).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 P=${1:-4}; M=${2:-50000}; N=$((P * M))
 FB_BENCH=${FLUENT_BIT_BENCH:-$ROOT/../shared/peers/fluent-bit/bench.sh}
 cd "$ROOT"
-cargo build --release --bins --quiet
-BIN=$ROOT/target/release
+if [ -n "${TRIBUTARY_BIN:-}" ]; then
+  BIN=$TRIBUTARY_BIN
+else
+  cargo build --release --bins --quiet
+  BIN=$ROOT/target/release
+fi
 . "$ROOT/tests/bench/common.sh"
 
 api_count() { curl -fs "http://127.0.0.1:$AP/api/v1/agents" | python3 -c 'import json,sys; print(sum(a["readings"] for a in json.load(sys.stdin)))'; }
@@ -73,7 +79,8 @@ T_BPR=$(awk -v n="$N" '/^write_bytes/ {printf "%.1f", $2/n}' "/proc/$AGENT/io")
 A_BPR=$(awk -v n="$N" '/^write_bytes/ {printf "%.1f", $2/n}' "/proc/$AGG/io")
 echo "throughput: $got readings in $(python3 -c "print(f'{$t1 - $t0:.2f}')") s = $T_RATE readings/s end to end (publish -> agent spool -> aggregator log -> API)"
 echo "agent: peak RSS $T_RSS MiB, $T_BPR B written per reading; aggregator: $A_BPR B written per reading (log + serving store)"
-echo "CPU per reading: agent $(python3 -c "print(f'{$(cpu_s "$AGENT") / $N * 1e6:.1f}')") us, aggregator $(python3 -c "print(f'{$(cpu_s "$AGG") / $N * 1e6:.1f}')") us"
+T_CPU=$(python3 -c "print(f'{$(cpu_s "$AGENT") / $N * 1e6:.1f}')")
+echo "CPU per reading: agent $T_CPU us, aggregator $(python3 -c "print(f'{$(cpu_s "$AGG") / $N * 1e6:.1f}')") us"
 echo "agent CPU by thread (where the time goes):"
 for t in /proc/"$AGENT"/task/*; do
   printf '%s %s\n' "$(tr ' ' '_' <"$t/comm")" "$(awk '{print $14+$15}' "$t/stat")"
@@ -118,9 +125,11 @@ F_RATE=$(sed -n 's/.*= \([0-9,]*\) readings\/s.*/\1/p' "$TMP/fb.out" | tr -d ,)
 F_RSS=$(sed -n 's/.*peak RSS \([0-9.]*\) MiB.*/\1/p' "$TMP/fb.out")
 F_BPR=$(sed -n 's/.*(\([0-9.]*\) B\/reading).*/\1/p' "$TMP/fb.out")
 F_OUT=$(sed -n 's/^outage + SIGKILL: .*arrived, \(.*\)$/\1/p' "$TMP/fb.out")
+F_CPU=$(sed -n 's/^CPU: fluent-bit \([0-9.]*\) s.*/\1/p' "$TMP/fb.out" | python3 -c "import sys; print(f'{float(sys.stdin.read()) / $N * 1e6:.1f}')")
 echo
 printf '%-34s %16s %16s %10s\n' "" "Tributary" "Fluent Bit" "ratio"
 printf '%-34s %16s %16s %10s\n' "readings/s end to end" "$T_RATE" "$F_RATE" "$(python3 -c "print(f'{$T_RATE / $F_RATE:.2f}x')")"
 printf '%-34s %16s %16s %10s\n' "agent peak RSS (MiB)" "$T_RSS" "$F_RSS" "$(python3 -c "print(f'{$T_RSS / $F_RSS:.2f}x')")"
 printf '%-34s %16s %16s %10s\n' "bytes written per reading" "$T_BPR" "$F_BPR" "$(python3 -c "print(f'{$T_BPR / $F_BPR:.2f}x')")"
+printf '%-34s %16s %16s %10s\n' "agent CPU per reading (us)" "$T_CPU" "$F_CPU" "$(python3 -c "print(f'{$T_CPU / $F_CPU:.2f}x')")"
 printf '%-34s %16s %16s\n' "outage + SIGKILL (of 20,000)" "$T_LOST lost, $T_DOUBLED doubled" "$F_OUT"
