@@ -618,28 +618,11 @@ pub(crate) fn read_windows(
     quantiles: bool,
 ) -> Result<Vec<WindowView>, StoreError> {
     let mut out: Vec<WindowView> = Vec::new();
-    read_windows_into(conn, plan, series, from, to, cap, quantiles, &mut out)?;
-    Ok(out)
-}
-
-/// [`read_windows`] into a list the caller reuses (cleared first): a fleet read of 1,000 sensors
-/// then grows one list instead of a thousand.
-#[allow(clippy::too_many_arguments)]
-fn read_windows_into(
-    conn: &rusqlite::Connection,
-    plan: &Plan,
-    series: u32,
-    from: i64,
-    to: i64,
-    cap: usize,
-    quantiles: bool,
-    out: &mut Vec<WindowView>,
-) -> Result<(), StoreError> {
-    out.clear();
     each_window(conn, plan, series, from, to, quantiles, |w| {
         out.push(w);
         out.len() <= cap
-    })
+    })?;
+    Ok(out)
 }
 
 /// [`read_windows`] a window at a time, in order, until `each` says stop: an export streams them
@@ -998,10 +981,15 @@ fn windows_part(
 ) -> Result<usize, StoreError> {
     let mut body = Vec::with_capacity(CHUNK_BYTES + CHUNK_BYTES / 4);
     let (mut total, mut first) = (0usize, true);
+    // One list for all the sensors, not one grown per sensor.
     let mut windows = Vec::new();
     for (series, name) in sensors {
         let cap = MAX_MULTI_WINDOWS - total;
-        read_windows_into(conn, plan, *series, from, to, cap, fields.quantiles(), &mut windows)?;
+        windows.clear();
+        each_window(conn, plan, *series, from, to, fields.quantiles(), |w| {
+            windows.push(w);
+            windows.len() <= cap
+        })?;
         total += windows.len();
         if total > MAX_MULTI_WINDOWS {
             return Ok(total);
