@@ -205,14 +205,45 @@ impl AlertOperator {
     }
 
     pub fn flush(&self, tx: &Connection) -> Result<(), StoreError> {
-        let mut state =
-            tx.prepare_cached("INSERT OR REPLACE INTO alert_states (rule, series, data) VALUES (?1, ?2, ?3)")?;
+        self.to_write().write(tx)
+    }
+
+    /// What [`AlertOperator::flush`] writes, to write on another thread
+    /// ([`super::Pipeline::commit_behind`]).
+    pub fn to_write(&self) -> AlertRows {
+        let mut states = Vec::new();
         for series in &self.dirty {
             let Some(Some(rules)) = self.of_series.get(*series as usize) else { continue };
             for (k, s) in &rules.states {
-                let data = postcard::to_allocvec(s).unwrap_or_default();
-                state.execute(params![self.rules[*k].name, *series as i64, data])?;
+                states.push((self.rules[*k].name.clone(), *series, postcard::to_allocvec(s).unwrap_or_default()));
             }
+        }
+        AlertRows { states, transitions: self.transitions.clone() }
+    }
+
+    pub fn committed(&mut self) {
+        for series in self.dirty.drain(..) {
+            if let Some(Some(rules)) = self.of_series.get_mut(series as usize) {
+                rules.dirty = false;
+            }
+        }
+        self.transitions.clear();
+    }
+}
+
+/// The changed rule states and the transitions since the last commit, encoded.
+#[derive(Debug, Default)]
+pub struct AlertRows {
+    states: Vec<(String, u32, Vec<u8>)>,
+    transitions: Vec<Transition>,
+}
+
+impl AlertRows {
+    pub fn write(&self, tx: &Connection) -> Result<(), StoreError> {
+        let mut state =
+            tx.prepare_cached("INSERT OR REPLACE INTO alert_states (rule, series, data) VALUES (?1, ?2, ?3)")?;
+        for (rule, series, data) in &self.states {
+            state.execute(params![rule, *series as i64, data])?;
         }
         let mut fire = tx.prepare_cached(
             "INSERT OR IGNORE INTO alerts (id, rule, series, severity, state, fired_ts, fired_value, fired_offset)
@@ -237,15 +268,6 @@ impl AlertOperator {
             }
         }
         Ok(())
-    }
-
-    pub fn committed(&mut self) {
-        for series in self.dirty.drain(..) {
-            if let Some(Some(rules)) = self.of_series.get_mut(series as usize) {
-                rules.dirty = false;
-            }
-        }
-        self.transitions.clear();
     }
 }
 

@@ -292,12 +292,41 @@ impl AnomalyOperator {
     }
 
     pub fn flush(&self, tx: &Connection) -> Result<(), StoreError> {
+        self.to_write().write(tx)
+    }
+
+    /// What [`AnomalyOperator::flush`] writes, to write on another thread
+    /// ([`super::Pipeline::commit_behind`]).
+    pub fn to_write(&self) -> AnomalyRows {
+        let models = self
+            .dirty
+            .iter()
+            .filter_map(|series| {
+                self.models.get(series).map(|model| (*series, postcard::to_allocvec(model).unwrap_or_default()))
+            })
+            .collect();
+        AnomalyRows { models, found: self.found.clone() }
+    }
+
+    pub fn committed(&mut self) {
+        self.dirty.clear();
+        self.found.clear();
+        // Models stay in memory (a few hundred bytes a sensor); a restart reloads them lazily.
+    }
+}
+
+/// The changed models and the anomalies found since the last commit, encoded.
+#[derive(Debug, Default)]
+pub struct AnomalyRows {
+    models: Vec<(u32, Vec<u8>)>,
+    found: Vec<Anomaly>,
+}
+
+impl AnomalyRows {
+    pub fn write(&self, tx: &Connection) -> Result<(), StoreError> {
         let mut state = tx.prepare_cached("INSERT OR REPLACE INTO anomaly_models (series, data) VALUES (?1, ?2)")?;
-        for series in &self.dirty {
-            if let Some(model) = self.models.get(series) {
-                let data = postcard::to_allocvec(model).unwrap_or_default();
-                state.execute(params![*series as i64, data])?;
-            }
+        for (series, data) in &self.models {
+            state.execute(params![*series as i64, data])?;
         }
         let mut found = tx.prepare_cached(
             "INSERT OR IGNORE INTO anomalies (offset, series, ts, value, expected_low, expected_high, score)
@@ -315,12 +344,6 @@ impl AnomalyOperator {
             ])?;
         }
         Ok(())
-    }
-
-    pub fn committed(&mut self) {
-        self.dirty.clear();
-        self.found.clear();
-        // Models stay in memory (a few hundred bytes a sensor); a restart reloads them lazily.
     }
 }
 

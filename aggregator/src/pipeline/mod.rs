@@ -79,7 +79,7 @@ pub struct SetAside {
 }
 
 /// Sensor ids to small integers, persisted in the `series` table.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct SeriesIndex {
     ids: rustc_hash::FxHashMap<String, u32>,
     names: Vec<String>,
@@ -175,6 +175,97 @@ const PARALLEL_READINGS: usize = 4_096;
 pub struct LiveReadings {
     pub readings: Vec<(u32, i64, f64)>,
     pub omitted: u64,
+}
+
+/// What a commit writes besides the windows (borrowed from the [`Pipeline`] while its window
+/// operators are on threads of their own).
+struct Rest<'a> {
+    sensors: &'a SensorOperator,
+    agents: &'a AgentOperator,
+    /// `None` in a [`CommitJob`], which writes its own encoded copies of them.
+    anomalies: Option<&'a AnomalyOperator>,
+    alerts: Option<&'a AlertOperator>,
+    /// The derived readings' next sequence number after this commit.
+    derived_seq: u64,
+    quarantine: &'a [Quarantined],
+    set_aside: &'a [SetAside],
+}
+
+impl Rest<'_> {
+    fn write(&self, tx: &Connection, name: &str, next_offset: u64) -> Result<(), StoreError> {
+        self.sensors.flush(tx)?;
+        self.agents.flush(tx)?;
+        if let Some(anomalies) = self.anomalies {
+            anomalies.flush(tx)?;
+        }
+        if let Some(alerts) = self.alerts {
+            alerts.flush(tx)?;
+        }
+        tx.prepare_cached("INSERT OR REPLACE INTO pipeline_meta (key, value) VALUES ('derived_seq', ?1)")?
+            .execute([self.derived_seq as i64])?;
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO quarantine (offset, series, ts, value, received_at, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for q in self.quarantine {
+            stmt.execute(params![q.offset as i64, q.series as i64, q.ts, q.value, q.received_at, q.reason])?;
+        }
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR REPLACE INTO set_aside (first_offset, count, agent_id, reason, set_aside_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let now = crate::unix_ms();
+        for b in self.set_aside {
+            stmt.execute(params![b.first_offset as i64, b.count as i64, b.agent_id, b.reason, now])?;
+        }
+        tx.prepare_cached(
+            "INSERT INTO processor_offsets (name, next_offset) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
+        )?
+        .execute(params![name, next_offset as i64])?;
+        Ok(())
+    }
+}
+
+/// A commit prepared by [`Pipeline::commit_behind`], written by [`CommitJob::write`] on another
+/// thread (with a connection of its own) while the pipeline folds on.
+pub struct CommitJob {
+    series: SeriesIndex,
+    windows: Vec<(i64, std::sync::Arc<window::EncodedRows>)>,
+    sensors: SensorOperator,
+    agents: AgentOperator,
+    anomalies: anomaly::AnomalyRows,
+    alerts: alert::AlertRows,
+    derived_seq: u64,
+    quarantine: Vec<Quarantined>,
+    set_aside: Vec<SetAside>,
+    name: &'static str,
+    next_offset: u64,
+}
+
+impl CommitJob {
+    /// Writes the commit in one transaction, as [`Pipeline::commit`] does.
+    pub fn write(&self, conn: &mut Connection) -> Result<(), StoreError> {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.series.flush(&tx)?;
+        for (code, rows) in &self.windows {
+            window::write_rows(*code, &tx, rows)?;
+        }
+        let rest = Rest {
+            sensors: &self.sensors,
+            agents: &self.agents,
+            anomalies: None,
+            alerts: None,
+            derived_seq: self.derived_seq,
+            quarantine: &self.quarantine,
+            set_aside: &self.set_aside,
+        };
+        rest.write(&tx, self.name, self.next_offset)?;
+        self.anomalies.write(&tx)?;
+        self.alerts.write(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
 }
 
 impl Pipeline {
@@ -322,60 +413,69 @@ impl Pipeline {
     /// Writes every operator's changes and `next_offset` as `name`'s offset in one transaction.
     /// The caller appends [`Pipeline::derived`] to the log first, numbered from
     /// [`Pipeline::derived_seq`]: a crash in between redoes the same appends, which the log
-    /// drops as duplicates.
+    /// drops as duplicates. After a failed commit the pipeline's state is undefined: open it
+    /// again from the store (the window operators let go of the rows they wrote while SQLite
+    /// still writes and commits the rest).
     pub fn commit(&mut self, conn: &mut Connection, name: &str, next_offset: u64) -> Result<(), StoreError> {
         // Folding here would derive readings the caller has not appended to the log first.
         debug_assert!(self.staged.is_empty(), "fold_staged before commit");
-        // Encoding the rows is most of a commit's work outside SQLite: one thread per size.
-        let encoded: Vec<window::EncodedRows> = if self.windows.len() > 1 {
-            std::thread::scope(|scope| {
-                let threads: Vec<_> =
-                    self.windows.iter_mut().map(|op| scope.spawn(move || op.encode_dirty())).collect();
-                threads.into_iter().map(|t| t.join().unwrap_or_default()).collect()
-            })
-        } else {
-            self.windows.iter().map(WindowOperator::encode_dirty).collect()
+        let Pipeline { windows, series, .. } = self;
+        let rest = Rest {
+            sensors: &self.sensors,
+            agents: &self.agents,
+            anomalies: Some(&self.anomalies),
+            alerts: Some(&self.alerts),
+            derived_seq: self.derived_seq + self.derived.len() as u64,
+            quarantine: &self.quarantine,
+            set_aside: &self.set_aside,
         };
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        self.series.flush(&tx)?;
-        for (op, rows) in self.windows.iter().zip(&encoded) {
-            op.write(&tx, rows)?;
-        }
-        self.sensors.flush(&tx)?;
-        self.agents.flush(&tx)?;
-        self.anomalies.flush(&tx)?;
-        self.alerts.flush(&tx)?;
-        tx.prepare_cached("INSERT OR REPLACE INTO pipeline_meta (key, value) VALUES ('derived_seq', ?1)")?
-            .execute([(self.derived_seq + self.derived.len() as u64) as i64])?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO quarantine (offset, series, ts, value, received_at, reason)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for q in &self.quarantine {
-                stmt.execute(params![q.offset as i64, q.series as i64, q.ts, q.value, q.received_at, q.reason])?;
+        series.flush(&tx)?;
+        if windows.len() > 1 {
+            std::thread::scope(|scope| -> Result<(), StoreError> {
+                // Encoding the rows is most of a commit's work outside SQLite: one thread per size.
+                let threads: Vec<_> = windows
+                    .iter_mut()
+                    .map(|op| {
+                        let code = op.calendar.code();
+                        let thread = scope.spawn(move || {
+                            let rows = op.encode_dirty();
+                            (op, rows)
+                        });
+                        (code, thread)
+                    })
+                    .collect();
+                // The coarser sizes first (fewer windows: encoded first). Once a size's rows are
+                // written, its operator seals and frees them on its thread while SQLite writes
+                // the next size's rows and commits: that was a tenth of a replay's time, with
+                // the other core idle.
+                let mut finishing = Vec::new();
+                for (code, thread) in threads.into_iter().rev() {
+                    let (op, rows) = thread
+                        .join()
+                        .map_err(|_| StoreError::Corrupt(format!("encoding the rows of size {code} panicked")))?;
+                    window::write_rows(code, &tx, &rows)?;
+                    finishing.push(scope.spawn(move || op.committed(&rows)));
+                }
+                rest.write(&tx, name, next_offset)?;
+                tx.commit()?;
+                for thread in finishing {
+                    thread.join().map_err(|_| StoreError::Corrupt("a window operator panicked".into()))?;
+                }
+                Ok(())
+            })?;
+        } else {
+            let encoded: Vec<window::EncodedRows> = windows.iter().map(WindowOperator::encode_dirty).collect();
+            for (op, rows) in windows.iter().zip(&encoded) {
+                op.write(&tx, rows)?;
+            }
+            rest.write(&tx, name, next_offset)?;
+            tx.commit()?;
+            for (op, rows) in windows.iter_mut().zip(&encoded) {
+                op.committed(rows);
             }
         }
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR REPLACE INTO set_aside (first_offset, count, agent_id, reason, set_aside_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            let now = crate::unix_ms();
-            for b in &self.set_aside {
-                stmt.execute(params![b.first_offset as i64, b.count as i64, b.agent_id, b.reason, now])?;
-            }
-        }
-        tx.prepare_cached(
-            "INSERT INTO processor_offsets (name, next_offset) VALUES (?1, ?2)
-             ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
-        )?
-        .execute(params![name, next_offset as i64])?;
-        tx.commit()?;
         self.series.committed();
-        for (op, rows) in self.windows.iter_mut().zip(&encoded) {
-            op.committed(rows);
-        }
         self.sensors.committed();
         self.agents.committed();
         self.anomalies.committed();
@@ -386,5 +486,72 @@ impl Pipeline {
         self.set_aside.clear();
         self.pending = 0;
         Ok(())
+    }
+
+    /// Whether [`Pipeline::commit_behind`] can be used: every window operator has a read
+    /// connection of its own (rows it reads back go through the unwritten commit). Anomaly models
+    /// and alert states are read through the caller's connection, which does not see a commit
+    /// being written, but only for a series they have not met yet (they never leave memory), so
+    /// never one the commit holds.
+    pub fn can_commit_behind(&self) -> bool {
+        self.windows.iter().all(WindowOperator::has_reader)
+    }
+
+    /// [`Pipeline::commit`] without writing: the pipeline is as after a commit, and the returned
+    /// job writes it (on another thread, while the pipeline folds on; SQLite's part of a commit
+    /// was a fifth of a replay's time with the other core idle). Until [`Pipeline::written`],
+    /// rows the window operators read back are read through the job's rows. At most one job may
+    /// be unwritten at a time; after a job fails, open the pipeline again from the store. The
+    /// caller appends [`Pipeline::derived`] to the log first, as for [`Pipeline::commit`].
+    /// Only when [`Pipeline::can_commit_behind`].
+    pub fn commit_behind(&mut self, name: &'static str, next_offset: u64) -> CommitJob {
+        debug_assert!(self.staged.is_empty(), "fold_staged before commit");
+        debug_assert!(self.can_commit_behind());
+        let codes: Vec<i64> = self.windows.iter().map(|op| op.calendar.code()).collect();
+        let encoded: Vec<std::sync::Arc<window::EncodedRows>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = self
+                .windows
+                .iter_mut()
+                .map(|op| {
+                    scope.spawn(move || {
+                        let rows = std::sync::Arc::new(op.encode_dirty());
+                        op.committed(&rows);
+                        op.set_writing(Some(rows.clone()));
+                        rows
+                    })
+                })
+                .collect();
+            // A panicked thread leaves its operator's rows dirty: they go with the next commit.
+            threads.into_iter().map(|t| t.join().unwrap_or_default()).collect()
+        });
+        let job = CommitJob {
+            series: self.series.clone(),
+            windows: codes.into_iter().zip(encoded).collect(),
+            sensors: self.sensors.clone(),
+            agents: self.agents.clone(),
+            anomalies: self.anomalies.to_write(),
+            alerts: self.alerts.to_write(),
+            derived_seq: self.derived_seq + self.derived.len() as u64,
+            quarantine: std::mem::take(&mut self.quarantine),
+            set_aside: std::mem::take(&mut self.set_aside),
+            name,
+            next_offset,
+        };
+        self.series.committed();
+        self.sensors.committed();
+        self.agents.committed();
+        self.anomalies.committed();
+        self.alerts.committed();
+        self.derived_seq = job.derived_seq;
+        self.derived.clear();
+        self.pending = 0;
+        job
+    }
+
+    /// After the last [`CommitJob`] is committed: the store shows its rows.
+    pub fn written(&mut self) {
+        for op in &mut self.windows {
+            op.set_writing(None);
+        }
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tributary_shared::BlockDecoder;
 
 use super::alert::Transition;
-use super::{DERIVED_AGENT, LiveReadings, Pipeline, PipelineSpec, SetAside};
+use super::{CommitJob, DERIVED_AGENT, LiveReadings, Pipeline, PipelineSpec, SetAside};
 use crate::Liveness;
 use crate::log::{self, LogError, LogHandle};
 use crate::metrics::Metrics;
@@ -233,6 +233,68 @@ struct Processor {
     timings: Timings,
     decoder: BlockDecoder,
     committed_tx: watch::Sender<u64>,
+    /// A replay's commits, written on a thread of their own while folding goes on
+    /// ([`catch_up_range`] only).
+    behind: Option<WriteBehind>,
+}
+
+/// The thread that writes a replay's commits ([`Pipeline::commit_behind`]), one at a time.
+struct WriteBehind {
+    jobs: Option<std::sync::mpsc::SyncSender<CommitJob>>,
+    done: std::sync::mpsc::Receiver<Result<(), StoreError>>,
+    /// A job was sent and its result not taken yet.
+    pending: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WriteBehind {
+    /// Starts the writer on a write connection of its own to `store_path`.
+    fn start(store_path: &Path) -> Result<WriteBehind, ProcessError> {
+        let mut conn = store::open_write(store_path)?;
+        let (jobs, todo) = std::sync::mpsc::sync_channel::<CommitJob>(1);
+        let (result, done) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("store writer".into())
+            .spawn(move || {
+                for job in todo {
+                    if result.send(job.write(&mut conn)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(ProcessError::Spawn)?;
+        Ok(WriteBehind { jobs: Some(jobs), done, pending: false, thread: Some(thread) })
+    }
+
+    /// Waits for the job sent last, if any, to be committed.
+    fn wait(&mut self) -> Result<(), ProcessError> {
+        if !std::mem::take(&mut self.pending) {
+            return Ok(());
+        }
+        match self.done.recv() {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Corrupt("the store writer thread stopped".into()).into()),
+        }
+    }
+
+    fn send(&mut self, job: CommitJob) -> Result<(), ProcessError> {
+        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
+            return Err(StoreError::Corrupt("the store writer thread stopped".into()).into());
+        }
+        self.pending = true;
+        Ok(())
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        // The writer finishes the job it has (a transaction either commits or not) and stops.
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Time spent by a processor, for `catch_up`'s report (and benchmarks).
@@ -352,6 +414,9 @@ pub fn catch_up_range(
         head = head.min(until);
     }
     let mut p = Processor::new(log, store, pipeline, next_offset, metrics, outputs, ProcessorStatus::default());
+    if p.pipeline.can_commit_behind() {
+        p.behind = Some(WriteBehind::start(store_path)?);
+    }
     while p.next_offset < head {
         let before = p.next_offset;
         p.step(head)?;
@@ -363,6 +428,7 @@ pub fn catch_up_range(
     if p.next_offset != p.committed {
         p.commit()?;
     }
+    p.written()?;
     let done = CatchUp { folded: p.committed.saturating_sub(next_offset), timings: p.timings };
     drop(p);
     runtime.block_on(writer.handle.stop());
@@ -399,6 +465,7 @@ impl Processor {
             timings: Timings::default(),
             decoder: BlockDecoder::default(),
             committed_tx: watch::Sender::new(next_offset),
+            behind: None,
         }
     }
 
@@ -614,6 +681,9 @@ impl Processor {
     }
 
     fn commit(&mut self) -> Result<(), ProcessError> {
+        if self.behind.is_some() {
+            return self.commit_behind();
+        }
         self.pipeline.fold_staged(&self.store)?;
         let started = Instant::now();
         self.append_derived()?;
@@ -660,6 +730,35 @@ impl Processor {
         self.committed_tx.send_replace(self.committed);
         if self.limit.is_some_and(|(_, until)| self.committed >= until) {
             self.limit = None;
+        }
+        Ok(())
+    }
+
+    /// [`Processor::commit`] of a replay: waits for the previous commit to be written, then hands
+    /// this one to the store writer and folds on (nothing to notify or stream: no version serves
+    /// while it replays).
+    fn commit_behind(&mut self) -> Result<(), ProcessError> {
+        self.pipeline.fold_staged(&self.store)?;
+        let started = Instant::now();
+        self.written()?;
+        self.append_derived()?;
+        let job = self.pipeline.commit_behind(PROCESSOR_NAME, self.next_offset);
+        if let Some(behind) = self.behind.as_mut() {
+            behind.send(job)?;
+        }
+        self.committed = self.next_offset;
+        self.last_commit = Instant::now();
+        self.timings.commit += started.elapsed();
+        self.timings.commits += 1;
+        Ok(())
+    }
+
+    /// Waits for the store writer to commit what it was given.
+    fn written(&mut self) -> Result<(), ProcessError> {
+        if let Some(behind) = self.behind.as_mut() {
+            behind.wait()?;
+            self.pipeline.written();
+            self.committed_tx.send_replace(self.committed);
         }
         Ok(())
     }

@@ -28,7 +28,7 @@ impl Default for SensorState {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct SensorOperator {
     states: Vec<SensorState>,
     dirty: Vec<u32>,
@@ -126,7 +126,7 @@ pub struct AgentState {
     pub last_seen: i64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct AgentOperator {
     states: HashMap<String, AgentState>,
     dirty: Vec<String>,

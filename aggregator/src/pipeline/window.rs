@@ -167,11 +167,12 @@ impl Row {
         calendar: &Calendar,
         series: u32,
         row_index: i64,
+        writing: Option<&EncodedRows>,
     ) -> Result<(), StoreError> {
         let code = calendar.code();
         let corrupt =
             |e: String| StoreError::Corrupt(format!("window row (size {code}, series {series}, row {row_index}): {e}"));
-        let data = read_row(conn, code, series, row_index)?
+        let data = read_row(conn, code, series, row_index, writing)?
             .ok_or_else(|| corrupt("its sealed windows are not in the store".into()))?;
         let mut windows = decode_row(calendar, row_index, &data).map_err(corrupt)?;
         // The tail's windows as last stored: memory has them as they are now.
@@ -251,6 +252,9 @@ pub struct WindowOperator {
     /// [`MAX_OPEN_WINDOWS`]) since each of the last commits: the windows a row keeps open.
     /// Commits come every few milliseconds under load, so one interval says little.
     behind: [u16; 16],
+    /// The rows of a commit still being written on another thread (see
+    /// [`super::Pipeline::commit_behind`]): a row read back meanwhile is read through them.
+    writing: Option<std::sync::Arc<EncodedRows>>,
 }
 
 impl WindowOperator {
@@ -274,7 +278,14 @@ impl WindowOperator {
             last_bucket: (0, 0, 0),
             newest: Vec::new(),
             behind: [0; 16],
+            writing: None,
         })
+    }
+
+    /// Rows of a commit another thread writes, which the store does not show yet (`None` once
+    /// it is committed).
+    pub fn set_writing(&mut self, rows: Option<std::sync::Arc<EncodedRows>>) {
+        self.writing = rows;
     }
 
     /// Whether the operator has a read connection of its own (to fold on another thread).
@@ -323,10 +334,15 @@ impl WindowOperator {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
                 let row = match self.stored_max.get(&p.series) {
-                    Some(max) if row_index <= *max => {
-                        load_row(conn, self.calendar.code(), p.series, row_index, &self.calendar)?
-                            .unwrap_or_else(|| Row::new(slots, 4))
-                    }
+                    Some(max) if row_index <= *max => load_row(
+                        conn,
+                        self.calendar.code(),
+                        p.series,
+                        row_index,
+                        &self.calendar,
+                        self.writing.as_deref(),
+                    )?
+                    .unwrap_or_else(|| Row::new(slots, 4)),
                     _ => {
                         // As many windows as the sensor's rows have held, up to 32: growing a
                         // row one window at a time was a tenth of the fold (reallocations),
@@ -342,7 +358,7 @@ impl WindowOperator {
         row.dirty = true;
         row.used = self.commits;
         if slot < row.sealed_below {
-            row.unseal(conn, &self.calendar, p.series, row_index)?;
+            row.unseal(conn, &self.calendar, p.series, row_index, self.writing.as_deref())?;
         }
         match row.at[usize::from(slot)] {
             at @ 1.. => {
@@ -415,31 +431,7 @@ impl WindowOperator {
 
     /// Writes rows [`WindowOperator::encode_dirty`] encoded (inside the caller's transaction).
     pub fn write(&self, tx: &Connection, encoded: &EncodedRows) -> Result<usize, StoreError> {
-        let code = self.calendar.code();
-        let mut put = tx.prepare_cached(
-            "INSERT INTO windows (size, series, row, part, data) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (size, series, row, part) DO UPDATE SET data = excluded.data",
-        )?;
-        let mut delete = tx.prepare_cached("DELETE FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3")?;
-        let mut delete_tail =
-            tx.prepare_cached("DELETE FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3 AND part = ?4")?;
-        for row in &encoded.rows {
-            let mut start = row.start;
-            let (series, row_index) = (i64::from(row.key.0), row.key.1);
-            if row.replace {
-                delete.execute(params![code, series, row_index])?;
-            }
-            if let Some((first, end, _)) = row.sealed {
-                put.execute(params![code, series, row_index, first, &encoded.bytes[start..end]])?;
-                start = end;
-            }
-            if start < row.end {
-                put.execute(params![code, series, row_index, TAIL, &encoded.bytes[start..row.end]])?;
-            } else if !row.replace {
-                delete_tail.execute(params![code, series, row_index, TAIL])?;
-            }
-        }
-        Ok(encoded.rows.len())
+        write_rows(self.calendar.code(), tx, encoded)
     }
 
     /// The windows a sensor's newest row keeps open: as far back as readings landed lately.
@@ -535,6 +527,35 @@ impl WindowOperator {
     }
 }
 
+/// [`WindowOperator::write`] for the size of `code`: needs no operator, so a commit writes one
+/// size's rows while another size's encode.
+pub fn write_rows(code: i64, tx: &Connection, encoded: &EncodedRows) -> Result<usize, StoreError> {
+    let mut put = tx.prepare_cached(
+        "INSERT INTO windows (size, series, row, part, data) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (size, series, row, part) DO UPDATE SET data = excluded.data",
+    )?;
+    let mut delete = tx.prepare_cached("DELETE FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3")?;
+    let mut delete_tail =
+        tx.prepare_cached("DELETE FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3 AND part = ?4")?;
+    for row in &encoded.rows {
+        let mut start = row.start;
+        let (series, row_index) = (i64::from(row.key.0), row.key.1);
+        if row.replace {
+            delete.execute(params![code, series, row_index])?;
+        }
+        if let Some((first, end, _)) = row.sealed {
+            put.execute(params![code, series, row_index, first, &encoded.bytes[start..end]])?;
+            start = end;
+        }
+        if start < row.end {
+            put.execute(params![code, series, row_index, TAIL, &encoded.bytes[start..row.end]])?;
+        } else if !row.replace {
+            delete_tail.execute(params![code, series, row_index, TAIL])?;
+        }
+    }
+    Ok(encoded.rows.len())
+}
+
 /// Reads one stored row.
 pub fn load_row(
     conn: &Connection,
@@ -542,8 +563,9 @@ pub fn load_row(
     series: u32,
     row_index: i64,
     calendar: &Calendar,
+    writing: Option<&EncodedRows>,
 ) -> Result<Option<Row>, StoreError> {
-    match read_row(conn, code, series, row_index)? {
+    match read_row(conn, code, series, row_index, writing)? {
         None => Ok(None),
         Some(data) => {
             decode_row(calendar, row_index, &data).map(|windows| Some(Row::of(windows, calendar.slots()))).map_err(
@@ -553,17 +575,57 @@ pub fn load_row(
     }
 }
 
-/// The stored bytes of one row: its parts in order.
-fn read_row(conn: &Connection, code: i64, series: u32, row_index: i64) -> Result<Option<Vec<u8>>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT data FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3 ORDER BY part")?;
-    let mut parts = stmt.query(params![code, series as i64, row_index])?;
-    let mut data: Option<Vec<u8>> = None;
-    while let Some(part) = parts.next()? {
-        let bytes = part.get_ref(0)?.as_blob().map_err(rusqlite::Error::from)?;
-        data.get_or_insert_with(Vec::new).extend_from_slice(bytes);
+/// The stored bytes of one row: its parts in order. `writing`: rows of a commit being written
+/// (not visible to `conn` yet), applied over what the store holds as [`write_rows`] will.
+fn read_row(
+    conn: &Connection,
+    code: i64,
+    series: u32,
+    row_index: i64,
+    writing: Option<&EncodedRows>,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT part, data FROM windows WHERE size = ?1 AND series = ?2 AND row = ?3 ORDER BY part")?;
+    let mut rows = stmt.query(params![code, series as i64, row_index])?;
+    let written = writing
+        .and_then(|w| w.rows.binary_search_by_key(&(series, row_index), |r| r.key).ok().map(|i| (w, &w.rows[i])));
+    let Some((w, r)) = written else {
+        let mut data: Option<Vec<u8>> = None;
+        while let Some(part) = rows.next()? {
+            let bytes = part.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+            data.get_or_insert_with(Vec::new).extend_from_slice(bytes);
+        }
+        return Ok(data);
+    };
+    let mut parts: Vec<(i64, Vec<u8>)> = Vec::new();
+    while let Some(part) = rows.next()? {
+        parts.push((part.get(0)?, part.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?.to_vec()));
     }
-    Ok(data)
+    let mut start = r.start;
+    if r.replace {
+        parts.clear();
+    }
+    let mut put = |part: i64, bytes: &[u8]| match parts.binary_search_by_key(&part, |(p, _)| *p) {
+        Ok(i) => parts[i].1 = bytes.to_vec(),
+        Err(i) => parts.insert(i, (part, bytes.to_vec())),
+    };
+    if let Some((first, end, _)) = r.sealed {
+        put(i64::from(first), &w.bytes[start..end]);
+        start = end;
+    }
+    if start < r.end {
+        put(TAIL, &w.bytes[start..r.end]);
+    } else if !r.replace {
+        parts.retain(|(p, _)| *p != TAIL);
+    }
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    let mut data = Vec::with_capacity(parts.iter().map(|(_, bytes)| bytes.len()).sum());
+    for (_, bytes) in parts {
+        data.extend_from_slice(&bytes);
+    }
+    Ok(Some(data))
 }
 
 /// A window as stored: times as deltas from the window's start, and small windows as their
@@ -579,8 +641,10 @@ enum StoredWindow {
 }
 
 /// [`StoredWindow`] borrowed for writing: the same variants and fields in the same order, so
-/// postcard writes the same bytes without copying a window's values.
+/// postcard writes the same bytes without copying a window's values. `One` and `Few` are written
+/// by hand ([`encode_window`]); the test checks those bytes against these variants.
 #[derive(Serialize)]
+#[cfg_attr(not(test), allow(dead_code))]
 enum StoredWindowRef<'a> {
     One { slot: u16, ts: i64, value: f64, updated: i64, revision: u32 },
     Few { slot: u16, values: &'a [f64], first: (i64, u8), last: (i64, u8), updated: i64, revision: u32 },
@@ -598,6 +662,104 @@ fn encode_row(calendar: &Calendar, row_index: i64, row: &Row, out: &mut Vec<u8>)
 }
 
 fn encode_window(calendar: &Calendar, row_index: i64, slot: u16, w: &Window, out: &mut Vec<u8>) {
+    let start = calendar.start_of(row_index * calendar.slots() + i64::from(slot));
+    let updated = w.updated_at.saturating_sub(start);
+    let s = &w.stats;
+    // One and Few (nearly every window of the finer sizes) are written by hand, the bytes
+    // postcard writes for them (tested): through serde they were most of a commit's encoding.
+    match &s.sketch {
+        super::sketch::Sketch::Exact(values) if s.count == 1 => {
+            let mut put = Put::default();
+            put.byte(0);
+            put.varint(u64::from(slot));
+            put.zigzag(s.first.0 - start);
+            put.f64(values[0]);
+            put.zigzag(updated);
+            put.varint(u64::from(w.revision));
+            out.extend_from_slice(put.bytes());
+        }
+        super::sketch::Sketch::Exact(values) if values.len() as u64 == s.count => {
+            let index_of = |(ts, v): (i64, f64)| {
+                let i = values.iter().position(|x| x.to_bits() == v.to_bits()).unwrap_or(0);
+                (ts - start, i as u8)
+            };
+            let (first, last) = (index_of(s.first), index_of(s.last));
+            out.reserve(48 + 8 * values.len());
+            let mut put = Put::default();
+            put.byte(1);
+            put.varint(u64::from(slot));
+            put.varint(values.len() as u64);
+            out.extend_from_slice(put.bytes());
+            for v in values {
+                out.extend_from_slice(&v.to_bits().to_le_bytes());
+            }
+            let mut put = Put::default();
+            put.zigzag(first.0);
+            put.byte(first.1);
+            put.zigzag(last.0);
+            put.byte(last.1);
+            put.zigzag(updated);
+            put.varint(u64::from(w.revision));
+            out.extend_from_slice(put.bytes());
+        }
+        _ => {
+            let stored = StoredWindowRef::Many { slot, stats: s, updated, revision: w.revision };
+            // Serialising these types into a Vec cannot fail.
+            if let Ok(bytes) = postcard::to_extend(&stored, std::mem::take(out)) {
+                *out = bytes;
+            }
+        }
+    }
+}
+
+/// A few fields encoded as postcard encodes them, on the stack (one copy into the row's buffer
+/// instead of a capacity check per byte). 48 bytes: the most a window's fields around its values
+/// take (a tag, a u16, three i64 and a u32 as varints, and an f64 or two bytes).
+struct Put {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Default for Put {
+    fn default() -> Put {
+        Put { buf: [0; 48], len: 0 }
+    }
+}
+
+impl Put {
+    fn byte(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    /// postcard's unsigned integers: LEB128.
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.byte(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.byte(v as u8);
+    }
+
+    /// postcard's signed integers: zigzag, then a varint.
+    fn zigzag(&mut self, v: i64) {
+        self.varint(((v << 1) ^ (v >> 63)) as u64);
+    }
+
+    fn f64(&mut self, v: f64) {
+        self.buf[self.len..self.len + 8].copy_from_slice(&v.to_bits().to_le_bytes());
+        self.len += 8;
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// [`encode_window`] through serde alone, as it was written before (to test the hand-written
+/// encodings against).
+#[cfg(test)]
+fn encode_window_serde(calendar: &Calendar, row_index: i64, slot: u16, w: &Window, out: &mut Vec<u8>) {
     let start = calendar.start_of(row_index * calendar.slots() + i64::from(slot));
     let updated = w.updated_at.saturating_sub(start);
     let s = &w.stats;
@@ -621,10 +783,7 @@ fn encode_window(calendar: &Calendar, row_index: i64, slot: u16, w: &Window, out
         }
         _ => StoredWindowRef::Many { slot, stats: s, updated, revision: w.revision },
     };
-    // Serialising these types into a Vec cannot fail.
-    if let Ok(bytes) = postcard::to_extend(&stored, std::mem::take(out)) {
-        *out = bytes;
-    }
+    *out = postcard::to_extend(&stored, std::mem::take(out)).unwrap();
 }
 
 /// Decodes a stored row into its windows.
@@ -697,10 +856,14 @@ mod tests {
 
     fn commit(op: &mut WindowOperator, conn: &mut Connection) {
         let encoded = op.encode_dirty();
-        let tx = conn.transaction().unwrap();
-        op.write(&tx, &encoded).unwrap();
-        tx.commit().unwrap();
+        write(op, conn, &encoded);
         op.committed(&encoded);
+    }
+
+    fn write(op: &WindowOperator, conn: &mut Connection, encoded: &EncodedRows) {
+        let tx = conn.transaction().unwrap();
+        op.write(&tx, encoded).unwrap();
+        tx.commit().unwrap();
     }
 
     fn stored_rows(conn: &Connection) -> Vec<(i64, i64, i64, Vec<u8>)> {
@@ -730,6 +893,11 @@ mod tests {
         let mut a = WindowOperator::open(calendar.clone(), &sealing).unwrap();
         let mut b = WindowOperator::open(calendar.clone(), &whole).unwrap();
         assert!(a.has_reader());
+        // c commits as a replay does (`Pipeline::commit_behind`): each commit is written only
+        // after the next chunk has folded, which reads rows back through the unwritten commit.
+        let mut behind = crate::store::open_write(&dir.path().join("c.db")).unwrap();
+        let mut c = WindowOperator::open(calendar.clone(), &behind).unwrap();
+        let mut unwritten: Option<std::sync::Arc<EncodedRows>> = None;
         let base = 1_764_547_200_000i64; // a row boundary: 20-minute rows of 10 s windows
         assert_eq!(calendar.bucket(base).0.rem_euclid(calendar.slots()), 0);
         let mut points = Vec::new();
@@ -756,8 +924,17 @@ mod tests {
                 p.block = n as u64;
                 a.add(&sealing, p).unwrap();
                 b.add(&whole, p).unwrap();
+                c.add(&behind, p).unwrap();
             }
             commit(&mut a, &mut sealing);
+            if let Some(rows) = unwritten.take() {
+                write(&c, &mut behind, &rows);
+                c.set_writing(None);
+            }
+            let rows = std::sync::Arc::new(c.encode_dirty());
+            c.committed(&rows);
+            c.set_writing(Some(rows.clone()));
+            unwritten = Some(rows);
             // The newest row of each sensor holds its open windows only: the last few, as far
             // back as readings arrived (35 s, 4 windows), but not the 7 minutes of late data.
             for series in 0..2 {
@@ -785,6 +962,44 @@ mod tests {
         commit(&mut b, &mut whole);
         assert_eq!(stored_rows(&sealing), stored_rows(&whole));
         assert_eq!(stored_rows(&sealing).len(), 8);
+        write(&c, &mut behind, &unwritten.unwrap());
+        assert_eq!(stored_rows(&behind), stored_rows(&whole));
+    }
+
+    /// The hand-written encodings of `One` and `Few` windows are postcard's bytes, for times
+    /// and values of every size and sign.
+    #[test]
+    fn hand_written_encodings_are_postcards_bytes() {
+        let calendar = Calendar::fixed(10_000);
+        let row_index = 1_764_547_200_000i64 / 10_000 / calendar.slots();
+        let values = [0.0, -0.0, 1.5, -2.25e300, f64::MAX, f64::MIN_POSITIVE, 5e-324, 21.7, -1e-7, 1e308];
+        let offsets = [0i64, 1, 63, 64, 127, 128, 8_191, 8_192, 9_999, -1, -64, -65, -1_000_000, 1 << 40];
+        let (mut hand, mut serde) = (Vec::new(), Vec::new());
+        let mut n = 0;
+        for slot in [0u16, 1, 127, 128, 119] {
+            let start = calendar.start_of(row_index * calendar.slots() + i64::from(slot));
+            for (i, dt) in offsets.iter().enumerate() {
+                for count in 1..=17usize {
+                    let ts = start + dt;
+                    let mut stats = Stats::of(ts, values[i % values.len()]);
+                    for k in 1..count {
+                        let at = ts + offsets[(i + k) % offsets.len()] % 10_000;
+                        stats.add(at, values[(i + k * 3) % values.len()]);
+                    }
+                    for revision in [0u32, 1, 300, u32::MAX] {
+                        let updated = start + offsets[(i + 5) % offsets.len()] * 7;
+                        let w = Window::new(stats.clone(), revision, updated);
+                        let before = hand.len();
+                        encode_window(&calendar, row_index, slot, &w, &mut hand);
+                        encode_window_serde(&calendar, row_index, slot, &w, &mut serde);
+                        assert_eq!(hand[before..], serde[before..], "slot {slot}, {count} values, revision {revision}");
+                        n += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(hand, serde);
+        assert!(n > 1_000);
     }
 
     #[test]
