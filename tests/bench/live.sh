@@ -54,12 +54,13 @@ phase() { # name, readings, seed, seconds before now at which its event times en
   ( while true; do
       echo "$(metric tributary_processor_lag_readings) $(rss_kib)" >>"$TMP/samples"; sleep 0.2
     done ) & local sampler=$!
-  "$BIN/tributary-sim" load --url "http://127.0.0.1:$PORT" --readings "$2" --sensors "$SENSORS" \
+  RUST_LOG=info "$BIN/tributary-sim" load --url "http://127.0.0.1:$PORT" --readings "$2" --sensors "$SENSORS" \
     --seed "$3" --ago-s "$4" --period-ms "$PERIOD_MS" --connections "$CONNECTIONS" ${RATE:+--rate "$RATE"} >"$TMP/load.out" 2>&1 &
   local sim=$!
-  # The simulator encodes every batch before it sends the first (6 s for 10 M readings): the
+  # The simulator encodes every batch before it sends the first (6 s for 10 M readings), then logs
+  # "batches encoded; sending" (hence RUST_LOG=info whatever the environment says): the
   # clock starts when it starts sending, or the rates count its preparation.
-  until grep -q 'sending' "$TMP/load.out" || ! kill -0 "$sim" 2>/dev/null; do sleep 0.02; done
+  until grep -q 'batches encoded; sending' "$TMP/load.out" || ! kill -0 "$sim" 2>/dev/null; do sleep 0.02; done
   local t0; t0=$(date +%s.%N)
   wait "$sim"
   local t_acked; t_acked=$(date +%s.%N)
