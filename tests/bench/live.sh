@@ -26,22 +26,9 @@ if [ -z "$BIN" ]; then
   cargo build --release --bins --quiet
   BIN=$ROOT/target/release
 fi
-TMP=$(mktemp -d); AGG=""
-cleanup() { [ -n "$AGG" ] && kill "$AGG" 2>/dev/null; rm -rf "$TMP"; }
-trap cleanup EXIT
-
-PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
-cat >"$TMP/aggregator.toml" <<EOF
-data_dir = "$TMP/data"
-[http]
-listen = "127.0.0.1:$PORT"
-[[agents]]
-id = "gw-1"
-token = "secret-gw-1"
-EOF
-RUST_LOG=warn "$BIN/tributary-aggregator" --config "$TMP/aggregator.toml" 2>"$TMP/aggregator.log" &
-AGG=$!
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+. "$ROOT/tests/bench/common.sh"
+RUST_LOG=warn start_aggregator
+PORT=$AP
 
 metric() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$AGG/status"; }
@@ -88,7 +75,7 @@ PY
 phase "phase 1" "$FIRST" 1 $(((THEN / SENSORS * PERIOD_MS + 999) / 1000))
 phase "phase 2" "$THEN" 2 0
 TOTAL=$((FIRST + THEN))
-python3 - "$TOTAL" "$TMP/data" <<'PY'
+python3 - "$TOTAL" "$TMP/aggregator" <<'PY'
 import os, sys
 n, d = int(sys.argv[1]), sys.argv[2]
 size = lambda base: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.startswith(base))
