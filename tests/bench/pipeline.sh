@@ -7,7 +7,8 @@
 #    QoS-1 messages, one reading each ({"seq": N, "value": V, "ts": T}), to the agent's embedded broker;
 #    the agent spools them (SQLite, synchronous=FULL) and forwards them to the aggregator; the clock stops
 #    when the aggregator's API counts the last one. Prints readings/s, the agent's peak RSS, bytes it wrote
-#    per reading, and CPU per reading by process and by agent thread (where the time goes).
+#    per reading, and CPU per reading by process and by agent thread (where the time goes). Then the
+#    ceiling: the same publishers against a Mosquitto that does nothing else, and the ratio.
 # 2. The same outage + SIGKILL check as Fluent Bit's bench: aggregator down, 20,000 readings published,
 #    agent SIGKILLed, both restarted: lost and doubled readings.
 # 3. tributary-sim's own rate with multi-field messages (to the agent's broker), and the aggregator's
@@ -78,6 +79,19 @@ T_RSS=$(awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$AGENT/status")
 T_BPR=$(awk -v n="$N" '/^write_bytes/ {printf "%.1f", $2/n}' "/proc/$AGENT/io")
 A_BPR=$(awk -v n="$N" '/^write_bytes/ {printf "%.1f", $2/n}' "/proc/$AGG/io")
 echo "throughput: $got readings in $(python3 -c "print(f'{$t1 - $t0:.2f}')") s = $T_RATE readings/s end to end (publish -> agent spool -> aggregator log -> API)"
+# The ceiling: the same publishers and messages against a broker that does nothing else (Mosquitto,
+# no subscriber), timed until every publisher has its last PUBACK and exits.
+CP=$(free_port)
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$CP" >"$TMP/ceiling.conf"
+"$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$TMP/ceiling.conf" >"$TMP/ceiling.log" 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do mosquitto_pub -h 127.0.0.1 -p "$CP" -t probe -m 1 2>/dev/null && break; sleep 0.05; done
+c0=$(date +%s.%N)
+PUBS=()
+for p in $(seq "$P"); do mosquitto_pub -h 127.0.0.1 -p "$CP" -q 1 -t "sensors/room$p/temp" -l <"$TMP/pub$p" & PUBS+=($!); done
+wait "${PUBS[@]}"
+c1=$(date +%s.%N)
+C_RATE=$(python3 -c "print(round($N / ($c1 - $c0)))")
+echo "ceiling: the same publishers against a Mosquitto that does nothing else: $C_RATE messages/s; Tributary end to end is $(python3 -c "print(f'{$T_RATE / $C_RATE:.2f}')") of it"
 echo "agent: peak RSS $T_RSS MiB, $T_BPR B written per reading; aggregator: $A_BPR B written per reading (log + serving store)"
 T_CPU=$(python3 -c "print(f'{$(cpu_s "$AGENT") / $N * 1e6:.1f}')")
 echo "CPU per reading: agent $T_CPU us, aggregator $(python3 -c "print(f'{$(cpu_s "$AGG") / $N * 1e6:.1f}')") us"
@@ -129,6 +143,7 @@ F_CPU=$(sed -n 's/^CPU: fluent-bit \([0-9.]*\) s.*/\1/p' "$TMP/fb.out" | python3
 echo
 printf '%-34s %16s %16s %10s\n' "" "Tributary" "Fluent Bit" "ratio"
 printf '%-34s %16s %16s %10s\n' "readings/s end to end" "$T_RATE" "$F_RATE" "$(python3 -c "print(f'{$T_RATE / $F_RATE:.2f}x')")"
+printf '%-34s %16s %16s\n' "  of the ceiling ($C_RATE/s)" "$(python3 -c "print(f'{$T_RATE / $C_RATE:.2f}')")" "$(python3 -c "print(f'{$F_RATE / $C_RATE:.2f}')")"
 printf '%-34s %16s %16s %10s\n' "agent peak RSS (MiB)" "$T_RSS" "$F_RSS" "$(python3 -c "print(f'{$T_RSS / $F_RSS:.2f}x')")"
 printf '%-34s %16s %16s %10s\n' "bytes written per reading" "$T_BPR" "$F_BPR" "$(python3 -c "print(f'{$T_BPR / $F_BPR:.2f}x')")"
 printf '%-34s %16s %16s %10s\n' "agent CPU per reading (us)" "$T_CPU" "$F_CPU" "$(python3 -c "print(f'{$T_CPU / $F_CPU:.2f}x')")"
