@@ -359,6 +359,64 @@ fn replays_cut_into_different_steps_compute_the_same_tables() {
 }
 
 #[test]
+fn a_replay_command_sigkilled_at_random_moments_resumes_to_the_same_tables() {
+    // A replay writes its commits on a thread of its own while it folds on: a SIGKILL may land
+    // with a commit half written, and the next run must resume from what the store holds.
+    const PLAIN: &str = "[pipeline]\nwindows = [\"1m\"]\n";
+    const NEXT: &str = "[pipeline]\nversion = 2\nwindows = [\"10s\", \"1m\", \"1h\"]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_with(dir.path(), PLAIN);
+    for n in 0..1_200 {
+        agg.ingest_ok(0, &batch(n));
+    }
+    agg.wait_processed();
+    assert_eq!(agg.terminate().code(), Some(0));
+
+    let copy_of_the_log = || {
+        let copy = tempfile::tempdir().unwrap();
+        copy_log(dir.path(), copy.path());
+        for file in ["store.db", "pipeline.json"] {
+            std::fs::copy(dir.path().join("data").join(file), copy.path().join("data").join(file)).unwrap();
+        }
+        let config = copy.path().join("aggregator.toml");
+        std::fs::write(&config, common::config_text(&copy.path().join("data")) + NEXT).unwrap();
+        (copy, config)
+    };
+    let replay = |config: &Path| Command::new(BIN).args(["replay", "--config"]).arg(config).spawn().unwrap();
+    let served = |copy: &Path| {
+        let agg = Aggregator::start_with(copy, NEXT);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pipeline(&agg)["serving"] != 2 {
+            assert!(Instant::now() < deadline, "version 2 never served:\n{}", agg.stderr.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        common::settled_checksum(&agg, 2)
+    };
+
+    let (whole, config) = copy_of_the_log();
+    let started = Instant::now();
+    assert!(replay(&config).wait().unwrap().success());
+    let took = started.elapsed();
+    let expected = served(whole.path());
+
+    let (killed, config) = copy_of_the_log();
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut kills = 0;
+    for _ in 0..8 {
+        let mut child = replay(&config);
+        std::thread::sleep(took.mul_f64(rng.f64() * 0.9));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    assert!(replay(&config).wait().unwrap().success());
+    assert!(kills > 0, "no run was killed mid-replay ({took:?} a replay)");
+    assert_eq!(served(killed.path()), expected, "after {kills} SIGKILLs during replays of {took:?}");
+}
+
+#[test]
 fn sigterm_during_a_background_replay_is_resumed_at_the_next_start_to_the_same_tables() {
     const PLAIN: &str = "[pipeline]\nwindows = [\"1m\"]\n";
     const NEXT: &str = "[pipeline]\nversion = 2\nwindows = [\"10s\", \"1m\", \"1h\"]\n";
