@@ -44,8 +44,12 @@ if [ -n "${TRIBUTARY_BIN:-}" ]; then
   BIN=$TRIBUTARY_BIN; BUILD="binaries from $BIN"
 else
   TARGET=${BENCH_TARGET_DIR:-$ROOT/target/bench}
-  CARGO_TARGET_DIR=$TARGET CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-    cargo build --release --bins --quiet
+  # The agent built alone, as `cargo deb` and the ARM builds make it: built together with the
+  # aggregator, Cargo unifies the features of the dependencies they share (agent 13.4 MiB, not 10.3).
+  for packages in "-p tributary-agent" "-p tributary-aggregator -p tributary-sim"; do
+    CARGO_TARGET_DIR=$TARGET CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+      cargo build --release --bins --quiet $packages
+  done
   BIN=$TARGET/release; BUILD="release build without LTO (16 codegen units)"
 fi
 . "$ROOT/tests/bench/common.sh"
