@@ -316,28 +316,53 @@ fn an_offline_replay_computes_a_new_version_ahead_of_the_switch() {
     assert_eq!(counted(&snapshot(&agg, &["10s"])["windows 10s"]), 30 * PER_BATCH);
 }
 
-#[test]
-fn replays_cut_into_different_steps_compute_the_same_tables() {
-    // No alert rules: a version's derived readings are stamped with the time they were appended,
-    // so two runs that each append their own would differ by that time alone.
-    const PLAIN: &str = "[pipeline]\nwindows = [\"1m\"]\n";
-    const NEXT: &str = "[pipeline]\nversion = 2\nwindows = [\"10s\", \"1m\", \"1h\"]\n";
+// Version 1 with 1-minute windows only; version 2 adds two sizes. No alert rules: a version's
+// derived readings are stamped with the time they were appended, so two runs that each append
+// their own would differ by that time alone.
+const PLAIN: &str = "[pipeline]\nwindows = [\"1m\"]\n";
+const NEXT: &str = "[pipeline]\nversion = 2\nwindows = [\"10s\", \"1m\", \"1h\"]\n";
+
+/// Version 1 holding `batches`, stopped.
+fn stopped_version_1(batches: u64) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let agg = Aggregator::start_with(dir.path(), PLAIN);
-    for n in 0..40 {
+    for n in 0..batches {
         agg.ingest_ok(0, &batch(n));
     }
     agg.wait_processed();
     assert_eq!(agg.terminate().code(), Some(0));
+    dir
+}
 
+/// A copy of `dir`'s data with version 2's configuration, for a `replay` run.
+fn copy_for_version_2(dir: &Path) -> (tempfile::TempDir, std::path::PathBuf) {
+    let copy = tempfile::tempdir().unwrap();
+    copy_log(dir, copy.path());
+    for file in ["store.db", "pipeline.json"] {
+        std::fs::copy(dir.join("data").join(file), copy.path().join("data").join(file)).unwrap();
+    }
+    let config = copy.path().join("aggregator.toml");
+    std::fs::write(&config, common::config_text(&copy.path().join("data")) + NEXT).unwrap();
+    (copy, config)
+}
+
+/// Starts `copy` as version 2 and returns its settled checksum once it serves.
+fn served_version_2(copy: &Path) -> String {
+    let agg = Aggregator::start_with(copy, NEXT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pipeline(&agg)["serving"] != 2 {
+        assert!(Instant::now() < deadline, "version 2 never served:\n{}", agg.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    common::settled_checksum(&agg, 2)
+}
+
+#[test]
+fn replays_cut_into_different_steps_compute_the_same_tables() {
+    let dir = stopped_version_1(40);
     let mut sums = Vec::new();
     for steps in [vec![], vec![1, 2_500, 2_501, 9_999, 17_000, 33_333]] {
-        let copy = tempfile::tempdir().unwrap();
-        copy_log(dir.path(), copy.path());
-        std::fs::copy(dir.path().join("data/store.db"), copy.path().join("data/store.db")).unwrap();
-        std::fs::copy(dir.path().join("data/pipeline.json"), copy.path().join("data/pipeline.json")).unwrap();
-        let config = copy.path().join("aggregator.toml");
-        std::fs::write(&config, common::config_text(&copy.path().join("data")) + NEXT).unwrap();
+        let (copy, config) = copy_for_version_2(dir.path());
         for until in steps.iter().map(|s| Some(s.to_string())).chain([None]) {
             let mut cmd = Command::new(BIN);
             cmd.args(["replay", "--config"]).arg(&config);
@@ -347,13 +372,7 @@ fn replays_cut_into_different_steps_compute_the_same_tables() {
             let out = cmd.output().unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         }
-        let agg = Aggregator::start_with(copy.path(), NEXT);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while pipeline(&agg)["serving"] != 2 {
-            assert!(Instant::now() < deadline, "version 2 never served:\n{}", agg.stderr.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        sums.push(common::settled_checksum(&agg, 2));
+        sums.push(served_version_2(copy.path()));
     }
     assert_eq!(sums[0], sums[1], "one replay in one go, one in seven steps");
 }
@@ -362,44 +381,16 @@ fn replays_cut_into_different_steps_compute_the_same_tables() {
 fn a_replay_command_sigkilled_at_random_moments_resumes_to_the_same_tables() {
     // A replay writes its commits on a thread of its own while it folds on: a SIGKILL may land
     // with a commit half written, and the next run must resume from what the store holds.
-    const PLAIN: &str = "[pipeline]\nwindows = [\"1m\"]\n";
-    const NEXT: &str = "[pipeline]\nversion = 2\nwindows = [\"10s\", \"1m\", \"1h\"]\n";
-    let dir = tempfile::tempdir().unwrap();
-    let agg = Aggregator::start_with(dir.path(), PLAIN);
-    for n in 0..1_200 {
-        agg.ingest_ok(0, &batch(n));
-    }
-    agg.wait_processed();
-    assert_eq!(agg.terminate().code(), Some(0));
-
-    let copy_of_the_log = || {
-        let copy = tempfile::tempdir().unwrap();
-        copy_log(dir.path(), copy.path());
-        for file in ["store.db", "pipeline.json"] {
-            std::fs::copy(dir.path().join("data").join(file), copy.path().join("data").join(file)).unwrap();
-        }
-        let config = copy.path().join("aggregator.toml");
-        std::fs::write(&config, common::config_text(&copy.path().join("data")) + NEXT).unwrap();
-        (copy, config)
-    };
+    let dir = stopped_version_1(1_200);
     let replay = |config: &Path| Command::new(BIN).args(["replay", "--config"]).arg(config).spawn().unwrap();
-    let served = |copy: &Path| {
-        let agg = Aggregator::start_with(copy, NEXT);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while pipeline(&agg)["serving"] != 2 {
-            assert!(Instant::now() < deadline, "version 2 never served:\n{}", agg.stderr.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        common::settled_checksum(&agg, 2)
-    };
 
-    let (whole, config) = copy_of_the_log();
+    let (whole, config) = copy_for_version_2(dir.path());
     let started = Instant::now();
     assert!(replay(&config).wait().unwrap().success());
     let took = started.elapsed();
-    let expected = served(whole.path());
+    let expected = served_version_2(whole.path());
 
-    let (killed, config) = copy_of_the_log();
+    let (killed, config) = copy_for_version_2(dir.path());
     let mut rng = fastrand::Rng::with_seed(5);
     let mut kills = 0;
     for _ in 0..8 {
@@ -413,13 +404,11 @@ fn a_replay_command_sigkilled_at_random_moments_resumes_to_the_same_tables() {
     }
     assert!(replay(&config).wait().unwrap().success());
     assert!(kills > 0, "no run was killed mid-replay ({took:?} a replay)");
-    assert_eq!(served(killed.path()), expected, "after {kills} SIGKILLs during replays of {took:?}");
+    assert_eq!(served_version_2(killed.path()), expected, "after {kills} SIGKILLs during replays of {took:?}");
 }
 
 #[test]
 fn sigterm_during_a_background_replay_is_resumed_at_the_next_start_to_the_same_tables() {
-    const PLAIN: &str = "[pipeline]\nwindows = [\"1m\"]\n";
-    const NEXT: &str = "[pipeline]\nversion = 2\nwindows = [\"10s\", \"1m\", \"1h\"]\n";
     let dir = tempfile::tempdir().unwrap();
     let agg = Aggregator::start_with(dir.path(), PLAIN);
     for n in 0..500 {
