@@ -28,3 +28,30 @@ EOT
   "$BIN/tributary-aggregator" --config "$TMP/aggregator.toml" >>"$TMP/aggregator.log" 2>&1 &
   AGG=$!; PIDS+=("$AGG"); wait_http "http://127.0.0.1:$AP/healthz"
 }
+
+# A fresh agent from $BIN (gw-1, embedded broker on $MP, HTTP on $HP: free ports chosen here),
+# forwarding to the aggregator on $AP, its own health readings off (they would be counted with the
+# load), data in $TMP/agent (removed first). $1: tables appended to its configuration; $2: top-level
+# keys (before any table). Sets AGENT to its pid once it answers.
+start_agent() {
+  HP=$(free_port); MP=$(free_port)
+  rm -rf "$TMP/agent"
+  cat >"$TMP/agent.toml" <<EOT
+agent_id = "gw-1"
+data_dir = "$TMP/agent"
+${2:-}
+[http]
+listen = "127.0.0.1:$HP"
+[upstream]
+url = "http://127.0.0.1:$AP"
+token = "secret-gw-1"
+[health]
+interval = "0s"
+[mqtt]
+mode = "embedded"
+listen = "127.0.0.1:$MP"
+${1:-}
+EOT
+  "$BIN/tributary-agent" --config "$TMP/agent.toml" >>"$TMP/agent.log" 2>&1 &
+  AGENT=$!; PIDS+=("$AGENT"); wait_http "http://127.0.0.1:$HP/healthz"
+}

@@ -66,28 +66,8 @@ SIZE=$(strip "$TMP/agent-stripped" 2>/dev/null && stat -c %s "$TMP/agent-strippe
 
 start_aggregator
 
-start_agent() { # extra config (tables)
-  HP=$(free_port); MP=$(free_port)
-  rm -rf "$TMP/agent"
-  cat >"$TMP/agent.toml" <<EOF
-agent_id = "gw-1"
-data_dir = "$TMP/agent"
-$(printf '%b' "${FOOTPRINT_AGENT_TOML:-}")
-[http]
-listen = "127.0.0.1:$HP"
-[upstream]
-url = "http://127.0.0.1:$AP"
-token = "secret-gw-1"
-[health]
-interval = "0s"
-[mqtt]
-mode = "embedded"
-listen = "127.0.0.1:$MP"
-$1
-EOF
-  "$BIN/tributary-agent" --config "$TMP/agent.toml" >>"$TMP/agent.log" 2>&1 &
-  AGENT=$!; PIDS+=("$AGENT"); wait_http "http://127.0.0.1:$HP/healthz"
-}
+# Each run's agent (common.sh's start_agent) with FOOTPRINT_AGENT_TOML at its top level.
+agent_top() { printf '%b' "${FOOTPRINT_AGENT_TOML:-}"; }
 
 # Samples per device for warm-up + window + a few seconds more, at 10 a second.
 COUNT=$(((WARM + SECS + 3) * 10))
@@ -136,7 +116,7 @@ PY
 
 run_mqtt() { # connections
   local conns=$1
-  start_agent ""
+  start_agent "" "$(agent_top)"
   BASE=$(api_count)
   "$BIN/tributary-sim" mqtt --broker "127.0.0.1:$MP" --devices 1000 --interval 100ms --count "$COUNT" \
     --format object --connections "$conns" --client-id footprint >"$TMP/sim-mqtt.out" 2>>"$TMP/sim.log" &
@@ -152,7 +132,7 @@ run_serial() {
     ports+=$(printf '[[serial]]\npath = "%s"\nformat = "frames"\nbaud = 921600\n' "$TMP/tty$p-agent")$'\n'
   done
   for _ in $(seq 100); do [ -e "$TMP/tty8-agent" ] && break; sleep 0.05; done
-  start_agent "$ports"
+  start_agent "$ports" "$(agent_top)"
   for _ in $(seq 100); do [ "$(metric 'tributary_agent_serial_open{port="tty8-agent"}')" = 1 ] && break; sleep 0.05; done
   BASE=$(api_count)
   for p in $(seq 8); do

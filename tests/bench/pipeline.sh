@@ -44,7 +44,7 @@ a, n = int(sys.argv[1]), int(sys.argv[2])
 w = sys.stdout.write
 for i in range(a, a + n): w("{\"seq\": %d, \"value\": %d.5, \"ts\": %d}\n" % (i, i % 100, 1764000000000 + i))' "$1" "$2"; }
 
-start_agent() {
+start_pipeline_agent() { # common.sh's, but on fixed ports (restarted for the outage) and retrying every second
   cat >"$TMP/agent.toml" <<EOF
 agent_id = "gw-1"
 data_dir = "$TMP/agent"
@@ -69,7 +69,7 @@ EOF
 
 echo "tributary $(git -C "$ROOT" rev-parse --short HEAD), spool synchronous=FULL, $P publishers x $M QoS-1 messages, $(nproc) cores"
 AP=$(free_port); HP=$(free_port); MP=$(free_port)
-start_aggregator; start_agent
+start_aggregator; start_pipeline_agent
 for p in $(seq "$P"); do gen $((p * 1000000)) "$M" >"$TMP/pub$p"; done
 t0=$(date +%s.%N)
 PUBS=()
@@ -109,11 +109,11 @@ kill -TERM "$AGENT" "$AGG"; wait "$AGENT" "$AGG" 2>/dev/null || true
 # Outage + SIGKILL, as in the peer's bench: every acknowledged reading should arrive exactly once.
 rm -rf "$TMP/agent" "$TMP/aggregator"
 AP=$(free_port); HP=$(free_port); MP=$(free_port)
-start_agent
+start_pipeline_agent
 gen 0 20000 | mosquitto_pub -h 127.0.0.1 -p "$MP" -q 1 -t sensors/crash/temp -l
 sleep 0.5
 kill -9 "$AGENT"; wait "$AGENT" 2>/dev/null || true
-start_aggregator; start_agent
+start_aggregator; start_pipeline_agent
 wait_count 20000 60 || true
 sleep 2
 got=$(api_count)

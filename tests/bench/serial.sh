@@ -11,23 +11,26 @@
 # - unthrottled: the simulator writes as fast as the pty takes bytes.
 # Prints readings/s at the agent (first byte to last reading taken, from its metrics) and the agent's
 # CPU time per reading (utime + stime from /proc, spool commits and forwarding included).
-# Needs: socat, python3, curl. Builds the release binaries first.
+# Needs: socat, python3, curl. Builds the release binaries first, unless TRIBUTARY_BIN=<dir>.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 S=${1:-20000}; D=${2:-8}
 cd "$ROOT"
-# The agent built alone, as `cargo deb` and the ARM builds make it: built together with the
-# aggregator, Cargo unifies the features of the dependencies they share (agent 13.4 MiB, not 10.3).
-for packages in "-p tributary-agent" "-p tributary-aggregator -p tributary-sim"; do
-  cargo build --release --bins --quiet $packages
-done
-BIN=$ROOT/target/release
+# TRIBUTARY_BIN=dir uses binaries already built there (e.g. without LTO, faster to build).
+BIN=${TRIBUTARY_BIN:-}
+if [ -z "$BIN" ]; then
+  # The agent built alone, as `cargo deb` and the ARM builds make it: built together with the
+  # aggregator, Cargo unifies the features of the dependencies they share (agent 13.4 MiB, not 10.3).
+  for packages in "-p tributary-agent" "-p tributary-aggregator -p tributary-sim"; do
+    cargo build --release --bins --quiet $packages
+  done
+  BIN=$ROOT/target/release
+fi
 . "$ROOT/tests/bench/common.sh"
 
 metric() { curl -fs "http://127.0.0.1:$HP/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
 now() { date +%s.%N; }
 
-HP=$(free_port); MP=$(free_port)
 start_aggregator
 
 socat pty,raw,echo=0,link="$TMP/frames-agent" pty,raw,echo=0,link="$TMP/frames-device" 2>>"$TMP/socat.log" &
@@ -36,30 +39,14 @@ socat pty,raw,echo=0,link="$TMP/lines-agent" pty,raw,echo=0,link="$TMP/lines-dev
 PIDS+=($!)
 for _ in $(seq 100); do [ -e "$TMP/frames-agent" ] && [ -e "$TMP/lines-agent" ] && break; sleep 0.05; done
 
-cat >"$TMP/agent.toml" <<EOF
-agent_id = "gw-1"
-data_dir = "$TMP/agent"
-[http]
-listen = "127.0.0.1:$HP"
-[upstream]
-url = "http://127.0.0.1:$AP"
-token = "secret-gw-1"
-# The agent's own health readings would be counted with the load.
-[health]
-interval = "0s"
-[mqtt]
-listen = "127.0.0.1:$MP"
-[spool]
+start_agent '[spool]
 sync = "full"
 [[serial]]
-path = "$TMP/frames-agent"
+path = "'"$TMP"'/frames-agent"
 format = "frames"
 [[serial]]
-path = "$TMP/lines-agent"
-format = "lines"
-EOF
-"$BIN/tributary-agent" --config "$TMP/agent.toml" >>"$TMP/agent.log" 2>&1 &
-AGENT=$!; PIDS+=("$AGENT"); wait_http "http://127.0.0.1:$HP/healthz"
+path = "'"$TMP"'/lines-agent"
+format = "lines"'
 for _ in $(seq 100); do [ "$(metric 'tributary_agent_serial_open{port="lines-agent"}')" = 1 ] && break; sleep 0.05; done
 
 echo "tributary $(git -C "$ROOT" rev-parse --short HEAD), $D devices x 3 readings a sample, spool synchronous=FULL, $(nproc) cores"

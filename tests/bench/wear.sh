@@ -61,26 +61,9 @@ run() {
   # A few seconds more than warm-up + window, so that the window ends while they still publish.
   count=$(python3 -c "print(max(1, round(($warm + $secs + 3) * $rate / $devices)))")
   local n=$((count * devices))
-  HP=$(free_port); MP=$(free_port)
-  rm -rf "$TMP/agent"
-  cat >"$TMP/agent.toml" <<EOF
-agent_id = "gw-1"
-data_dir = "$TMP/agent"
-[http]
-listen = "127.0.0.1:$HP"
-[upstream]
-url = "http://127.0.0.1:$AP"
-token = "secret-gw-1"
-[health]
-interval = "0s"
-[mqtt]
-mode = "embedded"
-listen = "127.0.0.1:$MP"
-[spool]
-$(spool_keys "$policy")
-EOF
-  "$BIN/tributary-agent" --config "$TMP/agent.toml" >>"$TMP/agent-$policy.log" 2>&1 &
-  local agent=$!; PIDS+=("$agent"); wait_http "http://127.0.0.1:$HP/healthz"
+  start_agent "[spool]
+$(spool_keys "$policy")"
+  local agent=$AGENT
   sleep 1
   local base
   base=$(api_count)
