@@ -72,16 +72,124 @@ impl Window {
     }
 }
 
+/// A window as a row holds it in memory. Most windows of the finer sizes hold one reading or
+/// two (a sensor reading every 43 s gets a 10 s window per reading, a minute's window for one or
+/// two): such a window is its readings, in the 64 bytes this takes, and gets its statistics on the
+/// heap (a [`Stats`] is 128 bytes with its sketch) only when a third reading comes. [`Stats::of`]
+/// the first reading, with the second added, is exactly the statistics they stand for, so what
+/// is folded and stored is the same bit for bit. A 160-byte window made, moved, regrown and sealed
+/// per reading cost the operators their reallocations and a share of their cache misses.
+#[derive(Debug, Clone, PartialEq)]
+struct Held {
+    slot: u16,
+    /// How many of `readings` the window holds while `stats` is `None` (1 or 2).
+    held: u8,
+    revision: u32,
+    updated_at: i64,
+    /// As [`Window`]'s.
+    bumped_by: u64,
+    /// (event time, value) of the window's readings in log order, while `stats` is `None`.
+    readings: [(i64, f64); 2],
+    stats: Option<Box<Stats>>,
+}
+
+impl Held {
+    /// A window made by its first reading, in the log block at `block`.
+    fn new(slot: u16, ts: i64, value: f64, received_at: i64, block: u64) -> Held {
+        Held {
+            slot,
+            held: 1,
+            revision: 0,
+            updated_at: received_at,
+            bumped_by: block,
+            readings: [(ts, value), (0, 0.0)],
+            stats: None,
+        }
+    }
+
+    /// A window read from the store: one reading is held as such when its statistics are those
+    /// of that reading alone (they always are: a stored window of one reading is its reading).
+    fn of(slot: u16, w: Window) -> Held {
+        let (ts, value) = w.stats.first;
+        let one = w.stats.count == 1 && w.stats == Stats::of(ts, value);
+        Held {
+            slot,
+            held: u8::from(one),
+            revision: w.revision,
+            updated_at: w.updated_at,
+            bumped_by: w.bumped_by,
+            readings: [(ts, value), (0, 0.0)],
+            stats: (!one).then(|| Box::new(w.stats)),
+        }
+    }
+
+    /// The statistics of the readings held as such.
+    fn held_stats(&self) -> Stats {
+        let [(t0, v0), (t1, v1)] = self.readings;
+        let mut stats = Stats::of(t0, v0);
+        if self.held == 2 {
+            stats.add(t1, v1);
+        }
+        stats
+    }
+
+    /// The window with its statistics (a copy).
+    fn window(&self) -> Window {
+        let stats = match &self.stats {
+            Some(stats) => Stats::clone(stats),
+            None => self.held_stats(),
+        };
+        Window { stats, revision: self.revision, updated_at: self.updated_at, bumped_by: self.bumped_by }
+    }
+
+    /// Adds a reading of the log block at `block` (received at `received_at`) to a window that
+    /// ends at `end`; returns the heap bytes the window grew by.
+    fn add(&mut self, ts: i64, value: f64, received_at: i64, block: u64, end: i64) -> usize {
+        let grown = match &mut self.stats {
+            Some(stats) => {
+                let heap = stats.sketch.heap_bytes();
+                stats.add(ts, value);
+                // A sketch that spilled or grew its buckets (most of a busy window's memory).
+                stats.sketch.heap_bytes().saturating_sub(heap)
+            }
+            None if self.held == 1 => {
+                self.readings[1] = (ts, value);
+                self.held = 2;
+                0
+            }
+            None => {
+                let mut stats = self.held_stats();
+                stats.add(ts, value);
+                let grown = std::mem::size_of::<Stats>() + stats.sketch.heap_bytes();
+                self.stats = Some(Box::new(stats));
+                self.held = 0;
+                grown
+            }
+        };
+        self.updated_at = self.updated_at.max(received_at);
+        if received_at >= end && self.bumped_by != block {
+            self.revision += 1;
+            self.bumped_by = block;
+        }
+        grown
+    }
+
+    /// What the window holds on the heap.
+    fn heap_bytes(&self) -> usize {
+        self.stats.as_ref().map_or(0, |s| std::mem::size_of::<Stats>() + s.sketch.heap_bytes())
+    }
+}
+
 /// The `part` of a row's open tail (above every slot).
 const TAIL: i64 = 1 << 16;
 
 /// A row of up to [`Calendar::slots`] windows of one sensor.
 #[derive(Debug, Clone)]
 pub struct Row {
-    /// (slot, window) in the order the windows were made. Senders' batches interleave, so a
-    /// reading often makes a window before others of its row: kept sorted, each such window
-    /// shifted the ones after it (a tenth of the fold's time went to that).
-    windows: Vec<(u16, Window)>,
+    /// The windows in the order they were made. Senders' batches interleave, so a reading
+    /// often makes a window before others of its row: kept sorted, each such window shifted the
+    /// ones after it (a tenth of the fold's time went to that).
+    windows: Vec<Held>,
     /// `at[slot]` is 1 + the index in `windows` of the slot's window, 0 for none: a reading finds
     /// its window without a search (each probe of a search was a cache miss).
     at: Box<[u16]>,
@@ -91,6 +199,9 @@ pub struct Row {
     /// Windows of slots below this one are sealed: in the store only (every window in memory
     /// has a slot at or above it).
     sealed_below: u16,
+    /// 1 + the highest slot of a window in memory (0: none): a reading for a slot at or above it
+    /// makes a window without looking `at` it (a cache miss per reading of a sparse sensor).
+    top: u16,
     /// The row's windows in memory include what its stored parts hold (it was read back): the
     /// next commit deletes those parts and writes the row anew.
     replace: bool,
@@ -112,6 +223,7 @@ impl Row {
             dirty: false,
             used: 0,
             sealed_below: 0,
+            top: 0,
             replace: false,
             last_part: None,
             held: 0,
@@ -121,6 +233,7 @@ impl Row {
     /// A row of `windows` read from the store (distinct slots below `slots`, as [`decode_row`]
     /// checks).
     fn of(windows: Vec<(u16, Window)>, slots: i64) -> Row {
+        let windows = windows.into_iter().map(|(slot, w)| Held::of(slot, w)).collect();
         let mut row = Row { windows, replace: true, ..Row::new(slots, 0) };
         row.index_windows();
         row
@@ -131,22 +244,24 @@ impl Row {
     fn bytes(&self) -> usize {
         std::mem::size_of::<Row>()
             + self.at.len() * 2
-            + self.windows.capacity() * std::mem::size_of::<(u16, Window)>()
-            + self.windows.iter().map(|(_, w)| w.stats.sketch.heap_bytes()).sum::<usize>()
+            + self.windows.capacity() * std::mem::size_of::<Held>()
+            + self.windows.iter().map(Held::heap_bytes).sum::<usize>()
             + self.last_part.as_ref().map_or(0, |(_, bytes)| bytes.capacity())
     }
 
     fn index_windows(&mut self) {
         self.at.fill(0);
-        for (i, (slot, _)) in self.windows.iter().enumerate() {
-            self.at[usize::from(*slot)] = i as u16 + 1;
+        self.top = 0;
+        for (i, w) in self.windows.iter().enumerate() {
+            self.at[usize::from(w.slot)] = i as u16 + 1;
+            self.top = self.top.max(w.slot + 1);
         }
     }
 
     /// Where a commit would seal this row if it is its sensor's newest: below the newest `open`
     /// windows (0: nothing to seal).
     fn seal_below(&self, open: u16) -> u16 {
-        let top = self.windows.iter().map(|(slot, _)| *slot).max().unwrap_or(0);
+        let top = self.windows.iter().map(|w| w.slot).max().unwrap_or(0);
         let below = top.saturating_sub(open - 1);
         if below > self.sealed_below { below } else { 0 }
     }
@@ -154,7 +269,7 @@ impl Row {
     /// After a commit wrote the windows below `below` into a sealed part: they leave memory.
     fn seal(&mut self, below: u16, open: u16) {
         self.sealed_below = below;
-        self.windows.retain(|(slot, _)| *slot >= below);
+        self.windows.retain(|w| w.slot >= below);
         self.windows.shrink_to(usize::from(open) + 2);
         self.index_windows();
     }
@@ -174,9 +289,13 @@ impl Row {
             |e: String| StoreError::Corrupt(format!("window row (size {code}, series {series}, row {row_index}): {e}"));
         let data = read_row(conn, code, series, row_index, writing)?
             .ok_or_else(|| corrupt("its sealed windows are not in the store".into()))?;
-        let mut windows = decode_row(calendar, row_index, &data).map_err(corrupt)?;
-        // The tail's windows as last stored: memory has them as they are now.
-        windows.retain(|(slot, _)| *slot < self.sealed_below);
+        let mut windows: Vec<Held> = decode_row(calendar, row_index, &data)
+            .map_err(corrupt)?
+            .into_iter()
+            // The tail's windows as last stored: memory has them as they are now.
+            .filter(|(slot, _)| *slot < self.sealed_below)
+            .map(|(slot, w)| Held::of(slot, w))
+            .collect();
         windows.append(&mut self.windows);
         self.windows = windows;
         self.sealed_below = 0;
@@ -187,10 +306,10 @@ impl Row {
     }
 
     /// The windows by slot.
-    pub fn in_order(&self) -> Box<dyn Iterator<Item = &(u16, Window)> + '_> {
+    fn in_order(&self) -> Box<dyn Iterator<Item = &Held> + '_> {
         // Usually made in slot order already (data in time order); else found through `at`,
         // a walk over every slot of the row.
-        if self.windows.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+        if self.windows.windows(2).all(|pair| pair[0].slot < pair[1].slot) {
             Box::new(self.windows.iter())
         } else {
             Box::new(self.at.iter().filter(|i| **i != 0).map(|i| &self.windows[usize::from(*i) - 1]))
@@ -298,7 +417,7 @@ impl WindowOperator {
     pub fn add_staged(&mut self, conn: Option<&Connection>, staged: &[super::Staged]) -> Result<(), StoreError> {
         let reader = self.reader.take();
         let result = match reader.as_ref().or(conn) {
-            Some(conn) => staged.iter().filter(|s| s.quarantine.is_none()).try_for_each(|s| self.add(conn, &s.point)),
+            Some(conn) => by_series(staged).into_iter().try_for_each(|i| self.add(conn, &staged[i as usize].point)),
             None => Err(StoreError::Corrupt("a window operator without a connection to the store".into())),
         };
         self.reader = reader;
@@ -360,30 +479,32 @@ impl WindowOperator {
         if slot < row.sealed_below {
             row.unseal(conn, &self.calendar, p.series, row_index, self.writing.as_deref())?;
         }
-        match row.at[usize::from(slot)] {
+        // Most readings make a window above the row's others (a sparse sensor) or land in the
+        // newest one (a busy one): neither needs `at`.
+        let at = if slot >= row.top {
+            0
+        } else {
+            match row.windows.last() {
+                Some(w) if w.slot == slot => row.windows.len() as u16,
+                _ => row.at[usize::from(slot)],
+            }
+        };
+        match at {
             at @ 1.. => {
-                let w = &mut row.windows[usize::from(at) - 1].1;
-                let heap = w.stats.sketch.heap_bytes();
-                w.stats.add(p.ts, p.value);
-                // A sketch that spilled or grew its buckets (most of a busy window's memory).
-                self.grown += w.stats.sketch.heap_bytes().saturating_sub(heap);
-                w.updated_at = w.updated_at.max(p.received_at);
-                if p.received_at >= end && w.bumped_by != p.block {
-                    w.revision += 1;
-                    w.bumped_by = p.block;
-                }
+                let w = &mut row.windows[usize::from(at) - 1];
+                self.grown += w.add(p.ts, p.value, p.received_at, p.block, end);
             }
             0 => {
                 // A window that is new when its readings arrive after it closed was also made
                 // by late data; it starts at revision 0 all the same: nothing was served before.
-                let mut w = Window::new(Stats::of(p.ts, p.value), 0, p.received_at);
                 // The rest of this block's readings for the window are part of its first version.
-                w.bumped_by = p.block;
+                let w = Held::new(slot, p.ts, p.value, p.received_at, p.block);
                 let capacity = row.windows.capacity();
-                row.windows.push((slot, w));
-                self.grown += (row.windows.capacity() - capacity) * std::mem::size_of::<(u16, Window)>();
+                row.windows.push(w);
+                self.grown += (row.windows.capacity() - capacity) * std::mem::size_of::<Held>();
                 let len = row.windows.len() as u16;
                 row.at[usize::from(slot)] = len;
+                row.top = row.top.max(slot + 1);
                 if self.width.len() <= series {
                     self.width.resize(series + 1, 0);
                 }
@@ -397,12 +518,23 @@ impl WindowOperator {
     /// back instead of at random pages. Needs no connection, so operators encode in parallel.
     /// The windows of a sensor's newest row below the newest few go into a sealed part.
     pub fn encode_dirty(&self) -> EncodedRows {
-        let mut keys: Vec<(u32, i64)> = self.rows.iter().filter(|(_, r)| r.dirty).map(|(k, _)| *k).collect();
+        // Bytes to reserve: most windows take under 24 (one or two readings); growing the buffer
+        // by doubling copied it again and again.
+        let mut reserve = 0;
+        let mut keys: Vec<(u32, i64)> = self
+            .rows
+            .iter()
+            .filter(|(_, r)| r.dirty)
+            .map(|(k, r)| {
+                reserve += r.windows.len() * 24 + r.last_part.as_ref().map_or(0, |(_, bytes)| bytes.len());
+                *k
+            })
+            .collect();
         keys.sort_unstable();
         let open = self.open_windows();
         let slots = self.calendar.slots();
         // One buffer for all rows: an allocation per row, and its growth, were a third of it.
-        let mut encoded = EncodedRows { rows: Vec::with_capacity(keys.len()), ..EncodedRows::default() };
+        let mut encoded = EncodedRows { rows: Vec::with_capacity(keys.len()), bytes: Vec::with_capacity(reserve) };
         for key in keys {
             let Some(row) = self.rows.get(&key) else { continue };
             let newest = self.newest.get(key.0 as usize).is_some_and(|index| index.div_euclid(slots) == key.1);
@@ -415,13 +547,13 @@ impl WindowOperator {
                 first_sealed = Some(*first);
                 encoded.bytes.extend_from_slice(bytes);
             }
-            for (slot, w) in row.in_order() {
-                if *slot < seal_below {
-                    first_sealed.get_or_insert(*slot);
+            for w in row.in_order() {
+                if w.slot < seal_below {
+                    first_sealed.get_or_insert(w.slot);
                 } else if first_sealed.is_some() && sealed_end.is_none() {
                     sealed_end = Some(encoded.bytes.len());
                 }
-                encode_window(&self.calendar, key.1, *slot, w, &mut encoded.bytes);
+                encode_held(&self.calendar, key.1, w, &mut encoded.bytes);
             }
             let sealed = first_sealed.map(|first| (first, sealed_end.unwrap_or(encoded.bytes.len()), seal_below));
             encoded.rows.push(EncodedRow { key, replace: row.replace, start, sealed, end: encoded.bytes.len() });
@@ -452,7 +584,7 @@ impl WindowOperator {
             row.dirty = false;
             row.replace = false;
             // Only a row changed since the last commit can have a window bumped in it.
-            for (_, w) in &mut row.windows {
+            for w in &mut row.windows {
                 w.bumped_by = NOT_BUMPED;
             }
             if let Some((first, end, below)) = written.sealed {
@@ -511,20 +643,44 @@ impl WindowOperator {
         Ok(())
     }
 
-    /// The window in memory that holds `ts` of `series`: (start, end, window).
-    pub fn window_at(&self, series: u32, ts: i64) -> Option<(i64, i64, &Window)> {
+    /// The window in memory that holds `ts` of `series`: (start, end, a copy of the window).
+    pub fn window_at(&self, series: u32, ts: i64) -> Option<(i64, i64, Window)> {
         let (index, start, end) = self.calendar.bucket(ts);
         let slots = self.calendar.slots();
         let row = self.rows.get(&(series, index.div_euclid(slots)))?;
         // A sealed window's slot has no index (0): None.
         let at = usize::from(row.at[index.rem_euclid(slots) as usize]);
-        row.windows.get(at.checked_sub(1)?).map(|(_, w)| (start, end, w))
+        row.windows.get(at.checked_sub(1)?).map(|w| (start, end, w.window()))
     }
 
     /// Rows in memory (for metrics).
     pub fn rows_in_memory(&self) -> usize {
         self.rows.len()
     }
+}
+
+/// The indices of the staged readings that are not quarantined, a sensor's one after the other
+/// and each sensor's in log order. A window's bits depend only on the order of its own readings
+/// (and what the operator tracks per sensor, on the order of that sensor's), so folding in this
+/// order writes the same tables; a sensor's row and windows then stay in cache from one of its
+/// readings to the next, where log order (sensors interleaved) missed the cache at each reading.
+fn by_series(staged: &[super::Staged]) -> Vec<u32> {
+    let series = staged.iter().map(|s| s.point.series as usize + 1).max().unwrap_or(0);
+    // A counting sort: where each sensor's readings start.
+    let mut start = vec![0u32; series + 1];
+    for s in staged.iter().filter(|s| s.quarantine.is_none()) {
+        start[s.point.series as usize + 1] += 1;
+    }
+    for i in 1..start.len() {
+        start[i] += start[i - 1];
+    }
+    let mut order = vec![0u32; start[series] as usize];
+    for (i, s) in staged.iter().enumerate().filter(|(_, s)| s.quarantine.is_none()) {
+        let at = &mut start[s.point.series as usize];
+        order[*at as usize] = i as u32;
+        *at += 1;
+    }
+    order
 }
 
 /// [`WindowOperator::write`] for the size of `code`: needs no operator, so a commit writes one
@@ -656,27 +812,69 @@ enum StoredWindowRef<'a> {
 #[cfg(test)]
 fn encode_row(calendar: &Calendar, row_index: i64, row: &Row, out: &mut Vec<u8>) {
     out.reserve(row.windows.len() * 24);
-    for (slot, w) in row.in_order() {
-        encode_window(calendar, row_index, *slot, w, out);
+    for w in row.in_order() {
+        encode_held(calendar, row_index, w, out);
     }
 }
 
+/// [`encode_window`] of a window as a row holds it.
+fn encode_held(calendar: &Calendar, row_index: i64, w: &Held, out: &mut Vec<u8>) {
+    let start = calendar.start_of(row_index * calendar.slots() + i64::from(w.slot));
+    match &w.stats {
+        None if w.held == 1 => encode_one(start, w.slot, w.readings[0], w.updated_at, w.revision, out),
+        None => encode_two(start, w.slot, w.readings, w.updated_at, w.revision, out),
+        Some(stats) => encode_stats(start, w.slot, stats, w.updated_at, w.revision, out),
+    }
+}
+
+/// A window of two readings (in log order), as postcard writes [`StoredWindowRef::Few`] of the
+/// statistics [`Stats::add`] makes of them: the earlier by event time is first (the first in the
+/// log on a tie), the later last (the second on a tie), each named by the index of the first
+/// value with its bits.
+fn encode_two(start: i64, slot: u16, [a, b]: [(i64, f64); 2], updated_at: i64, revision: u32, out: &mut Vec<u8>) {
+    let (first, last) = if b.0 < a.0 { (b, a) } else { (a, b) };
+    let index_of = |v: f64| u8::from(v.to_bits() != a.1.to_bits());
+    let mut put = Put::default();
+    put.byte(1);
+    put.varint(u64::from(slot));
+    put.byte(2);
+    put.f64(a.1);
+    put.f64(b.1);
+    put.zigzag(first.0 - start);
+    put.byte(index_of(first.1));
+    put.zigzag(last.0 - start);
+    put.byte(index_of(last.1));
+    put.zigzag(updated_at.saturating_sub(start));
+    put.varint(u64::from(revision));
+    out.extend_from_slice(put.bytes());
+}
+
+/// A window of one reading, as postcard writes [`StoredWindowRef::One`].
+fn encode_one(start: i64, slot: u16, (ts, value): (i64, f64), updated_at: i64, revision: u32, out: &mut Vec<u8>) {
+    let mut put = Put::default();
+    put.byte(0);
+    put.varint(u64::from(slot));
+    put.zigzag(ts - start);
+    put.f64(value);
+    put.zigzag(updated_at.saturating_sub(start));
+    put.varint(u64::from(revision));
+    out.extend_from_slice(put.bytes());
+}
+
+#[cfg(test)]
 fn encode_window(calendar: &Calendar, row_index: i64, slot: u16, w: &Window, out: &mut Vec<u8>) {
     let start = calendar.start_of(row_index * calendar.slots() + i64::from(slot));
-    let updated = w.updated_at.saturating_sub(start);
-    let s = &w.stats;
+    encode_stats(start, slot, &w.stats, w.updated_at, w.revision, out);
+}
+
+/// A window of the row slot `slot` (starting at `start`) as stored.
+fn encode_stats(start: i64, slot: u16, s: &Stats, updated_at: i64, revision: u32, out: &mut Vec<u8>) {
+    let updated = updated_at.saturating_sub(start);
     // One and Few (nearly every window of the finer sizes) are written by hand, the bytes
     // postcard writes for them (tested): through serde they were most of a commit's encoding.
     match &s.sketch {
         super::sketch::Sketch::Exact(values) if s.count == 1 => {
-            let mut put = Put::default();
-            put.byte(0);
-            put.varint(u64::from(slot));
-            put.zigzag(s.first.0 - start);
-            put.f64(values[0]);
-            put.zigzag(updated);
-            put.varint(u64::from(w.revision));
-            out.extend_from_slice(put.bytes());
+            encode_one(start, slot, (s.first.0, values[0]), updated_at, revision, out);
         }
         super::sketch::Sketch::Exact(values) if values.len() as u64 == s.count => {
             let index_of = |(ts, v): (i64, f64)| {
@@ -699,11 +897,11 @@ fn encode_window(calendar: &Calendar, row_index: i64, slot: u16, w: &Window, out
             put.zigzag(last.0);
             put.byte(last.1);
             put.zigzag(updated);
-            put.varint(u64::from(w.revision));
+            put.varint(u64::from(revision));
             out.extend_from_slice(put.bytes());
         }
         _ => {
-            let stored = StoredWindowRef::Many { slot, stats: s, updated, revision: w.revision };
+            let stored = StoredWindowRef::Many { slot, stats: s, updated, revision };
             // Serialising these types into a Vec cannot fail.
             if let Ok(bytes) = postcard::to_extend(&stored, std::mem::take(out)) {
                 *out = bytes;
@@ -713,16 +911,16 @@ fn encode_window(calendar: &Calendar, row_index: i64, slot: u16, w: &Window, out
 }
 
 /// A few fields encoded as postcard encodes them, on the stack (one copy into the row's buffer
-/// instead of a capacity check per byte). 48 bytes: the most a window's fields around its values
-/// take (a tag, a u16, three i64 and a u32 as varints, and an f64 or two bytes).
+/// instead of a capacity check per byte). 64 bytes: the most a window's fields around its values
+/// take (a tag, a u16, three i64 and a u32 as varints, and two f64 and three bytes).
 struct Put {
-    buf: [u8; 48],
+    buf: [u8; 64],
     len: usize,
 }
 
 impl Default for Put {
     fn default() -> Put {
-        Put { buf: [0; 48], len: 0 }
+        Put { buf: [0; 64], len: 0 }
     }
 }
 
@@ -1027,8 +1225,186 @@ mod tests {
         let mut buf = Vec::new();
         encode_row(&calendar, row_index, &row, &mut buf);
         let decoded = decode_row(&calendar, row_index, &buf).unwrap();
-        assert_eq!(decoded.iter().collect::<Vec<_>>(), row.in_order().collect::<Vec<_>>());
+        assert_eq!(decoded, row.in_order().map(|w| (w.slot, w.window())).collect::<Vec<_>>());
         assert_eq!(decoded.iter().map(|(slot, _)| *slot).collect::<Vec<_>>(), [0, 1, 2]);
         assert!(decode_row(&calendar, row_index, &buf[..buf.len() / 2]).is_err());
+    }
+
+    /// A window held as its one reading and then given more (up to a sketch of buckets) has the
+    /// statistics, revision and bytes of a full window folded the same way, for extremes too.
+    #[test]
+    fn a_window_of_one_reading_grows_into_the_full_windows_bits() {
+        let calendar = Calendar::fixed(10_000);
+        let row_index = 1_764_547_200_000i64 / 10_000 / calendar.slots();
+        let slot = 7u16;
+        let start = calendar.start_of(row_index * calendar.slots() + i64::from(slot));
+        let end = start + 10_000;
+        let values = [1e308, -1e308, 0.0, -0.0, 21.5, f64::MAX, -f64::MAX, 5e-324, 1e-300, 3.25];
+        for first in values {
+            // (ts, value, received_at, block): on time, then late (received after the end) in
+            // two blocks, with event times before and after the first.
+            let mut readings = vec![(start + 5_000, first, start + 5_100, 1u64)];
+            for (i, v) in values.iter().cycle().take(40).enumerate() {
+                let i = i as i64;
+                let ts = start + (i * 977) % 10_000;
+                let received = if i < 3 { start + 6_000 + i } else { end + 3_600_000 + i };
+                readings.push((ts, *v, received, if i < 3 { 1 } else { 2 + (i as u64) / 7 }));
+            }
+            let (ts, v, received, block) = readings[0];
+            let mut held = Held::new(slot, ts, v, received, block);
+            let mut full = Window::new(Stats::of(ts, v), 0, received);
+            full.bumped_by = block;
+            for (n, &(ts, v, received, block)) in readings.iter().enumerate() {
+                if n > 0 {
+                    let heap = held.heap_bytes();
+                    let grown = held.add(ts, v, received, block, end);
+                    assert!(held.heap_bytes() <= heap + grown);
+                    full.stats.add(ts, v);
+                    full.updated_at = full.updated_at.max(received);
+                    if received >= end && full.bumped_by != block {
+                        full.revision += 1;
+                        full.bumped_by = block;
+                    }
+                }
+                assert_eq!(held.stats.is_none(), n < 2);
+                let w = held.window();
+                // Bit for bit (PartialEq on f64 would take -0.0 for 0.0).
+                assert_eq!(format!("{w:?}"), format!("{full:?}"), "after {} readings", n + 1);
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                encode_held(&calendar, row_index, &held, &mut a);
+                encode_window_serde(&calendar, row_index, slot, &full, &mut b);
+                assert_eq!(a, b, "after {} readings", n + 1);
+                // Read back from those bytes, it is held the same way again.
+                let decoded = decode_row(&calendar, row_index, &a).unwrap();
+                let again = Held::of(decoded[0].0, decoded[0].1.clone());
+                assert_eq!(again.stats.is_none(), n == 0);
+                assert_eq!(format!("{:?}", again.window().stats), format!("{:?}", full.stats));
+            }
+            assert!(matches!(held.stats.as_ref().unwrap().sketch, super::super::sketch::Sketch::Buckets(_)));
+            assert_eq!(held.revision, 6);
+        }
+        assert!(std::mem::size_of::<Held>() <= 64, "{} bytes", std::mem::size_of::<Held>());
+    }
+
+    /// Staged readings are folded a sensor's after another's, each sensor's in log order, the
+    /// quarantined left out.
+    #[test]
+    fn staged_readings_are_ordered_by_sensor_keeping_log_order() {
+        let series = [3u32, 0, 3, 7, 0, 3, 7, 1];
+        let staged: Vec<super::super::Staged> = series
+            .iter()
+            .enumerate()
+            .map(|(i, s)| super::super::Staged {
+                point: Point { series: *s, ts: i as i64, value: 0.0, received_at: 0, block: 0 },
+                offset: i as u64,
+                quarantine: (i == 4).then_some("future"),
+            })
+            .collect();
+        assert_eq!(by_series(&staged), [1, 7, 0, 2, 5, 3, 6]);
+        assert!(by_series(&[]).is_empty());
+    }
+
+    /// Two readings held as such are written as the `Few` window their statistics make, whatever
+    /// the order of their event times (before, tied, after) and values (equal bits or not).
+    #[test]
+    fn a_window_of_two_readings_is_written_as_its_statistics() {
+        let calendar = Calendar::fixed(60_000);
+        let row_index = 1_764_547_200_000i64 / 60_000 / calendar.slots();
+        for slot in [0u16, 59] {
+            let start = calendar.start_of(row_index * calendar.slots() + i64::from(slot));
+            for (t0, t1) in [(10, 20), (20, 10), (15, 15), (0, 59_999), (-3_600_000, 7)] {
+                for (v0, v1) in [(1.0, 2.0), (2.0, 1.0), (5.5, 5.5), (0.0, -0.0), (1e308, -1e308), (-1e308, -1e308)] {
+                    let mut held = Held::new(slot, start + t0, v0, start + 100, 4);
+                    held.add(start + t1, v1, start + 7_200_000, 9, start + 60_000);
+                    assert!(held.stats.is_none());
+                    let mut stats = Stats::of(start + t0, v0);
+                    stats.add(start + t1, v1);
+                    let full = Window { stats, revision: 1, updated_at: start + 7_200_000, bumped_by: 9 };
+                    assert_eq!(format!("{:?}", held.window()), format!("{full:?}"));
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    encode_held(&calendar, row_index, &held, &mut a);
+                    encode_window_serde(&calendar, row_index, slot, &full, &mut b);
+                    assert_eq!(a, b, "{t0} {t1} {v0} {v1}");
+                }
+            }
+        }
+    }
+
+    /// The operator's stored rows, with commits, seals and late readings read back into sealed
+    /// windows (most windows one reading, some many, extremes among them), are the rows of plain
+    /// full windows folded reading by reading in log order.
+    #[test]
+    fn rows_are_those_of_full_windows_folded_in_log_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_write(&dir.path().join("a.db")).unwrap();
+        let calendar = Calendar::fixed(10_000);
+        let mut op = WindowOperator::open(calendar.clone(), &conn).unwrap();
+        let base = 1_764_547_200_000i64;
+        let mut truth: std::collections::BTreeMap<(u32, i64), Window> = Default::default();
+        let mut state = 12345u64;
+        let mut random = move |n: u64| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let mut late = 0;
+        for block in 0..400u64 {
+            for i in 0..30 {
+                let series = random(5) as u32;
+                // Readings every ~10 s per sensor over 2 h, some in the same 10 s window.
+                let now = base + block as i64 * 18_000 + i * 600;
+                let mut ts = now - random(4_000) as i64;
+                if series == 3 {
+                    ts = now - now % 60_000 + 1 + random(3) as i64; // a minute of readings in a window
+                }
+                if random(50) == 0 && block > 100 {
+                    ts -= 3_600_000 + random(3_600_000) as i64; // 1-2 h late: sealed windows
+                    late += 1;
+                }
+                let value = match random(9) {
+                    0 => 1e308,
+                    1 => -1e308,
+                    2 => -0.0,
+                    _ => random(1000) as f64 * 0.25 - 100.0,
+                };
+                let p = Point { series, ts, value, received_at: now, block };
+                op.add(&conn, &p).unwrap();
+                let (index, _, end) = calendar.bucket(ts);
+                match truth.entry((series, index)) {
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        let mut w = Window::new(Stats::of(ts, value), 0, now);
+                        w.bumped_by = block;
+                        e.insert(w);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut e) => {
+                        let w = e.get_mut();
+                        w.stats.add(ts, value);
+                        w.updated_at = w.updated_at.max(now);
+                        if now >= end && w.bumped_by != block {
+                            w.revision += 1;
+                            w.bumped_by = block;
+                        }
+                    }
+                }
+            }
+            if block % 3 == 2 {
+                commit(&mut op, &mut conn);
+                truth.values_mut().for_each(|w| w.bumped_by = NOT_BUMPED);
+            }
+        }
+        commit(&mut op, &mut conn);
+        assert!(late > 30, "{late} late readings");
+        assert!(truth.values().any(|w| w.revision > 0));
+        assert!(truth.values().any(|w| w.stats.count > 16), "a window with buckets");
+        let slots = calendar.slots();
+        let mut expected: Vec<(i64, i64, i64, Vec<u8>)> = Vec::new();
+        for ((series, index), w) in &truth {
+            let (row, slot) = (index.div_euclid(slots), index.rem_euclid(slots) as u16);
+            let key = (calendar.code(), i64::from(*series), row);
+            if expected.last().is_none_or(|last| (last.0, last.1, last.2) != key) {
+                expected.push((key.0, key.1, key.2, Vec::new()));
+            }
+            encode_window_serde(&calendar, row, slot, w, &mut expected.last_mut().unwrap().3);
+        }
+        assert_eq!(stored_rows(&conn), expected);
     }
 }
