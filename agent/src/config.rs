@@ -143,11 +143,14 @@ pub struct MqttConfig {
     /// `too_many_readings`. Default 1,000.
     #[serde(default = "default_max_readings_per_message")]
     pub max_readings_per_message: usize,
-    /// Embedded mode: the size of the broker's in-memory log of messages not yet read by the agent,
-    /// in rumqttd's measure (4 bytes + topic + payload per message; the memory it takes is about
-    /// five times that for small messages). Clients wait (their connection is not read) while the
-    /// agent is half this behind, so nothing is evicted unread; a larger log lets
-    /// bursts through without waits at the cost of memory. Default 131,072 (128 KiB), at least 16,384.
+    /// Embedded mode: how far clients may get ahead of the agent, and the size of the broker's
+    /// in-memory log for the gateway's other MQTT clients, in rumqttd's measure (4 bytes + topic +
+    /// payload per message). Clients wait (their connection is not read) while the agent has half
+    /// this handed over and not yet taken, so nothing is lost; a larger value lets bursts through
+    /// without waits at the cost of memory. Other subscribers read from a log of this size (about
+    /// five times that in memory for small messages), which evicts its oldest messages when full
+    /// (a subscriber that falls that far behind misses them; the agent does not read it). Default
+    /// 131,072 (128 KiB), at least 16,384.
     #[serde(default = "default_broker_buffer_bytes")]
     pub broker_buffer_bytes: usize,
     /// Embedded mode: the clients allowed to connect (`[[mqtt.users]]` tables). When any are listed,

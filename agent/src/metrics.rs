@@ -98,10 +98,12 @@ pub struct Metrics {
     pub broker_auth_failures: Counter,
     /// TLS handshakes that failed or timed out on the embedded broker's `tls_listen`.
     pub broker_tls_handshake_failures: Counter,
-    /// Messages the embedded broker acknowledged but evicted before the agent read them.
+    /// Messages the embedded broker acknowledged but evicted before the agent read them. Always 0
+    /// since connections hand publishes to the agent directly (not through rumqttd's log); kept so
+    /// that dashboards and alerts on it go on working.
     pub broker_dropped: Counter,
     /// Times an embedded-broker connection waited before handing publishes over, because the
-    /// agent was `mqtt.broker_buffer_bytes` behind (its client was slowed down, nothing was lost).
+    /// agent was half `mqtt.broker_buffer_bytes` behind (its client was slowed down, nothing was lost).
     pub broker_backlog_waits: Counter,
     /// Readings committed to the spool.
     pub readings_spooled: Counter,
@@ -263,8 +265,8 @@ impl Metrics {
         );
         registry.register(
             "broker_backlog_waits",
-            "Times an embedded-broker connection waited for the agent to read what the broker holds \
-             (mqtt.broker_buffer_bytes behind): its client was slowed down, nothing was lost",
+            "Times an embedded-broker connection waited for the agent to take what it handed over \
+             (half mqtt.broker_buffer_bytes behind): its client was slowed down, nothing was lost",
             m.broker_backlog_waits.clone(),
         );
         registry.register("readings_spooled", "Readings committed to the spool", m.readings_spooled.clone());

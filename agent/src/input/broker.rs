@@ -1,37 +1,42 @@
 //! The embedded MQTT broker: sensors publish to the agent itself, no broker to install.
 //!
-//! rumqttd's router (commit log, sessions, acks) runs on its own thread, but the agent owns the
-//! listening socket and every client connection, and moves packets between sockets and router
-//! itself, as rumqttd's own server does (`rumqttd::link::remote`). rumqttd's server cannot be
-//! stopped, and stopping is the reason: a clean stop must stop taking publishes, then take
-//! everything the router acknowledged, then end, in bounded time whatever the clients do.
+//! The agent owns the listening socket and every client connection, and parses MQTT itself. A
+//! connection hands the publishes it reads, a batch at a time in arrival order, straight to the
+//! broker's run loop (the single owner of the [`Intake`]) over a channel, and acknowledges them
+//! (PUBACK; PUBREC for QoS 2) once the channel has taken them. rumqttd's router (on its own
+//! thread) only does what a broker does for the gateway's other MQTT clients: their
+//! subscriptions, retained messages, persistent sessions, wills delivered to subscribers. A
+//! publish goes to the router as well only when another client could want it: while any client
+//! holds a subscription ([`Shared::subscribers`]), or when it is retained. In the common case (the
+//! sensors publish, nobody subscribes) the router never sees a publish.
 //!
-//! The stop, in order:
+//! rumqttd's server cannot be stopped, and stopping is the reason the agent serves connections
+//! itself: a clean stop must stop taking publishes, then take everything acknowledged, then end,
+//! in bounded time whatever the clients do. In order:
 //! 1. the listener closes and every connection stops reading its socket;
-//! 2. the gate closes: a connection hands packets to the router only while holding the gate open
-//!    (a read lock, once per batch), so once the gate is closed (write lock) nothing more reaches
-//!    the router, and nothing more can be acknowledged;
-//! 3. the agent publishes a marker through its own link: the router handles events in order, so
-//!    every publish it acknowledged is in the commit log before the marker;
-//! 4. the agent reads its link up to the marker into the spool;
-//! 5. connections write the acks still due (for at most [`ACK_FLUSH`]) and close.
+//! 2. the channel closes: what a connection hands over afterwards is refused and goes
+//!    unacknowledged (the client sends it again), so everything acknowledged is in the channel;
+//! 3. the run loop takes everything the channel holds into the spool;
+//! 4. connections close (their acks were written as soon as the channel took the publishes; a
+//!    client that does not read its socket delays the stop by [`ACK_FLUSH`] at most).
 //!
-//! rumqttd acknowledges a QoS-1 publish as soon as it is in its in-memory log, before the agent has
-//! read it; the spool's group commit follows within `spool.gather_interval` under load, within
-//! `spool.max_commit_interval` on a quiet gateway. That interval is the only window in which a
-//! crash can lose an acknowledged reading (a power cut also loses the commits of the last
-//! `spool.sync_interval`). QoS 2 gets the same guarantee:
-//! connections hand QoS-2 publishes to the router as QoS 1 and answer PUBREC only once the router
-//! has logged the message (rumqttd itself would answer PUBREC first and log on PUBREL).
+//! A publish is acknowledged once it is in the agent's memory, before the spool has it, as
+//! rumqttd itself acknowledges on receipt into its log: the spool's group commit follows within
+//! `spool.gather_interval` under load, within `spool.max_commit_interval` on a quiet gateway.
+//! That interval is the only window in which a crash can lose an acknowledged reading (a power
+//! cut also loses the commits of the last `spool.sync_interval`). QoS 2 gets the same guarantee:
+//! PUBREC is written once the channel has taken the publish, and a publish sent again with the same
+//! packet id before the client's PUBREL is answered PUBREC again without being taken twice.
 //!
-//! The agent reads through a local link subscribed to `#` (one commit log inside the broker, however
-//! many topics), and matches topics against its own filters. rumqttd keeps a bounded in-memory log
-//! (`mqtt.broker_buffer_bytes`) and evicts its oldest messages when full, read or not. So that it
-//! never evicts what the agent has not read, connections hand publishes over only while the agent's
-//! link is less than the log's size behind ([`Backlog`]); past that they wait, and stop reading
-//! their sockets, which slows the clients down instead of losing their messages. Were messages
-//! evicted all the same, the gap in the link's offsets is counted as
-//! `tributary_agent_broker_dropped_total`.
+//! The agent takes every publish whose topic does not start with `$` (what a subscription to `#`
+//! would get) and matches topics against its own filters. What connections have handed over and
+//! the agent has not taken yet is bounded by half of `mqtt.broker_buffer_bytes` (in rumqttd's
+//! measure of a message: 4 bytes + topic + payload): past that a connection waits before handing
+//! more over, and stops reading its socket, which slows the client down instead of losing its
+//! messages (counted as `tributary_agent_broker_backlog_waits_total`). The same setting sizes
+//! rumqttd's in-memory log for other subscribers, which evicts its oldest messages when full (a
+//! slow subscriber misses them; the agent does not read that log, so
+//! `tributary_agent_broker_dropped_total` stays 0).
 //!
 //! With `[[mqtt.users]]` configured, a client must present one's username and password in its
 //! CONNECT; any other is answered CONNACK 4 (bad username or password), counted as
@@ -49,40 +54,32 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::{self, V4};
 use rumqttd::protocol::{
-    self, ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Login, Packet, Protocol, PubComp,
-    PubCompReason, PubRec, PubRecReason, Publish,
+    self, ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Login, Packet, PingResp, Protocol,
+    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
 };
 use rumqttd::{Notification, Router, RouterConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, RwLock, Semaphore, watch};
-use tokio::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use super::Intake;
 use crate::config::{MqttConfig, MqttTls};
 use crate::metrics::Metrics;
 
-/// rumqttd's in-memory log per filter is `mqtt.broker_buffer_bytes` in this many segments, evicted
-/// oldest first whatever the agent has read. It only has to cover the agent's scheduling delays:
-/// the agent takes messages as fast as they come (they wait for a slow disk in the intake's chunk,
-/// 24 bytes a reading, not here at five times their size: rumqttd keeps some 230 bytes per message
-/// besides its topic and payload), and connections wait while the agent is behind by half the log
-/// ([`Backlog`]).
+/// rumqttd's in-memory log per filter (for other subscribers) is `mqtt.broker_buffer_bytes` in
+/// this many segments, evicted oldest first.
 const SEGMENT_COUNT: usize = 4;
 /// rumqttd refuses smaller segments.
 const MIN_SEGMENT_BYTES: usize = 1024;
-/// With the agent's link this long without a message, what it has not read is nothing (see
-/// [`Backlog::settle`]).
-const BACKLOG_SETTLE: Duration = Duration::from_millis(200);
 
 /// Client connections at once (rumqttd's router refuses more anyway).
 const MAX_CONNECTIONS: usize = 10_000;
@@ -92,10 +89,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to say so (a TLS close_notify, a TCP FIN).
 const CLOSE_TIMEOUT: Duration = Duration::from_millis(200);
-/// Stop step 4: reading up to the marker only waits for the router to forward what it holds.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Stop step 5: how long connections may take to write the acks due to their clients.
+/// Stop step 4: how long connections may take to end (write what they are writing, close).
 const ACK_FLUSH: Duration = Duration::from_secs(1);
+/// The run loop takes at most this many batches from connections at a wake-up.
+const DRAIN_BATCHES: usize = 64;
 /// A read asks the socket for at least this much room.
 const READ_CHUNK: usize = 8 * 1024;
 /// Reads smaller than this are framed from a copy (see [`Connection::frame`]).
@@ -117,18 +114,19 @@ pub enum BrokerError {
 type NewLink = Arc<dyn Fn(&str, bool, Option<LastWill>) -> Result<Link, String> + Send + Sync>;
 type Link = (LinkTx, LinkRx, Notification);
 
-/// A running embedded broker and the agent's link into it.
+/// A running embedded broker.
 pub struct EmbeddedBroker {
     listener: TcpListener,
     /// `tls_listen`'s listener, and the handshakes it makes.
     tls_listener: Option<(TcpListener, TlsAcceptor)>,
     new_link: NewLink,
-    link_tx: LinkTx,
-    link_rx: LinkRx,
+    /// The link subscribed to `#`, unread, held while the broker runs.
+    catch_all: (LinkTx, LinkRx),
     max_packet: usize,
     /// Username → password; empty: every client is let in.
     users: HashMap<String, String>,
-    backlog: Arc<Backlog>,
+    /// What connections may hand over ahead of the agent, in rumqttd's measure (see the module doc).
+    budget: u32,
 }
 
 impl EmbeddedBroker {
@@ -157,6 +155,9 @@ impl EmbeddedBroker {
             let builder = LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).last_will(will);
             builder.build().map_err(|e| e.to_string())
         });
+        // rumqttd drops a client whose publish matches no subscription: with a link subscribed to
+        // `#` every publish the router gets matches one (as when the agent read through it). The
+        // agent never reads it; the router stops forwarding to it once its buffer is full.
         let (mut link_tx, link_rx, _) = new_link("tributary-agent-spool", true, None)
             .map_err(|e| BrokerError::Setup(format!("local link: {e}")))?;
         link_tx.subscribe("#").map_err(|e| BrokerError::Setup(format!("subscribe: {e}")))?;
@@ -192,32 +193,35 @@ impl EmbeddedBroker {
         } else {
             tracing::info!(%addr, users = users.len(), "embedded MQTT broker listening");
         }
+        // Half the log, as when the agent read through it; a message larger than that goes alone.
+        let budget = (config.broker_buffer_bytes / 2).clamp(MIN_SEGMENT_BYTES, u32::MAX as usize) as u32;
         Ok(EmbeddedBroker {
             listener,
             tls_listener,
             new_link,
-            link_tx,
-            link_rx,
+            catch_all: (link_tx, link_rx),
             // Payloads above max_payload_bytes still reach the agent, to be counted as rejected;
             // only far larger packets make the broker drop the client.
             max_packet: config.max_payload_bytes.saturating_mul(8),
             users,
-            backlog: Arc::new(Backlog::new(segment_bytes * (SEGMENT_COUNT - 2), segment_bytes)),
+            budget,
         })
     }
 
     /// Reads messages until shutdown, then stops as the module doc describes.
     pub async fn run(self, mut intake: Intake, mut shutdown: watch::Receiver<bool>) -> Result<(), BrokerError> {
-        let EmbeddedBroker { listener, tls_listener, new_link, mut link_tx, link_rx, max_packet, users, backlog } =
-            self;
+        let EmbeddedBroker { listener, tls_listener, new_link, catch_all, max_packet, users, budget } = self;
         let metrics = intake.metrics().clone();
+        let (inbox_tx, mut inbox) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             new_link,
-            gate: RwLock::new(false),
+            inbox: inbox_tx,
+            room: Arc::new(Semaphore::new(budget as usize)),
+            budget,
+            subscribers: AtomicUsize::new(0),
             max_packet,
             metrics,
             users,
-            backlog: backlog.clone(),
         });
         let (phase_tx, phase) = watch::channel(Phase::Open);
         // Every connection task holds a clone; recv() returns None once all have ended.
@@ -231,12 +235,17 @@ impl EmbeddedBroker {
         tokio::spawn(accept(listener, None, slots, shared.clone(), phase, ended_tx));
 
         let spool = intake.sender();
-        let mut reader =
-            LinkReader { link_rx, last_offset: None, marker: None, backlog, read_since_settle: 0, settle_handed: 0 };
         let mut ticker = intake.ticker();
-        let mut settle = tokio::time::interval(BACKLOG_SETTLE);
-        settle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A batch the intake had no room for all of, and how much of it was taken.
+        let mut held: Option<(Handed, usize)> = None;
         let result = loop {
+            if let Some((handed, from)) = &mut held {
+                match take(&mut intake, handed, from) {
+                    Ok(true) => held = None,
+                    Ok(false) => {}
+                    Err(e) => break Err(e.into()),
+                }
+            }
             tokio::select! {
                 // What the pre-filters held long enough goes out even when no message comes.
                 _ = ticker.tick() => if let Err(e) = intake.tick(&mut ticker) { break Err(e.into()) },
@@ -245,159 +254,151 @@ impl EmbeddedBroker {
                     Ok(permit) => intake.send_with(permit),
                     Err(_) => break Err(BrokerError::Spool(crate::spool::SpoolError::Closed)),
                 },
-                n = reader.link_rx.next(), if !intake.is_full() => match n {
-                    Ok(Some(n)) => { reader.handle(n, &mut intake).await?; }
-                    Ok(None) => {}
-                    Err(e) => break Err(BrokerError::Stopped(format!("local link: {e}"))),
+                handed = inbox.recv(), if held.is_none() && !intake.is_full() => {
+                    let Some(mut handed) = handed else {
+                        break Err(BrokerError::Stopped("its connections ended".into()));
+                    };
+                    // What else connections handed over meanwhile (a bounded number of batches,
+                    // so that the other events get their turn), then into the writer's queue.
+                    let (mut from, mut more) = (0, DRAIN_BATCHES);
+                    let taken = loop {
+                        match take(&mut intake, &mut handed, &mut from) {
+                            Ok(true) => {}
+                            Ok(false) => break Ok(Some((handed, from))),
+                            Err(e) => break Err(e),
+                        }
+                        more -= 1;
+                        match inbox.try_recv() {
+                            Ok(next) if more > 0 => (handed, from) = (next, 0),
+                            Ok(next) => break Ok(Some((next, 0))),
+                            Err(_) => break Ok(None),
+                        }
+                    };
+                    match taken.and_then(|h| intake.try_flush().map(|()| h)) {
+                        Ok(h) => held = h,
+                        Err(e) => break Err(e.into()),
+                    }
                 },
-                _ = settle.tick(), if !intake.is_full() && reader.backlog.behind() > 0 => reader.settle(),
                 _ = shutdown.changed() => break Ok(()),
             }
         };
 
-        // 1. Stop accepting connections and reading sockets. 2. Close the gate.
+        // 1. Stop accepting connections and reading sockets. 2. Close the channel.
         let _ = phase_tx.send(Phase::Stopping);
-        *shared.gate.write().await = true;
+        inbox.close();
+        shared.room.close();
         if result.is_ok() {
-            // 3. The marker. 4. Everything before it into the spool.
-            let marker = Bytes::from(format!("tributary-agent/stop/{:016x}", fastrand::u64(..)));
-            reader.marker = Some(marker.clone());
-            link_tx.publish(marker, "stop").map_err(|e| BrokerError::Stopped(format!("local link: {e}")))?;
-            let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-                loop {
-                    match reader.link_rx.next().await {
-                        Ok(Some(n)) => {
-                            if reader.handle(n, &mut intake).await? {
-                                return Ok(());
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => return Err(BrokerError::Stopped(format!("local link: {e}"))),
-                    }
+            // 3. Everything acknowledged into the spool, with what the pre-filters still hold.
+            let mut next = held.take();
+            loop {
+                let (mut handed, mut from) = match next.take() {
+                    Some(held) => held,
+                    None => match inbox.recv().await {
+                        Some(handed) => (handed, 0),
+                        None => break,
+                    },
+                };
+                while !take(&mut intake, &mut handed, &mut from)? {
+                    intake.flush().await?;
                 }
-            })
-            .await;
-            match drained {
-                Ok(r) => r?,
-                Err(_) => tracing::error!(
-                    "the embedded broker did not forward everything it acknowledged within {DRAIN_TIMEOUT:?}; \
-                     acknowledged messages may be lost"
-                ),
             }
-            // With what the pre-filters still hold.
             intake.finish().await?;
         }
-        // 5. Connections write the acks due and close.
+        // 4. Connections close.
         let _ = phase_tx.send(Phase::Closing);
         let _ = tokio::time::timeout(ACK_FLUSH + Duration::from_secs(1), ended.recv()).await;
+        drop(catch_all);
         result
     }
+}
+
+/// Takes `handed`'s publishes from `from` on into the intake while it has room; `true` once all
+/// are taken.
+fn take(intake: &mut Intake, handed: &mut Handed, from: &mut usize) -> Result<bool, crate::spool::SpoolError> {
+    while let Some(publish) = handed.publishes.get(*from) {
+        if intake.is_full() {
+            intake.try_flush()?;
+            if intake.is_full() {
+                return Ok(false);
+            }
+        }
+        *from += 1;
+        intake.take(&publish.topic, &publish.payload);
+    }
+    Ok(true)
 }
 
 /// Where the broker is in its life; connections and the acceptor watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Open,
-    /// No new connections, no more reading from sockets; acks still go out.
+    /// No new connections, no more reading from sockets, nothing more handed over.
     Stopping,
-    /// Write the acks still due, then close.
+    /// Close.
     Closing,
+}
+
+/// Publishes a connection handed over in one go, in arrival order, holding their room in the
+/// budget until the agent has taken them all.
+struct Handed {
+    publishes: Vec<Publish>,
+    _room: OwnedSemaphorePermit,
 }
 
 /// What every connection task shares.
 struct Shared {
     new_link: NewLink,
-    /// `true` once closed: nothing more reaches the router (see the module doc).
-    gate: RwLock<bool>,
+    /// To the run loop; closed once the broker stops taking publishes.
+    inbox: mpsc::UnboundedSender<Handed>,
+    /// The budget of what may be handed over and not taken yet (see the module doc).
+    room: Arc<Semaphore>,
+    budget: u32,
+    /// Connections whose client subscribed to something: while there are any, publishes go to the
+    /// router too. A persistent session's subscriptions outlive its connection, so a client that
+    /// subscribed with `clean_session = false` counts until the agent restarts.
+    subscribers: AtomicUsize,
     max_packet: usize,
     metrics: Arc<Metrics>,
     /// Username → password; empty: every client is let in.
     users: HashMap<String, String>,
-    backlog: Arc<Backlog>,
 }
 
-/// How far the agent's link is behind what connections handed to the router, in rumqttd's own
-/// measure of a message's size (4 bytes + topic + payload), so that connections can wait before
-/// rumqttd's log would evict what the agent has not read.
-///
-/// Connections add what they hand over, the agent's link what it reads. The two counts can part
-/// for good only in rare cases (a publish the router refuses after it was counted, a will the
-/// router publishes itself); [`LinkReader::settle`] mends that when the link has been idle for
-/// [`BACKLOG_SETTLE`] while the agent was ready to read.
-struct Backlog {
-    handed: AtomicU64,
-    read: AtomicU64,
-    /// Connections wait while more than this is unread: the log's size less two segments (rumqttd
-    /// drops a whole segment when it starts one past its count, and a segment may exceed its size
-    /// by a message).
-    limit: u64,
-    /// What [`LinkReader::settle`] lets connections hand over at a time: a segment.
-    slack: u64,
-    /// A connection waits on `room`.
-    waiting: AtomicBool,
-    room: Notify,
-}
-
-impl Backlog {
-    fn new(limit: usize, slack: usize) -> Backlog {
-        Backlog {
-            handed: AtomicU64::new(0),
-            read: AtomicU64::new(0),
-            limit: limit as u64,
-            slack: slack as u64,
-            waiting: AtomicBool::new(false),
-            room: Notify::new(),
-        }
+impl Shared {
+    /// Whether `publish` must go to the router too: another client could want it (someone
+    /// subscribes), it changes rumqttd's retained messages (a retained publish; any empty one
+    /// forgets the topic's), or the router refuses it (a `$` topic no one subscribed to: rumqttd
+    /// drops the client, as it did when the agent read through it).
+    fn wants(&self, publish: &Publish) -> bool {
+        publish.retain
+            || publish.payload.is_empty()
+            || publish.topic.first() == Some(&b'$')
+            || self.subscribers.load(Ordering::SeqCst) > 0
     }
 
-    /// rumqttd's size of a publish the agent's link (`#`) receives; 0 for others.
-    fn size(packet: &Packet) -> u64 {
-        match packet {
-            // `#` does not match topics starting with `$` (rumqttd follows MQTT there).
-            Packet::Publish(p, _) if p.topic.first() != Some(&b'$') => 4 + (p.topic.len() + p.payload.len()) as u64,
-            _ => 0,
+    /// Hands publishes to the agent, waiting while the budget is spent; `false` if the broker
+    /// stopped taking publishes (then they go unacknowledged, and the client sends them again).
+    async fn hand_in(&self, publishes: Vec<Publish>, phase: &watch::Receiver<Phase>) -> bool {
+        if publishes.is_empty() {
+            return !self.inbox.is_closed();
         }
-    }
-
-    fn behind(&self) -> u64 {
-        self.handed.load(Ordering::SeqCst).saturating_sub(self.read.load(Ordering::SeqCst))
-    }
-
-    /// Waits until `bytes` more fit within the limit (or nothing is unread: a message larger than
-    /// the log goes alone), or until the broker stops taking publishes.
-    async fn room_for(&self, bytes: u64, phase: &watch::Receiver<Phase>, metrics: &Metrics) {
-        let fits = |behind: u64| behind == 0 || behind + bytes <= self.limit;
-        if bytes == 0 || fits(self.behind()) {
-            return;
-        }
-        metrics.broker_backlog_waits.inc();
-        let mut phase = phase.clone();
-        loop {
-            let notified = self.room.notified();
-            let mut notified = pin!(notified);
-            notified.as_mut().enable();
-            self.waiting.store(true, Ordering::SeqCst);
-            if fits(self.behind()) {
-                return;
+        let bytes: usize = publishes.iter().map(|p| 4 + p.topic.len() + p.payload.len()).sum();
+        let bytes = bytes.min(self.budget as usize) as u32;
+        let room = match self.room.clone().try_acquire_many_owned(bytes) {
+            Ok(room) => room,
+            Err(TryAcquireError::Closed) => return false,
+            Err(TryAcquireError::NoPermits) => {
+                self.metrics.broker_backlog_waits.inc();
+                let mut phase = phase.clone();
+                tokio::select! {
+                    room = self.room.clone().acquire_many_owned(bytes) => match room {
+                        Ok(room) => room,
+                        Err(_) => return false,
+                    },
+                    _ = phase.wait_for(|p| *p != Phase::Open) => return false,
+                }
             }
-            tokio::select! {
-                _ = notified => {}
-                _ = phase.wait_for(|p| *p != Phase::Open) => return,
-            }
-        }
-    }
-
-    fn handed(&self, bytes: u64) {
-        if bytes > 0 {
-            self.handed.fetch_add(bytes, Ordering::SeqCst);
-        }
-    }
-
-    fn read(&self, bytes: u64) {
-        self.read.fetch_add(bytes, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) && self.waiting.swap(false, Ordering::SeqCst) {
-            self.room.notify_waiters();
-        }
+        };
+        self.inbox.send(Handed { publishes, _room: room }).is_ok()
     }
 }
 
@@ -524,31 +525,6 @@ struct Connection<S> {
     max_packet: usize,
 }
 
-/// A connection's QoS bookkeeping.
-#[derive(Default)]
-struct Session {
-    /// QoS-1/2 publishes handed to the router whose ack is not written yet.
-    acks_due: usize,
-    /// QoS-2 publishes handed to the router (as QoS 1), awaiting its ack to answer PUBREC.
-    qos2_logged: HashSet<u16>,
-    /// QoS-2 publishes answered with PUBREC, awaiting the client's PUBREL.
-    qos2_received: HashSet<u16>,
-}
-
-/// Packets read from the socket in one go.
-#[derive(Default)]
-struct Batch {
-    /// For the router.
-    packets: Vec<Packet>,
-    /// Of those, QoS-1/2 publishes (acks due once handed over).
-    acks: usize,
-    /// Of those, QoS-2 publishes by packet id.
-    qos2: Vec<u16>,
-    /// Answers the connection gives itself (PUBCOMP, repeated PUBREC).
-    replies: Vec<Packet>,
-    goodbye: bool,
-}
-
 /// Serves one client until either side ends, then closes the connection (a TLS one with its
 /// close_notify).
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
@@ -639,15 +615,27 @@ async fn serve_client<S: AsyncRead + AsyncWrite + Unpin>(
         End::Closed(Some(e)) => tracing::debug!(%addr, client_id, error = %e, "connection failed"),
         _ => tracing::trace!(%addr, client_id, ?end, "connection ended"),
     }
-    // The client vanished without DISCONNECT: its will is due, and the router must forget it.
+    // The client vanished without DISCONNECT: its will is due (to the agent, and to the router
+    // for other subscribers), and the router must forget it.
     if matches!(end, End::Closed(_) | End::KeepAlive | End::Protocol(_)) {
         let mut packets = Vec::new();
         if let Some(will) = will {
-            packets.push(Packet::Publish(Publish::new(will.topic, will.message, false), None));
+            let publish = Publish::new(will.topic, will.message, false);
+            if shared.wants(&publish) {
+                packets.push(Packet::Publish(publish.clone(), None));
+            }
+            let ours = if publish.topic.first() == Some(&b'$') { vec![] } else { vec![publish] };
+            if !shared.hand_in(ours, &phase).await {
+                packets.clear();
+            }
         }
         let disconnect = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
         packets.push(Packet::Disconnect(disconnect, None));
-        let _ = hand_over(shared, &mut link_tx, packets).await;
+        let _ = to_router(&mut link_tx, packets).await;
+    }
+    // A clean session's subscriptions end with its connection (see `Shared::subscribers`).
+    if session.subscribed && connect.clean_session {
+        shared.subscribers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -667,58 +655,12 @@ fn refuse(shared: &Shared, addr: SocketAddr, reason: &str) {
     tracing::warn!(%addr, reason, "embedded broker: refused a client's packet and closed its connection");
 }
 
-/// Hands packets to the router in pieces that fit in its log, each once the agent's link is close
-/// enough behind that rumqttd would evict nothing unread ([`Backlog`]); `false` if the gate was
-/// closed before the first piece (once a piece is in, the rest counts as handed over: at worst the
-/// connection waits [`ACK_FLUSH`] for acks that do not come).
-async fn hand_over_paced(
-    shared: &Shared,
-    link_tx: &mut LinkTx,
-    packets: Vec<Packet>,
-    phase: &watch::Receiver<Phase>,
-) -> Result<bool, LinkError> {
-    let backlog = &shared.backlog;
-    // In pieces of a segment at most: what a settle lets through at a time.
-    let total: u64 = packets.iter().map(Backlog::size).sum();
-    if total <= backlog.slack {
-        backlog.room_for(total, phase, &shared.metrics).await;
-        return hand_over(shared, link_tx, packets).await;
-    }
-    let mut handed = false;
-    let mut piece = Vec::new();
-    let mut piece_bytes = 0;
-    let mut packets = packets.into_iter().peekable();
-    while let Some(packet) = packets.next() {
-        piece_bytes += Backlog::size(&packet);
-        piece.push(packet);
-        let next = packets.peek().map_or(u64::MAX, Backlog::size);
-        if packets.peek().is_none() || piece_bytes.saturating_add(next) > backlog.slack {
-            backlog.room_for(piece_bytes, phase, &shared.metrics).await;
-            let ok = hand_over(shared, link_tx, std::mem::take(&mut piece)).await?;
-            if !ok {
-                return Ok(handed);
-            }
-            handed = true;
-            piece_bytes = 0;
-        }
-    }
-    Ok(handed)
-}
-
-/// Hands packets to the router unless the gate is closed; `false` if it was.
-async fn hand_over(shared: &Shared, link_tx: &mut LinkTx, mut packets: Vec<Packet>) -> Result<bool, LinkError> {
-    let Some(last) = packets.pop() else { return Ok(true) };
-    // Held until the router has been told: the stop waits for it (see the module doc).
-    let sealed = shared.gate.read().await;
-    if *sealed {
-        return Ok(false);
-    }
-    let bytes = packets.iter().chain([&last]).map(Backlog::size).sum();
+/// Hands packets to the router, in one wake-up.
+async fn to_router(link_tx: &mut LinkTx, mut packets: Vec<Packet>) -> Result<(), LinkError> {
+    let Some(last) = packets.pop() else { return Ok(()) };
     link_tx.buffer().extend(packets);
     // Pushes `last` and wakes the router (a blocking send: the router only ever waits on its own queue).
-    link_tx.send(last).await?;
-    shared.backlog.handed(bytes);
-    Ok(true)
+    link_tx.send(last).await.map(drop)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -742,7 +684,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Moves packets between the socket and the router until either side ends or the broker stops.
+    /// Moves packets between the socket, the agent and the router until either side ends or the
+    /// broker stops.
     async fn run(
         &mut self,
         shared: &Shared,
@@ -758,35 +701,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return end;
             }
         }
-        let mut closing_by: Option<Instant> = None;
         loop {
             let reading = *phase.borrow() == Phase::Open;
             tokio::select! {
                 biased;
                 changed = phase.changed() => {
-                    if changed.is_err() {
+                    // Acks are written as soon as the agent has the publishes: none is due.
+                    if changed.is_err() || *phase.borrow_and_update() == Phase::Closing {
                         return End::Stopped;
                     }
-                    if *phase.borrow_and_update() == Phase::Closing {
-                        if session.acks_due == 0 {
-                            return End::Stopped;
-                        }
-                        closing_by = Some(Instant::now() + ACK_FLUSH);
-                    }
-                }
-                _ = tokio::time::sleep_until(closing_by.unwrap_or_else(Instant::now)), if closing_by.is_some() => {
-                    return End::Stopped;
                 }
                 n = link_rx.next() => {
                     let first = match n {
                         Ok(first) => first,
                         Err(_) => return End::Router,
                     };
-                    if let Err(end) = self.deliver(first, shared, link_rx, session).await {
+                    if let Err(end) = self.deliver(first, shared, link_rx).await {
                         return end;
-                    }
-                    if closing_by.is_some() && session.acks_due == 0 {
-                        return End::Stopped;
                     }
                 }
                 r = tokio::time::timeout(keep_alive, self.socket.read_buf(&mut self.read)), if reading => {
@@ -804,8 +735,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Hands the complete packets read so far to the router, and answers what the connection
-    /// answers itself.
+    /// Hands the publishes read so far to the agent (and to the router if others could want
+    /// them), the other packets to the router, and writes the acks and answers due.
     async fn take_input(
         &mut self,
         shared: &Shared,
@@ -813,17 +744,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         session: &mut Session,
         phase: &watch::Receiver<Phase>,
     ) -> Result<(), End> {
-        let Batch { packets, acks, qos2, replies, goodbye } = self.frame(session).map_err(End::Protocol)?;
-        match hand_over_paced(shared, link_tx, packets, phase).await {
-            Ok(true) => {
-                session.acks_due += acks;
-                session.qos2_logged.extend(qos2);
-            }
+        let Batch { ours, router, mut replies, goodbye } = self.frame(shared, session).map_err(End::Protocol)?;
+        if shared.hand_in(ours, phase).await {
+            to_router(link_tx, router).await.map_err(|_| End::Router)?;
+        } else {
             // The broker is stopping: these go unacknowledged, the client sends them again.
-            Ok(false) => {}
-            Err(_) => return Err(End::Router),
+            replies.retain(|(ack, _)| !ack);
         }
-        self.write_packets(replies).await.map_err(|e| End::Closed(Some(e)))?;
+        self.write_packets(replies.into_iter().map(|(_, packet)| packet).collect())
+            .await
+            .map_err(|e| End::Closed(Some(e)))?;
         match goodbye {
             true => Err(End::Goodbye),
             false => Ok(()),
@@ -831,18 +761,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Frames every complete packet in the read buffer; reserves room for the rest of a partial one.
-    fn frame(&mut self, session: &mut Session) -> Result<Batch, protocol::Error> {
-        // Frames share their buffer's allocation, and rumqttd's log holds them until evicted, which
-        // takes minutes when traffic is light: a lone 60-byte publish would pin a whole read buffer.
-        // A small read is framed from an exact-size copy; busy connections frame in place.
+    fn frame(&mut self, shared: &Shared, session: &mut Session) -> Result<Batch, protocol::Error> {
+        // Frames share their buffer's allocation until dropped, and rumqttd's log holds what goes
+        // to the router until evicted, which takes minutes when traffic is light: a lone 60-byte
+        // publish would pin a whole read buffer. A small read is framed from an exact-size copy;
+        // busy connections frame in place.
         let (batch, wanted) = if self.read.len() < SMALL_READ {
             let mut copy = BytesMut::from(&self.read[..]);
             self.read.clear();
-            let framed = frame(&mut copy, self.max_packet, session)?;
+            let framed = frame(&mut copy, self.max_packet, shared, session)?;
             self.read.extend_from_slice(&copy);
             framed
         } else {
-            frame(&mut self.read, self.max_packet, session)?
+            frame(&mut self.read, self.max_packet, shared, session)?
         };
         if self.read.capacity() - self.read.len() < wanted.max(READ_CHUNK / 2) {
             self.read.reserve(wanted.max(READ_CHUNK));
@@ -851,13 +782,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Writes `first` and every other notification the router has queued for this client.
-    async fn deliver(
-        &mut self,
-        first: Option<Notification>,
-        shared: &Shared,
-        link_rx: &mut LinkRx,
-        session: &mut Session,
-    ) -> Result<(), End> {
+    async fn deliver(&mut self, first: Option<Notification>, shared: &Shared, link_rx: &mut LinkRx) -> Result<(), End> {
         let mut packets = Vec::new();
         let mut unscheduled = false;
         let mut next = first;
@@ -870,11 +795,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     refuse(shared, self.peer(), "the router refused a packet (e.g. a topic that is not UTF-8)");
                     return Err(End::Router);
                 }
-                Some(n) => {
-                    if let Some(packet) = Option::<Packet>::from(n) {
-                        packets.push(session.outgoing(packet));
-                    }
-                }
+                Some(n) => match Option::<Packet>::from(n) {
+                    // The router's acks of the publishes it was handed: the connection wrote its
+                    // own when the agent took them.
+                    Some(Packet::PubAck(..)) | None => {}
+                    Some(packet) => packets.push(packet),
+                },
                 None => {}
             }
             next = match ready(link_rx.next()) {
@@ -917,7 +843,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 }
 
 /// Frames every complete packet in `buf`: the batch, and how many more bytes a partial packet needs.
-fn frame(buf: &mut BytesMut, max_packet: usize, session: &mut Session) -> Result<(Batch, usize), protocol::Error> {
+fn frame(
+    buf: &mut BytesMut,
+    max_packet: usize,
+    shared: &Shared,
+    session: &mut Session,
+) -> Result<(Batch, usize), protocol::Error> {
     let mut batch = Batch::default();
     loop {
         let header = match v4::check(buf.iter(), max_packet) {
@@ -927,24 +858,25 @@ fn frame(buf: &mut BytesMut, max_packet: usize, session: &mut Session) -> Result
         };
         let is_publish = header.byte1 >> 4 == 3;
         let qos = (header.byte1 >> 1) & 0b11;
-        let mut qos2_pkid = None;
+        let mut pkid = 0;
+        if is_publish && qos > 0 {
+            pkid = packet_id(buf, header.fixed_header_len).ok_or(protocol::Error::MalformedPacket)?;
+        }
         if is_publish && qos == 2 {
-            let pkid = qos2_packet_id(buf, header.fixed_header_len).ok_or(protocol::Error::MalformedPacket)?;
             if session.qos2_received.contains(&pkid) {
-                // Sent again before our PUBREC arrived: it is logged already.
+                // Sent again before our PUBREC arrived: taken already.
                 let _ = V4.read_mut(buf, max_packet)?;
-                batch.replies.push(pubrec(pkid));
+                batch.replies.push((false, pubrec(pkid)));
                 continue;
             }
-            // Logged as QoS 1; the router's PUBACK becomes our PUBREC.
+            // The router (for other subscribers) takes it as QoS 1; the connection answers PUBREC.
             buf[0] = (header.byte1 & !0b0110) | 0b0010;
-            qos2_pkid = Some(pkid);
         }
         match V4.read_mut(buf, max_packet)? {
             Packet::PubRel(pubrel, _) => {
                 session.qos2_received.remove(&pubrel.pkid);
                 let pubcomp = PubComp { pkid: pubrel.pkid, reason: PubCompReason::Success };
-                batch.replies.push(Packet::PubComp(pubcomp, None));
+                batch.replies.push((false, Packet::PubComp(pubcomp, None)));
             }
             // The router would refuse it too, but drop the client without saying why.
             Packet::Publish(publish, _) if std::str::from_utf8(&publish.topic).is_err() => {
@@ -959,13 +891,33 @@ fn frame(buf: &mut BytesMut, max_packet: usize, session: &mut Session) -> Result
                 );
                 return Err(protocol::Error::TopicNotUtf8);
             }
-            packet => {
-                if is_publish && qos > 0 {
-                    batch.acks += 1;
+            Packet::Publish(publish, _) => {
+                match qos {
+                    0 => {}
+                    1 => batch.replies.push((true, puback(pkid))),
+                    _ => {
+                        session.qos2_received.insert(pkid);
+                        batch.replies.push((true, pubrec(pkid)));
+                    }
                 }
-                batch.qos2.extend(qos2_pkid);
+                if shared.wants(&publish) {
+                    batch.router.push(Packet::Publish(publish.clone(), None));
+                }
+                // `#` (what the agent read before) does not match topics starting with `$`.
+                if publish.topic.first() != Some(&b'$') {
+                    batch.ours.push(publish);
+                }
+            }
+            Packet::PingReq(_) => batch.replies.push((false, Packet::PingResp(PingResp))),
+            packet => {
+                if matches!(packet, Packet::Subscribe(..)) && !session.subscribed {
+                    // Before the router hears of it: publishes read once the client has its
+                    // SUBACK go to the router.
+                    session.subscribed = true;
+                    shared.subscribers.fetch_add(1, Ordering::SeqCst);
+                }
                 batch.goodbye = matches!(packet, Packet::Disconnect(..));
-                batch.packets.push(packet);
+                batch.router.push(packet);
                 if batch.goodbye {
                     return Ok((batch, 0));
                 }
@@ -974,31 +926,38 @@ fn frame(buf: &mut BytesMut, max_packet: usize, session: &mut Session) -> Result
     }
 }
 
-impl Session {
-    /// Accounts for a packet on its way to the client: the router's PUBACK of a QoS-2 publish
-    /// becomes PUBREC.
-    fn outgoing(&mut self, packet: Packet) -> Packet {
-        match packet {
-            Packet::PubAck(puback, props) => {
-                self.acks_due = self.acks_due.saturating_sub(1);
-                if self.qos2_logged.remove(&puback.pkid) {
-                    self.qos2_received.insert(puback.pkid);
-                    pubrec(puback.pkid)
-                } else {
-                    Packet::PubAck(puback, props)
-                }
-            }
-            packet => packet,
-        }
-    }
+/// A connection's QoS and subscription bookkeeping.
+#[derive(Default)]
+struct Session {
+    /// QoS-2 publishes answered with PUBREC, awaiting the client's PUBREL.
+    qos2_received: HashSet<u16>,
+    /// The client subscribed to something (counted in [`Shared::subscribers`]).
+    subscribed: bool,
+}
+
+/// Packets read from the socket in one go.
+#[derive(Default)]
+struct Batch {
+    /// Publishes for the agent, in arrival order.
+    ours: Vec<Publish>,
+    /// For the router: the other packets, and publishes other clients could want.
+    router: Vec<Packet>,
+    /// Answers the connection gives itself, in order; `true`: an ack, due only once the agent has
+    /// the publish (PUBACK, PUBREC), else PUBCOMP, a repeated PUBREC, PINGRESP.
+    replies: Vec<(bool, Packet)>,
+    goodbye: bool,
+}
+
+fn puback(pkid: u16) -> Packet {
+    Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)
 }
 
 fn pubrec(pkid: u16) -> Packet {
     Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None)
 }
 
-/// The packet id of a complete QoS-2 PUBLISH frame: after the fixed header and the topic.
-fn qos2_packet_id(frame: &[u8], fixed_header_len: usize) -> Option<u16> {
+/// The packet id of a complete QoS-1/2 PUBLISH frame: after the fixed header and the topic.
+fn packet_id(frame: &[u8], fixed_header_len: usize) -> Option<u16> {
     let topic_len = u16::from_be_bytes([*frame.get(fixed_header_len)?, *frame.get(fixed_header_len + 1)?]);
     let at = fixed_header_len + 2 + topic_len as usize;
     Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
@@ -1025,76 +984,6 @@ fn ready<F: Future>(f: F) -> Option<F::Output> {
     match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(output) => Some(output),
         Poll::Pending => None,
-    }
-}
-
-struct LinkReader {
-    link_rx: LinkRx,
-    last_offset: Option<u64>,
-    /// The stop marker's topic, once published.
-    marker: Option<Bytes>,
-    backlog: Arc<Backlog>,
-    /// Messages read since the last [`LinkReader::settle`].
-    read_since_settle: u64,
-    /// What connections had handed over at the last [`LinkReader::settle`].
-    settle_handed: u64,
-}
-
-impl LinkReader {
-    /// Takes one notification; `true` if it was the stop marker.
-    async fn handle(&mut self, notification: Notification, intake: &mut Intake) -> Result<bool, BrokerError> {
-        match notification {
-            Notification::Forward(forward) => {
-                self.read_since_settle += 1;
-                self.backlog.read(4 + (forward.publish.topic.len() + forward.publish.payload.len()) as u64);
-                if let Some((_, offset)) = forward.cursor {
-                    if let Some(last) = self.last_offset {
-                        if offset > last + 1 {
-                            let lost = offset - last - 1;
-                            intake.metrics().broker_dropped.inc_by(lost);
-                            tracing::error!(lost, "the embedded broker evicted messages before the agent read them");
-                        }
-                    }
-                    self.last_offset = Some(offset);
-                }
-                if self.marker.as_ref().is_some_and(|m| *m == forward.publish.topic) {
-                    return Ok(true);
-                }
-                intake.take(&forward.publish.topic, &forward.publish.payload);
-                intake.try_flush()?;
-            }
-            // The router pauses a local link after a full buffer until the link says it is ready.
-            Notification::Unschedule => {
-                self.link_rx.wake().await.map_err(|e| BrokerError::Stopped(format!("local link: {e}")))?
-            }
-            _ => {}
-        }
-        Ok(false)
-    }
-}
-
-impl LinkReader {
-    /// Called every [`BACKLOG_SETTLE`] while the agent is ready to read and something counts as
-    /// unread: if since the last call the link gave nothing and no connection handed anything
-    /// over, either the counts parted (see [`Backlog`]) or rumqttd holds messages it will only
-    /// forward once something new arrives (its router wakes a link on new data). Either way the
-    /// connections may hand over one more segment: the unread stays a segment short of the log
-    /// even in the second case, and in the first, settles one after the other mend the counts.
-    /// (Declaring everything read at once let rumqttd evict unread messages in the second case.)
-    fn settle(&mut self) {
-        let handed = self.backlog.handed.load(Ordering::SeqCst);
-        if std::mem::take(&mut self.read_since_settle) == 0 && handed == self.settle_handed {
-            let mut floor = handed.saturating_sub(self.backlog.limit.saturating_sub(self.backlog.slack));
-            if self.backlog.read.load(Ordering::SeqCst) >= floor {
-                // A segment's room did not get things going (a message larger than a segment
-                // waits, or the counts parted): nothing counts as unread any more.
-                floor = handed;
-            }
-            self.backlog.read.fetch_max(floor, Ordering::SeqCst);
-            self.backlog.waiting.store(false, Ordering::SeqCst);
-            self.backlog.room.notify_waiters();
-        }
-        self.settle_handed = handed;
     }
 }
 
