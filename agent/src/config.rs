@@ -288,7 +288,7 @@ pub struct SpoolConfig {
     pub max_block_readings: usize,
     /// Readings held in memory (24 bytes each) while a commit is in progress, e.g. behind a slow
     /// fsync. Beyond it the input waits: an external broker keeps the messages; the embedded broker
-    /// keeps a few thousand, then evicts and counts them. Default 1,000,000.
+    /// stops reading its clients' connections (see `mqtt.broker_buffer_bytes`). Default 1,000,000.
     #[serde(default = "default_max_queued_readings")]
     pub max_queued_readings: usize,
     /// `full` (default) or `normal`; see [`SyncMode`].

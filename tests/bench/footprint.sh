@@ -89,22 +89,22 @@ measure() { # label, readings the load sends in all, the load's pids...
   wait "$@" 2>/dev/null || true
   for _ in $(seq 600); do [ "$(($(api_count) - base))" -ge "$sent" ] && break; sleep 0.1; done
   local got=$(($(api_count) - base))
-  local dropped rejected
-  dropped=$(metric tributary_agent_broker_dropped_total)
+  local waits rejected
+  waits=$(metric tributary_agent_broker_backlog_waits_total)
   rejected=$(curl -fs "http://127.0.0.1:$HP/metrics" | awk '/^tributary_agent_(serial_)?rejected_total/ {n += $2} END {printf "%d", n}')
   python3 - "$label" "$hwm" "$rss" "$anon" "$file" "$((r1 - r0))" "$((c1 - c0))" "$(getconf CLK_TCK)" "$((b1 - b0))" \
-    "$t0" "$t1" "$got" "$sent" "$nthreads" "${dropped:-0}" "${rejected:-0}" <<'PY'
+    "$t0" "$t1" "$got" "$sent" "$nthreads" "${waits:-0}" "${rejected:-0}" <<'PY'
 import sys
 a = sys.argv[1:]
 label = a[0]; hwm, rss, anon, file, n, ticks, hz, wb = map(int, a[1:9]); t0, t1 = map(float, a[9:11])
-got, sent, nthreads, dropped, rejected = map(int, a[11:16])
+got, sent, nthreads, waits, rejected = map(int, a[11:16])
 n = max(n, 1)
 print(f"{label}: {n} readings in {t1 - t0:.1f} s ({n / (t1 - t0):,.0f}/s), {nthreads} threads")
 print(f"  peak RSS (VmHWM)      {hwm / 1024:6.2f} MiB")
 print(f"  RSS at the end        {rss / 1024:6.2f} MiB  (anonymous {anon / 1024:.2f}, file-backed {file / 1024:.2f})")
 print(f"  CPU per reading       {ticks / hz / n * 1e6:6.2f} us  ({100 * ticks / hz / (t1 - t0):.0f}% of a core)")
 print(f"  written per reading   {wb / n:6.1f} B")
-print(f"  delivered             {got} of {sent} sent reached the aggregator; broker evictions {dropped}, rejected {rejected}")
+print(f"  delivered             {got} of {sent} sent reached the aggregator; clients slowed by the agent (broker waits) {waits}, rejected {rejected}")
 PY
   echo "  agent CPU by thread over the window:"
   join -a2 <(awk '{c[$1]+=$2} END {for (k in c) print k, c[k]}' "$TMP/threads0" | sort) \
