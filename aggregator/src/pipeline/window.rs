@@ -417,7 +417,20 @@ impl WindowOperator {
     pub fn add_staged(&mut self, conn: Option<&Connection>, staged: &[super::Staged]) -> Result<(), StoreError> {
         let reader = self.reader.take();
         let result = match reader.as_ref().or(conn) {
-            Some(conn) => by_series(staged).into_iter().try_for_each(|i| self.add(conn, &staged[i as usize].point)),
+            Some(conn) => {
+                let order = by_series(staged);
+                // The operator's own connection reads the rows late data needs in one read
+                // transaction: a statement each of its own took and dropped SQLite's locks (two
+                // `fcntl`s) and reread the pages from the file, a tenth of a replay of many
+                // sensors. One snapshot is enough: the rows of a commit still being written come
+                // from `writing` whether the snapshot has them or not, and no other commit lands
+                // while readings are added (commits are made between calls).
+                let own = reader.is_some();
+                let begun = if own { conn.execute_batch("BEGIN").map_err(StoreError::from) } else { Ok(()) };
+                let added = begun.and_then(|()| self.add_all(conn, order.iter().map(|i| &staged[*i as usize].point)));
+                let ended = if own { conn.execute_batch("COMMIT").map_err(StoreError::from) } else { Ok(()) };
+                added.and(ended)
+            }
             None => Err(StoreError::Corrupt("a window operator without a connection to the store".into())),
         };
         self.reader = reader;
@@ -426,89 +439,107 @@ impl WindowOperator {
 
     /// Adds one reading (in log order) to the window of its event time.
     pub fn add(&mut self, conn: &Connection, p: &Point) -> Result<(), StoreError> {
-        let (index, start, end) = self.last_bucket;
-        let (index, end) = if start <= p.ts && p.ts < end {
-            (index, end)
-        } else {
-            self.last_bucket = self.calendar.bucket(p.ts);
-            (self.last_bucket.0, self.last_bucket.2)
-        };
+        self.add_all(conn, std::iter::once(p))
+    }
+
+    /// Adds readings (each sensor's in log order) to the windows of their event times. A run of
+    /// readings for the same row (a sensor's, folded one after the other) finds the row once,
+    /// not with a hash lookup per reading.
+    fn add_all<'p>(&mut self, conn: &Connection, points: impl Iterator<Item = &'p Point>) -> Result<(), StoreError> {
         let slots = self.calendar.slots();
-        let (row_index, slot) = (index.div_euclid(slots), index.rem_euclid(slots) as u16);
-        let key = (p.series, row_index);
-        let series = p.series as usize;
-        if self.newest.len() <= series {
-            self.newest.resize(series + 1, i64::MIN);
-        }
-        match self.newest[series].saturating_sub(index) {
-            ..=0 => self.newest[series] = index,
-            behind @ 1..MAX_OPEN_WINDOWS_I64 => {
-                let now = &mut self.behind[self.commits as usize % 16];
-                *now = (*now).max(behind as u16);
+        let commits = self.commits;
+        // The row of the readings before, by key.
+        let mut current: Option<((u32, i64), &mut Row)> = None;
+        for p in points {
+            let (index, start, end) = self.last_bucket;
+            let (index, end) = if start <= p.ts && p.ts < end {
+                (index, end)
+            } else {
+                self.last_bucket = self.calendar.bucket(p.ts);
+                (self.last_bucket.0, self.last_bucket.2)
+            };
+            let (row_index, slot) = (index.div_euclid(slots), index.rem_euclid(slots) as u16);
+            let key = (p.series, row_index);
+            let series = p.series as usize;
+            if self.newest.len() <= series {
+                self.newest.resize(series + 1, i64::MIN);
             }
-            _ => {}
-        }
-        // One hash lookup for a row in memory (the common case), a second only to insert.
-        let row = match self.rows.entry(key) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                let row = match self.stored_max.get(&p.series) {
-                    Some(max) if row_index <= *max => load_row(
-                        conn,
-                        self.calendar.code(),
-                        p.series,
-                        row_index,
-                        &self.calendar,
-                        self.writing.as_deref(),
-                    )?
-                    .unwrap_or_else(|| Row::new(slots, 4)),
-                    _ => {
-                        // As many windows as the sensor's rows have held, up to 32: growing a
-                        // row one window at a time was a tenth of the fold (reallocations),
-                        // reserving a whole row per sensor too much memory between commits.
-                        let width = self.width.get(p.series as usize).copied().unwrap_or(0).clamp(4, 32);
-                        Row::new(slots, usize::from(width))
+            match self.newest[series].saturating_sub(index) {
+                ..=0 => self.newest[series] = index,
+                behind @ 1..MAX_OPEN_WINDOWS_I64 => {
+                    let now = &mut self.behind[commits as usize % 16];
+                    *now = (*now).max(behind as u16);
+                }
+                _ => {}
+            }
+            if current.as_ref().is_none_or(|(k, _)| *k != key) {
+                // One hash lookup for a row in memory (the common case), a second only to insert.
+                let row = match self.rows.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(entry) => {
+                        let row = match self.stored_max.get(&p.series) {
+                            Some(max) if row_index <= *max => load_row(
+                                conn,
+                                self.calendar.code(),
+                                p.series,
+                                row_index,
+                                &self.calendar,
+                                self.writing.as_deref(),
+                            )?
+                            .unwrap_or_else(|| Row::new(slots, 4)),
+                            _ => {
+                                // As many windows as the sensor's rows have held, up to 32:
+                                // growing a row one window at a time was a tenth of the fold
+                                // (reallocations), reserving a whole row per sensor too much
+                                // memory between commits.
+                                let width = self.width.get(series).copied().unwrap_or(0).clamp(4, 32);
+                                Row::new(slots, usize::from(width))
+                            }
+                        };
+                        self.grown += row.bytes();
+                        entry.insert(row)
                     }
                 };
-                self.grown += row.bytes();
-                entry.insert(row)
+                row.dirty = true;
+                row.used = commits;
+                current = Some((key, row));
             }
-        };
-        row.dirty = true;
-        row.used = self.commits;
-        if slot < row.sealed_below {
-            row.unseal(conn, &self.calendar, p.series, row_index, self.writing.as_deref())?;
-        }
-        // Most readings make a window above the row's others (a sparse sensor) or land in the
-        // newest one (a busy one): neither needs `at`.
-        let at = if slot >= row.top {
-            0
-        } else {
-            match row.windows.last() {
-                Some(w) if w.slot == slot => row.windows.len() as u16,
-                _ => row.at[usize::from(slot)],
+            let Some((_, row)) = current.as_mut() else { unreachable!("a row was just found") };
+            if slot < row.sealed_below {
+                row.unseal(conn, &self.calendar, p.series, row_index, self.writing.as_deref())?;
             }
-        };
-        match at {
-            at @ 1.. => {
-                let w = &mut row.windows[usize::from(at) - 1];
-                self.grown += w.add(p.ts, p.value, p.received_at, p.block, end);
-            }
-            0 => {
-                // A window that is new when its readings arrive after it closed was also made
-                // by late data; it starts at revision 0 all the same: nothing was served before.
-                // The rest of this block's readings for the window are part of its first version.
-                let w = Held::new(slot, p.ts, p.value, p.received_at, p.block);
-                let capacity = row.windows.capacity();
-                row.windows.push(w);
-                self.grown += (row.windows.capacity() - capacity) * std::mem::size_of::<Held>();
-                let len = row.windows.len() as u16;
-                row.at[usize::from(slot)] = len;
-                row.top = row.top.max(slot + 1);
-                if self.width.len() <= series {
-                    self.width.resize(series + 1, 0);
+            // Most readings make a window above the row's others (a sparse sensor) or land in
+            // the newest one (a busy one): neither needs `at`.
+            let at = if slot >= row.top {
+                0
+            } else {
+                match row.windows.last() {
+                    Some(w) if w.slot == slot => row.windows.len() as u16,
+                    _ => row.at[usize::from(slot)],
                 }
-                self.width[series] = self.width[series].max(len);
+            };
+            match at {
+                at @ 1.. => {
+                    let w = &mut row.windows[usize::from(at) - 1];
+                    self.grown += w.add(p.ts, p.value, p.received_at, p.block, end);
+                }
+                0 => {
+                    // A window that is new when its readings arrive after it closed was also
+                    // made by late data; it starts at revision 0 all the same: nothing was
+                    // served before. The rest of this block's readings for the window are part
+                    // of its first version.
+                    let w = Held::new(slot, p.ts, p.value, p.received_at, p.block);
+                    let capacity = row.windows.capacity();
+                    row.windows.push(w);
+                    self.grown += (row.windows.capacity() - capacity) * std::mem::size_of::<Held>();
+                    let len = row.windows.len() as u16;
+                    row.at[usize::from(slot)] = len;
+                    row.top = row.top.max(slot + 1);
+                    if self.width.len() <= series {
+                        self.width.resize(series + 1, 0);
+                    }
+                    self.width[series] = self.width[series].max(len);
+                }
             }
         }
         Ok(())
