@@ -178,3 +178,49 @@ async fn the_will_of_a_vanished_client_reaches_the_agent_once_and_subscribers() 
     assert_eq!(readings.get("will/b"), Some(&vec![2]), "{readings:?}");
     assert!(!readings.contains_key("will/polite"), "a client that said goodbye leaves no will: {readings:?}");
 }
+
+/// A gateway's other client that subscribes to everything and then stops reading its socket (a
+/// hung dashboard, a process stopped with SIGSTOP) must not hold up the sensors or the agent: the
+/// broker keeps a bounded log for it and the publishers go on being acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_holds_up_neither_the_publishers_nor_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let aggregator = Aggregator::start(dir.path(), &[("gw-1", "secret-gw-1")]).await;
+    let agent = Agent::start(dir.path(), "gw-1", "secret-gw-1", &aggregator.url(), MqttInput::Embedded, "").await;
+    let port = agent.mqtt_port;
+
+    let stuck = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // CONNECT (MQTT 3.1.1, clean session, keep alive 600 s, client id "stuck"), then SUBSCRIBE
+        // to `#` at QoS 1.
+        let connect = [0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x02, 0x58, 0, 5, b's', b't', b'u', b'c', b'k'];
+        s.write_all(&connect).unwrap();
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).unwrap();
+        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "CONNACK, accepted");
+        s.write_all(&[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'#', 0x01]).unwrap();
+        let mut suback = [0u8; 5];
+        s.read_exact(&mut suback).unwrap();
+        assert_eq!(suback, [0x90, 0x03, 0x00, 0x01, 0x01], "SUBACK, QoS 1 granted");
+        // From here on it reads nothing.
+        s
+    })
+    .await
+    .unwrap();
+
+    // Far more than the subscriber's socket buffers and rumqttd's log for it hold.
+    let n = 20_000;
+    let many: Vec<(String, Vec<u8>)> =
+        (0..n).map(|i| (format!("sensors/s{}/temp", i % 100), format!("{{\"value\": {i}}}").into_bytes())).collect();
+    tokio::time::timeout(Duration::from_secs(90), publish(port, "busy", &many))
+        .await
+        .expect("the publisher is acknowledged while a subscriber reads nothing");
+
+    let readings = readings_once(&aggregator, n).await;
+    for k in [0, 57, 99] {
+        let want: Vec<u64> = (k..n).step_by(100).collect();
+        assert_eq!(readings[&format!("s{k}/temp")], want, "sensor s{k}: every reading, once");
+    }
+    drop(stuck);
+}
