@@ -10,6 +10,14 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tributary_tests::{Agent, Aggregator, MqttInput, eventually, publish};
 
+/// An aggregator and an agent with its embedded broker, in a fresh directory.
+async fn gateway() -> (tempfile::TempDir, Aggregator, Agent) {
+    let dir = tempfile::tempdir().unwrap();
+    let aggregator = Aggregator::start(dir.path(), &[("gw-1", "secret-gw-1")]).await;
+    let agent = Agent::start(dir.path(), "gw-1", "secret-gw-1", &aggregator.url(), MqttInput::Embedded, "").await;
+    (dir, aggregator, agent)
+}
+
 /// `n` messages on `topic`, values from `first`.
 fn messages(topic: &str, first: u64, n: u64) -> Vec<(String, Vec<u8>)> {
     (first..first + n).map(|i| (topic.to_string(), format!("{{\"value\": {i}}}").into_bytes())).collect()
@@ -64,9 +72,7 @@ async fn readings_once(aggregator: &Aggregator, total: u64) -> BTreeMap<String, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_publishes_and_retained_messages_while_the_agent_takes_each_reading_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let aggregator = Aggregator::start(dir.path(), &[("gw-1", "secret-gw-1")]).await;
-    let agent = Agent::start(dir.path(), "gw-1", "secret-gw-1", &aggregator.url(), MqttInput::Embedded, "").await;
+    let (_dir, aggregator, agent) = gateway().await;
     let port = agent.mqtt_port;
 
     // Nobody subscribes yet.
@@ -126,12 +132,16 @@ async fn subscribers_get_publishes_and_retained_messages_while_the_agent_takes_e
     assert_eq!(readings["later/temp"], (0..50).collect::<Vec<u64>>());
 }
 
-/// Opens a connection with a last will (`topic`, `message`, QoS 0) and waits for CONNACK.
-fn connect_with_will(port: u16, client_id: &str, topic: &str, message: &str) -> std::net::TcpStream {
+/// Opens a raw MQTT 3.1.1 connection (clean session, keep alive 60 s) with a last will (`topic`,
+/// `message`, QoS 0) or none, and waits for CONNACK.
+fn connect_raw(port: u16, client_id: &str, will: Option<(&str, &str)>) -> std::net::TcpStream {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut rest = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02 | 0x04, 0x00, 0x3c];
-    for field in [client_id, topic, message] {
+    let flags = if will.is_some() { 0x02 | 0x04 } else { 0x02 };
+    let mut rest = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, flags, 0x00, 0x3c];
+    let mut fields = vec![client_id];
+    fields.extend(will.iter().flat_map(|(topic, message)| [*topic, *message]));
+    for field in fields {
         rest.extend_from_slice(&(field.len() as u16).to_be_bytes());
         rest.extend_from_slice(field.as_bytes());
     }
@@ -147,17 +157,16 @@ fn connect_with_will(port: u16, client_id: &str, topic: &str, message: &str) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_will_of_a_vanished_client_reaches_the_agent_once_and_subscribers() {
-    let dir = tempfile::tempdir().unwrap();
-    let aggregator = Aggregator::start(dir.path(), &[("gw-1", "secret-gw-1")]).await;
-    let agent = Agent::start(dir.path(), "gw-1", "secret-gw-1", &aggregator.url(), MqttInput::Embedded, "").await;
+    let (_dir, aggregator, agent) = gateway().await;
     let port = agent.mqtt_port;
 
     // No subscriber: a client vanishes (its socket closes without DISCONNECT, as when its process is
     // killed); another says goodbye, so its will is not due.
-    let vanishing = tokio::task::spawn_blocking(move || connect_with_will(port, "vanishing-a", "sensors/will/a", "1"));
+    let vanishing =
+        tokio::task::spawn_blocking(move || connect_raw(port, "vanishing-a", Some(("sensors/will/a", "1"))));
     let vanishing = vanishing.await.unwrap();
     let polite = tokio::task::spawn_blocking(move || {
-        let mut s = connect_with_will(port, "polite", "sensors/will/polite", "3");
+        let mut s = connect_raw(port, "polite", Some(("sensors/will/polite", "3")));
         s.write_all(&[0xe0, 0x00]).unwrap();
         let mut end = [0u8; 1];
         // The broker closes after DISCONNECT.
@@ -168,7 +177,8 @@ async fn the_will_of_a_vanished_client_reaches_the_agent_once_and_subscribers() 
 
     // With a subscriber: the will goes to it too.
     let (_watcher, mut watching) = subscriber(port, "watcher", "sensors/will/#").await;
-    let vanishing = tokio::task::spawn_blocking(move || connect_with_will(port, "vanishing-b", "sensors/will/b", "2"));
+    let vanishing =
+        tokio::task::spawn_blocking(move || connect_raw(port, "vanishing-b", Some(("sensors/will/b", "2"))));
     drop(vanishing.await.unwrap());
     let got = receive(&mut watching, 1).await;
     assert_eq!(got, vec![("sensors/will/b".to_string(), "2".to_string(), false)]);
@@ -184,21 +194,12 @@ async fn the_will_of_a_vanished_client_reaches_the_agent_once_and_subscribers() 
 /// broker keeps a bounded log for it and the publishers go on being acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_never_reads_holds_up_neither_the_publishers_nor_the_agent() {
-    let dir = tempfile::tempdir().unwrap();
-    let aggregator = Aggregator::start(dir.path(), &[("gw-1", "secret-gw-1")]).await;
-    let agent = Agent::start(dir.path(), "gw-1", "secret-gw-1", &aggregator.url(), MqttInput::Embedded, "").await;
+    let (_dir, aggregator, agent) = gateway().await;
     let port = agent.mqtt_port;
 
     let stuck = tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        // CONNECT (MQTT 3.1.1, clean session, keep alive 600 s, client id "stuck"), then SUBSCRIBE
-        // to `#` at QoS 1.
-        let connect = [0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0x02, 0x58, 0, 5, b's', b't', b'u', b'c', b'k'];
-        s.write_all(&connect).unwrap();
-        let mut connack = [0u8; 4];
-        s.read_exact(&mut connack).unwrap();
-        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "CONNACK, accepted");
+        let mut s = connect_raw(port, "stuck", None);
+        // SUBSCRIBE to `#` at QoS 1.
         s.write_all(&[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'#', 0x01]).unwrap();
         let mut suback = [0u8; 5];
         s.read_exact(&mut suback).unwrap();
