@@ -26,11 +26,10 @@
 #     over the run against what the simulators say they sent;
 # and the stripped binary's size.
 #
-# The binaries: a release build without LTO (CARGO_PROFILE_RELEASE_LTO=false, 16 codegen units:
-# faster to build; the shipped profile uses fat LTO and one codegen unit, which makes a smaller
-# binary and slightly less CPU) into target/bench (BENCH_TARGET_DIR), unless TRIBUTARY_BIN=<dir> names a directory
-# holding tributary-agent, tributary-aggregator and tributary-sim (e.g. target/release for the
-# shipped profile). The size printed is the agent's after `strip`, whatever the build.
+# The binaries: tests/bench/build.sh's (the agent as shipped: the `edge` profile, built for size),
+# into target/ (BENCH_TARGET_DIR), unless TRIBUTARY_BIN=<dir> names a directory holding
+# tributary-agent, tributary-aggregator and tributary-sim. The size printed is the agent's after
+# `strip`, whatever the build.
 # Extra agent config lines: FOOTPRINT_AGENT_TOML (appended at the top level, before any table),
 # e.g. FOOTPRINT_AGENT_TOML='[runtime]\nworker_threads = 4' (printf escapes).
 # Needs: python3, curl, socat (serial run), binutils (strip).
@@ -43,14 +42,8 @@ cd "$ROOT"
 if [ -n "${TRIBUTARY_BIN:-}" ]; then
   BIN=$TRIBUTARY_BIN; BUILD="binaries from $BIN"
 else
-  TARGET=${BENCH_TARGET_DIR:-$ROOT/target/bench}
-  # The agent built alone, as `cargo deb` and the ARM builds make it: built together with the
-  # aggregator, Cargo unifies the features of the dependencies they share (agent 13.4 MiB, not 10.3).
-  for packages in "-p tributary-agent" "-p tributary-aggregator -p tributary-sim"; do
-    CARGO_TARGET_DIR=$TARGET CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-      cargo build --release --bins --quiet $packages
-  done
-  BIN=$TARGET/release; BUILD="release build without LTO (16 codegen units)"
+  BIN=$("$ROOT/tests/bench/build.sh" "${BENCH_TARGET_DIR:-$ROOT/target}")
+  BUILD="the agent in the edge profile, as shipped"
 fi
 . "$ROOT/tests/bench/common.sh"
 
@@ -86,6 +79,9 @@ measure() { # label, readings the load sends in all, the load's pids...
   hwm=$(status_kib "$AGENT" VmHWM); rss=$(status_kib "$AGENT" VmRSS)
   anon=$(rollup_kib "$AGENT" Anonymous); file=$(python3 -c "print($(rollup_kib "$AGENT" Rss) - $anon)")
   local nthreads; nthreads=$(ls "/proc/$AGENT/task" | wc -l)
+  # FOOTPRINT_SMAPS=<prefix>: keep the agent's memory map at the end (<prefix>-<run>.smaps), to see
+  # which mappings hold the RSS.
+  [ -z "${FOOTPRINT_SMAPS:-}" ] || cat "/proc/$AGENT/smaps" >"$FOOTPRINT_SMAPS-${label%%:*}.smaps"
   wait "$@" 2>/dev/null || true
   for _ in $(seq 600); do [ "$(($(api_count) - base))" -ge "$sent" ] && break; sleep 0.1; done
   local got=$(($(api_count) - base))

@@ -14,9 +14,9 @@
 # 3. tributary-sim's own rate with multi-field messages (to the agent's broker), and the aggregator's
 #    ingest rate from postcard batches (tributary-sim load).
 # 4. Fluent Bit's bench (FLUENT_BIT_BENCH, default ../shared/peers/fluent-bit/bench.sh), then both side by side.
-# Needs: mosquitto-clients, python3, curl. Builds the release binaries first, unless TRIBUTARY_BIN=<dir>
-# names a directory holding tributary-agent, tributary-aggregator and tributary-sim (e.g. a build
-# without LTO, faster to make).
+# Needs: mosquitto-clients, python3, curl. Builds the binaries first with tests/bench/build.sh (the
+# agent as shipped), unless TRIBUTARY_BIN=<dir> names a directory holding tributary-agent,
+# tributary-aggregator and tributary-sim.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 P=${1:-4}; M=${2:-50000}; N=$((P * M))
@@ -25,12 +25,7 @@ cd "$ROOT"
 if [ -n "${TRIBUTARY_BIN:-}" ]; then
   BIN=$TRIBUTARY_BIN
 else
-  # The agent built alone, as `cargo deb` and the ARM builds make it: built together with the
-  # aggregator, Cargo unifies the features of the dependencies they share (agent 13.4 MiB, not 10.3).
-  for packages in "-p tributary-agent" "-p tributary-aggregator -p tributary-sim"; do
-    cargo build --release --bins --quiet $packages
-  done
-  BIN=$ROOT/target/release
+  BIN=$("$ROOT/tests/bench/build.sh")
 fi
 . "$ROOT/tests/bench/common.sh"
 

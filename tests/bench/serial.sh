@@ -4,14 +4,15 @@
 #   tests/bench/serial.sh [samples_per_device=20000] [devices=8]
 #
 # A socat pseudo-terminal pair stands in for the cable; `tributary-sim serial` plays `devices`
-# devices (3 readings a sample) into one end, the agent (release build, spool synchronous=FULL,
+# devices (3 readings a sample) into one end, the agent (as shipped, spool synchronous=FULL,
 # forwarding to a real aggregator) reads the other. For each format (frames, lines), twice:
 # - at 115200 baud: the simulator paces its writes to the wire rate (10 bits a byte), as a UART would;
 #   a short run (samples / 100), since the wire, not the agent, sets the rate;
 # - unthrottled: the simulator writes as fast as the pty takes bytes.
 # Prints readings/s at the agent (first byte to last reading taken, from its metrics) and the agent's
 # CPU time per reading (utime + stime from /proc, spool commits and forwarding included).
-# Needs: socat, python3, curl. Builds the release binaries first, unless TRIBUTARY_BIN=<dir>.
+# Needs: socat, python3, curl. Builds the binaries first with tests/bench/build.sh (the agent as
+# shipped), unless TRIBUTARY_BIN=<dir>.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 S=${1:-20000}; D=${2:-8}
@@ -19,12 +20,7 @@ cd "$ROOT"
 # TRIBUTARY_BIN=dir uses binaries already built there (e.g. without LTO, faster to build).
 BIN=${TRIBUTARY_BIN:-}
 if [ -z "$BIN" ]; then
-  # The agent built alone, as `cargo deb` and the ARM builds make it: built together with the
-  # aggregator, Cargo unifies the features of the dependencies they share (agent 13.4 MiB, not 10.3).
-  for packages in "-p tributary-agent" "-p tributary-aggregator -p tributary-sim"; do
-    cargo build --release --bins --quiet $packages
-  done
-  BIN=$ROOT/target/release
+  BIN=$("$ROOT/tests/bench/build.sh")
 fi
 . "$ROOT/tests/bench/common.sh"
 

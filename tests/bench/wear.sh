@@ -21,7 +21,7 @@
 #   default  the agent's defaults (see deploy/agent.toml)
 #   anything else: WEAR_SPOOL_<name> holds the [spool] lines, e.g.
 #            WEAR_SPOOL_slow='max_commit_interval = "5s"' tests/bench/wear.sh 60 slow
-# Needs: python3, curl. Builds the release binaries first (into target/bench unless
+# Needs: python3, curl. Builds the binaries first with tests/bench/build.sh (into target/bench unless
 # WEAR_TARGET_DIR says otherwise; WEAR_NO_BUILD=1 uses what is there).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -29,14 +29,9 @@ SECS=${1:-60}; POLICIES=${2:-old default}; RATES=${3:-1 10 100 10000}
 TARGET=${WEAR_TARGET_DIR:-$ROOT/target/bench}
 cd "$ROOT"
 if [ -z "${WEAR_NO_BUILD:-}" ]; then
-  # The agent built alone, as `cargo deb` and the ARM builds make it: built together with the
-  # aggregator, Cargo unifies the features of the dependencies they share (agent 13.4 MiB, not 10.3).
-  for packages in "-p tributary-agent" "-p tributary-aggregator -p tributary-sim"; do
-    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-      cargo build --release --bins --quiet --target-dir "$TARGET" $packages
-  done
+  "$ROOT/tests/bench/build.sh" "$TARGET" >/dev/null
 fi
-BIN=$TARGET/release
+BIN=$TARGET/bench-bin
 . "$ROOT/tests/bench/common.sh"
 
 api_count() { curl -fs "http://127.0.0.1:$AP/api/v1/agents" | python3 -c 'import json,sys; print(sum(a["readings"] for a in json.load(sys.stdin)))'; }
