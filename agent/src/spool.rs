@@ -76,12 +76,12 @@ const RESERVE_BYTES: u64 = 1 << 20;
 pub const RESERVE_FILE: &str = "spool.reserve";
 /// SQLite's default WAL autocheckpoint, and the smaller one while the file system is full.
 const WAL_PAGES: i64 = 1000;
+const WAL_PAGES_WHILE_FULL: i64 = 100;
 /// Each connection's page cache, in KiB (SQLite's `cache_size` as a negative number). SQLite's
 /// default, 2 MiB per connection, fills as the spool's pages pass through it: 4 MiB of heap over a
 /// long run, against an RSS bar of 10 MiB. The spool reads what it wrote moments ago (the tail)
 /// and the oldest blocks (the head), and the kernel's page cache holds the rest.
 const CACHE_KIB: i64 = 256;
-const WAL_PAGES_WHILE_FULL: i64 = 100;
 /// Commit attempts under an ever lower limit before a commit's new readings are dropped outright.
 const FULL_ATTEMPTS: u32 = 4;
 /// Drops are logged at most this often (with the count since the last line): a full disk drops on

@@ -27,7 +27,7 @@
 # and the stripped binary's size.
 #
 # The binaries: tests/bench/build.sh's (the agent as shipped: the `edge` profile, built for size),
-# into target/ (BENCH_TARGET_DIR), unless TRIBUTARY_BIN=<dir> names a directory holding
+# into target/bench (BENCH_TARGET_DIR), unless TRIBUTARY_BIN=<dir> names a directory holding
 # tributary-agent, tributary-aggregator and tributary-sim. The size printed is the agent's after
 # `strip`, whatever the build.
 # Extra agent config lines: FOOTPRINT_AGENT_TOML (appended at the top level, before any table),
@@ -42,7 +42,7 @@ cd "$ROOT"
 if [ -n "${TRIBUTARY_BIN:-}" ]; then
   BIN=$TRIBUTARY_BIN; BUILD="binaries from $BIN"
 else
-  BIN=$("$ROOT/tests/bench/build.sh" "${BENCH_TARGET_DIR:-$ROOT/target}")
+  BIN=$("$ROOT/tests/bench/build.sh" "${BENCH_TARGET_DIR:-$ROOT/target/bench}")
   BUILD="the agent in the edge profile, as shipped"
 fi
 . "$ROOT/tests/bench/common.sh"
