@@ -54,7 +54,7 @@ impl Calendar {
     pub fn bucket(&self, ts: i64) -> (i64, i64, i64) {
         match self {
             Calendar::Fixed(size) => {
-                let index = ts.div_euclid(*size);
+                let index = floor_div(ts, *size);
                 let start = index.saturating_mul(*size);
                 (index, start, start.saturating_add(*size))
             }
@@ -105,6 +105,30 @@ impl Calendar {
     }
 }
 
+/// `x.div_euclid(d)` for `d > 0`, through a floating-point division where both fit its mantissa:
+/// a 64-bit integer division takes tens of cycles, and the fold divides twice per reading (its
+/// window, then the window's row).
+pub fn floor_div(x: i64, d: i64) -> i64 {
+    const EXACT: u64 = 1 << 52;
+    if x.unsigned_abs() >= EXACT || d.unsigned_abs() >= EXACT || d <= 0 {
+        return x.div_euclid(d);
+    }
+    // Both are exact as f64 and the quotient is correctly rounded, under 2^52 in magnitude:
+    // truncated (one instruction; `floor` is a library call without SSE4.1), it is off by one or
+    // two at most, which the remainder shows.
+    let mut q = (x as f64 / d as f64) as i64;
+    let mut r = x - q * d;
+    while r < 0 {
+        q -= 1;
+        r += d;
+    }
+    while r >= d {
+        q += 1;
+        r -= d;
+    }
+    q
+}
+
 /// Days from 1970-01-01 to `date`.
 fn day_index(date: Date) -> i64 {
     // Civil arithmetic, not through a timestamp: the last days of 9999 are past jiff's last instant.
@@ -117,6 +141,36 @@ mod tests {
 
     fn ms(s: &str) -> i64 {
         s.parse::<Timestamp>().unwrap().as_millisecond()
+    }
+
+    #[test]
+    fn floor_division_is_div_euclid() {
+        let mut state = 99u64;
+        let mut random = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state
+        };
+        let ds =
+            [1i64, 2, 3, 7, 60, 120, 1_000, 10_000, 60_000, 3_600_000, 86_400_000, (1 << 52) - 1, 1 << 52, i64::MAX];
+        let edges = [0i64, 1, -1, (1 << 52) - 1, 1 << 52, -(1 << 52), 1 << 53, i64::MAX, i64::MIN, i64::MIN + 1];
+        for d in ds {
+            for x in edges {
+                for dx in [-2i64, -1, 0, 1, 2] {
+                    let x = x.saturating_add(dx);
+                    assert_eq!(floor_div(x, d), x.div_euclid(d), "{x} / {d}");
+                }
+            }
+            for _ in 0..20_000 {
+                let r = random();
+                // Multiples of d and their neighbours, and times of any size.
+                let x = match r % 3 {
+                    0 => ((r >> 8) as i64 % (1 << 40)).wrapping_mul(d.min(1 << 20)) + (r >> 60) as i64 - 8,
+                    1 => ((r >> (r % 64)) as i64).wrapping_mul(if r & 1 == 0 { 1 } else { -1 }),
+                    _ => 1_764_547_200_000 + (r >> 20) as i64 % 100_000_000_000 - 50_000_000_000,
+                };
+                assert_eq!(floor_div(x, d), x.div_euclid(d), "{x} / {d}");
+            }
+        }
     }
 
     #[test]
