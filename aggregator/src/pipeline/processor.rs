@@ -742,7 +742,7 @@ impl Processor {
         let started = Instant::now();
         self.written()?;
         self.append_derived()?;
-        let job = self.pipeline.commit_behind(PROCESSOR_NAME, self.next_offset);
+        let job = self.pipeline.commit_behind(PROCESSOR_NAME, self.next_offset)?;
         if let Some(behind) = self.behind.as_mut() {
             behind.send(job)?;
         }
@@ -757,7 +757,7 @@ impl Processor {
     fn written(&mut self) -> Result<(), ProcessError> {
         if let Some(behind) = self.behind.as_mut() {
             behind.wait()?;
-            self.pipeline.written();
+            self.pipeline.written()?;
             self.committed_tx.send_replace(self.committed);
         }
         Ok(())
