@@ -13,6 +13,7 @@
 //! tools over a data directory; [`lock`] keeps one process at a time on it.
 
 pub mod access;
+pub mod allocator;
 pub mod api;
 pub mod backup;
 pub mod config;

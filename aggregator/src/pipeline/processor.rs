@@ -376,6 +376,7 @@ pub fn catch_up_range(
     until: Option<u64>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CatchUp, ProcessError> {
+    let _kept = crate::allocator::KeepFreedPages::new();
     // Derived streams go to the log through a writer of its own: the aggregator must be stopped.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProcessError::Spawn)?;
     let metrics = Arc::new(Metrics::new());
@@ -471,7 +472,12 @@ impl Processor {
 
     fn run(mut self, mut end: watch::Receiver<u64>, mut stop: watch::Receiver<bool>, runtime: tokio::runtime::Handle) {
         let mut backoff = MIN_BACKOFF;
+        // Until it has caught up with the log (a version replaying, a restart far behind).
+        let mut kept = Some(crate::allocator::KeepFreedPages::new());
         loop {
+            if self.been_caught_up {
+                drop(kept.take());
+            }
             if *stop.borrow() {
                 break;
             }
