@@ -9,8 +9,9 @@
 # 3. Tributary (aggregator/examples/process_bench.rs): the readings go into a real aggregator's log
 #    through its ingest API as postcard batches from 4 senders; then the pipeline folds the whole
 #    log from offset 0 into a fresh store, timed, and its 1-minute windows are exported and checked
-#    with check.py. Runs: only 1-minute windows; the full default pipeline (10s, 1m, 1h windows
-#    with sketches, an anomaly model on every sensor, 10 alert rules); both again on 10,000 sensors.
+#    with check.py. Runs: only 1-minute windows; the default pipeline (10s, 1m, 1h windows with
+#    sketches: what a default aggregator.toml runs); the full pipeline (the same, an anomaly model
+#    on every sensor, 10 alert rules); all three again on 10,000 sensors.
 # Prints each RESULT line, check.py's verdict, and the rates as a ratio of DuckDB's.
 # Needs python3 with venv (the peer's setup.sh installs duckdb, pyarrow, numpy into a venv).
 set -euo pipefail
@@ -50,6 +51,8 @@ run() { # label, csv, pipeline, check(yes/no) [n-for-check suffix]
   fi
 }
 run "1-minute windows only, 1,000 sensors" "$DATA/readings_$N.csv" 1m yes
-run "full default pipeline, 1,000 sensors" "$DATA/readings_$N.csv" full yes
+run "default pipeline (10 s, 1 m, 1 h windows), 1,000 sensors" "$DATA/readings_$N.csv" 10s,1m,1h yes
+run "full pipeline (the default windows, anomaly model, 10 alert rules), 1,000 sensors" "$DATA/readings_$N.csv" full yes
 run "1-minute windows only, 10,000 sensors" "$DATA/readings_${N}_10k.csv" 1m no
-run "full default pipeline, 10,000 sensors" "$DATA/readings_${N}_10k.csv" full no
+run "default pipeline, 10,000 sensors" "$DATA/readings_${N}_10k.csv" 10s,1m,1h no
+run "full pipeline, 10,000 sensors" "$DATA/readings_${N}_10k.csv" full no

@@ -599,9 +599,11 @@ impl Pipeline {
 
     /// [`Pipeline::commit`] without writing: the pipeline is as after a commit, and the returned
     /// job writes it (on another thread, while the pipeline folds on; SQLite's part of a commit
-    /// was a fifth of a replay's time with the other core idle). Until [`Pipeline::written`],
-    /// rows the window operators read back are read through the job's rows. At most one job may
-    /// be unwritten at a time; after a job fails, open the pipeline again from the store. The
+    /// was a fifth of a replay's time with the other core idle). It may be made while the job
+    /// before is still being written (neither reads the store), but is handed to the writer only
+    /// after that one is written: before folding on, the caller gives the window operators its
+    /// rows ([`Pipeline::writing`]), through which they read rows back until
+    /// [`Pipeline::written`]. After a job fails, open the pipeline again from the store. The
     /// caller appends [`Pipeline::derived`] to the log first, as for [`Pipeline::commit`].
     /// Only when [`Pipeline::can_commit_behind`].
     pub fn commit_behind(&mut self, name: &'static str, next_offset: u64) -> Result<CommitJob, StoreError> {
@@ -617,7 +619,6 @@ impl Pipeline {
                     scope.spawn(move || {
                         let rows = std::sync::Arc::new(op.encode_dirty());
                         op.committed(&rows);
-                        op.set_writing(Some(rows.clone()));
                         rows
                     })
                 })
@@ -647,6 +648,15 @@ impl Pipeline {
         self.derived.clear();
         self.pending = 0;
         Ok(job)
+    }
+
+    /// Before folding on while `job` is written: rows read back are read through its rows (the
+    /// store does not show them yet).
+    pub fn writing(&mut self, job: &CommitJob) {
+        for (op, (code, rows)) in self.windows.iter_mut().zip(&job.windows) {
+            debug_assert_eq!(op.calendar.code(), *code);
+            op.set_writing(Some(rows.clone()));
+        }
     }
 
     /// After the last [`CommitJob`] is committed: the store shows its rows.

@@ -740,15 +740,18 @@ impl Processor {
         Ok(())
     }
 
-    /// [`Processor::commit`] of a replay: waits for the previous commit to be written, then hands
-    /// this one to the store writer and folds on (nothing to notify or stream: no version serves
-    /// while it replays).
+    /// [`Processor::commit`] of a replay: encodes this commit, waits for the previous one to be
+    /// written, then hands this one to the store writer and folds on (nothing to notify or
+    /// stream: no version serves while it replays).
     fn commit_behind(&mut self) -> Result<(), ProcessError> {
         self.pipeline.fold_staged(&self.store)?;
         let started = Instant::now();
-        self.written()?;
         self.append_derived()?;
+        // Encoded while the store writer may still be writing the commit before: at the end of
+        // each stretch the fold had waited for it with both cores' encoding still to do.
         let job = self.pipeline.commit_behind(PROCESSOR_NAME, self.next_offset)?;
+        self.written()?;
+        self.pipeline.writing(&job);
         if let Some(behind) = self.behind.as_mut() {
             behind.send(job)?;
         }
