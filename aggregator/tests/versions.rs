@@ -80,13 +80,16 @@ fn copy_log(from: &Path, to: &Path) {
 
 #[test]
 fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_back() {
+    // Enough that the replay is still running when the new version starts answering, however fast
+    // it folds (the 10 s windows of V1_BATCHES + 50 batches stay under what one request reads).
+    const V1_BATCHES: u64 = 250;
     let dir = tempfile::tempdir().unwrap();
     // Alert transitions of readings received now are sent; a replay's are not.
     let hook = Receiver::start(0);
     let notify = format!("[[notify]]\nurl = \"{}\"\n", hook.url);
     let (v1_config, v2_config) = (format!("{V1}{notify}"), format!("{V2}{notify}"));
     let agg = Aggregator::start_with(dir.path(), &v1_config);
-    for n in 0..150 {
+    for n in 0..V1_BATCHES {
         agg.ingest_ok(0, &batch(n));
     }
     agg.wait_processed();
@@ -113,7 +116,7 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
                 assert_eq!(r.status, 200, "{}", r.text());
                 let count = counted(&serde_json::from_slice(&r.body).unwrap());
                 assert!(count >= last, "the served count went back from {last} to {count}: a partial answer");
-                assert!(count >= 150 * PER_BATCH, "an answer without readings already served: {count}");
+                assert!(count >= V1_BATCHES * PER_BATCH, "an answer without readings already served: {count}");
                 last = count;
                 let p: Value =
                     serde_json::from_slice(&common::http(addr, "GET", "/api/v1/pipeline", &[], &[]).body).unwrap();
@@ -126,7 +129,7 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
             (answers, versions_seen)
         })
     };
-    for n in 150..180 {
+    for n in V1_BATCHES..V1_BATCHES + 30 {
         agg.ingest_ok(0, &batch(n));
     }
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -134,7 +137,7 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
         assert!(Instant::now() < deadline, "version 2 was never promoted:\n{}", agg.stderr.lock().unwrap());
         std::thread::sleep(Duration::from_millis(50));
     }
-    for n in 180..200 {
+    for n in V1_BATCHES + 30..V1_BATCHES + 50 {
         agg.ingest_ok(0, &batch(n));
     }
     agg.wait_processed();
@@ -151,7 +154,7 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
     assert_eq!(version(&p, 1)["state"], "retired", "{p}");
     assert_eq!(version(&p, 2)["state"], "serving", "{p}");
     let switched = snapshot(&agg, &["10s", "1m", "1h"]);
-    assert_eq!(counted(&switched["windows 1m"]), 200 * PER_BATCH);
+    assert_eq!(counted(&switched["windows 1m"]), (V1_BATCHES + 50) * PER_BATCH);
     // The new threshold is what the alerts now show.
     assert_ne!(switched["alerts"], v1["alerts"]);
     assert!(switched["alerts"].as_array().unwrap().len() > v1["alerts"].as_array().unwrap().len());
@@ -159,9 +162,9 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
     let agg_alerts = agg.get_json("/api/v1/alerts?limit=10000");
     assert_eq!(agg.terminate().code(), Some(0));
     // Since the restart, only transitions of readings sent since: none of version 2's replay of
-    // the first 150 batches.
+    // the first V1_BATCHES batches.
     std::thread::sleep(Duration::from_millis(500));
-    let restart_ts = T0 + 150 * PER_BATCH as i64 * 1_000;
+    let restart_ts = T0 + (V1_BATCHES * PER_BATCH) as i64 * 1_000;
     // In the API, the alerts of the history version 2 replayed say so.
     let (_, alerts) = agg_alerts;
     let history: Vec<&Value> =
@@ -207,7 +210,7 @@ fn a_new_version_replays_in_the_background_switches_cleanly_and_can_be_rolled_ba
     assert_eq!(agg.get("/api/v1/sensors/line1%2Ftemp/windows?size=10s").status, 400);
     // Version 1 caught up with what arrived while version 2 served.
     let back = snapshot(&agg, &["1m", "1h"]);
-    assert_eq!(counted(&back["windows 1m"]), 200 * PER_BATCH);
+    assert_eq!(counted(&back["windows 1m"]), (V1_BATCHES + 50) * PER_BATCH);
 }
 
 #[test]
@@ -409,9 +412,13 @@ fn a_replay_command_sigkilled_at_random_moments_resumes_to_the_same_tables() {
 
 #[test]
 fn sigterm_during_a_background_replay_is_resumed_at_the_next_start_to_the_same_tables() {
+    // Enough for several commits of the replay (one every 500 ms while it is behind) even when it runs
+    // at millions of readings a second: the test must see it part way.
+    // (A reading a second over 3 sensors: 75,000 1-minute windows, under what one request may read.)
+    const BATCHES_TO_REPLAY: u64 = 1_500;
     let dir = tempfile::tempdir().unwrap();
     let agg = Aggregator::start_with(dir.path(), PLAIN);
-    for n in 0..500 {
+    for n in 0..BATCHES_TO_REPLAY {
         agg.ingest_ok(0, &batch(n));
     }
     agg.wait_processed();
@@ -419,7 +426,7 @@ fn sigterm_during_a_background_replay_is_resumed_at_the_next_start_to_the_same_t
 
     // Version 2 starts replaying; SIGTERM arrives while it does, with ingest going on.
     let agg = Aggregator::start_with(dir.path(), NEXT);
-    agg.ingest_ok(0, &batch(500));
+    agg.ingest_ok(0, &batch(BATCHES_TO_REPLAY));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let p = pipeline(&agg);
@@ -459,7 +466,7 @@ fn sigterm_during_a_background_replay_is_resumed_at_the_next_start_to_the_same_t
     }
     agg.wait_processed();
     let resumed = common::settled_checksum(&agg, 2);
-    assert_eq!(counted(&snapshot(&agg, &["1m"])["windows 1m"]), 501 * PER_BATCH);
+    assert_eq!(counted(&snapshot(&agg, &["1m"])["windows 1m"]), (BATCHES_TO_REPLAY + 1) * PER_BATCH);
     assert_eq!(agg.terminate().code(), Some(0));
 
     // What version 2 computes from the same log alone, on a copy.
