@@ -580,6 +580,9 @@ impl Processor {
     /// there is more to do right away, else how long to wait at most for the log to move.
     fn step(&mut self, head: u64) -> Result<Option<Duration>, ProcessError> {
         let max_blocks = self.limit.map_or(usize::MAX, |(n, _)| n.saturating_sub(self.cycle_blocks).max(1));
+        if !self.been_caught_up {
+            self.pipeline.stage_readings = super::CATCH_UP_STAGE_READINGS;
+        }
         if self.next_offset < head {
             // A client that connected since the last commit gets this commit's readings too.
             if self.pipeline.live.is_none() && self.outputs.serving() && self.outputs.live.wanted() {
@@ -646,6 +649,9 @@ impl Processor {
         }
         let caught_up = self.next_offset >= head;
         self.been_caught_up |= caught_up;
+        if caught_up {
+            self.pipeline.stage_readings = super::STAGE_READINGS;
+        }
         let uncommitted = self.next_offset > self.committed;
         let since = self.last_commit.elapsed();
         let due = self.pipeline.pending >= COMMIT_READINGS
