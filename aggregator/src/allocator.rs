@@ -23,7 +23,7 @@ impl KeepFreedPages {
     pub fn new() -> KeepFreedPages {
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
         if kept.0 == 0 {
-            kept.1 = arenas().into_iter().filter_map(|i| Some((i, set_decay(i, REPLAY_DECAY_MS)?))).collect();
+            kept.1 = arenas().into_iter().filter_map(|i| Some((i, decay(i, Some(REPLAY_DECAY_MS))?))).collect();
         }
         kept.0 += 1;
         KeepFreedPages(())
@@ -42,7 +42,7 @@ impl Drop for KeepFreedPages {
         kept.0 -= 1;
         if kept.0 == 0 {
             for (arena, ms) in std::mem::take(&mut kept.1) {
-                set_decay(arena, ms);
+                decay(arena, Some(ms));
             }
         }
     }
@@ -66,24 +66,21 @@ fn arenas() -> Vec<u32> {
     if read == 0 { (0..n).collect() } else { Vec::new() }
 }
 
-/// Sets an arena's dirty-page decay; returns what it was (`None`: no such arena, or jemalloc
-/// is not there to ask).
-fn set_decay(arena: u32, ms: isize) -> Option<isize> {
+/// An arena's dirty-page decay, set to `new` if given; returns what it was (`None`: no such
+/// arena, or jemalloc is not there to ask).
+fn decay(arena: u32, new: Option<isize>) -> Option<isize> {
     let name = CString::new(format!("arena.{arena}.dirty_decay_ms")).ok()?;
     let name: &CStr = &name;
     let mut old: isize = 0;
     let mut len = std::mem::size_of::<isize>();
-    let mut new = ms;
-    // SAFETY: the setting is a ssize_t, read into and written from an isize of the lengths given.
-    let done = unsafe {
-        tikv_jemalloc_sys::mallctl(
-            name.as_ptr(),
-            (&raw mut old).cast::<c_void>(),
-            &mut len,
-            (&raw mut new).cast::<c_void>(),
-            std::mem::size_of::<isize>(),
-        )
+    let mut new = new;
+    let (newp, newlen) = match new.as_mut() {
+        Some(ms) => ((ms as *mut isize).cast::<c_void>(), std::mem::size_of::<isize>()),
+        None => (std::ptr::null_mut(), 0),
     };
+    // SAFETY: the setting is a ssize_t, read into and written from an isize of the lengths given.
+    let done =
+        unsafe { tikv_jemalloc_sys::mallctl(name.as_ptr(), (&raw mut old).cast::<c_void>(), &mut len, newp, newlen) };
     (done == 0).then_some(old)
 }
 
@@ -91,33 +88,16 @@ fn set_decay(arena: u32, ms: isize) -> Option<isize> {
 mod tests {
     use super::*;
 
-    fn decay(arena: u32) -> Option<isize> {
-        let name = CString::new(format!("arena.{arena}.dirty_decay_ms")).unwrap();
-        let mut old: isize = 0;
-        let mut len = std::mem::size_of::<isize>();
-        // SAFETY: as in `set_decay`, read only.
-        let done = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                name.as_ptr(),
-                (&raw mut old).cast::<c_void>(),
-                &mut len,
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        (done == 0).then_some(old)
-    }
-
     #[test]
     fn freed_pages_are_kept_while_a_replay_runs_and_the_setting_comes_back() {
-        let before = decay(0).expect("jemalloc's first arena");
+        let before = decay(0, None).expect("jemalloc's first arena");
         {
             let _one = KeepFreedPages::new();
             let two = KeepFreedPages::new();
-            assert_eq!(decay(0), Some(REPLAY_DECAY_MS));
+            assert_eq!(decay(0, None), Some(REPLAY_DECAY_MS));
             drop(two);
-            assert_eq!(decay(0), Some(REPLAY_DECAY_MS), "one replay still runs");
+            assert_eq!(decay(0, None), Some(REPLAY_DECAY_MS), "one replay still runs");
         }
-        assert_eq!(decay(0), Some(before));
+        assert_eq!(decay(0, None), Some(before));
     }
 }

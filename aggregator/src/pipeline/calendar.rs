@@ -145,11 +145,7 @@ mod tests {
 
     #[test]
     fn floor_division_is_div_euclid() {
-        let mut state = 99u64;
-        let mut random = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            state
-        };
+        let mut rng = fastrand::Rng::with_seed(99);
         let ds =
             [1i64, 2, 3, 7, 60, 120, 1_000, 10_000, 60_000, 3_600_000, 86_400_000, (1 << 52) - 1, 1 << 52, i64::MAX];
         let edges = [0i64, 1, -1, (1 << 52) - 1, 1 << 52, -(1 << 52), 1 << 53, i64::MAX, i64::MIN, i64::MIN + 1];
@@ -161,7 +157,7 @@ mod tests {
                 }
             }
             for _ in 0..20_000 {
-                let r = random();
+                let r = rng.u64(..);
                 // Multiples of d and their neighbours, and times of any size.
                 let x = match r % 3 {
                     0 => ((r >> 8) as i64 % (1 << 40)).wrapping_mul(d.min(1 << 20)) + (r >> 60) as i64 - 8,

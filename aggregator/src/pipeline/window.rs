@@ -446,6 +446,7 @@ impl Rows {
     }
 }
 
+#[cfg(test)]
 impl std::ops::Index<&(u32, i64)> for Rows {
     type Output = Row;
 
@@ -1550,11 +1551,8 @@ mod tests {
     fn rows_are_found_by_key_while_rows_come_and_go() {
         let mut rows = Rows::default();
         let mut model: std::collections::HashMap<(u32, i64), usize> = Default::default();
-        let mut state = 7u64;
-        let mut random = move |n: u64| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (state >> 33) % n
-        };
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut random = move |n: u64| rng.u64(..n);
         for step in 0..20_000usize {
             let key = (random(40) as u32, random(6) as i64);
             match random(4) {
@@ -1598,11 +1596,8 @@ mod tests {
         let mut staged_op = WindowOperator::open(calendar.clone(), &staged_conn).unwrap();
         let mut each_op = WindowOperator::open(calendar.clone(), &each_conn).unwrap();
         let base = 1_764_547_200_000i64;
-        let mut state = 99u64;
-        let mut random = move |n: u64| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (state >> 33) % n
-        };
+        let mut rng = fastrand::Rng::with_seed(99);
+        let mut random = move |n: u64| rng.u64(..n);
         for batch in 0..60u64 {
             let mut staged = Vec::new();
             for i in 0..500u64 {
