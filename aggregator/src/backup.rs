@@ -272,7 +272,7 @@ pub fn restore(data_dir: &Path, from: &Path, force: bool) -> Result<Manifest, Ba
     old.retain(|name| name != crate::versions::REGISTRY_FILE);
     remove_if_present(&data_dir.join(crate::versions::REGISTRY_FILE))?;
     for name in old {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
+        for suffix in ["", "-wal", "-shm", "-journal", "-unsynced"] {
             remove_if_present(&data_dir.join(format!("{name}{suffix}")))?;
         }
     }

@@ -159,6 +159,9 @@ pub async fn serve_with_reload(
         .flatten()
         .chain([data_dir.join("stale.db")])
     {
+        // One a replay was building without fsync when the machine went down is deleted (and
+        // replayed), whatever a check would say of it.
+        store::recover_unsynced(&path).map_err(pipeline::processor::ProcessError::from)?;
         if !path.exists() {
             continue;
         }
@@ -335,7 +338,7 @@ pub async fn serve_with_reload(
 fn set_aside_damaged(path: &std::path::Path, report: &str, now: i64) {
     let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let aside = path.with_file_name(format!("{file}.damaged-{now}"));
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in ["", "-wal", "-shm", "-unsynced"] {
         let from = path.with_file_name(format!("{file}{suffix}"));
         if from.exists() {
             if let Err(error) = std::fs::rename(&from, aside.with_file_name(format!("{file}.damaged-{now}{suffix}"))) {

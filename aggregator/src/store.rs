@@ -49,6 +49,120 @@ pub enum StoreError {
     MoveAside(std::io::Error),
     #[error("serving store query was cancelled: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("{action} {path}: {source}; check the data directory's permissions and free space")]
+    Unsynced { action: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+/// The file beside a store that says it is being built by a replay without fsync, and during
+/// which boot of the machine (`/proc/sys/kernel/random/boot_id`).
+///
+/// A store a replay builds serves nothing until it has caught up, and the log can build it
+/// again: so it is written with `synchronous = OFF`, which leaves every write to the kernel's
+/// page cache (the fsyncs of its checkpoints were an eighth of a replay's time). A process that
+/// dies (SIGKILL, a panic) loses nothing the kernel was given, so within the same boot the replay
+/// resumes from its last commit; after the machine went down (or its disk was restored from an
+/// image), the store may be damaged, so it is deleted and replayed from the log
+/// ([`recover_unsynced`]). Once caught up, [`end_unsynced`] syncs it and removes this file
+/// before the store may serve.
+pub fn unsynced_marker(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-unsynced");
+    PathBuf::from(name)
+}
+
+/// This boot of the machine, if the kernel says (Linux); without it nothing is written unsynced.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(id.trim().to_string()).filter(|id| !id.is_empty())
+}
+
+fn unsynced_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Unsynced { action, path, source }
+}
+
+fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(unsynced_error("cannot delete", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn sync_dir_of(path: &Path) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(unsynced_error("cannot sync the directory of", path))
+}
+
+/// Before a store is opened: deletes it if it was being written without fsync during another
+/// boot of the machine (see [`unsynced_marker`]). Returns whether it is being built unsynced
+/// during this boot (its writes are all in the page cache: it goes on from its last commit).
+pub fn recover_unsynced(path: &Path) -> Result<bool, StoreError> {
+    let marker = unsynced_marker(path);
+    let recorded = match std::fs::read(&marker) {
+        // Not text: not this boot's either.
+        Ok(recorded) => String::from_utf8_lossy(&recorded).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(unsynced_error("cannot read", &marker)(e)),
+    };
+    if boot_id().is_some_and(|id| id == recorded.trim()) {
+        return Ok(true);
+    }
+    tracing::warn!(
+        store = %path.display(),
+        "this store was being built by a replay without fsync when the machine went down (or its disk was \
+         restored from an image): it may be damaged, so it is deleted and replayed from the log"
+    );
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        remove_if_present(Path::new(&file))?;
+    }
+    remove_if_present(&marker)?;
+    sync_dir_of(path)?;
+    Ok(false)
+}
+
+/// Writes the store at `path` through `conns` without fsync from now on (see
+/// [`unsynced_marker`]): the marker is made durable first. False (and nothing changed) where the
+/// boot cannot be told.
+pub fn begin_unsynced(conns: &[&Connection], path: &Path) -> Result<bool, StoreError> {
+    let Some(id) = boot_id() else { return Ok(false) };
+    let marker = unsynced_marker(path);
+    std::fs::write(&marker, format!("{id}\n"))
+        .and_then(|()| std::fs::File::open(&marker)?.sync_all())
+        .map_err(unsynced_error("cannot write", &marker))?;
+    sync_dir_of(&marker)?;
+    for conn in conns {
+        conn.pragma_update(None, "synchronous", "OFF")?;
+    }
+    Ok(true)
+}
+
+/// Makes everything written to the store at `path` durable, and writes through `conns` with
+/// fsync again: a checkpoint, the store file, its WAL and their directory synced; then the marker
+/// goes.
+pub fn end_unsynced(conns: &[&Connection], path: &Path) -> Result<(), StoreError> {
+    for conn in conns {
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+    }
+    if let Some(conn) = conns.first() {
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+    }
+    for suffix in ["", "-wal"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::File::open(&file) {
+            Ok(f) => f.sync_all().map_err(unsynced_error("cannot sync", Path::new(&file)))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(unsynced_error("cannot open", Path::new(&file))(e)),
+        }
+    }
+    sync_dir_of(path)?;
+    remove_if_present(&unsynced_marker(path))?;
+    sync_dir_of(path)
 }
 
 /// Turns off re-planning per binding. The bundled SQLite is built with STAT4, under which a
@@ -71,8 +185,10 @@ pub fn open_reader_beside(conn: &Connection) -> Option<Connection> {
     Some(reader)
 }
 
-/// Opens (creating or upgrading if needed) the store for the pipeline.
+/// Opens (creating or upgrading if needed) the store for the pipeline; a store left unsynced by
+/// another boot is deleted first ([`recover_unsynced`]).
 pub fn open_write(path: &Path) -> Result<Connection, StoreError> {
+    recover_unsynced(path)?;
     let conn = Connection::open(path)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let has_tables: bool =
@@ -706,5 +822,47 @@ mod tests {
         assert_eq!(kept, "kept");
         conn.execute("INSERT INTO processor_offsets (name, next_offset) VALUES ('main', 42)", []).unwrap();
         assert_eq!(offset(&conn, "main").unwrap(), 42);
+    }
+
+    fn synchronous(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap()
+    }
+
+    /// A store a replay builds is written without fsync while a marker names this boot; synced,
+    /// it loses the marker; with a marker of another boot (the machine went down meanwhile) it is
+    /// deleted before it opens, whatever it holds.
+    #[test]
+    fn a_store_built_unsynced_is_kept_in_this_boot_and_deleted_after_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store-v2.db");
+        let marker = unsynced_marker(&path);
+        assert_eq!(marker, dir.path().join("store-v2.db-unsynced"));
+        let conn = open_write(&path).unwrap();
+        assert_eq!(synchronous(&conn), 1, "NORMAL");
+        assert!(begin_unsynced(&[&conn], &path).unwrap(), "Linux tells its boot");
+        assert_eq!(synchronous(&conn), 0, "OFF");
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), boot.trim());
+        conn.execute("INSERT INTO processor_offsets (name, next_offset) VALUES ('main', 42)", []).unwrap();
+        drop(conn);
+
+        // The process died (a SIGKILL loses nothing the kernel was given): same boot, kept.
+        assert!(recover_unsynced(&path).unwrap());
+        let conn = open_write(&path).unwrap();
+        assert_eq!(offset(&conn, "main").unwrap(), 42);
+        end_unsynced(&[&conn], &path).unwrap();
+        assert_eq!(synchronous(&conn), 1);
+        assert!(!marker.exists());
+        assert!(!recover_unsynced(&path).unwrap());
+        drop(conn);
+
+        // Unsynced again, then the machine goes down: at the next boot the marker names another.
+        let conn = open_write(&path).unwrap();
+        assert!(begin_unsynced(&[&conn], &path).unwrap());
+        drop(conn);
+        std::fs::write(&marker, "00000000-0000-0000-0000-000000000000\n").unwrap();
+        let conn = open_write(&path).unwrap();
+        assert_eq!(offset(&conn, "main").unwrap(), 0, "deleted and made anew: the log rebuilds it");
+        assert!(!marker.exists());
     }
 }

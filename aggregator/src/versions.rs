@@ -330,7 +330,7 @@ pub fn drop_expired(data_dir: &Path, registry: &mut Registry, keep: Duration, no
 }
 
 fn remove_store(path: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in ["", "-wal", "-shm", "-unsynced"] {
         let mut file = path.as_os_str().to_owned();
         file.push(suffix);
         let _ = std::fs::remove_file(PathBuf::from(file));
@@ -747,7 +747,9 @@ pub async fn supervise(
                     "replaying a new pipeline version"
                 );
             }
-            if new_at >= old_at {
+            // A store built without fsync serves only once synced (the processor syncs it as
+            // soon as it has caught up).
+            if new_at >= old_at && !new.thread.unsynced.load(Ordering::Acquire) {
                 let new = replay.take().expect("checked above");
                 match promote(&versions, &store, &serving, &new) {
                     Ok(()) => {

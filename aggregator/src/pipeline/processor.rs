@@ -159,6 +159,9 @@ pub struct ProcessorThread {
     pub status: ProcessorStatus,
     /// The offset committed to the store, after each commit.
     pub committed: watch::Receiver<u64>,
+    /// The store is being built without fsync ([`store::unsynced_marker`]): it must not serve
+    /// until this turns false, once the processor has caught up and synced it.
+    pub unsynced: Arc<AtomicBool>,
 }
 
 /// One block read from the log.
@@ -236,6 +239,13 @@ struct Processor {
     /// A replay's commits, written on a thread of their own while folding goes on
     /// ([`catch_up_range`] only).
     behind: Option<WriteBehind>,
+    /// The store's path while it is written without fsync ([`store::begin_unsynced`]).
+    unsynced: Option<std::path::PathBuf>,
+    /// Shared with [`ProcessorThread::unsynced`].
+    unsynced_flag: Arc<AtomicBool>,
+    /// Sync an unsynced store once caught up (a live processor; an offline replay leaves it to
+    /// the kernel and to the aggregator's next start, see [`store::unsynced_marker`]).
+    sync_when_caught_up: bool,
 }
 
 /// The thread that writes a replay's commits ([`Pipeline::commit_behind`]), one at a time.
@@ -249,8 +259,12 @@ struct WriteBehind {
 
 impl WriteBehind {
     /// Starts the writer on a write connection of its own to `store_path`.
-    fn start(store_path: &Path) -> Result<WriteBehind, ProcessError> {
+    fn start(store_path: &Path, unsynced: bool) -> Result<WriteBehind, ProcessError> {
         let mut conn = store::open_write(store_path)?;
+        if unsynced {
+            // As the processor's connection (the marker is written).
+            conn.pragma_update(None, "synchronous", "OFF").map_err(StoreError::from)?;
+        }
         let (jobs, todo) = std::sync::mpsc::sync_channel::<CommitJob>(1);
         let (result, done) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
@@ -340,8 +354,11 @@ pub fn start(
     tracing::info!(next_offset, set_aside_blocks, derived_epoch = outputs.derived_epoch, "processor resumes");
     let (stop_tx, stop_rx) = watch::channel(false);
     let status = ProcessorStatus::default();
-    let processor = Processor::new(log, store, pipeline, next_offset, metrics, outputs, status.clone());
+    let serving = outputs.serving();
+    let mut processor = Processor::new(log, store, pipeline, next_offset, metrics, outputs, status.clone());
+    processor.choose_sync(store_path, serving, next_offset == 0)?;
     let committed = processor.committed_tx.subscribe();
+    let unsynced = processor.unsynced_flag.clone();
     let guard = alive.guard();
     let thread = std::thread::Builder::new()
         .name("processor".into())
@@ -350,7 +367,7 @@ pub fn start(
             processor.run(end, stop_rx, runtime);
         })
         .map_err(ProcessError::Spawn)?;
-    Ok(ProcessorThread { stop: StopSignal(Arc::new(stop_tx)), thread, status, committed })
+    Ok(ProcessorThread { stop: StopSignal(Arc::new(stop_tx)), thread, status, committed, unsynced })
 }
 
 /// Folds the log from the store's committed offset to the log's end, commits, and returns the
@@ -391,6 +408,7 @@ pub fn catch_up_range(
     };
     let store = store::open_write(store_path)?;
     let mut next_offset = store::offset(&store, PROCESSOR_NAME)?;
+    let empty = next_offset == 0;
     let pipeline = Pipeline::open(spec, &store)?;
     let log = log::open_read(log_path)?;
     let mut head = log::end_offset(&log)?;
@@ -415,8 +433,10 @@ pub fn catch_up_range(
         head = head.min(until);
     }
     let mut p = Processor::new(log, store, pipeline, next_offset, metrics, outputs, ProcessorStatus::default());
+    p.choose_sync(store_path, false, empty)?;
+    p.sync_when_caught_up = false;
     if p.pipeline.can_commit_behind() {
-        p.behind = Some(WriteBehind::start(store_path)?);
+        p.behind = Some(WriteBehind::start(store_path, p.unsynced.is_some())?);
     }
     while p.next_offset < head {
         let before = p.next_offset;
@@ -467,7 +487,46 @@ impl Processor {
             decoder: BlockDecoder::default(),
             committed_tx: watch::Sender::new(next_offset),
             behind: None,
+            unsynced: None,
+            unsynced_flag: Arc::new(AtomicBool::new(false)),
+            sync_when_caught_up: true,
         }
+    }
+
+    /// Writes the store without fsync if it is being built: empty, or built so during this boot
+    /// already, and not serving. A serving store left unsynced (by an offline replay) is synced.
+    fn choose_sync(&mut self, store_path: &Path, serving: bool, empty: bool) -> Result<(), ProcessError> {
+        let marked = store::unsynced_marker(store_path).exists();
+        if serving {
+            if marked {
+                store::end_unsynced(&[&self.store], store_path)?;
+            }
+            return Ok(());
+        }
+        if marked || empty {
+            match store::begin_unsynced(&[&self.store], store_path) {
+                Ok(true) => {
+                    self.unsynced = Some(store_path.to_path_buf());
+                    self.unsynced_flag.store(true, Ordering::Release);
+                }
+                Ok(false) => {}
+                // Written with fsync then, as a serving store is.
+                Err(error) => tracing::warn!(%error, "replaying with fsync"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Once caught up: syncs a store built without fsync, so that it may serve.
+    fn sync_if_caught_up(&mut self) -> Result<(), ProcessError> {
+        if let Some(path) = self.unsynced.as_ref().filter(|_| self.been_caught_up && self.sync_when_caught_up) {
+            let started = Instant::now();
+            store::end_unsynced(&[&self.store], path)?;
+            tracing::info!(store = %path.display(), took_s = started.elapsed().as_secs_f64(), "caught up: store synced");
+            self.unsynced = None;
+            self.unsynced_flag.store(false, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn run(mut self, mut end: watch::Receiver<u64>, mut stop: watch::Receiver<bool>, runtime: tokio::runtime::Handle) {
@@ -664,6 +723,9 @@ impl Processor {
             if caught_up {
                 self.return_free_memory();
             }
+        }
+        if caught_up {
+            self.sync_if_caught_up()?;
         }
         Ok(match (caught_up, self.next_offset > self.committed) {
             (false, _) => None,
