@@ -201,7 +201,7 @@ const FOLD_QUEUE: usize = 2;
 /// A window operator on a thread of its own, folding the batches sent to it in order; it comes
 /// back when the sender is dropped.
 struct Folder {
-    batches: std::sync::mpsc::SyncSender<std::sync::Arc<Vec<Staged>>>,
+    batches: std::sync::mpsc::SyncSender<std::sync::Arc<window::BySeries>>,
     thread: std::thread::JoinHandle<(WindowOperator, Result<(), StoreError>)>,
 }
 
@@ -384,7 +384,21 @@ impl Pipeline {
         if self.staged.is_empty() {
             return if background { Ok(()) } else { self.settle() };
         }
-        let staged = std::sync::Arc::new(std::mem::take(&mut self.staged));
+        // Taken and given back emptied: its memory serves the next batch (grown anew for each
+        // batch, it was copied five times over and faulted in again); not a catch-up's batches'
+        // once caught up.
+        let mut staged = std::mem::take(&mut self.staged);
+        let result = self.fold_batch(conn, &staged, background);
+        staged.clear();
+        if staged.capacity() > 4 * self.stage_readings {
+            staged = Vec::new();
+        }
+        self.staged = staged;
+        result
+    }
+
+    fn fold_batch(&mut self, conn: &Connection, staged: &[Staged], background: bool) -> Result<(), StoreError> {
+        let batch = std::sync::Arc::new(window::BySeries::of(staged));
         let parallel = self.folding.is_empty()
             && staged.len() >= PARALLEL_READINGS
             && self.windows.iter().all(WindowOperator::has_reader);
@@ -393,15 +407,15 @@ impl Pipeline {
         }
         if self.folding.is_empty() && !self.lost_operator {
             for op in self.windows.iter_mut() {
-                op.add_staged(Some(conn), &staged)?;
+                op.add_batch(Some(conn), &batch)?;
             }
-            return self.fold_others(conn, &staged);
+            return self.fold_others(conn, staged);
         }
         for folder in &self.folding {
             // A folder that stopped (it panicked) is found out by `settle`.
-            let _ = folder.batches.send(staged.clone());
+            let _ = folder.batches.send(batch.clone());
         }
-        let result = self.fold_others(conn, &staged);
+        let result = self.fold_others(conn, staged);
         if background { result } else { result.and(self.settle()) }
     }
 
@@ -410,12 +424,12 @@ impl Pipeline {
         self.folding_grown = self.windows.iter().map(WindowOperator::grown_bytes).sum();
         for mut op in std::mem::take(&mut self.windows) {
             // A few batches queued at most: staging waits for the slowest operator.
-            let (batches, queue) = std::sync::mpsc::sync_channel::<std::sync::Arc<Vec<Staged>>>(FOLD_QUEUE);
+            let (batches, queue) = std::sync::mpsc::sync_channel::<std::sync::Arc<window::BySeries>>(FOLD_QUEUE);
             let spawned = std::thread::Builder::new().name("window fold".into()).spawn(move || {
                 let mut result = Ok(());
-                for staged in queue {
+                for batch in queue {
                     if result.is_ok() {
-                        result = op.add_staged(None, &staged);
+                        result = op.add_batch(None, &batch);
                     }
                 }
                 (op, result)
