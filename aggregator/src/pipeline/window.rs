@@ -42,7 +42,7 @@ const OPEN_WINDOWS: u16 = 2;
 const MAX_OPEN_WINDOWS: u16 = 32;
 const MAX_OPEN_WINDOWS_I64: i64 = MAX_OPEN_WINDOWS as i64;
 
-/// `Window::bumped_by` of a window no block has bumped since the last commit (no log offset is
+/// `Window::bumped_by` of a window no block has bumped (no log offset is
 /// this large); a plain u64 keeps a window 8 bytes smaller than an `Option`.
 const NOT_BUMPED: u64 = u64::MAX;
 
@@ -240,12 +240,17 @@ impl Row {
     }
 
     /// What the row holds in memory, the sketches' heap included (they are most of a busy
-    /// window's bytes). A walk over its windows: counted when a commit finds the row changed.
+    /// window's bytes). A walk over its windows.
     fn bytes(&self) -> usize {
+        self.bytes_with(self.windows.iter().map(Held::heap_bytes).sum())
+    }
+
+    /// [`Row::bytes`] with its windows' heap bytes known.
+    fn bytes_with(&self, heap: usize) -> usize {
         std::mem::size_of::<Row>()
             + self.at.len() * 2
             + self.windows.capacity() * std::mem::size_of::<Held>()
-            + self.windows.iter().map(Held::heap_bytes).sum::<usize>()
+            + heap
             + self.last_part.as_ref().map_or(0, |(_, bytes)| bytes.capacity())
     }
 
@@ -490,6 +495,9 @@ struct EncodedRow {
     sealed: Option<(u16, usize, u16)>,
     /// Where the tail's bytes end (it starts where the sealed part ends, or at `start`).
     end: usize,
+    /// Heap bytes of the windows that stay in memory after the commit (counted while encoding
+    /// them: a walk over the windows again after the commit was a cache miss per window).
+    kept_heap: usize,
 }
 
 /// A reading as the operators see it.
@@ -757,6 +765,7 @@ impl WindowOperator {
             // In slot order: the windows to seal come first (after the last part, if it grows),
             // then the tail.
             let (mut first_sealed, mut sealed_end) = (None, None);
+            let mut kept_heap = 0;
             if let Some((first, bytes)) = row.last_part.as_ref().filter(|_| seal_below > 0) {
                 first_sealed = Some(*first);
                 encoded.bytes.extend_from_slice(bytes);
@@ -764,13 +773,17 @@ impl WindowOperator {
             for w in row.in_order() {
                 if w.slot < seal_below {
                     first_sealed.get_or_insert(w.slot);
-                } else if first_sealed.is_some() && sealed_end.is_none() {
-                    sealed_end = Some(encoded.bytes.len());
+                } else {
+                    kept_heap += w.heap_bytes();
+                    if first_sealed.is_some() && sealed_end.is_none() {
+                        sealed_end = Some(encoded.bytes.len());
+                    }
                 }
                 encode_held(&self.calendar, key.1, w, &mut encoded.bytes);
             }
             let sealed = first_sealed.map(|first| (first, sealed_end.unwrap_or(encoded.bytes.len()), seal_below));
-            encoded.rows.push(EncodedRow { key, at, replace: row.replace, start, sealed, end: encoded.bytes.len() });
+            let end = encoded.bytes.len();
+            encoded.rows.push(EncodedRow { key, at, replace: row.replace, start, sealed, end, kept_heap });
         }
         encoded
     }
@@ -809,10 +822,8 @@ impl WindowOperator {
             *max = (*max).max(row_index);
             row.dirty = false;
             row.replace = false;
-            // Only a row changed since the last commit can have a window bumped in it.
-            for w in &mut row.windows {
-                w.bumped_by = NOT_BUMPED;
-            }
+            // Windows' `bumped_by` stay: the blocks they name are behind the commit, and later
+            // blocks have other offsets.
             if let Some((first, end, below)) = written.sealed {
                 row.seal(below, open);
                 // A part that spans a quarter of the row is done; a shorter one grows at the
@@ -820,7 +831,7 @@ impl WindowOperator {
                 let done = below - first >= (self.calendar.slots() / 4) as u16;
                 row.last_part = (!done).then(|| (first, encoded.bytes[written.start..end].to_vec()));
             }
-            row.held = row.bytes();
+            row.held = row.bytes_with(written.kept_heap);
         }
         let slots = self.calendar.slots();
         let newest = &self.newest;
