@@ -384,16 +384,15 @@ impl Pipeline {
         if self.staged.is_empty() {
             return if background { Ok(()) } else { self.settle() };
         }
-        // Taken and given back emptied: its memory serves the next batch (grown anew for each
-        // batch, it was copied five times over and faulted in again); not a catch-up's batches'
-        // once caught up.
+        // While catching up, taken and given back emptied: its memory serves the next batch
+        // (grown anew for each, it was copied five times over and faulted in again). Once caught
+        // up, batches are small and far apart: memory between them goes back.
         let mut staged = std::mem::take(&mut self.staged);
         let result = self.fold_batch(conn, &staged, background);
-        staged.clear();
-        if staged.capacity() > 4 * self.stage_readings {
-            staged = Vec::new();
+        if self.stage_readings == CATCH_UP_STAGE_READINGS {
+            staged.clear();
+            self.staged = staged;
         }
-        self.staged = staged;
         result
     }
 
