@@ -359,7 +359,11 @@ impl Pipeline {
         }
         self.agents.add_block(agent_id, block.entries.len() as u64, received_at);
         self.pending += block.entries.len() as u64;
-        if self.staged.len() >= self.stage_readings {
+        // The window operators wait for the first batch after they met (at the start, after a
+        // commit): a short one gets them going sooner (staging 64 K readings first left them idle
+        // for a twentieth of a replay).
+        let batch = if self.folding.is_empty() { self.stage_readings.min(STAGE_READINGS) } else { self.stage_readings };
+        if self.staged.len() >= batch {
             self.fold_staged_on(conn, true)?;
         }
         Ok(())
