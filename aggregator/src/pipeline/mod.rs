@@ -400,6 +400,8 @@ impl Pipeline {
         result
     }
 
+    /// [`Pipeline::fold_staged_on`] of `staged`: put in sensor order once for every window
+    /// operator, on their threads once there is enough to share.
     fn fold_batch(&mut self, conn: &Connection, staged: &[Staged], background: bool) -> Result<(), StoreError> {
         let batch = std::sync::Arc::new(window::BySeries::of(staged));
         let parallel = self.folding.is_empty()

@@ -42,8 +42,8 @@ const OPEN_WINDOWS: u16 = 2;
 const MAX_OPEN_WINDOWS: u16 = 32;
 const MAX_OPEN_WINDOWS_I64: i64 = MAX_OPEN_WINDOWS as i64;
 
-/// `Window::bumped_by` of a window no block has bumped (no log offset is
-/// this large); a plain u64 keeps a window 8 bytes smaller than an `Option`.
+/// `Window::bumped_by` of a window no block has bumped (no log offset is this large); a plain
+/// u64 keeps a window 8 bytes smaller than an `Option`.
 const NOT_BUMPED: u64 = u64::MAX;
 
 /// One window: its statistics, how often late data revised it, and when it last changed.
