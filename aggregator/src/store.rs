@@ -115,14 +115,19 @@ pub fn recover_unsynced(path: &Path) -> Result<bool, StoreError> {
         "this store was being built by a replay without fsync when the machine went down (or its disk was \
          restored from an image): it may be damaged, so it is deleted and replayed from the log"
     );
-    for suffix in ["", "-wal", "-shm"] {
+    remove_files(path)?;
+    sync_dir_of(path)?;
+    Ok(false)
+}
+
+/// Deletes a store: its file, its WAL and shared memory, and its unsynced marker.
+pub fn remove_files(path: &Path) -> Result<(), StoreError> {
+    for suffix in ["", "-wal", "-shm", "-unsynced"] {
         let mut file = path.as_os_str().to_owned();
         file.push(suffix);
         remove_if_present(Path::new(&file))?;
     }
-    remove_if_present(&marker)?;
-    sync_dir_of(path)?;
-    Ok(false)
+    Ok(())
 }
 
 /// Writes the store at `path` through `conns` without fsync from now on (see

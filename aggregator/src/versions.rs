@@ -330,10 +330,8 @@ pub fn drop_expired(data_dir: &Path, registry: &mut Registry, keep: Duration, no
 }
 
 fn remove_store(path: &Path) {
-    for suffix in ["", "-wal", "-shm", "-unsynced"] {
-        let mut file = path.as_os_str().to_owned();
-        file.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(file));
+    if let Err(error) = crate::store::remove_files(path) {
+        tracing::warn!(%error, "cannot delete a pipeline version's store");
     }
 }
 
