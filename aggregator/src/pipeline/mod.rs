@@ -161,8 +161,6 @@ pub struct Pipeline {
     /// The window operators while they fold staged readings on threads of their own (`windows`
     /// is empty meanwhile).
     folding: Vec<Folder>,
-    /// What the operators in `folding` had grown by when they left.
-    folding_grown: usize,
     /// An operator's thread panicked or did not start: its state is gone.
     lost_operator: bool,
 }
@@ -202,6 +200,8 @@ const FOLD_QUEUE: usize = 2;
 /// back when the sender is dropped.
 struct Folder {
     batches: std::sync::mpsc::SyncSender<std::sync::Arc<window::BySeries>>,
+    /// What the operator has grown by since the last commit, as of the last batch it folded.
+    grown: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     thread: std::thread::JoinHandle<(WindowOperator, Result<(), StoreError>)>,
 }
 
@@ -329,7 +329,6 @@ impl Pipeline {
             staged: Vec::new(),
             stage_readings: STAGE_READINGS,
             folding: Vec::new(),
-            folding_grown: 0,
             lost_operator: false,
             spec,
         })
@@ -382,8 +381,8 @@ impl Pipeline {
     /// when it returns, each on a thread of its own taking batches from a queue, while this
     /// thread stages the next readings. Waiting for all of them after every batch left a core
     /// idle a quarter of the time (three operators' equal shares on two cores) and staging ran
-    /// alone; now they meet only when something needs them all ([`Pipeline::settle`]): at the
-    /// end of a read of the log, and before a commit.
+    /// alone; now they meet only when something needs them all ([`Pipeline::settle`]): when the
+    /// processor has caught up with the log, and before a commit.
     fn fold_staged_on(&mut self, conn: &Connection, background: bool) -> Result<(), StoreError> {
         if self.staged.is_empty() {
             return if background { Ok(()) } else { self.settle() };
@@ -426,21 +425,23 @@ impl Pipeline {
 
     /// Moves each window operator to a thread of its own that folds the batches sent to it.
     fn start_folders(&mut self) {
-        self.folding_grown = self.windows.iter().map(WindowOperator::grown_bytes).sum();
         for mut op in std::mem::take(&mut self.windows) {
             // A few batches queued at most: staging waits for the slowest operator.
             let (batches, queue) = std::sync::mpsc::sync_channel::<std::sync::Arc<window::BySeries>>(FOLD_QUEUE);
+            let grown = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(op.grown_bytes()));
+            let report = grown.clone();
             let spawned = std::thread::Builder::new().name("window fold".into()).spawn(move || {
                 let mut result = Ok(());
                 for batch in queue {
                     if result.is_ok() {
                         result = op.add_batch(None, &batch);
+                        report.store(op.grown_bytes(), std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 (op, result)
             });
             match spawned {
-                Ok(thread) => self.folding.push(Folder { batches, thread }),
+                Ok(thread) => self.folding.push(Folder { batches, grown, thread }),
                 // The operator went with the thread that did not start: the pipeline must be
                 // opened again from the store (`settle` says so).
                 Err(e) => {
@@ -457,7 +458,7 @@ impl Pipeline {
     /// store.
     fn settle(&mut self) -> Result<(), StoreError> {
         let mut result = Ok(());
-        for Folder { batches, thread } in std::mem::take(&mut self.folding) {
+        for Folder { batches, thread, .. } in std::mem::take(&mut self.folding) {
             drop(batches);
             match thread.join() {
                 Ok((op, folded)) => {
@@ -470,7 +471,6 @@ impl Pipeline {
                 }
             }
         }
-        self.folding_grown = 0;
         if self.lost_operator && result.is_ok() {
             result = Err(StoreError::Corrupt("a window operator was lost; the pipeline must be reopened".into()));
         }
@@ -527,9 +527,10 @@ impl Pipeline {
 
     /// Memory the window operators took since the last commit: a commit lets them drop it.
     pub fn grown_bytes(&self) -> usize {
-        // While operators fold on their threads: what they had taken when they left (up to a read
-        // of the log behind, which only delays the commit it calls for).
-        self.windows.iter().map(WindowOperator::grown_bytes).sum::<usize>() + self.folding_grown
+        // While operators fold on their threads: as of the last batch each folded (up to a queue
+        // of batches behind, which only delays the commit it calls for).
+        let folding: usize = self.folding.iter().map(|f| f.grown.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        self.windows.iter().map(WindowOperator::grown_bytes).sum::<usize>() + folding
     }
 
     /// Alert transitions since the last commit (to notify once it is durable).

@@ -702,9 +702,14 @@ impl Processor {
                     break;
                 }
             }
-            let folding = Instant::now();
-            self.pipeline.fold_staged(&self.store)?;
-            self.timings.fold += folding.elapsed();
+            if self.next_offset >= head {
+                let folding = Instant::now();
+                self.pipeline.fold_staged(&self.store)?;
+                self.timings.fold += folding.elapsed();
+            }
+            // Behind the log, what is staged waits for the next read, and the window operators
+            // fold on while it comes in: they met after every read, each time waiting for the
+            // slowest, and then idled while the log was read.
         }
         let caught_up = self.next_offset >= head;
         self.been_caught_up |= caught_up;
