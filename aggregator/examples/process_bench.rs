@@ -48,7 +48,11 @@ fn main() -> anyhow::Result<()> {
     // PROCESS_BENCH_FOLD_LOG=path/log.db folds an existing log alone (to profile the fold), e.g.
     // one kept by PROCESS_BENCH_KEEP=1 (which leaves the run's data directory in place).
     if let Ok(log) = std::env::var("PROCESS_BENCH_FOLD_LOG") {
-        let dir = tempfile::tempdir()?;
+        let mut dir = tempfile::tempdir()?;
+        if std::env::var_os("PROCESS_BENCH_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping {}", dir.path().display());
+        }
         let config = Config {
             pipeline: PipelineConfig { windows, ..PipelineConfig::default() },
             anomaly: if full { full_rules()?.anomaly } else { Vec::new() },
