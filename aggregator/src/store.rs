@@ -141,9 +141,37 @@ pub fn begin_unsynced(conns: &[&Connection], path: &Path) -> Result<bool, StoreE
         .map_err(unsynced_error("cannot write", &marker))?;
     sync_dir_of(&marker)?;
     for conn in conns {
-        conn.pragma_update(None, "synchronous", "OFF")?;
+        write_unsynced(conn, true)?;
     }
     Ok(true)
+}
+
+/// How a connection writes a store built without fsync (`unsynced`), or one that may serve.
+/// Unsynced, it leaves the pages in the WAL up to [`UNSYNCED_CHECKPOINT_BYTES`], not
+/// [`CHECKPOINT_BYTES`], and not checkpointed when it closes: nothing reads the store before it
+/// is synced, and [`end_unsynced`] checkpoints it once (the checkpoints after each commit were a
+/// fifth of the store writer's time, and the last one was written while the rest of the
+/// replay waited).
+pub fn write_unsynced(conn: &Connection, unsynced: bool) -> Result<(), StoreError> {
+    conn.pragma_update(None, "synchronous", if unsynced { "OFF" } else { "NORMAL" })?;
+    set_checkpoint_bytes(conn, if unsynced { UNSYNCED_CHECKPOINT_BYTES } else { CHECKPOINT_BYTES })?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, unsynced)?;
+    Ok(())
+}
+
+/// WAL bytes after which a commit checkpoints a store that serves. Commits rewrite the same
+/// rows' tails again and again: a longer WAL between checkpoints writes each page to the file
+/// once, not per commit (with 4,096 pages of 16 KiB, the live bench's store with its WAL took
+/// 5 B/reading, not 1.8).
+const CHECKPOINT_BYTES: i64 = 16 << 20;
+
+/// [`CHECKPOINT_BYTES`] of a store built without fsync: the most disk its WAL takes beside it.
+const UNSYNCED_CHECKPOINT_BYTES: i64 = 1 << 30;
+
+fn set_checkpoint_bytes(conn: &Connection, bytes: i64) -> Result<(), StoreError> {
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    conn.pragma_update(None, "wal_autocheckpoint", bytes / page_size.max(512))?;
+    Ok(())
 }
 
 /// Makes everything written to the store at `path` durable, and writes through `conns` with
@@ -151,10 +179,12 @@ pub fn begin_unsynced(conns: &[&Connection], path: &Path) -> Result<bool, StoreE
 /// goes.
 pub fn end_unsynced(conns: &[&Connection], path: &Path) -> Result<(), StoreError> {
     for conn in conns {
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        write_unsynced(conn, false)?;
     }
     if let Some(conn) = conns.first() {
-        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        // The whole replay may be in the WAL: into the file, and the WAL emptied (if a reader
+        // holds a snapshot, what it can; the rest stays in the WAL, synced below).
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     }
     for suffix in ["", "-wal"] {
         let mut file = path.as_os_str().to_owned();
@@ -223,14 +253,9 @@ pub fn open_write(path: &Path) -> Result<Connection, StoreError> {
         return Err(StoreError::NotWal(mode));
     }
     // NORMAL is enough: the store can always be rebuilt from the log, whose commits are FULL.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    // Commits rewrite the same rows' tails again and again: a longer WAL between checkpoints
-    // writes each page to the file once, not per commit. 16 MiB, whatever the file's page size
-    // (with 4,096 pages of 16 KiB, the live bench's store with its WAL took 5 B/reading, not 1.8).
+    write_unsynced(&conn, false)?;
     // The page cache stays at 2 MiB: since commits write tails, not whole rows, 8 MiB folded no
     // faster and cost 6 MiB of RSS.
-    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-    conn.pragma_update(None, "wal_autocheckpoint", (16 << 20) / page_size.max(512))?;
     conn.pragma_update(None, "cache_size", -2048)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS series (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
@@ -846,10 +871,13 @@ mod tests {
         assert_eq!(synchronous(&conn), 1, "NORMAL");
         assert!(begin_unsynced(&[&conn], &path).unwrap(), "Linux tells its boot");
         assert_eq!(synchronous(&conn), 0, "OFF");
+        assert_eq!(checkpoint_bytes(&conn), 1 << 30);
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
         assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), boot.trim());
         conn.execute("INSERT INTO processor_offsets (name, next_offset) VALUES ('main', 42)", []).unwrap();
         drop(conn);
+        let wal = dir.path().join("store-v2.db-wal");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 0, "closed without a checkpoint: the commit is in the WAL");
 
         // The process died (a SIGKILL loses nothing the kernel was given): same boot, kept.
         assert!(recover_unsynced(&path).unwrap());
@@ -857,6 +885,8 @@ mod tests {
         assert_eq!(offset(&conn, "main").unwrap(), 42);
         end_unsynced(&[&conn], &path).unwrap();
         assert_eq!(synchronous(&conn), 1);
+        assert_eq!(checkpoint_bytes(&conn), 16 << 20);
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0, "checkpointed into the file");
         assert!(!marker.exists());
         assert!(!recover_unsynced(&path).unwrap());
         drop(conn);

@@ -441,12 +441,13 @@ fn a_replay_left_unsynced_when_the_machine_went_down_is_replayed_anew() {
     assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), boot.trim(), "an offline replay leaves it unsynced");
 
     std::fs::write(&marker, "a boot before a power cut\n").unwrap();
-    let store = cut.path().join("data").join("store-v2.db");
-    let mut bytes = std::fs::read(&store).unwrap();
+    // Until it is synced, the replay's commits are in the store's WAL (not checkpointed).
+    let wal = cut.path().join("data").join("store-v2.db-wal");
+    let mut bytes = std::fs::read(&wal).unwrap();
     let page = tributary_aggregator::store::PAGE_SIZE as usize;
     assert!(bytes.len() >= 3 * page, "{} bytes", bytes.len());
     bytes[page..2 * page].fill(0);
-    std::fs::write(&store, bytes).unwrap();
+    std::fs::write(&wal, bytes).unwrap();
 
     let agg = Aggregator::start_with(cut.path(), NEXT);
     let deadline = Instant::now() + Duration::from_secs(30);

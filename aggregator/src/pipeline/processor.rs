@@ -263,7 +263,7 @@ impl WriteBehind {
         let mut conn = store::open_write(store_path)?;
         if unsynced {
             // As the processor's connection (the marker is written).
-            conn.pragma_update(None, "synchronous", "OFF").map_err(StoreError::from)?;
+            store::write_unsynced(&conn, true)?;
         }
         let (jobs, todo) = std::sync::mpsc::sync_channel::<CommitJob>(1);
         let (result, done) = std::sync::mpsc::sync_channel(1);
