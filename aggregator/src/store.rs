@@ -175,16 +175,19 @@ fn set_checkpoint_bytes(conn: &Connection, bytes: i64) -> Result<(), StoreError>
 }
 
 /// Makes everything written to the store at `path` durable, and writes through `conns` with
-/// fsync again: a checkpoint, the store file, its WAL and their directory synced; then the marker
-/// goes.
+/// fsync again: a checkpoint, then the store file, its WAL and their directory synced; then the
+/// marker goes.
 pub fn end_unsynced(conns: &[&Connection], path: &Path) -> Result<(), StoreError> {
-    for conn in conns {
-        write_unsynced(conn, false)?;
-    }
     if let Some(conn) = conns.first() {
         // The whole replay may be in the WAL: into the file, and the WAL emptied (if a reader
-        // holds a snapshot, what it can; the rest stays in the WAL, synced below).
+        // holds a snapshot, what it can; the rest stays in the WAL, synced below). Still without
+        // fsync (whatever the connection was opened with): the file is synced below, and an
+        // emptied WAL never goes to the disk at all.
+        write_unsynced(conn, true)?;
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    for conn in conns {
+        write_unsynced(conn, false)?;
     }
     for suffix in ["", "-wal"] {
         let mut file = path.as_os_str().to_owned();
