@@ -12,7 +12,8 @@
 #    with check.py. Runs: only 1-minute windows; the default pipeline (10s, 1m, 1h windows with
 #    sketches: what a default aggregator.toml runs); the full pipeline (the same, an anomaly model
 #    on every sensor, 10 alert rules); all three again on 10,000 sensors.
-# Prints each RESULT line, check.py's verdict, and the rates as a ratio of DuckDB's.
+# Prints each RESULT line, check.py's verdict, and the rates as a ratio of DuckDB's (also with the
+# checkpoint of the store the fold left: process_bench.rs).
 # Needs python3 with venv (the peer's setup.sh installs duckdb, pyarrow, numpy into a venv).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -44,8 +45,12 @@ run() { # label, csv, pipeline, check(yes/no) [n-for-check suffix]
   local line
   line=$("$BENCH" "$2" "$OUT/windows.csv" "$3" | grep '^RESULT')
   echo "$line"
-  local rate; rate=$(echo "${line#RESULT }" | python3 -c 'import json,sys; print(json.load(sys.stdin)["readings_per_s"])')
-  python3 -c "import sys; r, d = float(sys.argv[1]), float(sys.argv[2]); print(f'   {r/1e6:.2f} M readings/s = {r/d:.2f}x DuckDB ({d/1e6:.2f} M/s)')" "$rate" "$duck_rate"
+  echo "${line#RESULT }" | python3 -c '
+import json, sys
+r, d = json.load(sys.stdin), float(sys.argv[1])
+rate, with_checkpoint, checkpoint = r["readings_per_s"], r["readings_per_s_with_checkpoint"], r["checkpoint_s"]
+print(f"   {rate/1e6:.2f} M readings/s = {rate/d:.2f}x DuckDB ({d/1e6:.2f} M/s); with the checkpoint the fold "
+      f"left ({checkpoint:.3f} s): {with_checkpoint/1e6:.2f} M/s = {with_checkpoint/d:.2f}x")' "$duck_rate"
   if [ "$4" = yes ]; then
     (cd "$PEER" && "$PY" check.py -n "$N" "$OUT/windows.csv" | grep '^CHECK')
   fi
