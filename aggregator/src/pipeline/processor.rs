@@ -252,8 +252,8 @@ struct Processor {
 struct WriteBehind {
     jobs: Option<std::sync::mpsc::SyncSender<CommitJob>>,
     done: std::sync::mpsc::Receiver<Result<(), StoreError>>,
-    /// A job was sent and its result not taken yet.
-    pending: bool,
+    /// Jobs sent whose results were not taken yet.
+    pending: usize,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -270,25 +270,43 @@ impl WriteBehind {
         let thread = std::thread::Builder::new()
             .name("store writer".into())
             .spawn(move || {
+                // A job is sent while the one before may still be written: one that does not
+                // start where the store's last commit ended follows a commit that failed, and
+                // must not be written without it.
+                let mut store_end: Option<u64> = None;
                 for job in todo {
-                    if result.send(job.write(&mut conn)).is_err() {
+                    let done = match store_end {
+                        Some(end) if end != job.from_offset => Err(StoreError::Corrupt(format!(
+                            "the commit from offset {} follows one that was not written",
+                            job.from_offset
+                        ))),
+                        _ => job.write(&mut conn),
+                    };
+                    store_end = Some(if done.is_ok() { job.next_offset } else { store_end.unwrap_or(job.from_offset) });
+                    if result.send(done).is_err() {
                         break;
                     }
                 }
             })
             .map_err(ProcessError::Spawn)?;
-        Ok(WriteBehind { jobs: Some(jobs), done, pending: false, thread: Some(thread) })
+        Ok(WriteBehind { jobs: Some(jobs), done, pending: 0, thread: Some(thread) })
     }
 
-    /// Waits for the job sent last, if any, to be committed.
-    fn wait(&mut self) -> Result<(), ProcessError> {
-        if !std::mem::take(&mut self.pending) {
-            return Ok(());
+    /// Waits until at most `keep` of the jobs sent are not committed yet (the last ones); after
+    /// a failure, for all of them (those after it fail too).
+    fn wait(&mut self, keep: usize) -> Result<(), ProcessError> {
+        let mut result = Ok(());
+        while self.pending > if result.is_ok() { keep } else { 0 } {
+            self.pending -= 1;
+            match self.done.recv() {
+                Ok(done) => result = result.and(done.map_err(ProcessError::from)),
+                Err(_) => {
+                    self.pending = 0;
+                    return Err(StoreError::Corrupt("the store writer thread stopped".into()).into());
+                }
+            }
         }
-        match self.done.recv() {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(StoreError::Corrupt("the store writer thread stopped".into()).into()),
-        }
+        result
     }
 
     fn send(&mut self, job: CommitJob) -> Result<(), ProcessError> {
@@ -296,7 +314,7 @@ impl WriteBehind {
         if !sent {
             return Err(StoreError::Corrupt("the store writer thread stopped".into()).into());
         }
-        self.pending = true;
+        self.pending += 1;
         Ok(())
     }
 }
@@ -813,8 +831,8 @@ impl Processor {
         Ok(())
     }
 
-    /// [`Processor::commit`] of a replay: encodes this commit, waits for the previous one to be
-    /// written, then hands this one to the store writer and folds on (nothing to notify or
+    /// [`Processor::commit`] of a replay: hands this commit to the store writer as it is
+    /// encoded, waits for the previous one to be written, and folds on (nothing to notify or
     /// stream: no version serves while it replays).
     fn commit_behind(&mut self) -> Result<(), ProcessError> {
         self.pipeline.fold_staged(&self.store)?;
@@ -822,12 +840,15 @@ impl Processor {
         self.append_derived()?;
         // Encoded while the store writer may still be writing the commit before: at the end of
         // each stretch the fold had waited for it with both cores' encoding still to do.
-        let job = self.pipeline.commit_behind(PROCESSOR_NAME, self.next_offset)?;
-        self.written()?;
-        self.pipeline.writing(&job);
-        if let Some(behind) = self.behind.as_mut() {
-            behind.send(job)?;
-        }
+        let Processor { pipeline, behind, committed, next_offset, .. } = self;
+        let Some(behind) = behind.as_mut() else {
+            return Err(StoreError::Corrupt("a replay's commit without its store writer".into()).into());
+        };
+        let encoded = pipeline.commit_behind(PROCESSOR_NAME, *committed, *next_offset, |job| behind.send(job))??;
+        // The rows of one unwritten commit at most are read through: the one before must be in
+        // the store before the operators fold on.
+        self.written_but(1)?;
+        self.pipeline.writing(&encoded);
         self.committed = self.next_offset;
         self.last_commit = Instant::now();
         self.timings.commit += started.elapsed();
@@ -837,8 +858,13 @@ impl Processor {
 
     /// Waits for the store writer to commit what it was given.
     fn written(&mut self) -> Result<(), ProcessError> {
+        self.written_but(0)
+    }
+
+    /// Waits for the store writer to commit all but the last `keep` commits it was given.
+    fn written_but(&mut self, keep: usize) -> Result<(), ProcessError> {
         if let Some(behind) = self.behind.as_mut() {
-            behind.wait()?;
+            behind.wait(keep)?;
             self.pipeline.written()?;
             self.committed_tx.send_replace(self.committed);
         }
@@ -924,5 +950,62 @@ impl Processor {
         self.next_offset = store::offset(&self.store, PROCESSOR_NAME)?;
         self.committed = self.next_offset;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::calendar::Calendar;
+    use crate::pipeline::window::Point;
+
+    /// A replay hands the store writer a commit while the one before may still be written: if
+    /// that one fails, the next is refused (written alone it would move the offset past readings
+    /// the store never got), and neither is in the store.
+    #[test]
+    fn a_commit_after_one_that_failed_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let conn = store::open_write(&path).unwrap();
+        // The store refuses the first commit's rows (sensor 0), and would take the second's.
+        conn.execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON windows WHEN NEW.series = 0
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        )
+        .unwrap();
+        let spec = PipelineSpec {
+            calendars: vec![Calendar::fixed(60_000)],
+            max_clock_skew_ms: 0,
+            anomaly: vec![],
+            alerts: vec![],
+        };
+        let mut pipeline = Pipeline::open(spec, &conn).unwrap();
+        assert!(pipeline.can_commit_behind());
+        let mut behind = WriteBehind::start(&path, false).unwrap();
+        let point =
+            |series| Point { series, ts: 1_764_547_200_000, value: 1.5, received_at: 1_764_547_200_000, block: 0 };
+
+        pipeline.windows[0].add(&conn, &point(0)).unwrap();
+        pipeline.commit_behind("main", 0, 10, |job| behind.send(job)).unwrap().unwrap();
+        pipeline.windows[0].add(&conn, &point(1)).unwrap();
+        pipeline.commit_behind("main", 10, 20, |job| behind.send(job)).unwrap().unwrap();
+
+        let error = behind.wait(0).unwrap_err().to_string();
+        assert!(error.contains("refused by the test"), "{error}");
+        assert_eq!(behind.pending, 0, "the second commit's result was taken too");
+        drop(behind);
+        assert_eq!(store::offset(&conn, "main").unwrap(), 0);
+        let rows: i64 = conn.query_row("SELECT count(*) FROM windows", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 0, "the second commit was not written without the first");
+
+        // What the writer says of the second one.
+        let mut behind = WriteBehind::start(&path, false).unwrap();
+        conn.execute_batch("DROP TRIGGER refuse").unwrap();
+        pipeline.windows[0].add(&conn, &point(2)).unwrap();
+        pipeline.commit_behind("main", 0, 30, |job| behind.send(job)).unwrap().unwrap();
+        pipeline.commit_behind("main", 40, 50, |job| behind.send(job)).unwrap().unwrap();
+        let error = behind.wait(0).unwrap_err().to_string();
+        assert!(error.contains("the commit from offset 40 follows one that was not written"), "{error}");
+        assert_eq!(store::offset(&conn, "main").unwrap(), 30);
     }
 }
