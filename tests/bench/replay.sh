@@ -87,6 +87,8 @@ done
 t1=$(date +%s.%N)
 cpu1=$(awk '{print $14+$15}' "/proc/$AGG/stat")
 for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; PIDS=()
+# A probe request in flight when its loop is killed finishes on its own: not cut by the stop.
+sleep 0.5
 promoted=$(grep 'promoted the new pipeline version' "$TMP/aggregator.log" | tail -1)
 stop
 python3 - "$t0" "$t1" "$head0" "$cpu0" "$cpu1" "$rss_peak" "$TMP/live" "$TMP/probe" "$promoted" <<'PY'
@@ -105,6 +107,7 @@ for line in open(probe):
     code, t = line.split()
     if code != "200":
         errors += 1
+        print(f"probe error: HTTP {code} after {t} s", file=sys.stderr)
     else:
         lat.append(float(t) * 1000)
 lat.sort()
