@@ -278,8 +278,8 @@ pub struct CommitJob {
     set_aside: Vec<SetAside>,
     name: &'static str,
     /// The offset the commit before it ended at: it is written only after that one.
-    pub from_offset: u64,
-    pub next_offset: u64,
+    from_offset: u64,
+    next_offset: u64,
 }
 
 impl CommitJob {
