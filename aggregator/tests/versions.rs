@@ -548,3 +548,45 @@ fn a_damaged_pipeline_json_stops_the_start_with_the_file_and_what_to_do() {
     assert!(stderr.contains("pipeline.json") && stderr.contains("restore it from a backup"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_replay_out_of_disk_space_waits_for_room_and_sets_nothing_aside() {
+    // The disk fills while version 2 replays (here no file may grow past a limit, as on a full
+    // disk: a mount needs rights a test may not have). Every commit fails; a commit of one
+    // block's set-aside record would still fit, but no block is to blame: nothing may be set
+    // aside. Version 1 serves meanwhile; once there is room, version 2 finishes with the tables
+    // a replay with room computes.
+    let dir = stopped_version_1(400);
+    let (clean, config) = copy_for_version_2(dir.path());
+    assert!(Command::new(BIN).args(["replay", "--config"]).arg(&config).status().unwrap().success());
+    let expected = served_version_2(clean.path());
+    let needed = std::fs::metadata(clean.path().join("data").join("store-v2.db")).unwrap().len();
+
+    let (full, _) = copy_for_version_2(dir.path());
+    // Files already larger (the log, version 1's store) are only read: no write goes past it.
+    let limit = 2 << 20;
+    assert!(needed > 3 * limit, "version 2's store ({needed} B) must not fit in {limit} B");
+    let agg = Aggregator::start_with_file_size_limit(full.path(), NEXT, limit);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agg.stderr.lock().unwrap().matches("processor step failed").count() < 4 {
+        assert!(Instant::now() < deadline, "the replay never ran out of space:\n{}", agg.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Time for the narrowing down to one block a bad block gets (a few ms a step).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(pipeline(&agg)["serving"], 1, "version 1 serves while version 2 cannot commit");
+    let stderr = agg.stderr.lock().unwrap().clone();
+    assert!(!stderr.contains("narrowing down"), "no block is to blame for a full disk:\n{stderr}");
+    assert!(!stderr.contains("set aside a log block"), "{stderr}");
+
+    agg.lift_file_size_limit();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pipeline(&agg)["serving"] != 2 {
+        assert!(Instant::now() < deadline, "version 2 never served:\n{}", agg.stderr.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, set_aside) = agg.get_json("/api/v1/set-aside");
+    assert_eq!(status, 200, "{set_aside}");
+    assert_eq!(set_aside, serde_json::json!([]), "nothing set aside");
+    assert_eq!(common::settled_checksum(&agg, 2), expected, "the same tables as a replay with room");
+}

@@ -10,8 +10,9 @@
 //! One bad block never stops the pipeline: a block that does not decode or validate, or whose
 //! count lies, is set aside (listed by `/api/v1/set-aside`). A commit that keeps failing is
 //! narrowed down, halving the blocks per commit, to the block that makes it fail; if the store
-//! then takes a commit without that block, the block is set aside too. If it takes no commit at
-//! all (a full disk, a locked file), nothing is set aside: the processor retries with backoff and
+//! then takes a commit without that block, the block is set aside too. A failure of the machine
+//! (a full disk, an I/O error, a locked or read-only file) is never narrowed down, and a store
+//! that takes no commit at all sets nothing aside: the processor retries with backoff and
 //! [`ProcessorStatus`] reports the stall to `/healthz` and `/metrics`.
 
 use std::path::Path;
@@ -118,6 +119,27 @@ pub enum ProcessError {
     Derived(String),
     #[error("{0}")]
     Range(String),
+}
+
+impl ProcessError {
+    /// A failure of the machine, not of what is being folded (a full disk, an I/O error, a file
+    /// locked or made read-only): no block is to blame, so none may be set aside for it. Near a
+    /// full disk a commit of one block's set-aside record still fits where the block's own does
+    /// not, and narrowing down would set good data aside.
+    fn blames_no_block(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        let sqlite = match self {
+            ProcessError::Store(StoreError::Sqlite(e))
+            | ProcessError::Log(LogError::Sqlite(e))
+            | ProcessError::Sqlite(e) => e,
+            ProcessError::Store(StoreError::Unsynced { .. }) | ProcessError::Spawn(_) => return true,
+            _ => return false,
+        };
+        matches!(
+            sqlite.sqlite_error_code(),
+            Some(DiskFull | SystemIoFailure | DatabaseBusy | DatabaseLocked | ReadOnly | CannotOpen | OutOfMemory)
+        )
+    }
 }
 
 /// Where the processor sends what it derives: the log (anomaly and alert streams) and webhooks.
@@ -615,8 +637,8 @@ impl Processor {
             return None;
         }
         self.failures += 1;
-        if self.failures == 1 {
-            // Maybe passing (a busy file): the same again, after a backoff.
+        if self.failures == 1 || error.blames_no_block() {
+            // Maybe passing (a busy file, space freed): the same again, after a backoff.
             return None;
         }
         match (blocks, first) {

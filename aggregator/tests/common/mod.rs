@@ -47,19 +47,59 @@ impl Aggregator {
 
     /// [`Aggregator::start_with`] with `http_keys` added to the `[http]` table (read_token, CORS).
     pub fn start_with_http(dir: &Path, http_keys: &str, extra: &str) -> Aggregator {
+        Aggregator::start_with_command(dir, http_keys, extra, |_| {})
+    }
+
+    /// [`Aggregator::start_with`] where no file may grow past `bytes` until
+    /// [`Aggregator::lift_file_size_limit`] (`RLIMIT_FSIZE`, with SIGXFSZ ignored: a write past it
+    /// fails as on a full disk): a disk that fills, for a test without the rights to mount one.
+    pub fn start_with_file_size_limit(dir: &Path, extra: &str, bytes: u64) -> Aggregator {
+        Aggregator::start_with_command(dir, "", extra, |command| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only async-signal-safe calls (setrlimit, signal).
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: libc::RLIM_INFINITY };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
+                        || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
+    }
+
+    /// Lets the files of an aggregator started by [`Aggregator::start_with_file_size_limit`] grow
+    /// again: space freed on the disk.
+    pub fn lift_file_size_limit(&self) {
+        let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: prlimit(2) on our own child's pid, with a valid rlimit and no old value asked.
+        let set = unsafe { libc::prlimit(self.child.id() as i32, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+        assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
+    fn start_with_command(
+        dir: &Path,
+        http_keys: &str,
+        extra: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Aggregator {
         let data_dir = dir.join("data");
         let config = dir.join("aggregator.toml");
         let text = config_text(&data_dir).replacen("[http]\n", &format!("[http]\n{http_keys}"), 1);
         std::fs::write(&config, text + extra).unwrap();
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().unwrap();
         let stderr = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
         let pipe = child.stderr.take().unwrap();
