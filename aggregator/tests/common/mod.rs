@@ -54,12 +54,17 @@ impl Aggregator {
     /// [`Aggregator::lift_file_size_limit`] (`RLIMIT_FSIZE`, with SIGXFSZ ignored: a write past it
     /// fails as on a full disk): a disk that fills, for a test without the rights to mount one.
     pub fn start_with_file_size_limit(dir: &Path, extra: &str, bytes: u64) -> Aggregator {
+        // The hard limit stays as it is (raising it would need privileges).
+        let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit(2) into a valid rlimit.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut current) }, 0);
+        let hard = current.rlim_max;
         Aggregator::start_with_command(dir, "", extra, |command| {
             use std::os::unix::process::CommandExt;
             // SAFETY: between fork and exec only async-signal-safe calls (setrlimit, signal).
             unsafe {
                 command.pre_exec(move || {
-                    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: libc::RLIM_INFINITY };
+                    let limit = libc::rlimit { rlim_cur: bytes.min(hard), rlim_max: hard };
                     if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
                         || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
                     {
@@ -74,9 +79,14 @@ impl Aggregator {
     /// Lets the files of an aggregator started by [`Aggregator::start_with_file_size_limit`] grow
     /// again: space freed on the disk.
     pub fn lift_file_size_limit(&self) {
-        let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-        // SAFETY: prlimit(2) on our own child's pid, with a valid rlimit and no old value asked.
-        let set = unsafe { libc::prlimit(self.child.id() as i32, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+        let pid = self.child.id() as i32;
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: prlimit(2) on our own child's pid: reads its limit into a valid rlimit, then
+        // sets the soft limit to the hard one.
+        let read = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, std::ptr::null(), &mut limit) };
+        assert_eq!(read, 0, "prlimit: {}", std::io::Error::last_os_error());
+        limit.rlim_cur = limit.rlim_max;
+        let set = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
         assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
     }
 
