@@ -362,6 +362,15 @@ fn served_version_2(copy: &Path) -> String {
     common::settled_checksum(&agg, 2)
 }
 
+/// A copy of `dir`'s data replayed offline as version 2 and then served: the copy and its checksum
+/// (what a replay never cut short computes).
+fn replayed_version_2(dir: &Path) -> (tempfile::TempDir, String) {
+    let (clean, config) = copy_for_version_2(dir);
+    assert!(Command::new(BIN).args(["replay", "--config"]).arg(&config).status().unwrap().success());
+    let checksum = served_version_2(clean.path());
+    (clean, checksum)
+}
+
 /// The file that says version 2's store is being written without fsync, and in which boot.
 fn unsynced_marker(dir: &Path) -> std::path::PathBuf {
     dir.join("data").join("store-v2.db-unsynced")
@@ -424,9 +433,7 @@ fn a_replay_left_unsynced_when_the_machine_went_down_is_replayed_anew() {
     // made here: the test fakes what one leaves behind, the marker of an earlier boot and pages
     // that never reached the disk (a page of zeros in the store).
     let dir = stopped_version_1(400);
-    let (clean, config) = copy_for_version_2(dir.path());
-    assert!(Command::new(BIN).args(["replay", "--config"]).arg(&config).status().unwrap().success());
-    let expected = served_version_2(clean.path());
+    let (_clean, expected) = replayed_version_2(dir.path());
 
     let (cut, config) = copy_for_version_2(dir.path());
     let out = Command::new(BIN)
@@ -557,9 +564,7 @@ fn a_replay_out_of_disk_space_waits_for_room_and_sets_nothing_aside() {
     // aside. Version 1 serves meanwhile; once there is room, version 2 finishes with the tables
     // a replay with room computes.
     let dir = stopped_version_1(400);
-    let (clean, config) = copy_for_version_2(dir.path());
-    assert!(Command::new(BIN).args(["replay", "--config"]).arg(&config).status().unwrap().success());
-    let expected = served_version_2(clean.path());
+    let (clean, expected) = replayed_version_2(dir.path());
     let needed = std::fs::metadata(clean.path().join("data").join("store-v2.db")).unwrap().len();
 
     let (full, _) = copy_for_version_2(dir.path());
